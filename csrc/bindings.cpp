@@ -1,0 +1,239 @@
+// The only file that sees Python: turns buffers into spans, checks every
+// size and offset of a plan before any byte moves, then runs the kernels with
+// the GIL released.
+#include <Python.h>
+#include <pybind11/pybind11.h>
+
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "mmpack/copy.hpp"
+#include "mmpack/parallel.hpp"
+#include "mmpack/xxh3.hpp"
+
+namespace py = pybind11;
+
+namespace {
+
+using mmpack::Segment;
+
+// A held buffer export (PEP 3118). Holding it keeps the exporter's memory
+// alive and unresizable while the GIL is released.
+class Buffer {
+public:
+    Buffer(py::handle obj, bool writable, const std::string& what) {
+        const int flags = PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0);
+        if (PyObject_GetBuffer(obj.ptr(), &view_, flags) != 0) {
+            PyErr_Clear();
+            throw py::type_error(what + " must be a C-contiguous" + (writable ? " writable" : "") +
+                                 " buffer (bytes, bytearray, memoryview or numpy array), got " +
+                                 std::string(py::str(py::type::handle_of(obj).attr("__name__"))));
+        }
+    }
+    Buffer(const Buffer&) = delete;
+    Buffer& operator=(const Buffer&) = delete;
+    Buffer(Buffer&& other) noexcept : view_(other.view_) { other.view_.obj = nullptr; }
+    ~Buffer() {
+        if (view_.obj != nullptr) PyBuffer_Release(&view_);
+    }
+
+    std::byte* data() const { return static_cast<std::byte*>(view_.buf); }
+    std::size_t size() const { return static_cast<std::size_t>(view_.len); }
+    std::size_t itemsize() const { return static_cast<std::size_t>(view_.itemsize); }
+    const char* format() const { return view_.format != nullptr ? view_.format : "B"; }
+
+private:
+    Py_buffer view_{};
+};
+
+// A held uint64 array (numpy.uint64 or array('Q')): the tables of a plan.
+class U64Array {
+public:
+    U64Array(py::handle obj, bool writable, const std::string& what) : buf_(obj, writable, what) {
+        std::string fmt = buf_.format();
+        if (!fmt.empty() && (fmt[0] == '<' || fmt[0] == '=' || fmt[0] == '@')) fmt.erase(0, 1);
+        if (buf_.itemsize() != 8 || (fmt != "Q" && fmt != "L")) {
+            throw py::type_error(what + " must be an array of uint64 (numpy.uint64), got format '" +
+                                 std::string(buf_.format()) + "' with itemsize " + std::to_string(buf_.itemsize()));
+        }
+    }
+
+    std::uint64_t* data() const { return reinterpret_cast<std::uint64_t*>(buf_.data()); }
+    std::size_t size() const { return buf_.size() / 8; }
+    std::uint64_t operator[](std::size_t i) const { return data()[i]; }
+
+private:
+    Buffer buf_;
+};
+
+std::vector<Buffer> hold_buffers(const py::sequence& objs, bool writable, const char* what) {
+    std::vector<Buffer> held;
+    held.reserve(py::len(objs));
+    for (std::size_t i = 0; i < py::len(objs); ++i) {
+        held.emplace_back(objs[i], writable, std::string(what) + "[" + std::to_string(i) + "]");
+    }
+    return held;
+}
+
+void require_same_length(std::size_t expected, const U64Array& table, const char* name) {
+    if (table.size() != expected) {
+        throw py::value_error(std::string(name) + " has " + std::to_string(table.size()) +
+                              " entries; the plan has " + std::to_string(expected) + " segments");
+    }
+}
+
+// Resolves (buffer index, offset, length) to a pointer, or explains why the
+// range lies outside the buffer.
+std::byte* locate(const std::vector<Buffer>& buffers, std::uint64_t index, std::uint64_t offset,
+                  std::uint64_t length, std::size_t segment, const char* side) {
+    if (index >= buffers.size()) {
+        throw py::value_error("segment " + std::to_string(segment) + ": " + side + " buffer index " +
+                              std::to_string(index) + " out of range (" + std::to_string(buffers.size()) +
+                              " buffers)");
+    }
+    const std::size_t size = buffers[index].size();
+    if (length > size || offset > size - length) {
+        throw py::value_error("segment " + std::to_string(segment) + ": " + side + " range [" +
+                              std::to_string(offset) + ", " + std::to_string(offset) + " + " +
+                              std::to_string(length) + ") exceeds " + side + " buffer " + std::to_string(index) +
+                              " of " + std::to_string(size) + " bytes");
+    }
+    return buffers[index].data() + offset;
+}
+
+std::byte* from_address(std::uint64_t address, std::uint64_t length, std::size_t segment, const char* side) {
+    if (address == 0 && length != 0) {
+        throw py::value_error("segment " + std::to_string(segment) + ": null " + side + " address");
+    }
+    return reinterpret_cast<std::byte*>(static_cast<std::uintptr_t>(address));
+}
+
+std::uint64_t* optional_hashes(const py::object& hashes, std::size_t n_segments, std::vector<U64Array>& holder) {
+    if (hashes.is_none()) return nullptr;
+    holder.emplace_back(hashes, true, "hashes");
+    require_same_length(n_segments, holder.back(), "hashes");
+    return holder.back().data();
+}
+
+void run_segments(const std::vector<Segment>& segments, std::uint64_t* hashes) {
+    py::gil_scoped_release release;
+    mmpack::copy_segments(segments.data(), segments.size(), hashes);
+}
+
+std::uint64_t py_xxh3_64(const py::handle& data, std::uint64_t seed) {
+    Buffer buf(data, false, "data");
+    if (buf.size() < (std::size_t{1} << 16)) return mmpack::xxh3_64(buf.data(), buf.size(), seed);
+    py::gil_scoped_release release;
+    return mmpack::xxh3_64(buf.data(), buf.size(), seed);
+}
+
+void py_hash_rows(const py::handle& data, std::uint64_t row_bytes, const py::handle& out) {
+    Buffer buf(data, false, "data");
+    U64Array hashes(out, true, "out");
+    const std::size_t n_rows = hashes.size();
+    if (row_bytes != 0 && n_rows > buf.size() / row_bytes) {
+        throw py::value_error("data holds " + std::to_string(buf.size()) + " bytes, fewer than " +
+                              std::to_string(n_rows) + " rows of " + std::to_string(row_bytes) + " bytes");
+    }
+    if (n_rows * row_bytes != buf.size()) {
+        throw py::value_error("data holds " + std::to_string(buf.size()) + " bytes, not " + std::to_string(n_rows) +
+                              " rows of " + std::to_string(row_bytes) + " bytes");
+    }
+    py::gil_scoped_release release;
+    mmpack::hash_rows(mmpack::ConstBytes{buf.data(), buf.size()}, row_bytes, n_rows, hashes.data());
+}
+
+void py_gather(const py::handle& src_addresses, const py::handle& lengths, const py::sequence& dst,
+               const py::handle& dst_index, const py::handle& dst_offsets, const py::object& hashes) {
+    const U64Array addr(src_addresses, false, "src_addresses");
+    const U64Array len(lengths, false, "lengths");
+    const U64Array d_index(dst_index, false, "dst_index");
+    const U64Array d_offset(dst_offsets, false, "dst_offsets");
+    const std::size_t n = len.size();
+    require_same_length(n, addr, "src_addresses");
+    require_same_length(n, d_index, "dst_index");
+    require_same_length(n, d_offset, "dst_offsets");
+    const std::vector<Buffer> dsts = hold_buffers(dst, true, "dst");
+    std::vector<U64Array> hash_holder;
+    std::uint64_t* out = optional_hashes(hashes, n, hash_holder);
+    std::vector<Segment> segments(n);
+    for (std::size_t k = 0; k < n; ++k) {
+        segments[k] = Segment{from_address(addr[k], len[k], k, "source"),
+                              locate(dsts, d_index[k], d_offset[k], len[k], k, "destination"), len[k]};
+    }
+    run_segments(segments, out);
+}
+
+void py_scatter(const py::sequence& src, const py::handle& src_index, const py::handle& src_offsets,
+                const py::handle& lengths, const py::handle& dst_addresses) {
+    const U64Array s_index(src_index, false, "src_index");
+    const U64Array s_offset(src_offsets, false, "src_offsets");
+    const U64Array len(lengths, false, "lengths");
+    const U64Array addr(dst_addresses, false, "dst_addresses");
+    const std::size_t n = len.size();
+    require_same_length(n, s_index, "src_index");
+    require_same_length(n, s_offset, "src_offsets");
+    require_same_length(n, addr, "dst_addresses");
+    const std::vector<Buffer> srcs = hold_buffers(src, false, "src");
+    std::vector<Segment> segments(n);
+    for (std::size_t k = 0; k < n; ++k) {
+        segments[k] = Segment{locate(srcs, s_index[k], s_offset[k], len[k], k, "source"),
+                              from_address(addr[k], len[k], k, "destination"), len[k]};
+    }
+    run_segments(segments, nullptr);
+}
+
+void py_copy_segments(const py::sequence& src, const py::handle& src_index, const py::handle& src_offsets,
+                      const py::sequence& dst, const py::handle& dst_index, const py::handle& dst_offsets,
+                      const py::handle& lengths, const py::object& hashes) {
+    const U64Array s_index(src_index, false, "src_index");
+    const U64Array s_offset(src_offsets, false, "src_offsets");
+    const U64Array d_index(dst_index, false, "dst_index");
+    const U64Array d_offset(dst_offsets, false, "dst_offsets");
+    const U64Array len(lengths, false, "lengths");
+    const std::size_t n = len.size();
+    require_same_length(n, s_index, "src_index");
+    require_same_length(n, s_offset, "src_offsets");
+    require_same_length(n, d_index, "dst_index");
+    require_same_length(n, d_offset, "dst_offsets");
+    const std::vector<Buffer> srcs = hold_buffers(src, false, "src");
+    const std::vector<Buffer> dsts = hold_buffers(dst, true, "dst");
+    std::vector<U64Array> hash_holder;
+    std::uint64_t* out = optional_hashes(hashes, n, hash_holder);
+    std::vector<Segment> segments(n);
+    for (std::size_t k = 0; k < n; ++k) {
+        segments[k] = Segment{locate(srcs, s_index[k], s_offset[k], len[k], k, "source"),
+                              locate(dsts, d_index[k], d_offset[k], len[k], k, "destination"), len[k]};
+    }
+    run_segments(segments, out);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_native, m) {
+    m.doc() = "mmpack's C++ kernels: gather/scatter of many tensors and XXH3-64 hashing.";
+
+    m.def("xxh3_64", &py_xxh3_64, py::arg("data"), py::arg("seed") = 0,
+          "XXH3-64 digest of a C-contiguous buffer (equal to xxhash.xxh3_64_intdigest).");
+    m.def("hash_rows", &py_hash_rows, py::arg("data"), py::arg("row_bytes"), py::arg("out"),
+          "out[r] = XXH3-64 of row r of data, which must hold exactly len(out) rows of row_bytes bytes.");
+    m.def("gather", &py_gather, py::arg("src_addresses"), py::arg("lengths"), py::arg("dst"),
+          py::arg("dst_index"), py::arg("dst_offsets"), py::arg("hashes") = py::none(),
+          "Copy segment k from raw address src_addresses[k] to dst[dst_index[k]] at dst_offsets[k];\n"
+          "hashes[k] receives its XXH3-64. Destinations are bounds-checked; the caller keeps the\n"
+          "source tensors alive and guarantees each holds lengths[k] bytes.");
+    m.def("scatter", &py_scatter, py::arg("src"), py::arg("src_index"), py::arg("src_offsets"),
+          py::arg("lengths"), py::arg("dst_addresses"),
+          "Copy segment k from src[src_index[k]] at src_offsets[k] to raw address dst_addresses[k].\n"
+          "Sources are bounds-checked; the caller guarantees each destination holds lengths[k] bytes.");
+    m.def("copy_segments", &py_copy_segments, py::arg("src"), py::arg("src_index"), py::arg("src_offsets"),
+          py::arg("dst"), py::arg("dst_index"), py::arg("dst_offsets"), py::arg("lengths"),
+          py::arg("hashes") = py::none(),
+          "Copy segment k between buffers, both ends bounds-checked; optional XXH3-64 per segment.");
+    m.def("set_max_threads", &mmpack::set_max_threads, py::arg("n"),
+          "Threads the kernels may use (0 restores the default: hardware threads, at most 16).");
+    m.def("max_threads", &mmpack::max_threads, "Threads the kernels may use.");
+    m.def("simd_path", &mmpack::xxh3_simd_path, "Instruction set of the hash's long-input loop.");
+    m.attr("PARALLEL_MIN_BYTES") = mmpack::kParallelMinBytes;
+}

@@ -1,0 +1,28 @@
+// Gather and scatter: one loop of byte copies, each optionally hashed right
+// after it is copied, while the bytes are still in cache.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "mmpack/span.hpp"
+
+namespace mmpack {
+
+// One copy of `size` bytes. A gather is a list of segments with scattered
+// sources and one destination buffer; a scatter is the reverse.
+struct Segment {
+    const std::byte* src;
+    std::byte* dst;
+    std::size_t size;
+};
+
+// Copies every segment (they must not overlap one another). When `hashes` is
+// not null, hashes[k] receives the XXH3-64 of segment k's bytes.
+void copy_segments(const Segment* segments, std::size_t n_segments, std::uint64_t* hashes);
+
+// out[r] = XXH3-64 of bytes [r * row_bytes, (r + 1) * row_bytes) of `data`,
+// for r < n_rows. data.size must be n_rows * row_bytes (checked by callers).
+void hash_rows(ConstBytes data, std::size_t row_bytes, std::size_t n_rows, std::uint64_t* out);
+
+}  // namespace mmpack

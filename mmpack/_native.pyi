@@ -1,0 +1,38 @@
+"""Types of the native module (csrc/bindings.cpp). Private: use the Python API."""
+
+from collections.abc import Buffer, Sequence
+
+import numpy as np
+
+PARALLEL_MIN_BYTES: int
+
+def xxh3_64(data: Buffer, seed: int = 0) -> int: ...
+def hash_rows(data: Buffer, row_bytes: int, out: np.ndarray) -> None: ...
+def gather(
+    src_addresses: np.ndarray,
+    lengths: np.ndarray,
+    dst: Sequence[Buffer],
+    dst_index: np.ndarray,
+    dst_offsets: np.ndarray,
+    hashes: np.ndarray | None = None,
+) -> None: ...
+def scatter(
+    src: Sequence[Buffer],
+    src_index: np.ndarray,
+    src_offsets: np.ndarray,
+    lengths: np.ndarray,
+    dst_addresses: np.ndarray,
+) -> None: ...
+def copy_segments(
+    src: Sequence[Buffer],
+    src_index: np.ndarray,
+    src_offsets: np.ndarray,
+    dst: Sequence[Buffer],
+    dst_index: np.ndarray,
+    dst_offsets: np.ndarray,
+    lengths: np.ndarray,
+    hashes: np.ndarray | None = None,
+) -> None: ...
+def set_max_threads(n: int) -> None: ...
+def max_threads() -> int: ...
+def simd_path() -> str: ...
