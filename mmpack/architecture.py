@@ -1,0 +1,169 @@
+"""What every model of a set shares: tensor names, kinds, dtypes and shapes.
+
+An :class:`Architecture` is plain data. It is written once per file (and once
+per repository), and compared whenever two model sets must line up. The class
+import path it records is information for people; mmpack never imports it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from mmpack import _native
+from mmpack.dtypes import dtype_from_name, dtype_name
+from mmpack.errors import ArchitectureMismatchError, FormatError
+
+__all__ = ["Architecture", "TensorSpec"]
+
+TensorKind = Literal["parameter", "buffer"]
+_KINDS = ("parameter", "buffer")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One named tensor of every model: ``TensorSpec("fc1.weight", "parameter", torch.float32, (48, 5))``."""
+
+    name: str
+    kind: TensorKind
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        """Elements per model."""
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes per model."""
+        return self.numel * self.dtype.itemsize
+
+    def describe(self) -> str:
+        """Human-readable form used in error messages, e.g. ``parameter 'fc1.weight' float32 (48, 5)``."""
+        return f"{self.kind} {self.name!r} {dtype_name(self.dtype)} {self.shape}"
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """The ordered tensors of one model (state_dict order) and the class it came from.
+
+    Example::
+
+        arch = Architecture.from_module(mmpack.workloads.ffnn48())
+        arch.names            # ('fc1.weight', 'fc2.weight', 'fc2.bias', ...)
+        arch.nbytes_per_model # 19972
+    """
+
+    tensors: tuple[TensorSpec, ...]
+    module: str | None = None
+
+    def __post_init__(self) -> None:
+        names = [t.name for t in self.tensors]
+        if len(set(names)) != len(names):
+            duplicate = next(n for n in names if names.count(n) > 1)
+            raise ArchitectureMismatchError(f"tensor name {duplicate!r} appears twice")
+
+    @classmethod
+    def from_module(cls, module: nn.Module) -> Architecture:
+        """The architecture of ``module``: its parameters, then persistent buffers, per submodule."""
+        specs = [
+            TensorSpec(name, kind, tensor.dtype, tuple(tensor.shape))
+            for name, kind, tensor in iter_state(module)
+        ]
+        cls_ = type(module)
+        return cls(tuple(specs), f"{cls_.__module__}:{cls_.__qualname__}")
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Tensor names in storage order."""
+        return tuple(t.name for t in self.tensors)
+
+    @property
+    def nbytes_per_model(self) -> int:
+        """Bytes of one model's tensors."""
+        return sum(t.nbytes for t in self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def index(self, name: str) -> int:
+        """Position of tensor ``name``; raises ``KeyError`` naming the known tensors."""
+        for i, spec in enumerate(self.tensors):
+            if spec.name == name:
+                return i
+        raise KeyError(f"no tensor {name!r}; the architecture has {list(self.names)}")
+
+    def difference(self, other: Architecture) -> str | None:
+        """First difference from ``other`` in words, or ``None`` when the tensors match.
+
+        The class path is not compared: two classes with identical tensors can
+        share storage.
+        """
+        for mine, theirs in zip(self.tensors, other.tensors):
+            if mine != theirs:
+                return f"{mine.describe()} vs {theirs.describe()}"
+        if len(self.tensors) != len(other.tensors):
+            longer, extra = (self, "first") if len(self.tensors) > len(other.tensors) else (other, "second")
+            spec = longer.tensors[min(len(self.tensors), len(other.tensors))]
+            return f"{spec.describe()} exists only in the {extra} architecture"
+        return None
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready form written into headers and manifests."""
+        return {
+            "module": self.module,
+            "tensors": [
+                {"name": t.name, "kind": t.kind, "dtype": dtype_name(t.dtype), "shape": list(t.shape)}
+                for t in self.tensors
+            ],
+        }
+
+    @classmethod
+    def from_json(cls, data: object) -> Architecture:
+        """Parse :meth:`to_json` output, raising :class:`FormatError` on anything malformed."""
+        if not isinstance(data, dict) or not isinstance(data.get("tensors"), list):
+            raise FormatError("architecture must be an object with a 'tensors' list")
+        module = data.get("module")
+        if module is not None and not isinstance(module, str):
+            raise FormatError("architecture 'module' must be a string or null")
+        specs = []
+        for i, item in enumerate(data["tensors"]):
+            if not isinstance(item, dict):
+                raise FormatError(f"architecture tensor {i} must be an object")
+            name, kind, shape = item.get("name"), item.get("kind"), item.get("shape")
+            if not isinstance(name, str) or not name:
+                raise FormatError(f"architecture tensor {i} has no valid name")
+            if kind not in _KINDS:
+                raise FormatError(f"tensor {name!r} has kind {kind!r}; expected one of {_KINDS}")
+            if not isinstance(shape, list) or not all(
+                type(d) is int and 0 <= d < 2**40 for d in shape
+            ):
+                raise FormatError(f"tensor {name!r} has malformed shape {shape!r}")
+            specs.append(TensorSpec(name, kind, dtype_from_name(item.get("dtype")), tuple(shape)))
+        try:
+            return cls(tuple(specs), module)
+        except ArchitectureMismatchError as exc:
+            raise FormatError(f"malformed architecture: {exc}") from None
+
+    def fingerprint(self) -> str:
+        """16-hex-digit XXH3-64 of the canonical JSON of the tensors (class path excluded)."""
+        canonical = json.dumps(self.to_json()["tensors"], sort_keys=True, separators=(",", ":"))
+        return f"{_native.xxh3_64(canonical.encode()):016x}"
+
+
+def iter_state(module: nn.Module):
+    """Yield ``(name, kind, tensor)`` for every parameter and persistent buffer, in state_dict order."""
+    for prefix, sub in module.named_modules(remove_duplicate=False):
+        dot = f"{prefix}." if prefix else ""
+        for name, param in sub._parameters.items():
+            if param is not None:
+                yield dot + name, "parameter", param
+        for name, buf in sub._buffers.items():
+            if buf is not None and name not in sub._non_persistent_buffers_set:
+                yield dot + name, "buffer", buf

@@ -1,0 +1,45 @@
+"""The exceptions mmpack raises.
+
+Every error is an :class:`MMPackError`; each subclass also inherits the
+builtin exception it resembles, so ``except KeyError`` or ``except ValueError``
+keeps working in code that does not know mmpack.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ArchitectureMismatchError",
+    "FormatError",
+    "IntegrityError",
+    "MMPackError",
+    "ModelIndexError",
+    "UnsupportedFormatVersionError",
+]
+
+
+class MMPackError(Exception):
+    """Root of every error raised by mmpack."""
+
+
+class ArchitectureMismatchError(MMPackError, ValueError):
+    """Models, tensors or versions that should share one architecture do not.
+
+    The message names the first model and tensor that differ, e.g.
+    ``model 17 has parameter 'fc2.weight' of shape (48, 40); model 0 has (48, 48)``.
+    """
+
+
+class FormatError(MMPackError, ValueError):
+    """Bytes that are not a well-formed mmpack object (bad magic, malformed header)."""
+
+
+class UnsupportedFormatVersionError(FormatError):
+    """A file written by a format version this mmpack cannot read."""
+
+
+class IntegrityError(FormatError):
+    """Stored bytes fail their checksum, or a file is truncated: the data is corrupt."""
+
+
+class ModelIndexError(MMPackError, IndexError):
+    """A model index outside ``[0, n_models)``, or indices that are not integers."""

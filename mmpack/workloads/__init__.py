@@ -1,0 +1,5 @@
+"""Models and data the tests, benchmarks and demo share; nothing is downloaded."""
+
+from mmpack.workloads.models import FFNN, SmallCNN, ffnn48, ffnn69, make_models, small_cnn
+
+__all__ = ["FFNN", "SmallCNN", "ffnn48", "ffnn69", "make_models", "small_cnn"]
