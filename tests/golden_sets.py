@@ -45,8 +45,26 @@ def golden_v1_modelset() -> ModelSet:
 
 GOLDEN_METADATA = {"written-by": "mmpack 0.1.0", "note": "format version 1 golden file"}
 
+
+
+def golden_v1_rows() -> tuple[ModelSet, "np.ndarray"]:
+    """The golden set with a fixed pattern of changed rows, for the rows-layout golden file."""
+    import numpy as np
+
+    ms = golden_v1_modelset()
+    changed = np.zeros((len(ms), len(ms.architecture)), dtype=bool)
+    changed[1, [0, 2]] = True
+    changed[3, :] = True
+    changed[4, 6] = True
+    return ms, changed
+
+
 if __name__ == "__main__":
     import mmpack
+    from mmpack import fileformat
 
     GOLDEN_DIR.mkdir(exist_ok=True)
     mmpack.save(golden_v1_modelset(), GOLDEN_DIR / "v1_mixed.mmpack", metadata=GOLDEN_METADATA)
+    rows_set, rows_changed = golden_v1_rows()
+    image, _ = fileformat.encode_rows(rows_set, rows_changed, rows_set.hashes(), GOLDEN_METADATA)
+    (GOLDEN_DIR / "v1_rows.mmpack").write_bytes(image.tobytes())

@@ -220,7 +220,7 @@ def test_a_crash_during_save_leaves_the_old_file(tmp_path, monkeypatch):
         f.write(b"\x89MMPACK\n partial")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(fileformat, "write_body", crash)
+    monkeypatch.setattr(mmpack.fileformat.writing, "write_body", crash)
     with pytest.raises(KeyboardInterrupt):
         mmpack.save(ffnn_models(3, seed=2), path)
     assert os.listdir(tmp_path) == ["set.mmpack"]

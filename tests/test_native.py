@@ -265,3 +265,4 @@ def test_thread_setting_round_trips():
     finally:
         _native.set_max_threads(0)
     assert _native.max_threads() == default
+

@@ -1,0 +1,63 @@
+"""The one-file format for one model set (docs/FORMAT.md): ``save`` and ``load``.
+
+Reading never unpickles and never imports: the header is JSON checked
+against a fixed schema, and dtypes come from a fixed table.
+"""
+
+from mmpack.fileformat.header import (
+    ALIGNMENT,
+    FORMAT_VERSION,
+    MAGIC,
+    MAX_HEADER_BYTES,
+    ROWS,
+    STACKED,
+    Header,
+    Layout,
+    Reader,
+    encode_header,
+    read_header,
+)
+from mmpack.fileformat.reading import (
+    check_padding,
+    check_size,
+    load,
+    read_hash_rows,
+    read_hash_table,
+    read_modelset,
+    read_row_index,
+    RowRequest,
+    read_rows,
+    read_rows_many,
+    verify_rows,
+)
+from mmpack.fileformat.writing import encode, encode_rows, modelset_and_hashes, save, write_body
+
+__all__ = [
+    "ALIGNMENT",
+    "FORMAT_VERSION",
+    "MAGIC",
+    "MAX_HEADER_BYTES",
+    "ROWS",
+    "STACKED",
+    "Header",
+    "Layout",
+    "Reader",
+    "check_padding",
+    "check_size",
+    "encode",
+    "encode_header",
+    "encode_rows",
+    "load",
+    "modelset_and_hashes",
+    "read_hash_rows",
+    "read_hash_table",
+    "read_header",
+    "read_modelset",
+    "read_row_index",
+    "read_rows",
+    "read_rows_many",
+    "RowRequest",
+    "save",
+    "verify_rows",
+    "write_body",
+]

@@ -1,0 +1,253 @@
+"""Preamble and header of mmpack objects (docs/FORMAT.md): constants, layouts, parsing."""
+
+from __future__ import annotations
+
+import functools
+import json
+import struct
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from mmpack import _native
+from mmpack.architecture import Architecture
+from mmpack.errors import FormatError, IntegrityError, MMPackError, UnsupportedFormatVersionError
+
+MAGIC = b"\x89MMPACK\n"
+FORMAT_VERSION = 1
+ALIGNMENT = 64
+MAX_HEADER_BYTES = 16 * 2**20
+HASH_ALGORITHM = "xxh3-64"
+STACKED = "stacked"
+ROWS = "rows"
+PREAMBLE = struct.Struct("<8sIIQQ")
+ZEROS = bytes(ALIGNMENT)
+_COMMON_KEYS = {"n_models", "architecture", "layout", "alignment", "tensors", "hashes", "data_length", "metadata"}
+_KEYS = {STACKED: _COMMON_KEYS, ROWS: _COMMON_KEYS | {"row_index"}}
+
+
+class Reader(Protocol):
+    """Random access to the bytes of one stored object (a file, or a store's range reads)."""
+
+    def size(self) -> int: ...
+
+    def read(self, offset: int, size: int, what: str) -> bytes: ...
+
+    def read_into(self, offset: int, target: memoryview, what: str) -> None: ...
+
+    def read_segments(
+        self,
+        offsets: np.ndarray,
+        lengths: np.ndarray,
+        dst: Sequence[np.ndarray],
+        dst_index: np.ndarray,
+        dst_offsets: np.ndarray,
+        hashes: np.ndarray | None = None,
+    ) -> None: ...
+
+    def buffer(self) -> np.ndarray | None:
+        """The whole object as bytes in memory (a mapping), or None if it cannot be had cheaply."""
+        ...
+
+
+def align(offset: int) -> int:
+    """``offset`` rounded up to the format's alignment."""
+    return -(-offset // ALIGNMENT) * ALIGNMENT
+
+
+def check_host() -> None:
+    if sys.byteorder != "little":
+        raise MMPackError("mmpack stores little-endian data and does not run on big-endian hosts")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where each section of the data section starts, derived from what the object holds.
+
+    ``rows[j]`` is the number of stored rows of tensor j: ``n_models`` for the
+    stacked layout, the number of changed models for the rows layout, whose
+    model ids then sit in the row index.
+    """
+
+    kind: str
+    rows: tuple[int, ...]
+    tensor_offsets: tuple[int, ...]
+    tensor_lengths: tuple[int, ...]
+    row_index_offset: int
+    row_index_length: int
+    hashes_offset: int
+    hashes_length: int
+    data_length: int
+
+    @classmethod
+    def stacked(cls, architecture: Architecture, n_models: int) -> Layout:
+        return cls._build(STACKED, architecture, n_models, (n_models,) * len(architecture))
+
+    @classmethod
+    def of_rows(cls, architecture: Architecture, n_models: int, rows: Sequence[int]) -> Layout:
+        return cls._build(ROWS, architecture, n_models, tuple(rows))
+
+    @classmethod
+    def _build(cls, kind: str, architecture: Architecture, n_models: int, rows: tuple[int, ...]) -> Layout:
+        offsets, lengths, end = [], [], 0
+        for spec, count in zip(architecture.tensors, rows):
+            offsets.append(align(end))
+            lengths.append(count * spec.nbytes)
+            end = offsets[-1] + lengths[-1]
+        index_offset, index_length = end, 0
+        if kind == ROWS:
+            index_offset, index_length = align(end), 4 * sum(rows)
+            end = index_offset + index_length
+        hashes_offset = align(end)
+        hashes_length = n_models * len(architecture) * 8
+        return cls(
+            kind, rows, tuple(offsets), tuple(lengths), index_offset, index_length,
+            hashes_offset, hashes_length, hashes_offset + hashes_length,
+        )
+
+    def sections(self) -> list[tuple[int, int]]:
+        """(offset, length) of every section in file order, for padding checks."""
+        spans = list(zip(self.tensor_offsets, self.tensor_lengths))
+        if self.kind == ROWS:
+            spans.append((self.row_index_offset, self.row_index_length))
+        spans.append((self.hashes_offset, self.hashes_length))
+        return spans
+
+
+@dataclass(frozen=True)
+class Header:
+    """A parsed, validated header: what a reader knows before touching the data."""
+
+    architecture: Architecture
+    n_models: int
+    layout: Layout
+    data_start: int
+    metadata: dict[str, str]
+    header_hash: int
+
+    @property
+    def file_size(self) -> int:
+        """Exact size of a well-formed object with this header."""
+        return self.data_start + self.layout.data_length
+
+
+def encode_header(
+    architecture: Architecture, n_models: int, metadata: Mapping[str, str], layout: Layout | None = None
+) -> tuple[bytes, Header]:
+    """Preamble, header and padding, ready to write before the data section."""
+    layout = layout or Layout.stacked(architecture, n_models)
+    tensors: list[dict[str, int]] = [
+        {"offset": o, "length": n} for o, n in zip(layout.tensor_offsets, layout.tensor_lengths)
+    ]
+    if layout.kind == ROWS:
+        for entry, count in zip(tensors, layout.rows):
+            entry["rows"] = count
+    document: dict[str, Any] = {
+        "n_models": n_models,
+        "architecture": architecture.to_json(),
+        "layout": layout.kind,
+        "alignment": ALIGNMENT,
+        "tensors": tensors,
+        "hashes": {"algorithm": HASH_ALGORITHM, "offset": layout.hashes_offset, "length": layout.hashes_length},
+        "data_length": layout.data_length,
+        "metadata": dict(metadata),
+    }
+    if layout.kind == ROWS:
+        document["row_index"] = {"offset": layout.row_index_offset, "length": layout.row_index_length}
+    body = json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(body) > MAX_HEADER_BYTES:
+        raise FormatError(f"header of {len(body)} bytes exceeds the {MAX_HEADER_BYTES}-byte limit")
+    header_hash = _native.xxh3_64(body)
+    preamble = PREAMBLE.pack(MAGIC, FORMAT_VERSION, 0, len(body), header_hash)
+    data_start = align(len(preamble) + len(body))
+    prefix = preamble + body + bytes(data_start - len(preamble) - len(body))
+    return prefix, Header(architecture, n_models, layout, data_start, dict(metadata), header_hash)
+
+
+def read_header(source: Reader) -> Header:
+    """Read and validate the preamble and header of a model-set object."""
+    check_host()
+    size = source.size()
+    if size == 0:
+        raise FormatError("empty file: not an mmpack model-set file")
+    preamble = source.read(0, min(size, PREAMBLE.size), "the preamble")
+    if len(preamble) < PREAMBLE.size or preamble[:8] != MAGIC:
+        raise FormatError("not an mmpack model-set file (bad magic bytes)")
+    _, version, flags, header_length, header_hash = PREAMBLE.unpack(preamble)
+    if version != FORMAT_VERSION:
+        raise UnsupportedFormatVersionError(
+            f"file has format version {version}; this mmpack reads version {FORMAT_VERSION} "
+            "(upgrade mmpack to read newer files)"
+        )
+    if flags != 0:
+        raise FormatError(f"unknown flags {flags:#x} in preamble")
+    if not 2 <= header_length <= MAX_HEADER_BYTES:
+        raise FormatError(f"header length {header_length} outside 2..{MAX_HEADER_BYTES}")
+    data_start = align(PREAMBLE.size + header_length)
+    # The padding after the header comes with it: one read, and checked like all padding.
+    padded = source.read(PREAMBLE.size, data_start - PREAMBLE.size, "the header")
+    body, padding = padded[:header_length], padded[header_length:]
+    if _native.xxh3_64(body) != header_hash:
+        raise IntegrityError("header checksum mismatch: the file is corrupt")
+    if padding != ZEROS[: len(padding)]:
+        raise IntegrityError("non-zero padding after the header: the file is corrupt")
+    architecture, n_models, layout, metadata = _parse_header(body)
+    metadata = dict(metadata)  # the parse is cached and shared: hand out a copy of the mutable part
+    return Header(architecture, n_models, layout, data_start, metadata, header_hash)
+
+
+@functools.lru_cache(maxsize=256)
+def _parse_header(body: bytes) -> tuple[Architecture, int, Layout, dict[str, str]]:
+    # Cached by the exact (checksummed) header bytes: objects are immutable and
+    # recovering a version reopens the same few headers again and again.
+    try:
+        document = json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, ValueError) as exc:
+        raise FormatError(f"header is not valid JSON: {exc}") from None
+    kind = document.get("layout") if isinstance(document, dict) else None
+    if kind not in _KEYS:
+        raise FormatError(f"unsupported layout {kind!r}; expected one of {sorted(_KEYS)}")
+    if set(document) != _KEYS[kind]:
+        raise FormatError(f"header of layout {kind!r} must have keys {sorted(_KEYS[kind])}, got {sorted(document)}")
+    n_models = document["n_models"]
+    if not _is_count(n_models, 2**32):
+        raise FormatError(f"malformed n_models {n_models!r}")
+    if document["alignment"] != ALIGNMENT:
+        raise FormatError(f"unsupported alignment {document['alignment']!r}")
+    architecture = Architecture.from_json(document["architecture"])
+    if kind == STACKED:
+        layout = Layout.stacked(architecture, n_models)
+    else:
+        rows = [t.get("rows") if isinstance(t, dict) else None for t in document["tensors"]]
+        if len(rows) != len(architecture) or not all(_is_count(r, n_models + 1) for r in rows):
+            raise FormatError(f"row counts {rows!r} do not fit {n_models} models")
+        layout = Layout.of_rows(architecture, n_models, rows)
+    expected_tensors = [{"offset": o, "length": n} for o, n in zip(layout.tensor_offsets, layout.tensor_lengths)]
+    if kind == ROWS:
+        for entry, count in zip(expected_tensors, layout.rows):
+            entry["rows"] = count
+        expected_index = {"offset": layout.row_index_offset, "length": layout.row_index_length}
+        if document["row_index"] != expected_index:
+            raise FormatError(f"row index section {document['row_index']!r} is not {expected_index!r}")
+    if document["tensors"] != expected_tensors:
+        raise FormatError("tensor sections in the header do not follow the layout of FORMAT.md")
+    expected_hashes = {"algorithm": HASH_ALGORITHM, "offset": layout.hashes_offset, "length": layout.hashes_length}
+    if document["hashes"] != expected_hashes:
+        raise FormatError(f"hash section {document['hashes']!r} is not {expected_hashes!r}")
+    if document["data_length"] != layout.data_length:
+        raise FormatError(f"data_length {document['data_length']!r} is not {layout.data_length}")
+    metadata = document["metadata"]
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise FormatError("metadata must map strings to strings")
+    return architecture, n_models, layout, metadata
+
+
+def _is_count(value: object, limit: int) -> bool:
+    return type(value) is int and 0 <= value < limit
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not allowed")

@@ -1,0 +1,171 @@
+"""Writing model-set objects: streamed to a file, or built as one in-memory image."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Future
+from typing import BinaryIO
+
+import numpy as np
+from torch import nn
+
+from mmpack import _io, _native, packing
+from mmpack.fileformat.header import ZEROS, Header, Layout, check_host, encode_header
+from mmpack.modelset import ModelSet
+
+U64 = np.uint64
+
+
+def write_body(
+    f: BinaryIO, prefix: bytes, header: Header, models: ModelSet, hashes: np.ndarray | Future[np.ndarray]
+) -> None:
+    """Write ``prefix`` (preamble, header), the tensors and the hash table: few large writes, no copies.
+
+    ``hashes`` may still be computing in another thread: they are needed
+    only for the table at the end, so hashing overlaps the tensor writes.
+    """
+    f.write(prefix)
+    position = 0
+    for spec, offset in zip(header.architecture.tensors, header.layout.tensor_offsets):
+        f.write(ZEROS[: offset - position])
+        f.write(packing.byte_view(models.tensors[spec.name]))
+        position = offset + header.n_models * spec.nbytes
+    f.write(ZEROS[: header.layout.hashes_offset - position])
+    table = hashes.result() if isinstance(hashes, Future) else hashes
+    f.write(np.ascontiguousarray(table, dtype="<u8").data)
+
+
+def encode(models: ModelSet, metadata: Mapping[str, str] | None = None) -> np.ndarray:
+    """The complete stacked file image of ``models`` in one uint8 array, for stores that take whole objects.
+
+    One native pass copies every (model, tensor) row into place and hashes
+    it while it is in cache; only the padding is zeroed separately.
+    """
+    check_host()
+    prefix, header = encode_header(models.architecture, len(models), dict(metadata or {}))
+    everyone = np.arange(len(models))
+    image, by_tensor = _build_image(prefix, header, models, [everyone] * len(models.architecture), hashed=True)
+    _put_table(image, header, by_tensor.reshape(len(models.architecture), len(models)).T)
+    return image
+
+
+def encode_rows(
+    models: ModelSet, changed: np.ndarray, table: np.ndarray, metadata: Mapping[str, str] | None = None
+) -> tuple[np.ndarray, Header]:
+    """The rows-layout image holding only the rows where ``changed[i, j]``, with the set's full hash table.
+
+    ``table`` is ``[n_models, n_tensors]``, the hashes of every row of ``models``.
+    """
+    check_host()
+    arch, n = models.architecture, len(models)
+    stored = [np.flatnonzero(changed[:, j]) for j in range(len(arch))]
+    if n >= 2**32:
+        raise ValueError("the rows layout indexes models with 32-bit ids")
+    layout = Layout.of_rows(arch, n, [len(r) for r in stored])
+    prefix, header = encode_header(arch, n, dict(metadata or {}), layout)
+    image, _ = _build_image(prefix, header, models, stored, hashed=False)
+    index = np.concatenate(stored or [np.empty(0, np.int64)]).astype("<u4")
+    start = header.data_start + layout.row_index_offset
+    image[start : start + layout.row_index_length] = index.view(np.uint8)
+    _put_table(image, header, table)
+    return image, header
+
+
+def _build_image(
+    prefix: bytes, header: Header, models: ModelSet, rows: Sequence[np.ndarray], *, hashed: bool
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Image with prefix, zero padding and the chosen rows of each tensor in place (one native copy)."""
+    arch, layout = header.architecture, header.layout
+    image = np.empty(header.file_size, dtype=np.uint8)
+    image[: len(prefix)] = np.frombuffer(prefix, dtype=np.uint8)
+    position = 0
+    for offset, length in layout.sections():
+        image[header.data_start + position : header.data_start + offset] = 0
+        position = offset + length
+    row_bytes = np.array([s.nbytes for s in arch.tensors], dtype=U64)
+    src_index = np.concatenate([np.full(len(r), j, U64) for j, r in enumerate(rows)] or [np.empty(0, U64)])
+    src_offsets = np.concatenate([r.astype(U64) * row_bytes[j] for j, r in enumerate(rows)] or [np.empty(0, U64)])
+    dst_offsets = np.concatenate([
+        U64(header.data_start + layout.tensor_offsets[j]) + np.arange(len(r), dtype=U64) * row_bytes[j]
+        for j, r in enumerate(rows)
+    ] or [np.empty(0, U64)])
+    hashes = np.empty(len(src_index), U64) if hashed else None
+    _native.copy_segments(
+        [packing.byte_view(models.tensors[s.name]) for s in arch.tensors],
+        src_index,
+        src_offsets,
+        [image],
+        np.zeros(len(src_index), U64),
+        dst_offsets,
+        row_bytes[src_index.astype(np.intp)] if len(src_index) else np.empty(0, U64),
+        hashes,
+    )
+    return image, hashes
+
+
+def _put_table(image: np.ndarray, header: Header, table: np.ndarray) -> None:
+    start = header.data_start + header.layout.hashes_offset
+    image[start : start + header.layout.hashes_length] = np.ascontiguousarray(table, dtype="<u8").reshape(-1).view(np.uint8)
+
+
+def modelset_and_hashes(models: ModelSet | Sequence[nn.Module]) -> tuple[ModelSet, np.ndarray | Future[np.ndarray]]:
+    """The ModelSet to write and its hashes: from the gather pass, or computing in the background."""
+    if isinstance(models, nn.Module):
+        raise TypeError("expected a ModelSet or a list of modules; wrap a single module as [module]")
+    if isinstance(models, ModelSet):
+        modelset, hashes = models, None
+    else:
+        modelset, hashes = ModelSet._from_modules_hashed(models)
+    if hashes is not None:
+        return modelset, hashes
+    # The kernel releases the GIL: hashing runs on another core while the tensors are written.
+    future: Future[np.ndarray] = Future()
+
+    def compute() -> None:
+        try:
+            future.set_result(modelset.hashes())
+        except BaseException as exc:  # handed to the writer, which re-raises it
+            future.set_exception(exc)
+
+    threading.Thread(target=compute, name="mmpack-hash", daemon=True).start()
+    return modelset, future
+
+
+def save(
+    models: ModelSet | Sequence[nn.Module],
+    f: str | os.PathLike[str] | BinaryIO,
+    *,
+    metadata: Mapping[str, str] | None = None,
+    fsync: bool = False,
+) -> None:
+    """save(models, f, *, metadata=None, fsync=False) -> None
+
+    Write a model set (a :class:`ModelSet` or a list of same-architecture
+    modules) to one file, in the format of ``docs/FORMAT.md``. A path is
+    written under a temporary name and renamed into place, so a crash leaves
+    the old file or the new one, never half of one; ``fsync=True`` also makes
+    it survive a power cut. A file object is written sequentially from its
+    current position (no seeking).
+
+    Example::
+
+        mmpack.save(models, "cells.mmpack")
+        ms = mmpack.load("cells.mmpack")
+    """
+    check_host()
+    metadata = dict(metadata or {})
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise TypeError("metadata must map strings to strings")
+    modelset, hashes = modelset_and_hashes(models)
+    prefix, header = encode_header(modelset.architecture, len(modelset), metadata)
+
+    def write(out: BinaryIO) -> None:
+        write_body(out, prefix, header, modelset, hashes)
+
+    if isinstance(f, (str, os.PathLike)):
+        _io.publish_atomically(f, write, fsync=fsync)
+    else:
+        write(f)
+
