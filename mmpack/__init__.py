@@ -7,11 +7,14 @@ from mmpack.errors import (
     IntegrityError,
     MMPackError,
     ModelIndexError,
+    RepositoryError,
     UnsupportedFormatVersionError,
+    VersionNotFoundError,
 )
 from mmpack.fileformat import load, save
 from mmpack.functional import vmap_call
 from mmpack.modelset import ModelSet
+from mmpack.repository import GcReport, Repository, SnapshotPolicy, VerifyReport, VersionRecord
 
 __version__ = "0.1.0"
 
@@ -19,12 +22,19 @@ __all__ = [
     "Architecture",
     "ArchitectureMismatchError",
     "FormatError",
+    "GcReport",
     "IntegrityError",
     "MMPackError",
     "ModelIndexError",
     "ModelSet",
+    "Repository",
+    "RepositoryError",
+    "SnapshotPolicy",
     "TensorSpec",
     "UnsupportedFormatVersionError",
+    "VerifyReport",
+    "VersionNotFoundError",
+    "VersionRecord",
     "load",
     "save",
     "vmap_call",

@@ -13,7 +13,9 @@ __all__ = [
     "IntegrityError",
     "MMPackError",
     "ModelIndexError",
+    "RepositoryError",
     "UnsupportedFormatVersionError",
+    "VersionNotFoundError",
 ]
 
 
@@ -43,3 +45,14 @@ class IntegrityError(FormatError):
 
 class ModelIndexError(MMPackError, IndexError):
     """A model index outside ``[0, n_models)``, or indices that are not integers."""
+
+
+class VersionNotFoundError(MMPackError, KeyError):
+    """No version with this id in the repository (also raised for malformed ids)."""
+
+    def __str__(self) -> str:  # KeyError would show the message in quotes
+        return str(self.args[0]) if self.args else ""
+
+
+class RepositoryError(MMPackError):
+    """The repository is unusable: not an mmpack repository, damaged manifest, missing object."""

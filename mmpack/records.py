@@ -1,0 +1,130 @@
+"""Plain records of versions and their objects, shared by the approaches and the repository."""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+
+from mmpack.errors import RepositoryError
+
+
+@dataclass(frozen=True)
+class ObjectRef:
+    """One data object of a version: its key, size, and the header checksum binding it to the manifest."""
+
+    key: str
+    bytes: int
+    header_hash: int
+
+
+class Changes:
+    """Which (model, tensor) pairs a delta version wrote: sorted model ids and a bool mask per model.
+
+    Decoded from a manifest lazily, on first use: listing versions does not
+    pay for change lists nobody reads.
+    """
+
+    def __init__(self, models: np.ndarray | None = None, masks: np.ndarray | None = None, *, encoded: Any = None,
+                 n_models: int = 0, n_tensors: int = 0) -> None:
+        self._models = models
+        self._masks = masks
+        self._encoded = (encoded, n_models, n_tensors) if encoded is not None else None
+
+    @classmethod
+    def from_mask(cls, changed: np.ndarray) -> Changes:
+        """From a ``[n_models, n_tensors]`` bool matrix."""
+        models = np.flatnonzero(changed.any(axis=1))
+        return cls(models, changed[models])
+
+    @classmethod
+    def from_json(cls, data: Any, n_models: int, n_tensors: int) -> Changes:
+        """Wrap a manifest's change list; it is checked when first used."""
+        if not isinstance(data, dict) or not {"count", "models", "masks"} <= set(data):
+            raise RepositoryError("malformed change list")
+        return cls(encoded=data, n_models=n_models, n_tensors=n_tensors)
+
+    @property
+    def models(self) -> np.ndarray:
+        """Ascending ids (int64) of the models with at least one changed tensor."""
+        self._decode()
+        return self._models
+
+    @property
+    def masks(self) -> np.ndarray:
+        """``[len(models), n_tensors]`` bool: which tensors of each of those models changed."""
+        self._decode()
+        return self._masks
+
+    def dense(self, n_models: int) -> np.ndarray:
+        """The ``[n_models, n_tensors]`` bool matrix."""
+        out = np.zeros((n_models, self.masks.shape[1]), dtype=bool)
+        out[self.models] = self.masks
+        return out
+
+    @property
+    def n_pairs(self) -> int:
+        return int(self.masks.sum())
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "count": len(self.models),
+            "models": base64.b64encode(self.models.astype("<u4").tobytes()).decode(),
+            "masks": base64.b64encode(np.packbits(self.masks, axis=1).tobytes()).decode(),
+        }
+
+    def _decode(self) -> None:
+        if self._encoded is None:
+            return
+        data, n_models, n_tensors = self._encoded
+        try:
+            count = data["count"]
+            models = np.frombuffer(base64.b64decode(data["models"], validate=True), dtype="<u4").astype(np.int64)
+            packed = np.frombuffer(base64.b64decode(data["masks"], validate=True), dtype=np.uint8)
+            masks = np.unpackbits(packed.reshape(count, (n_tensors + 7) // 8), axis=1, count=n_tensors).astype(bool)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise RepositoryError(f"malformed change list: {exc}") from None
+        if len(models) != count or (count and (np.any(np.diff(models) <= 0) or models[-1] >= n_models)):
+            raise RepositoryError("change list is not ascending model ids within the set")
+        self._models, self._masks, self._encoded = models, masks, None
+
+
+@dataclass(frozen=True)
+class VersionRecord:
+    """One version of a repository, as ``repo.versions()`` lists it.
+
+    ``approach`` is how the version is stored; ``reason`` says why (e.g. a
+    snapshot policy turning an update into a full version). ``stored_bytes``
+    is what the version added to the store: data objects, manifest, and the
+    architecture record if this version introduced it.
+    """
+
+    id: str
+    approach: str
+    base: str | None
+    n_models: int
+    created: datetime
+    message: str
+    reason: str
+    architecture: str
+    objects: tuple[ObjectRef, ...]
+    changes: Changes | None
+    details: dict[str, Any] = field(default_factory=dict)
+    architecture_bytes: int = 0
+    manifest_bytes: int = 0
+
+    @property
+    def stored_bytes(self) -> int:
+        return sum(o.bytes for o in self.objects) + self.architecture_bytes + self.manifest_bytes
+
+    @property
+    def is_full(self) -> bool:
+        """True when the version's own objects hold every model (no base needed to recover it)."""
+        return self.changes is None
+
+    def describe(self) -> str:
+        base = f" on {self.base}" if self.base else ""
+        return f"{self.id} ({self.approach}{base}, {self.n_models} models)"

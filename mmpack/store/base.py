@@ -1,0 +1,98 @@
+"""The store interface: immutable objects under string keys, atomic writes, range reads.
+
+A store maps keys (``"versions/v3.json"``) to immutable byte objects. It
+knows nothing of torch, model sets or approaches. Writes are atomic: a
+reader sees an object whole or not at all. ``put_if_absent`` is the one
+conditional write the repository needs, to publish a version id exactly once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import BinaryIO
+
+import numpy as np
+
+from mmpack.errors import MMPackError
+from mmpack.fileformat import Reader
+
+Data = bytes | bytearray | memoryview | np.ndarray
+Writer = Callable[[BinaryIO], None]
+
+_KEY = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*(/[A-Za-z0-9_-][A-Za-z0-9._-]*)*")
+
+
+def check_key(key: str) -> str:
+    """Keys are relative, '/'-separated names of letters, digits, '.', '_', '-' (no leading dots)."""
+    if not isinstance(key, str) or not _KEY.fullmatch(key) or any(p in {".", ".."} for p in key.split("/")):
+        raise MMPackError(f"invalid store key {key!r}")
+    return key
+
+
+@dataclass(frozen=True)
+class CleanupReport:
+    """What a store's clean-up of interrupted writes removed."""
+
+    removed: int
+    bytes: int
+
+
+class Store(ABC):
+    """Immutable objects under string keys, with atomic writes and range reads."""
+
+    @abstractmethod
+    def get(self, key: str) -> bytes:
+        """The whole object; ``FileNotFoundError`` if absent."""
+
+    @abstractmethod
+    def open_reader(self, key: str) -> contextlib.AbstractContextManager[Reader]:
+        """Random access to an object (``size``, ``read``, ``read_segments``) for range reads."""
+
+    @abstractmethod
+    def put(self, key: str, data: Data | Writer) -> None:
+        """Create or replace ``key`` atomically with ``data`` (bytes, or a function writing a stream)."""
+
+    @abstractmethod
+    def put_if_absent(self, key: str, data: Data) -> bool:
+        """Create ``key`` atomically unless it exists; True if this call created it."""
+
+    @abstractmethod
+    def exists(self, key: str) -> bool:
+        """Whether ``key`` is present."""
+
+    @abstractmethod
+    def list(self, prefix: str) -> list[str]:
+        """Keys directly under the folder ``prefix`` (e.g. ``"versions/"``), sorted, temporaries excluded."""
+
+    @abstractmethod
+    def size(self, key: str) -> int:
+        """Bytes of the object."""
+
+    @abstractmethod
+    def modified(self, key: str) -> float:
+        """Last modification time (seconds since the epoch), for grace periods."""
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove ``key`` (no error if it is already gone)."""
+
+    @abstractmethod
+    def clean_temporaries(self, older_than: float) -> CleanupReport:
+        """Remove leftovers of interrupted writes last touched more than ``older_than`` seconds ago."""
+
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        """``length`` bytes of ``key`` at ``offset``."""
+        with self.open_reader(key) as reader:
+            return reader.read(offset, length, key)
+
+
+def as_writer(data: Data | Writer) -> Writer:
+    """A function writing ``data`` to a stream (``data`` may already be one)."""
+    if callable(data):
+        return data
+    view = memoryview(data.reshape(-1).view(np.uint8)) if isinstance(data, np.ndarray) else memoryview(data).cast("B")
+    return lambda f: f.write(view)
