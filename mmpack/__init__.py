@@ -7,6 +7,8 @@ from mmpack.errors import (
     IntegrityError,
     MMPackError,
     ModelIndexError,
+    ProvenanceError,
+    ProvenanceMismatchError,
     RepositoryError,
     UnsupportedFormatVersionError,
     VersionNotFoundError,
@@ -14,6 +16,7 @@ from mmpack.errors import (
 from mmpack.fileformat import load, save
 from mmpack.functional import vmap_call
 from mmpack.modelset import ModelSet
+from mmpack.provenance import DatasetRef, Provenance
 from mmpack.repository import GcReport, Repository, SnapshotPolicy, VerifyReport, VersionRecord
 
 __version__ = "0.1.0"
@@ -21,12 +24,16 @@ __version__ = "0.1.0"
 __all__ = [
     "Architecture",
     "ArchitectureMismatchError",
+    "DatasetRef",
     "FormatError",
     "GcReport",
     "IntegrityError",
     "MMPackError",
     "ModelIndexError",
     "ModelSet",
+    "Provenance",
+    "ProvenanceError",
+    "ProvenanceMismatchError",
     "Repository",
     "RepositoryError",
     "SnapshotPolicy",

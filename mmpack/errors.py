@@ -13,6 +13,8 @@ __all__ = [
     "IntegrityError",
     "MMPackError",
     "ModelIndexError",
+    "ProvenanceError",
+    "ProvenanceMismatchError",
     "RepositoryError",
     "UnsupportedFormatVersionError",
     "VersionNotFoundError",
@@ -56,3 +58,11 @@ class VersionNotFoundError(MMPackError, KeyError):
 
 class RepositoryError(MMPackError):
     """The repository is unusable: not an mmpack repository, damaged manifest, missing object."""
+
+
+class ProvenanceError(MMPackError):
+    """A provenance record cannot be made or replayed (function not importable, dataset unreadable...)."""
+
+
+class ProvenanceMismatchError(ProvenanceError):
+    """Retrained models do not hash like the ones that were saved; the message names models and likely causes."""

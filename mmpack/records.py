@@ -14,11 +14,11 @@ from mmpack.errors import RepositoryError
 
 @dataclass(frozen=True)
 class ObjectRef:
-    """One data object of a version: its key, size, and the header checksum binding it to the manifest."""
+    """One data object of a version: its key, size, and the checksum binding it to the manifest."""
 
     key: str
     bytes: int
-    header_hash: int
+    checksum: int  # XXH3-64 of a model-set object's header, or of a document object's whole content
 
 
 class Changes:

@@ -42,9 +42,15 @@ class Stored:
 
 
 class Approach(ABC):
-    """One way of storing a version (Baseline, Update, Provenance)."""
+    """One way of storing a version (Baseline, Update, Provenance).
+
+    Approaches whose objects hold the pieces they own (``stores_rows``) say
+    where with :meth:`locate`, and the repository copies them; others rebuild
+    their pieces (see :class:`~mmpack.approaches.provenance.ProvenanceApproach`).
+    """
 
     name: ClassVar[str]
+    stores_rows: ClassVar[bool] = True
 
     @abstractmethod
     def save(self, objects: ObjectStore, request: SaveRequest) -> Stored:
@@ -62,3 +68,15 @@ class Approach(ABC):
         """Where the version's data object (open as ``opened``) stores each (``models[k]``,
         ``tensors[k]``): the row of that tensor's section. Only pairs the version owns are asked
         for: every pair of a full version, the pairs in its change list otherwise."""
+
+    @abstractmethod
+    def check(self, objects: ObjectStore, record: VersionRecord) -> None:
+        """Read the version's objects whole and check every checksum; raise on the first problem."""
+
+    def hash_table(self, objects: ObjectStore, record: VersionRecord, base_table: Callable[[], np.ndarray]) -> np.ndarray:
+        """The version's XXH3-64 of every (model, tensor); stored-row approaches keep it in their object."""
+        return objects.hash_rows(record.objects[0], np.arange(record.n_models))
+
+    def stores_table(self, record: VersionRecord) -> bool:
+        """Whether the version's own object holds its whole hash table (so rows can be range-read)."""
+        return True

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from mmpack.approaches.base import Approach, SaveRequest, Stored
-from mmpack.fileformat import Header, Reader, encode_header, write_body
+from mmpack.fileformat import Header, Reader, check_padding, encode_header, read_modelset, write_body
 from mmpack.records import ObjectRef, VersionRecord
 from mmpack.store import ObjectStore
 
@@ -31,3 +31,8 @@ class Baseline(Approach):
         tensors: np.ndarray,
     ) -> np.ndarray:
         return models  # stacked layout: row i of every tensor is model i
+
+    def check(self, objects: ObjectStore, record: VersionRecord) -> None:
+        with objects.reader(record.objects[0]) as (source, header):
+            check_padding(source, header)
+            read_modelset(source, header, None, verify=True)

@@ -11,8 +11,17 @@ from __future__ import annotations
 import numpy as np
 
 from mmpack.approaches.base import Approach, SaveRequest, Stored
-from mmpack.errors import IntegrityError
-from mmpack.fileformat import Header, Reader, encode_rows
+from mmpack.errors import IntegrityError, RepositoryError
+from mmpack.fileformat import (
+    Header,
+    Reader,
+    check_padding,
+    check_size,
+    encode_rows,
+    read_hash_rows,
+    read_rows,
+    verify_rows,
+)
 from mmpack.records import Changes, ObjectRef, VersionRecord
 from mmpack.store import ObjectStore
 
@@ -53,3 +62,22 @@ class Update(Approach):
             raise IntegrityError(f"{record.id} did not write model {int(models[k])} tensor #{int(tensors[k])}")
         ranks = np.cumsum(changes.masks, axis=0) - 1
         return ranks[at, tensors]
+
+    def check(self, objects: ObjectStore, record: VersionRecord) -> None:
+        ref = record.objects[0]
+        with objects.reader(ref) as (source, header):
+            check_size(source, header)
+            check_padding(source, header)
+            index = objects.row_index(ref, (source, header))
+            tensors = np.concatenate([np.full(len(ids), j) for j, ids in enumerate(index)])
+            models = np.concatenate(index)
+            rows = np.concatenate([np.arange(len(ids)) for ids in index])
+            scratch = [np.empty(count * s.nbytes, np.uint8) for count, s in zip(header.layout.rows, header.architecture.tensors)]
+            computed = read_rows(source, header, tensors, rows, scratch, rows)
+            table = read_hash_rows(source, header, np.arange(header.n_models))
+            verify_rows(models, tensors, computed, table[models, tensors], f"object {ref.key}")
+        listed = record.changes.dense(record.n_models)
+        stored = np.zeros_like(listed)
+        stored[models, tensors] = True
+        if not np.array_equal(listed, stored):
+            raise RepositoryError(f"object {ref.key} holds other rows than the manifest of {record.id} lists")

@@ -57,7 +57,7 @@ def encode_manifest(record: VersionRecord) -> bytes:
         "created": record.created.isoformat(),
         "message": record.message,
         "reason": record.reason,
-        "objects": [{"key": o.key, "bytes": o.bytes, "header_xxh3": f"{o.header_hash:016x}"} for o in record.objects],
+        "objects": [{"key": o.key, "bytes": o.bytes, "xxh3": f"{o.checksum:016x}"} for o in record.objects],
         "changes": record.changes.to_json() if record.changes is not None else None,
         "details": record.details,
     }
@@ -91,7 +91,7 @@ def decode_manifest(raw: bytes, vid: str, n_tensors_of: Any) -> VersionRecord:
             message=str(body["message"]),
             reason=str(body["reason"]),
             architecture=str(body["architecture"]),
-            objects=tuple(ObjectRef(o["key"], int(o["bytes"]), int(o["header_xxh3"], 16)) for o in body["objects"]),
+            objects=tuple(ObjectRef(o["key"], int(o["bytes"]), int(o["xxh3"], 16)) for o in body["objects"]),
             changes=changes,
             details=dict(body["details"]),
             architecture_bytes=int(body["architecture_bytes"]),

@@ -13,16 +13,20 @@ re-reads and re-copies, so time grows like a staircase with each cycle.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from concurrent.futures import Executor
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 
 from mmpack import packing
-from mmpack.approaches import APPROACHES
+from mmpack.approaches import APPROACHES, RebuildContext
 from mmpack.errors import RepositoryError
 from mmpack.fileformat import RowRequest, read_rows_many, verify_rows
 from mmpack.modelset import ModelSet, normalize_indices
+from mmpack.provenance import TrainingFunction
 from mmpack.records import VersionRecord
 from mmpack.repository.manifest import version_number
 
@@ -81,12 +85,27 @@ def _group_by_owner(owner: np.ndarray, n_sources: int) -> list[tuple[np.ndarray,
     return pairs
 
 
+@dataclass(frozen=True)
+class RebuildOptions:
+    """How pieces that must be retrained are retrained (see ``Repository.recover``)."""
+
+    executor: Executor | None = None
+    training: Mapping[str, TrainingFunction] | None = None
+    allow_import: bool = False
+
+
 def recover(
-    repo: Repository, vid: str, indices: Iterable[int] | None, *, strategy: str = "resolve", verify: bool = True
+    repo: Repository,
+    vid: str,
+    indices: Iterable[int] | None,
+    *,
+    strategy: str = "resolve",
+    verify: bool = True,
+    options: RebuildOptions = RebuildOptions(),
 ) -> ModelSet:
     """The model set of version ``vid`` (or only ``indices``), bit-exact and verified."""
     if strategy == "recursive":
-        full = _recover_recursive(repo, vid, verify)
+        full = _recover_recursive(repo, vid, verify, options)
         return full if indices is None else full.select(indices)
     if strategy != "resolve":
         raise ValueError(f"unknown recovery strategy {strategy!r}; use 'resolve' or 'recursive'")
@@ -106,15 +125,23 @@ def recover(
     computed = np.empty(owner.shape, dtype=U64)
     pieces = [(record, *pairs) for record, pairs in zip(chain, _group_by_owner(owner, len(chain)))]
     pieces = [(record, rows, columns) for record, rows, columns in pieces if len(rows)]
+    copied = [piece for piece in pieces if APPROACHES[piece[0].approach].stores_rows]
+    context = RebuildContext(
+        lambda base, wanted: recover(repo, base, wanted, verify=verify, options=options),
+        repo.objects, options.training, options.allow_import, options.executor,
+    )
+    for record, rows, columns in pieces:
+        if not APPROACHES[record.approach].stores_rows:
+            computed[rows, columns] = _rebuild_pieces(context, record, models, rows, columns, architecture, tensors)
     with contextlib.ExitStack() as stack:
         requests = []
         opened_target = None
-        for record, rows, columns in pieces:
+        for record, rows, columns in copied:
             opened = stack.enter_context(repo.objects.reader(record.objects[0]))
             opened_target = opened if record.id == vid else opened_target
-            stored = APPROACHES[record.approach].locate(repo.objects, record, opened, models[rows], columns)
-            requests.append(RowRequest(*opened, columns, stored, rows))
-        for (_, rows, columns), hashes in zip(pieces, read_rows_many(requests, destinations)):
+            located = APPROACHES[record.approach].locate(repo.objects, record, opened, models[rows], columns)
+            requests.append(RowRequest(*opened, columns, located, rows))
+        for (_, rows, columns), hashes in zip(copied, read_rows_many(requests, destinations)):
             computed[rows, columns] = hashes
         expected = repo.hash_rows(vid, models, opened_target) if verify else None
     if expected is not None:
@@ -126,7 +153,27 @@ def recover(
     return result.select(inverse)
 
 
-def _recover_recursive(repo: Repository, vid: str, verify: bool) -> ModelSet:
+def _rebuild_pieces(
+    context: RebuildContext,
+    record: VersionRecord,
+    models: np.ndarray,
+    rows: np.ndarray,
+    columns: np.ndarray,
+    architecture,
+    tensors: dict[str, torch.Tensor],
+) -> np.ndarray:
+    """Retrain the models owning pieces ``(rows, columns)`` and put those pieces in place; their hashes."""
+    needed = np.unique(rows)
+    state = APPROACHES[record.approach].rebuild(context, record, models[needed])
+    position = np.searchsorted(needed, rows)
+    for j in np.unique(columns):
+        name = architecture.tensors[j].name
+        pick = columns == j
+        tensors[name][torch.from_numpy(rows[pick])] = state.tensors[name][torch.from_numpy(position[pick])]
+    return state.hashes()[position, columns]
+
+
+def _recover_recursive(repo: Repository, vid: str, verify: bool, options: RebuildOptions) -> ModelSet:
     record = repo.version(vid)
     architecture = repo.architecture(record.architecture)
     if record.is_full:
@@ -139,14 +186,24 @@ def _recover_recursive(repo: Repository, vid: str, verify: bool) -> ModelSet:
     else:
         if record.base is None or version_number(record.base) >= version_number(record.id):
             raise RepositoryError(f"{record.describe()} is a delta without a valid earlier base")
-        result = _recover_recursive(repo, record.base, verify)
+        result = _recover_recursive(repo, record.base, verify, options)
         written = record.changes.dense(record.n_models)
     columns, rows = np.nonzero(written.T)  # file order: tensor by tensor
-    destinations = [packing.byte_view(result.tensors[s.name]) for s in architecture.tensors]
-    with repo.objects.reader(record.objects[0]) as opened:
-        stored = APPROACHES[record.approach].locate(repo.objects, record, opened, rows, columns)
-        computed = read_rows_many([RowRequest(*opened, columns, stored, rows)], destinations)[0]
+    approach = APPROACHES[record.approach]
+    if approach.stores_rows:
+        destinations = [packing.byte_view(result.tensors[s.name]) for s in architecture.tensors]
+        with repo.objects.reader(record.objects[0]) as opened:
+            stored = approach.locate(repo.objects, record, opened, rows, columns)
+            computed = read_rows_many([RowRequest(*opened, columns, stored, rows)], destinations)[0]
+    else:
+        base = result  # the whole base set is at hand: retrain from it, as the paper does
+        context = RebuildContext(
+            lambda _, wanted: base.select(wanted), repo.objects, options.training, options.allow_import, options.executor
+        )
+        result = ModelSet._trusted(architecture, {n: t.clone() for n, t in base.tensors.items()}, record.n_models)
+        computed = _rebuild_pieces(context, record, np.arange(record.n_models), rows, columns, architecture,
+                                   dict(result.tensors))
     if verify:
-        expected = repo.hash_rows(vid, np.arange(record.n_models))[rows, columns]
+        expected = repo.hashes(vid)[rows, columns]
         verify_rows(rows, columns, computed, expected, f"version {vid}")
     return result

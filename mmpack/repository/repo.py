@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import os
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -14,8 +15,9 @@ from torch import nn
 from mmpack.approaches import APPROACHES, SaveRequest
 from mmpack.architecture import Architecture
 from mmpack.errors import ArchitectureMismatchError, MMPackError, RepositoryError, VersionNotFoundError
-from mmpack.fileformat import ROWS, check_padding, check_size, modelset_and_hashes, read_modelset, read_rows, verify_rows
+from mmpack.fileformat import modelset_and_hashes
 from mmpack.modelset import ModelSet
+from mmpack.provenance import TrainingFunction
 from mmpack.records import VersionRecord
 from mmpack.repository import recovery
 from mmpack.repository.manifest import (
@@ -67,6 +69,7 @@ class VerifyReport:
     versions: list[str] = field(default_factory=list)
     objects: int = 0
     problems: list[str] = field(default_factory=list)
+    not_retrained: list[str] = field(default_factory=list)  # provenance versions checked without retraining
 
     @property
     def ok(self) -> bool:
@@ -74,6 +77,8 @@ class VerifyReport:
 
     def __str__(self) -> str:
         head = f"checked {len(self.versions)} versions and {self.objects} objects"
+        if self.not_retrained:
+            head += f" ({', '.join(self.not_retrained)} not retrained: records and datasets checked only)"
         return head + (": all good" if self.ok else ":\n" + "\n".join(f"  - {p}" for p in self.problems))
 
 
@@ -171,8 +176,11 @@ class Repository:
         version and return its id (``"v1"``, ``"v2"``...). ``"baseline"``
         stores the full set; ``"update"`` stores only the tensors whose hashes
         differ from ``base`` (reading the base's hashes, never its
-        parameters), or the full set when there is no base or the snapshot
-        policy asks for one. ``repo.versions()`` records which and why.
+        parameters); ``"provenance"`` stores how the changed models were
+        trained (``provenance=Provenance.of(...)``, an entry for every model
+        that differs from ``base``) and their hashes. Without a base, or when
+        the snapshot policy asks, the full set is stored instead.
+        ``repo.versions()`` records which and why.
 
         Example::
 
@@ -180,7 +188,7 @@ class Repository:
         """
         if approach not in APPROACHES:
             raise MMPackError(f"unknown approach {approach!r}; choose one of {sorted(APPROACHES)}")
-        if provenance is not None:
+        if provenance is not None and approach != "provenance":
             raise MMPackError(f"approach {approach!r} takes no provenance")
         if not isinstance(message, str):
             raise TypeError("message must be a string")
@@ -227,10 +235,10 @@ class Repository:
             )
 
     def _choose(self, approach: str, base: VersionRecord | None) -> tuple[str, str]:
-        if approach != "update":
+        if approach == "baseline":
             return approach, "requested"
         if base is None:
-            return "baseline", "update without a base stores the full set"
+            return "baseline", f"{approach} without a base stores the full set"
         chain = recovery.chain_of(self, base.id)
         deltas = len(chain) - 1
         policy = self.snapshots
@@ -243,7 +251,7 @@ class Repository:
                 return "baseline", (
                     f"snapshot: deltas since {chain[-1].id} hold {delta_bytes / full_bytes:.0%} of a full version"
                 )
-        return "update", "requested"
+        return approach, "requested"
 
     def _store_architecture(self, architecture: Architecture) -> int:
         """Write the architecture record once per repository; the bytes written (0 if it existed)."""
@@ -275,7 +283,15 @@ class Repository:
     # -- reading ------------------------------------------------------------
 
     def recover(
-        self, vid: str, indices: Iterable[int] | None = None, *, strategy: str = "resolve", verify: bool = True
+        self,
+        vid: str,
+        indices: Iterable[int] | None = None,
+        *,
+        strategy: str = "resolve",
+        verify: bool = True,
+        executor: Executor | None = None,
+        training: Mapping[str, TrainingFunction] | None = None,
+        allow_import: bool = False,
     ) -> ModelSet:
         """repo.recover(vid, indices=None) -> ModelSet
 
@@ -285,11 +301,21 @@ class Repository:
         once however long the chain of updates (``strategy="recursive"``
         replays the chain as the paper does, for comparison).
 
+        Pieces stored as provenance are retrained: the training function
+        comes from ``training`` (``{"pkg.mod:fn": fn}``) or, with
+        ``allow_import=True``, is imported by the path the version records.
+        Retraining runs on ``executor`` (any ``concurrent.futures.Executor``,
+        e.g. a Dask client's ``get_executor()``; by default a local process
+        pool, or this process for a few models) and is checked against the
+        stored hashes: :class:`ProvenanceMismatchError` otherwise.
+
         Example::
 
             ms = repo.recover("v7", indices=[3, 17])
+            ms = repo.recover("v9", allow_import=True, executor=ProcessPoolExecutor(4))
         """
-        return recovery.recover(self, check_version_id(vid), indices, strategy=strategy, verify=verify)
+        options = recovery.RebuildOptions(executor, training, allow_import)
+        return recovery.recover(self, check_version_id(vid), indices, strategy=strategy, verify=verify, options=options)
 
     def versions(self) -> list[VersionRecord]:
         """repo.versions() -> list of VersionRecord, oldest first.
@@ -335,7 +361,7 @@ class Repository:
         table = self._tables.get(vid)
         if table is None:
             record = self.version(vid)
-            table = self.objects.hash_rows(record.objects[0], np.arange(record.n_models))
+            table = APPROACHES[record.approach].hash_table(self.objects, record, lambda: self.hashes(record.base))
             self._remember_table(vid, table)
         else:
             self._tables.move_to_end(vid)
@@ -347,7 +373,10 @@ class Repository:
         table = self._tables.get(vid)
         if table is not None:
             return table[models]
-        return self.objects.hash_rows(self.version(vid).objects[0], models, opened)
+        record = self.version(vid)
+        if not APPROACHES[record.approach].stores_table(record):
+            return self.hashes(vid)[models]
+        return self.objects.hash_rows(record.objects[0], models, opened)
 
     def owner_map(self, vid: str, chain: list[VersionRecord]) -> np.ndarray:
         """For every (model, tensor) of ``vid``, the position in ``chain`` (``vid`` and its bases) of
@@ -378,11 +407,22 @@ class Repository:
 
     # -- maintenance ----------------------------------------------------------
 
-    def verify(self, vid: str | None = None) -> VerifyReport:
+    def verify(
+        self,
+        vid: str | None = None,
+        *,
+        executor: Executor | None = None,
+        training: Mapping[str, TrainingFunction] | None = None,
+        allow_import: bool = False,
+    ) -> VerifyReport:
         """repo.verify(vid=None) -> VerifyReport
 
         Check every object's checksums and that every version (or only
         ``vid``) recovers bit-exactly. Problems are collected, not raised.
+        Provenance versions are recovered only when retraining is allowed
+        (``training=`` or ``allow_import=True``, as for :meth:`recover`);
+        otherwise their records and datasets are checked and the report lists
+        them as not retrained.
 
         Example::
 
@@ -391,40 +431,27 @@ class Repository:
         """
         report = VerifyReport()
         ids = [check_version_id(vid)] if vid is not None else self._version_ids()
+        may_retrain = bool(training) or allow_import
+        options = recovery.RebuildOptions(executor, training, allow_import)
         checked: set[str] = set()
         for version_id in ids:
             report.versions.append(version_id)
             try:
                 record = self.version(version_id)
-                for ref in record.objects:
-                    if ref.key not in checked:
-                        checked.add(ref.key)
-                        self._check_object(record, ref)
-                recovery.recover(self, version_id, None, verify=True)
+                if not all(ref.key in checked for ref in record.objects):
+                    checked.update(ref.key for ref in record.objects)
+                    APPROACHES[record.approach].check(self.objects, record)
+                if not may_retrain and self._needs_retraining(record):
+                    report.not_retrained.append(version_id)
+                    continue
+                recovery.recover(self, version_id, None, verify=True, options=options)
             except (MMPackError, OSError) as exc:
                 report.problems.append(f"{version_id}: {exc}")
         report.objects = len(checked)
         return report
 
-    def _check_object(self, record: VersionRecord, ref) -> None:
-        """Read a whole object, checking its size, padding and every row's checksum."""
-        with self.objects.reader(ref) as (source, header):
-            check_size(source, header)
-            check_padding(source, header)
-            if header.layout.kind != ROWS:
-                read_modelset(source, header, None, verify=True)
-                return
-            index = self.objects.row_index(ref)
-            tensors = np.concatenate([np.full(len(ids), j) for j, ids in enumerate(index)] or [np.empty(0, int)])
-            models = np.concatenate(index or [np.empty(0, int)])
-            stored = np.concatenate([np.arange(len(ids)) for ids in index] or [np.empty(0, int)])
-            scratch = [np.empty(max(count, 1) * s.nbytes, np.uint8) for count, s in zip(header.layout.rows, header.architecture.tensors)]
-            computed = read_rows(source, header, tensors, stored, scratch, stored)
-            table = self.objects.hash_rows(ref, np.arange(header.n_models))
-            verify_rows(models, tensors, computed, table[models, tensors], f"object {ref.key}")
-            if record.changes is not None and not np.array_equal(record.changes.dense(record.n_models),
-                                                                  _dense(index, header.n_models)):
-                raise RepositoryError(f"object {ref.key} holds other rows than the manifest of {record.id} lists")
+    def _needs_retraining(self, record: VersionRecord) -> bool:
+        return any(not APPROACHES[r.approach].stores_rows for r in recovery.chain_of(self, record.id))
 
     def gc(self, *, grace_seconds: float = 3600.0) -> GcReport:
         """repo.gc(grace_seconds=3600) -> GcReport
@@ -467,13 +494,6 @@ def _is_version_id(name: str) -> bool:
     except VersionNotFoundError:
         return False
     return True
-
-
-def _dense(index: list[np.ndarray], n_models: int) -> np.ndarray:
-    out = np.zeros((n_models, len(index)), dtype=bool)
-    for j, ids in enumerate(index):
-        out[ids, j] = True
-    return out
 
 
 def _with_manifest_bytes(record: VersionRecord, size: int) -> VersionRecord:

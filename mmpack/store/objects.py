@@ -37,6 +37,7 @@ class ObjectStore:
         self.store = store
         self._headers: OrderedDict[str, Header] = OrderedDict()
         self._row_indexes: OrderedDict[str, list[np.ndarray]] = OrderedDict()
+        self._documents: OrderedDict[str, Any] = OrderedDict()
         self._open: OrderedDict[str, tuple[contextlib.ExitStack, Reader]] = OrderedDict()
         self._lock = threading.Lock()
         self._finalizer = weakref.finalize(self, _close_all, self._open)
@@ -96,6 +97,14 @@ class ObjectStore:
             _put(self._row_indexes, ref.key, cached)
         return cached
 
+    def cached_document(self, key: str) -> Any:
+        """What :meth:`cache_document` kept for ``key`` (a parsed non-model-set object), or None."""
+        return _get(self._documents, key)
+
+    def cache_document(self, key: str, parsed: Any) -> None:
+        """Keep the parsed form of an immutable object (provenance records...)."""
+        _put(self._documents, key, parsed)
+
     def hash_rows(self, ref: ObjectRef, models: np.ndarray, opened: tuple[Reader, Header] | None = None) -> np.ndarray:
         """Stored hash-table rows of sorted unique ``models``."""
         if opened is not None:
@@ -107,7 +116,7 @@ class ObjectStore:
         header = _get(self._headers, ref.key)
         if header is None:
             header = read_header(source)
-            if header.header_hash != ref.header_hash or header.file_size != ref.bytes:
+            if header.header_hash != ref.checksum or header.file_size != ref.bytes:
                 raise IntegrityError(
                     f"data object {ref.key} does not match its manifest (header or size differs): "
                     "the repository is damaged"

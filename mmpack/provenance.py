@@ -1,0 +1,270 @@
+"""Provenance records: how a set of models was trained, enough to train it again and check the result.
+
+A :class:`Provenance` names the training function by import path with a
+hash of its module's source, its JSON configuration, the environment it ran
+in, and for each updated model the dataset it was trained on (a
+:class:`DatasetRef`: location, size, content hash) and the kind of update.
+Datasets live outside the repository, as in the paper; the repository stores
+only these references.
+
+A training function has the signature::
+
+    fn(models: ModelSet, datasets: list[numpy.ndarray], kinds: list[str],
+       config: dict, model_ids: numpy.ndarray) -> ModelSet
+
+and must give each model a result that depends only on that model's weights,
+dataset, id and the config (not on which other models share the call, nor on
+the thread count): recovery retrains models alone or in other groups, on
+other workers, and checks every retrained tensor against the stored hashes.
+"""
+
+from __future__ import annotations
+
+import base64
+import importlib
+import inspect
+import os
+import platform
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import xxhash
+
+from mmpack.errors import MMPackError, ProvenanceError, ProvenanceMismatchError
+from mmpack.modelset import ModelSet
+
+__all__ = ["DatasetRef", "Provenance", "TrainingFunction", "UpdateKind", "capture_environment"]
+
+UpdateKind = Literal["full", "partial"]
+TrainingFunction = Callable[[ModelSet, list[np.ndarray], list[str], dict[str, Any], np.ndarray], ModelSet]
+_KINDS = ("full", "partial")
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class DatasetRef:
+    """Where a dataset lives and what it contains: ``DatasetRef(uri, size, xxh3)``.
+
+    ``uri`` is a local path (or ``file://`` URI); ``xxh3`` the 16-hex-digit
+    XXH3-64 of the file's bytes.
+
+    Example::
+
+        ref = DatasetRef.of_file("data/cycle001/cell000017.npy")
+        raw = ref.read()  # raises ProvenanceError if the file is gone or changed
+    """
+
+    uri: str
+    size: int
+    xxh3: str
+
+    @classmethod
+    def of_bytes(cls, uri: str, content: bytes) -> DatasetRef:
+        """The reference of a dataset whose bytes are at hand (just written, say)."""
+        return cls(uri, len(content), f"{xxhash.xxh3_64_intdigest(content):016x}")
+
+    @classmethod
+    def of_file(cls, path: str | os.PathLike[str]) -> DatasetRef:
+        """Hash a dataset file (streamed: datasets may be large)."""
+        digest = xxhash.xxh3_64()
+        size = 0
+        with open(path, "rb") as f:
+            while chunk := f.read(_CHUNK):
+                digest.update(chunk)
+                size += len(chunk)
+        return cls(os.path.abspath(path), size, f"{digest.intdigest():016x}")
+
+    @property
+    def path(self) -> str:
+        return self.uri[len("file://") :] if self.uri.startswith("file://") else self.uri
+
+    def problem(self) -> str | None:
+        """What is wrong with the dataset now (missing, other size, other content), or None."""
+        try:
+            content = self._content()
+        except FileNotFoundError:
+            return f"dataset missing: {self.uri}"
+        except OSError as exc:
+            return f"dataset unreadable: {self.uri} ({exc.strerror})"
+        if len(content) != self.size or f"{xxhash.xxh3_64_intdigest(content):016x}" != self.xxh3:
+            return f"dataset content hash differs: {self.uri} ({len(content)} bytes, recorded {self.size})"
+        return None
+
+    def read(self) -> bytes:
+        """The dataset's bytes, after checking size and content hash (ProvenanceError otherwise)."""
+        try:
+            content = self._content()
+        except OSError as exc:
+            raise ProvenanceError(f"dataset missing or unreadable: {self.uri} ({exc.strerror})") from None
+        if len(content) != self.size or f"{xxhash.xxh3_64_intdigest(content):016x}" != self.xxh3:
+            raise ProvenanceError(f"dataset content hash differs from the recorded one: {self.uri}")
+        return content
+
+    def _content(self) -> bytes:
+        with open(self.path, "rb") as f:
+            return f.read()
+
+
+def capture_environment(threads: int | None = None) -> dict[str, str]:
+    """What can change a training result: interpreter, library versions, CPU kernels, threads, flags."""
+    from mmpack import __version__
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "mmpack": __version__,
+        "platform": f"{platform.system()}-{platform.machine()}",
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch_threads": str(threads if threads is not None else torch.get_num_threads()),
+        "deterministic_algorithms": str(torch.are_deterministic_algorithms_enabled()),
+    }
+
+
+def function_path(fn: Callable[..., Any]) -> str:
+    """``"package.module:qualified.name"`` of a module-level function."""
+    module, name = getattr(fn, "__module__", None), getattr(fn, "__qualname__", None)
+    if not module or not name or "<" in name or module == "__main__":
+        raise ProvenanceError(
+            f"training function {fn!r} must be importable by path (a module-level function, not in __main__)"
+        )
+    return f"{module}:{name}"
+
+
+def source_hash(fn: Callable[..., Any]) -> str:
+    """XXH3-64 of the source of the module defining ``fn`` (helpers it calls there included)."""
+    module = sys.modules.get(fn.__module__)
+    try:
+        text = inspect.getsource(module) if module is not None else inspect.getsource(fn)
+    except (OSError, TypeError):
+        raise ProvenanceError(f"cannot read the source of {function_path(fn)} to record its hash") from None
+    return f"{xxhash.xxh3_64_intdigest(text.encode()):016x}"
+
+
+def resolve_function(
+    path: str, training: Mapping[str, TrainingFunction] | None, allow_import: bool
+) -> TrainingFunction:
+    """The training function named ``path``: from ``training`` if given there, else imported if allowed.
+
+    Importing runs code named by the repository; it happens only when the
+    caller says so (``allow_import=True``) or hands the function over.
+    """
+    if training and path in training:
+        return training[path]
+    if not allow_import:
+        raise ProvenanceError(
+            f"recovering this version retrains models with {path!r}; pass training={{{path!r}: function}} "
+            "or allow_import=True to let mmpack import it"
+        )
+    module_name, _, qualname = path.partition(":")
+    try:
+        target: Any = importlib.import_module(module_name)
+        for part in qualname.split("."):
+            target = getattr(target, part)
+    except (ImportError, AttributeError) as exc:
+        raise ProvenanceError(f"training function {path!r} cannot be imported: {exc}") from None
+    return target
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """How one version's updated models were trained: ``Provenance.of(fn, config, updates)``.
+
+    ``updates`` maps a model's index in the set to ``(DatasetRef, kind)``,
+    kind being ``"full"`` (every layer retrained) or ``"partial"``.
+
+    Example::
+
+        prov = Provenance.of(finetune, {"steps": 60, "seed": 0}, {17: (ref, "full"), 42: (ref2, "partial")})
+        vid = repo.save(models, approach="provenance", base=previous, provenance=prov)
+    """
+
+    function: str
+    source_hash: str
+    config: dict[str, Any]
+    updates: dict[int, tuple[DatasetRef, UpdateKind]]
+    environment: dict[str, str] = field(default_factory=capture_environment)
+
+    @classmethod
+    def of(
+        cls,
+        fn: TrainingFunction,
+        config: Mapping[str, Any],
+        updates: Mapping[int, tuple[DatasetRef, UpdateKind]],
+    ) -> Provenance:
+        """Record ``fn`` (by import path and source hash), ``config``, ``updates`` and this environment."""
+        threads = config.get("threads") if isinstance(config, Mapping) else None
+        return cls(function_path(fn), source_hash(fn), dict(config), dict(updates), capture_environment(threads))
+
+    def __post_init__(self) -> None:
+        for model, entry in self.updates.items():
+            if not isinstance(model, (int, np.integer)) or model < 0:
+                raise ProvenanceError(f"provenance update key {model!r} is not a model index")
+            if not isinstance(entry, tuple) or len(entry) != 2 or not isinstance(entry[0], DatasetRef) or entry[1] not in _KINDS:
+                raise ProvenanceError(f"provenance of model {model} must be (DatasetRef, 'full' | 'partial')")
+        try:
+            import json
+
+            json.dumps(self.config)
+        except (TypeError, ValueError) as exc:
+            raise ProvenanceError(f"provenance config must be JSON-serialisable: {exc}") from None
+
+    def models(self) -> np.ndarray:
+        """The updated models' indices, ascending."""
+        return np.array(sorted(self.updates), dtype=np.int64)
+
+    def environment_differences(self, current: Mapping[str, str] | None = None) -> list[str]:
+        """Fields of the recorded environment that differ from ``current`` (this process by default)."""
+        if current is None:
+            recorded_threads = self.environment.get("torch_threads", "")
+            current = capture_environment(int(recorded_threads) if recorded_threads.isdigit() else None)
+        now = dict(current)
+        return [
+            f"{key}: recorded {self.environment.get(key)!r}, now {now.get(key)!r}"
+            for key in sorted(set(self.environment) | set(now))
+            if self.environment.get(key) != now.get(key)
+        ]
+
+    def to_json(self) -> dict[str, Any]:
+        """Compact JSON form: per-model columns as base64 arrays, URIs as a list."""
+        models = self.models()
+        refs = [self.updates[int(m)][0] for m in models]
+        return {
+            "function": self.function,
+            "source_xxh3": self.source_hash,
+            "config": self.config,
+            "environment": self.environment,
+            "models": _b64(models.astype("<u4")),
+            "kinds": _b64(np.array([_KINDS.index(self.updates[int(m)][1]) for m in models], dtype=np.uint8)),
+            "dataset_sizes": _b64(np.array([r.size for r in refs], dtype="<u8")),
+            "dataset_xxh3": _b64(np.array([int(r.xxh3, 16) for r in refs], dtype="<u8")),
+            "dataset_uris": [r.uri for r in refs],
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Provenance:
+        try:
+            models = np.frombuffer(base64.b64decode(data["models"]), dtype="<u4")
+            kinds = np.frombuffer(base64.b64decode(data["kinds"]), dtype=np.uint8)
+            sizes = np.frombuffer(base64.b64decode(data["dataset_sizes"]), dtype="<u8")
+            hashes = np.frombuffer(base64.b64decode(data["dataset_xxh3"]), dtype="<u8")
+            uris = list(data["dataset_uris"])
+            if not len(models) == len(kinds) == len(sizes) == len(hashes) == len(uris):
+                raise ValueError("columns of different lengths")
+            updates = {
+                int(m): (DatasetRef(str(u), int(s), f"{int(h):016x}"), _KINDS[int(k)])
+                for m, k, s, h, u in zip(models, kinds, sizes, hashes, uris)
+            }
+            return cls(str(data["function"]), str(data["source_xxh3"]), dict(data["config"]), updates,
+                       {str(k): str(v) for k, v in data["environment"].items()})
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise MMPackError(f"malformed provenance record: {exc!r}") from None
+
+
+def _b64(array: np.ndarray) -> str:
+    return base64.b64encode(np.ascontiguousarray(array).tobytes()).decode()
+
