@@ -38,7 +38,7 @@ class Update(Approach):
         key = objects.new_key()
         objects.put(key, image)
         changes = Changes.from_mask(changed)
-        return Stored([ObjectRef(key, header.file_size, header.header_hash)], changes, {"pairs": changes.n_pairs})
+        return Stored([ObjectRef(key, header.file_size, header.header_hash)], changes)
 
     def locate(
         self,

@@ -27,6 +27,7 @@ Example::
 from __future__ import annotations
 
 import io
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -38,7 +39,7 @@ from torch.func import functional_call, grad, vmap
 from mmpack.architecture import Architecture
 from mmpack.modelset import ModelSet
 from mmpack.provenance import DatasetRef, Provenance, UpdateKind
-from mmpack.workloads.models import FFNN, ffnn48
+from mmpack.workloads.models import FFNN
 
 __all__ = [
     "FEATURES",
@@ -48,6 +49,7 @@ __all__ = [
     "finetune",
     "generate_dataset",
     "generate_datasets",
+    "initial_weights",
     "load_dataset",
     "train",
 ]
@@ -185,9 +187,9 @@ def load_dataset(ref: DatasetRef) -> np.ndarray:
 class TrainingConfig:
     """Hyper-parameters of :func:`train`; part of every provenance record."""
 
-    steps: int = 60
-    batch: int = 64
-    learning_rate: float = 3e-3
+    steps: int = 40
+    batch: int = 32
+    learning_rate: float = 5e-3
     seed: int = 0
     threads: int = 1
 
@@ -208,10 +210,13 @@ def train(
 ) -> ModelSet:
     """train(models, datasets, cell_ids, config, trainable=None) -> ModelSet
 
-    Adam on each model's own dataset, all models in one vmapped step. Only
-    tensors whose names start with a prefix in ``trainable`` change (all when
-    None). Results depend only on each model's weights, dataset, cell id and
-    ``config`` — not on the batch or the thread count (see the module doc).
+    Adam on each model's own dataset, models vmapped in groups of
+    :data:`GROUP` (large enough to keep the cores busy, small enough that
+    activations stay in reused memory instead of fresh pages every step).
+    Only tensors whose names start with a prefix in ``trainable`` change
+    (all when None). Results depend only on each model's weights, dataset,
+    cell id and ``config``, not on the grouping or the thread count (see the
+    module doc), so how models are split never shows in the weights.
 
     Example::
 
@@ -220,14 +225,42 @@ def train(
     n = len(models)
     if n == 0:
         return models
-    padded = n == 1  # vmap over one model dispatches to other kernels: train it beside a copy
-    index = torch.tensor([0, 0] if padded else list(range(n)))
-    data = torch.from_numpy(np.stack(datasets)[index.numpy()])
-    ids = np.asarray(cell_ids, dtype=np.uint64)[index.numpy()]
     names = [s.name for s in models.architecture.tensors if s.kind == "parameter"]
     learn = [k for k in names if trainable is None or k.startswith(trainable)]
-    frozen = {k: models.tensors[k][index].clone() for k in names if k not in learn}
-    params = {k: models.tensors[k][index].clone().float() for k in learn}
+    cell_ids = np.asarray(cell_ids, dtype=np.uint64)
+    result = {k: t.clone() for k, t in models.tensors.items()}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(config.threads)
+    try:
+        for start in range(0, n, GROUP):
+            group = np.arange(start, min(n, start + GROUP))
+            trained = _train_group(models, datasets, cell_ids, group, names, learn, config)
+            for k in learn:
+                result[k][start : start + len(group)] = trained[k].to(result[k].dtype)
+    finally:
+        torch.set_num_threads(threads)
+    return ModelSet(models.architecture, result)
+
+
+GROUP = 256
+
+
+def _train_group(
+    models: ModelSet,
+    datasets: list[np.ndarray],
+    cell_ids: np.ndarray,
+    group: np.ndarray,
+    names: list[str],
+    learn: list[str],
+    config: TrainingConfig,
+) -> dict[str, torch.Tensor]:
+    # vmap over one model dispatches to other kernels: train a lone model beside a copy of itself.
+    index = np.repeat(group, 2) if len(group) == 1 else group
+    data = torch.from_numpy(np.stack([datasets[i] for i in index]))
+    ids = cell_ids[index]
+    rows_index = torch.from_numpy(index)
+    frozen = {k: models.tensors[k][rows_index].clone() for k in names if k not in learn}
+    params = {k: models.tensors[k][rows_index].clone().float() for k in learn}
     skeleton = _skeleton(models.architecture)
 
     def loss(p: dict[str, torch.Tensor], f: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -237,31 +270,26 @@ def train(
     gradient = vmap(grad(loss))
     first = {k: torch.zeros_like(v) for k, v in params.items()}
     second = {k: torch.zeros_like(v) for k, v in params.items()}
+    scratch = {k: torch.empty_like(v) for k, v in params.items()}
     beta1, beta2, eps = 0.9, 0.999, 1e-8
-    threads = torch.get_num_threads()
-    torch.set_num_threads(config.threads)
-    try:
-        for step in range(1, config.steps + 1):
-            rows = torch.from_numpy(_minibatch(ids, step, config.seed, config.batch, data.shape[1]))
-            batch = torch.gather(data, 1, rows[..., None].expand(-1, -1, data.shape[2]))
-            g = gradient(params, frozen, batch[..., :5], batch[..., 5:])
-            correction1, correction2 = 1 - beta1**step, 1 - beta2**step
-            for k, p in params.items():
-                # Adam as single, correctly rounded operations. Fused kernels (torch's
-                # fused Adam, add with alpha) use FMA in their vector body but not in
-                # the scalar tail, so an element's result would depend on where it
-                # falls in the tensor, that is on the batch and the thread split.
-                first[k].mul_(beta1).add_(g[k] * (1 - beta1))
-                second[k].mul_(beta2).add_(g[k] * g[k] * (1 - beta2))
-                denominator = (second[k] / correction2).sqrt_().add_(eps)
-                p.sub_((first[k] / correction1) / denominator * config.learning_rate)
-    finally:
-        torch.set_num_threads(threads)
-    keep = slice(0, 1) if padded else slice(None)
-    tensors = dict(models.tensors)
-    for k in learn:
-        tensors[k] = params[k][keep].to(models.tensors[k].dtype).contiguous()
-    return ModelSet(models.architecture, tensors)
+    for step in range(1, config.steps + 1):
+        rows = torch.from_numpy(_minibatch(ids, step, config.seed, config.batch, data.shape[1]))
+        batch = torch.gather(data, 1, rows[..., None].expand(-1, -1, data.shape[2]))
+        g = gradient(params, frozen, batch[..., :5], batch[..., 5:])
+        correction1, correction2 = 1 - beta1**step, 1 - beta2**step
+        for k, p in params.items():
+            # Adam as single, correctly rounded operations, in place. Fused kernels (torch's
+            # fused Adam, add with alpha) use FMA in their vector body but not in the scalar
+            # tail, so an element's result would depend on where it falls in the tensor,
+            # that is on the batch and the thread split.
+            square = torch.mul(g[k], g[k], out=scratch[k]).mul_(1 - beta2)
+            second[k].mul_(beta2).add_(square)
+            first[k].mul_(beta1).add_(g[k].mul_(1 - beta1))
+            denominator = torch.div(second[k], correction2, out=scratch[k]).sqrt_().add_(eps)
+            update = torch.div(first[k], correction1, out=g[k]).div_(denominator).mul_(config.learning_rate)
+            p.sub_(update)
+    keep = slice(0, 1) if len(group) == 1 else slice(None)
+    return {k: params[k][keep] for k in learn}
 
 
 def finetune(
@@ -307,6 +335,23 @@ def _minibatch(cell_ids: np.ndarray, step: int, seed: int, size: int, samples: i
     return (z % np.uint64(samples)).astype(np.int64)
 
 
+def initial_weights(n_models: int, hidden: int = 48, seed: int = 0) -> ModelSet:
+    """initial_weights(n_models, hidden=48, seed=0) -> ModelSet of freshly initialised FFNNs.
+
+    The same distribution as ``nn.Linear``'s default initialisation
+    (uniform in +-1/sqrt(fan_in)), drawn directly into stacked tensors:
+    building thousands of modules to throw them away costs seconds.
+    """
+    architecture = Architecture.from_module(FFNN(hidden).to("meta"))
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for spec in architecture.tensors:
+        fan_in = spec.shape[1] if len(spec.shape) == 2 else {"fc2": hidden, "fc3": hidden, "fc4": hidden}[spec.name[:3]]
+        bound = 1.0 / math.sqrt(fan_in)
+        tensors[spec.name] = (torch.rand((n_models, *spec.shape), generator=generator) * 2 - 1) * bound
+    return ModelSet(architecture, tensors)
+
+
 def _skeleton(architecture: Architecture) -> torch.nn.Module:
     hidden = architecture.tensors[0].shape[0]
     return FFNN(hidden).to("meta")
@@ -329,8 +374,9 @@ class BatteryFleet:
     """
 
     def __init__(self, n_cells: int, data_dir: str | os.PathLike[str], seed: int = 0,
-                 config: TrainingConfig | None = None, initial_steps: int = 120) -> None:
+                 config: TrainingConfig | None = None, initial_steps: int = 50, hidden: int = 48) -> None:
         self.n_cells = n_cells
+        self.hidden = hidden
         self.data_dir = os.fspath(data_dir)
         self.seed = seed
         self.config = config or TrainingConfig(seed=seed)
@@ -347,12 +393,11 @@ class BatteryFleet:
 
     def initial_models(self) -> tuple[ModelSet, list[DatasetRef]]:
         """Fresh models for every cell, trained on the cell's cycle-0 data."""
-        from mmpack.workloads.models import make_models
-
         cells = np.arange(self.n_cells)
         arrays, refs = self.datasets(cells, 0)
-        start = ModelSet.from_modules(make_models(ffnn48, self.n_cells, self.seed))
-        config = TrainingConfig(**{**self.config.to_json(), "steps": self.initial_steps, "threads": torch.get_num_threads()})
+        start = initial_weights(self.n_cells, self.hidden, self.seed)
+        config = TrainingConfig(steps=self.initial_steps, batch=16, learning_rate=1e-2, seed=self.seed,
+                                threads=torch.get_num_threads())
         return train(start, arrays, cells, config), refs
 
     def update_cycle(self, models: ModelSet, cycle: int, fraction: float = 0.10) -> tuple[ModelSet, Provenance]:

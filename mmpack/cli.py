@@ -1,0 +1,280 @@
+"""The ``mmpack`` command: inspect, verify, export and maintain repositories; run the demo and benchmarks.
+
+Exit codes: 0 success, 1 failure (a damaged repository, an unknown version,
+a failed verification), 2 usage errors. Errors are one line on stderr; pass
+``--debug`` for the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from collections import defaultdict
+from collections.abc import Sequence
+
+import torch
+
+from mmpack._progress import progress
+from mmpack.errors import MMPackError, RepositoryError
+from mmpack.records import VersionRecord
+from mmpack.repository import Repository
+from mmpack.repository.recovery import chain_of
+
+EXPORT_FORMATS = ("mmpack", "torch", "safetensors")
+
+
+class UsageError(Exception):
+    """Bad command-line input: exit status 2."""
+
+
+def parse_models(spec: str) -> list[int]:
+    """``"3,17,40-45"`` -> ``[3, 17, 40, 41, 42, 43, 44, 45]`` (order kept, ranges inclusive)."""
+    models: list[int] = []
+    for part in spec.split(","):
+        part = part.strip()
+        first, dash, last = part.partition("-")
+        try:
+            if not dash:
+                models.append(_index(first))
+                continue
+            low, high = _index(first), _index(last)
+        except ValueError:
+            raise UsageError(f"malformed --models {spec!r}: {part!r} is not an index or a range like 40-45") from None
+        if high < low:
+            raise UsageError(f"malformed --models {spec!r}: range {part!r} runs backwards")
+        models.extend(range(low, high + 1))
+    return models
+
+
+def _index(text: str) -> int:
+    if not text.isdigit():
+        raise ValueError(text)
+    return int(text)
+
+
+def _open(path: str) -> Repository:
+    if "://" not in path and not os.path.isfile(os.path.join(path, "repository.json")):
+        raise RepositoryError(f"no mmpack repository at {path!r}")
+    return Repository(path)
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n:.2f} GB"
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> None:
+    from mmpack.evaluation.timing import print_table
+
+    print_table(headers, rows)
+
+
+# -- commands -------------------------------------------------------------------
+
+
+def cmd_log(args: argparse.Namespace) -> int:
+    repo = _open(args.repo)
+    rows = [
+        [r.id, r.approach, r.base or "-", str(r.n_models), _bytes(r.stored_bytes),
+         r.created.strftime("%Y-%m-%d %H:%M:%S"), r.message]
+        for r in repo.versions()
+    ]
+    _table(["id", "approach", "base", "models", "stored", "created (UTC)", "message"], rows)
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    repo = _open(args.repo)
+    record = repo.version(args.vid)
+    arch = repo.architecture(record.architecture)
+    chain = chain_of(repo, record.id)
+    print(f"version      {record.id}")
+    print(f"approach     {record.approach} ({record.reason})")
+    print(f"base         {record.base or '-'}   chain depth {len(chain) - 1} (to full version {chain[-1].id})")
+    print(f"models       {record.n_models}, {len(arch)} tensors, {_bytes(arch.nbytes_per_model)} per model")
+    print(f"created      {record.created.isoformat()}")
+    print(f"message      {record.message}")
+    if record.changes is not None:
+        print(f"changed      {len(record.changes.models)} models, {record.changes.n_pairs} (model, tensor) pairs")
+    for key, value in record.details.items():
+        print(f"{key:<12} {value}")
+    print(f"stored       {_bytes(record.stored_bytes)}: " + ", ".join(f"{kind} {_bytes(n)}" for kind, n in _kinds(repo, record).items()))
+    print(f"class        {arch.module or '-'}")
+    _table(["tensor", "kind", "dtype", "shape"], [[t.name, t.kind, str(t.dtype).removeprefix("torch."), str(t.shape)] for t in arch.tensors])
+    return 0
+
+
+def _kinds(repo: Repository, record: VersionRecord) -> dict[str, int]:
+    """Bytes a version added, by kind: tensor data, hashes, provenance, manifest, architecture."""
+    kinds: dict[str, int] = defaultdict(int)
+    for ref in record.objects:
+        if record.approach == "provenance":
+            kinds["provenance"] += ref.bytes
+            continue
+        header = repo.objects.header(ref)
+        kinds["hashes"] += header.layout.hashes_length
+        kinds["data"] += ref.bytes - header.layout.hashes_length
+    kinds["manifest"] += record.manifest_bytes
+    if record.architecture_bytes:
+        kinds["architecture"] += record.architecture_bytes
+    return dict(kinds)
+
+
+def cmd_du(args: argparse.Namespace) -> int:
+    repo = _open(args.repo)
+    records = repo.versions()
+    by_approach: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    by_kind: dict[str, int] = defaultdict(int)
+    full_bytes = 0
+    for record in records:
+        by_approach[record.approach][0] += 1
+        by_approach[record.approach][1] += record.stored_bytes
+        for kind, n in _kinds(repo, record).items():
+            by_kind[kind] += n
+        if record.is_full:
+            full_bytes = sum(ref.bytes for ref in record.objects)
+    total = sum(v[1] for v in by_approach.values())
+    _table(["approach", "versions", "stored"], [[a, str(v[0]), _bytes(v[1])] for a, v in sorted(by_approach.items())])
+    print()
+    _table(["kind", "stored", "share"], [[k, _bytes(n), f"{n / total:.1%}"] for k, n in sorted(by_kind.items())])
+    if full_bytes and records:
+        snapshots = full_bytes * len(records)
+        print(f"\ntotal {_bytes(total)} for {len(records)} versions; full snapshots of each would take "
+              f"{_bytes(snapshots)} ({snapshots / total:.1f}x)")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    repo = _open(args.repo)
+    report = repo.verify(args.vid, allow_import=args.allow_import)
+    print(report)
+    return 0 if report.ok else 1
+
+
+def cmd_recover(args: argparse.Namespace) -> int:
+    repo = _open(args.repo)
+    indices = parse_models(args.models) if args.models is not None else None
+    ms = repo.recover(args.vid, indices=indices, allow_import=args.allow_import)
+    chosen = indices if indices is not None else list(range(len(ms)))
+    if args.format == "mmpack":
+        from mmpack.fileformat import save
+
+        save(ms, args.out, metadata={"repository": str(args.repo), "version": args.vid})
+        print(f"wrote {len(ms)} models of {args.vid} to {args.out}")
+        return 0
+    os.makedirs(args.out, exist_ok=True)
+    if args.format == "safetensors":
+        try:
+            from safetensors.torch import save_file
+        except ImportError:
+            raise MMPackError("--format safetensors needs the safetensors package: pip install safetensors") from None
+    for row, model in progress(list(enumerate(chosen)), f"writing {args.format} files"):
+        state = {name: t[row].clone() for name, t in ms.tensors.items()}  # clone: not the whole stacked storage
+        if args.format == "torch":
+            torch.save(state, os.path.join(args.out, f"model-{model}.pt"))
+        else:
+            save_file(state, os.path.join(args.out, f"model-{model}.safetensors"))
+    print(f"wrote {len(chosen)} {args.format} files of {args.vid} to {args.out}")
+    return 0
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    repo = _open(args.repo)
+    report = repo.gc(grace_seconds=args.grace)
+    print(f"removed {report.temporaries} temporary files and {report.objects} unreferenced objects ({_bytes(report.bytes)})")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from mmpack.demo import run_demo
+
+    figures = run_demo(models=args.models, cycles=args.cycles, directory=args.dir)
+    return 0 if all(f.verified for f in figures.values()) else 1
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from mmpack.evaluation import paper
+
+    if args.suite != "paper":
+        raise UsageError(f"unknown benchmark {args.suite!r}")
+    paper.main(args.rest)
+    return 0
+
+
+# -- parser -----------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mmpack", description="Manage versioned sets of same-architecture models.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+
+    def command(name: str, handler, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(handler=handler)
+        return p
+
+    p = command("log", cmd_log, "list versions, oldest first")
+    p.add_argument("repo")
+    p = command("show", cmd_show, "describe one version: architecture, approach, chain, bytes by kind")
+    p.add_argument("repo")
+    p.add_argument("vid")
+    p = command("du", cmd_du, "storage by approach and by kind, against full snapshots")
+    p.add_argument("repo")
+    p = command("verify", cmd_verify, "check checksums and that versions recover; exit 1 on any problem")
+    p.add_argument("repo")
+    p.add_argument("vid", nargs="?")
+    p.add_argument("--allow-import", action="store_true", help="retrain provenance versions (imports their training code)")
+    p = command("recover", cmd_recover, "export models of a version")
+    p.add_argument("repo")
+    p.add_argument("vid")
+    p.add_argument("--models", help="models to export, e.g. 3,17,40-45 (default: all)")
+    p.add_argument("--out", required=True, help="output file (mmpack) or directory (torch, safetensors)")
+    p.add_argument("--format", choices=EXPORT_FORMATS, default="mmpack")
+    p.add_argument("--allow-import", action="store_true", help="retrain provenance versions (imports their training code)")
+    p = command("gc", cmd_gc, "remove leftovers of interrupted saves")
+    p.add_argument("repo")
+    p.add_argument("--grace", type=float, default=3600.0, help="keep leftovers younger than this many seconds")
+    p = command("demo", cmd_demo, "the end-to-end demo on battery-cell models")
+    p.add_argument("--models", type=int, default=5000)
+    p.add_argument("--cycles", type=int, default=3)
+    p.add_argument("--dir", default=None, help="a new directory for the demo (default ./mmpack-demo)")
+    p = command("bench", cmd_bench, "run a benchmark suite (paper: the paper's evaluation)")
+    p.add_argument("suite", choices=["paper"])
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="options of the suite (see: mmpack bench paper --help)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``mmpack`` command with ``argv`` (default: the process arguments); return the exit status."""
+    if hasattr(signal, "SIGPIPE"):
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `mmpack log repo | head` ends quietly, like other tools
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "models", None) is not None and args.command == "demo" and args.models < 1:
+        parser.error("--models must be at least 1")
+    try:
+        return args.handler(args)
+    except UsageError as exc:
+        if args.debug:
+            raise
+        parser.error(str(exc))
+    except (MMPackError, OSError, KeyError, ValueError) as exc:
+        if args.debug:
+            raise
+        message = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+        print(f"mmpack: error: {message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("mmpack: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

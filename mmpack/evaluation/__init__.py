@@ -1,0 +1,1 @@
+"""Measuring mmpack: timing helpers, the paper's evaluation, the demo's workload."""
