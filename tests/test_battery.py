@@ -92,3 +92,36 @@ def test_fleet_update_cycle_records_provenance(tmp_path):
     assert changed.tolist() == provenance.models().tolist()
     assert provenance.function == "mmpack.workloads.battery:finetune"
     assert {kind for _, kind in provenance.updates.values()} == {"full", "partial"}
+
+
+@pytest.mark.parametrize("hidden", [48, 69])
+def test_hand_written_gradients_match_autograd(hidden):
+    from torch.func import functional_call, grad, vmap
+
+    from mmpack.workloads.battery import _gradients, initial_weights
+    from mmpack.workloads.models import FFNN
+
+    ms = initial_weights(5, hidden, seed=3)
+    weights = {k: t.clone() for k, t in ms.tensors.items()}
+    x, y = torch.randn(5, 32, 5), torch.randn(5, 32, 1)
+    skeleton = FFNN(hidden).to("meta")
+
+    def loss(p, xx, yy):
+        return ((functional_call(skeleton, p, (xx,)) - yy) ** 2).mean()
+
+    expected = vmap(grad(loss))(weights, x, y)
+    got = _gradients(weights, x, y, set(weights))
+    for name in weights:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-6)
+    partial = _gradients(weights, x, y, {"fc3.weight", "fc3.bias", "fc4.weight", "fc4.bias"})
+    assert set(partial) == {"fc3.weight", "fc3.bias", "fc4.weight", "fc4.bias"}
+
+
+def test_ffnn69_trains_the_same_in_any_batch():
+    from mmpack.workloads.battery import initial_weights
+
+    cells = np.arange(12)
+    data = list(generate_datasets(cells, 0))
+    ms = initial_weights(12, 69)
+    everyone = train(ms, data, cells, TrainingConfig(steps=6))
+    assert train(ms.select([4, 9]), [data[4], data[9]], cells[[4, 9]], TrainingConfig(steps=6)).equal(everyone.select([4, 9]))

@@ -11,11 +11,13 @@ directory outside the repository, each identified by path and content hash.
 
 Training is written so that a model's result does not depend on which other
 models share its batch, or how many threads run it: every model draws its
-own minibatches from a counter-based generator keyed by its cell id, Adam is
-element-wise, and one model alone is padded to a batch of two (vmap over a
-single model takes other kernels). A model retrained alone during provenance
-recovery therefore hashes exactly as when the fleet was trained together;
-the stored hashes prove it every time.
+own minibatches from a counter-based generator keyed by its cell id,
+gradients are computed by hand with matmuls that contract over features
+only (autograd's weight gradients contract over samples with kernels that
+change with the batch), Adam is a sequence of single element-wise
+operations, and one model alone is padded to a batch of two. A model
+retrained alone during provenance recovery therefore hashes exactly as when
+the fleet was trained together; the stored hashes prove it every time.
 
 Example::
 
@@ -34,7 +36,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.func import functional_call, grad, vmap
 
 from mmpack.architecture import Architecture
 from mmpack.modelset import ModelSet
@@ -210,9 +211,9 @@ def train(
 ) -> ModelSet:
     """train(models, datasets, cell_ids, config, trainable=None) -> ModelSet
 
-    Adam on each model's own dataset, models vmapped in groups of
-    :data:`GROUP` (large enough to keep the cores busy, small enough that
-    activations stay in reused memory instead of fresh pages every step).
+    Adam on each model's own dataset, models batched in groups of
+    :data:`GROUP` (large enough to amortise Python, small enough that the
+    temporaries stay in reused memory instead of fresh pages every step).
     Only tensors whose names start with a prefix in ``trainable`` change
     (all when None). Results depend only on each model's weights, dataset,
     cell id and ``config``, not on the grouping or the thread count (see the
@@ -242,7 +243,8 @@ def train(
     return ModelSet(models.architecture, result)
 
 
-GROUP = 256
+GROUP = 32
+_LAYERS = ("fc1", "fc2", "fc3", "fc4")
 
 
 def _train_group(
@@ -254,30 +256,22 @@ def _train_group(
     learn: list[str],
     config: TrainingConfig,
 ) -> dict[str, torch.Tensor]:
-    # vmap over one model dispatches to other kernels: train a lone model beside a copy of itself.
+    # A lone model is trained beside a copy of itself: batched matmuls over one matrix take other kernels.
     index = np.repeat(group, 2) if len(group) == 1 else group
     data = torch.from_numpy(np.stack([datasets[i] for i in index]))
     ids = cell_ids[index]
     rows_index = torch.from_numpy(index)
-    frozen = {k: models.tensors[k][rows_index].clone() for k in names if k not in learn}
-    params = {k: models.tensors[k][rows_index].clone().float() for k in learn}
-    skeleton = _skeleton(models.architecture)
-
-    def loss(p: dict[str, torch.Tensor], f: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        prediction = functional_call(skeleton, {**p, **f}, (x,))
-        return ((prediction - y) ** 2).mean()
-
-    gradient = vmap(grad(loss))
-    first = {k: torch.zeros_like(v) for k, v in params.items()}
-    second = {k: torch.zeros_like(v) for k, v in params.items()}
-    scratch = {k: torch.empty_like(v) for k, v in params.items()}
+    weights = {k: models.tensors[k][rows_index].clone().float() for k in names}
+    first = {k: torch.zeros_like(weights[k]) for k in learn}
+    second = {k: torch.zeros_like(weights[k]) for k in learn}
+    scratch = {k: torch.empty_like(weights[k]) for k in learn}
     beta1, beta2, eps = 0.9, 0.999, 1e-8
     for step in range(1, config.steps + 1):
         rows = torch.from_numpy(_minibatch(ids, step, config.seed, config.batch, data.shape[1]))
         batch = torch.gather(data, 1, rows[..., None].expand(-1, -1, data.shape[2]))
-        g = gradient(params, frozen, batch[..., :5], batch[..., 5:])
+        g = _gradients(weights, batch[..., :5], batch[..., 5:], set(learn))
         correction1, correction2 = 1 - beta1**step, 1 - beta2**step
-        for k, p in params.items():
+        for k in learn:
             # Adam as single, correctly rounded operations, in place. Fused kernels (torch's
             # fused Adam, add with alpha) use FMA in their vector body but not in the scalar
             # tail, so an element's result would depend on where it falls in the tensor,
@@ -287,9 +281,43 @@ def _train_group(
             first[k].mul_(beta1).add_(g[k].mul_(1 - beta1))
             denominator = torch.div(second[k], correction2, out=scratch[k]).sqrt_().add_(eps)
             update = torch.div(first[k], correction1, out=g[k]).div_(denominator).mul_(config.learning_rate)
-            p.sub_(update)
+            weights[k].sub_(update)
     keep = slice(0, 1) if len(group) == 1 else slice(None)
-    return {k: params[k][keep] for k in learn}
+    return {k: weights[k][keep] for k in learn}
+
+
+def _gradients(w: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor, wanted: set[str]) -> dict[str, torch.Tensor]:
+    """Gradients of the mean squared error of every model in the group, by hand.
+
+    Autograd's weight gradients are batched matmuls contracting over the
+    samples, and their kernels change with the number and position of the
+    models in the batch (seen for FFNN-69). Here every matmul contracts over
+    features, like the forward pass (tested independent of the batch), and a
+    weight gradient is an element-wise product summed over the samples, in
+    sample order. Only the layers down to the first wanted one are walked.
+    """
+    inputs, pre = [x], []
+    h = x
+    for i, layer in enumerate(_LAYERS):
+        a = torch.bmm(h, w[f"{layer}.weight"].transpose(1, 2))
+        if f"{layer}.bias" in w:
+            a = a + w[f"{layer}.bias"][:, None, :]
+        pre.append(a)
+        h = torch.relu(a) if i < len(_LAYERS) - 1 else a
+        inputs.append(h)
+    delta = (h - y) * (2.0 / x.shape[1])
+    lowest = min(i for i, layer in enumerate(_LAYERS) if any(k.startswith(layer + ".") for k in wanted))
+    grads: dict[str, torch.Tensor] = {}
+    for i in range(len(_LAYERS) - 1, lowest - 1, -1):
+        layer = _LAYERS[i]
+        if i < len(_LAYERS) - 1:
+            delta = delta * (pre[i] > 0)
+        grads[f"{layer}.weight"] = (delta.unsqueeze(-1) * inputs[i].unsqueeze(-2)).sum(1)
+        if f"{layer}.bias" in w:
+            grads[f"{layer}.bias"] = delta.sum(1)
+        if i > lowest:
+            delta = torch.bmm(delta, w[f"{layer}.weight"])
+    return grads
 
 
 def finetune(
@@ -351,10 +379,6 @@ def initial_weights(n_models: int, hidden: int = 48, seed: int = 0) -> ModelSet:
         tensors[spec.name] = (torch.rand((n_models, *spec.shape), generator=generator) * 2 - 1) * bound
     return ModelSet(architecture, tensors)
 
-
-def _skeleton(architecture: Architecture) -> torch.nn.Module:
-    hidden = architecture.tensors[0].shape[0]
-    return FFNN(hidden).to("meta")
 
 
 class BatteryFleet:
