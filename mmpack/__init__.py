@@ -1,8 +1,10 @@
 """mmpack: save, version and recover sets of thousands of same-architecture PyTorch models."""
 
 from mmpack.architecture import Architecture, TensorSpec
+from mmpack.compression import Compression
 from mmpack.errors import (
     ArchitectureMismatchError,
+    CompressionError,
     FormatError,
     IntegrityError,
     MMPackError,
@@ -21,6 +23,8 @@ __version__ = "0.1.0"
 __all__ = [
     "Architecture",
     "ArchitectureMismatchError",
+    "Compression",
+    "CompressionError",
     "FormatError",
     "GcReport",
     "IntegrityError",

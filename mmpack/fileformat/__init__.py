@@ -6,6 +6,7 @@ against a fixed schema, and dtypes come from a fixed table.
 
 from mmpack.fileformat.header import (
     ALIGNMENT,
+    COMPRESSED_FORMAT_VERSION,
     FORMAT_VERSION,
     MAGIC,
     MAX_HEADER_BYTES,
@@ -34,6 +35,7 @@ from mmpack.fileformat.writing import encode, encode_rows, modelset_and_hashes, 
 
 __all__ = [
     "ALIGNMENT",
+    "COMPRESSED_FORMAT_VERSION",
     "FORMAT_VERSION",
     "MAGIC",
     "MAX_HEADER_BYTES",
