@@ -1,5 +1,6 @@
 """mmpack: save, version and recover sets of thousands of same-architecture PyTorch models."""
 
+from mmpack.approaches.advisor import Estimate, FastestRecovery, Policy, SmallestUnder, Throughputs
 from mmpack.architecture import Architecture, TensorSpec
 from mmpack.compression import Compression
 from mmpack.errors import (
@@ -25,16 +26,21 @@ __all__ = [
     "ArchitectureMismatchError",
     "Compression",
     "CompressionError",
+    "Estimate",
+    "FastestRecovery",
     "FormatError",
     "GcReport",
     "IntegrityError",
     "MMPackError",
     "ModelIndexError",
     "ModelSet",
+    "Policy",
     "Repository",
     "RepositoryError",
+    "SmallestUnder",
     "SnapshotPolicy",
     "TensorSpec",
+    "Throughputs",
     "UnsupportedFormatVersionError",
     "VerifyReport",
     "VersionNotFoundError",

@@ -31,7 +31,7 @@ from mmpack.fileformat.reading import (
     read_rows_many,
     verify_rows,
 )
-from mmpack.fileformat.writing import encode, encode_rows, modelset_and_hashes, save, write_body
+from mmpack.fileformat.writing import encode, encode_image, encode_rows, modelset_and_hashes, save, write_body
 
 __all__ = [
     "ALIGNMENT",
@@ -48,6 +48,7 @@ __all__ = [
     "check_size",
     "encode",
     "encode_header",
+    "encode_image",
     "encode_rows",
     "load",
     "modelset_and_hashes",

@@ -54,16 +54,26 @@ def encode(
     encoded straight from its memory; ``hashes`` (``[n_models, n_tensors]``)
     spares recomputing the table when the caller has it.
     """
+    return encode_image(models, metadata, compression, hashes)[0]
+
+
+def encode_image(
+    models: ModelSet,
+    metadata: Mapping[str, str] | None = None,
+    compression: Compression | None = None,
+    hashes: np.ndarray | None = None,
+) -> tuple[np.ndarray, Header]:
+    """:func:`encode`, also returning the image's header."""
     check_host()
     if compression is not None:
         table = hashes if hashes is not None else models.hashes()
         data = [packing.byte_view(models.tensors[s.name]) for s in models.architecture.tensors]
-        return _compressed_image(models, [len(models)] * len(data), data, None, table, metadata, compression)[0]
+        return _compressed_image(models, [len(models)] * len(data), data, None, table, metadata, compression)
     prefix, header = encode_header(models.architecture, len(models), dict(metadata or {}))
     everyone = np.arange(len(models))
     image, by_tensor = _build_image(prefix, header, models, [everyone] * len(models.architecture), hashed=True)
     _put_table(image, header, by_tensor.reshape(len(models.architecture), len(models)).T)
-    return image
+    return image, header
 
 
 def encode_rows(

@@ -81,6 +81,21 @@ def _group_by_owner(owner: np.ndarray, n_sources: int) -> list[tuple[np.ndarray,
     return pairs
 
 
+def _xor_base(record: VersionRecord, chain: list[VersionRecord]) -> str | None:
+    """The version ``record``'s XOR deltas are taken against: always its chain's full version."""
+    base = record.details.get("xor_base")
+    if base is not None and base != chain[-1].id:
+        raise RepositoryError(
+            f"{record.describe()} stores XOR deltas against {base!r}, not its chain's full version {chain[-1].id}"
+        )
+    return base
+
+
+def _file_order(rows: np.ndarray, columns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    order = np.lexsort((rows, columns))
+    return rows[order], columns[order]
+
+
 def recover(
     repo: Repository, vid: str, indices: Iterable[int] | None, *, strategy: str = "resolve", verify: bool = True
 ) -> ModelSet:
@@ -105,7 +120,17 @@ def recover(
     owner = owner if len(models) == len(owner) else owner[models]
     computed = np.empty(owner.shape, dtype=U64)
     pieces = [(record, *pairs) for record, pairs in zip(chain, _group_by_owner(owner, len(chain)))]
-    pieces = [(record, rows, columns) for record, rows, columns in pieces if len(rows)]
+    pieces = [[record, rows, columns] for record, rows, columns in pieces if len(rows)]
+    xor_pieces = [p for p in pieces if _xor_base(p[0], chain) is not None]
+    if xor_pieces:
+        # XOR deltas apply to the full version's values of the same pairs: read those along
+        # with the full version's own pairs (one decode of its chunks), then the deltas.
+        if pieces[-1][0] is not chain[-1]:
+            pieces.append([chain[-1], np.empty(0, np.int64), np.empty(0, np.int64)])
+        root = pieces[-1]
+        root[1], root[2] = _file_order(np.concatenate([root[1], *(p[1] for p in xor_pieces)]),
+                                       np.concatenate([root[2], *(p[2] for p in xor_pieces)]))
+        pieces = [p for p in pieces if all(p is not q for q in xor_pieces)] + xor_pieces
     with contextlib.ExitStack() as stack:
         requests = []
         opened_target = None
@@ -113,7 +138,9 @@ def recover(
             opened = stack.enter_context(repo.objects.reader(record.objects[0]))
             opened_target = opened if record.id == vid else opened_target
             stored = APPROACHES[record.approach].locate(repo.objects, record, opened, models[rows], columns)
-            requests.append(RowRequest(*opened, columns, stored, rows))
+            xor = _xor_base(record, chain) is not None
+            requests.append(RowRequest(*opened, columns, stored, rows, xor=xor))
+        # In request order: an XOR result overwrites the hash of the reference row under it.
         for (_, rows, columns), hashes in zip(pieces, read_rows_many(requests, destinations)):
             computed[rows, columns] = hashes
         expected = repo.hash_rows(vid, models, opened_target) if verify else None
@@ -143,9 +170,18 @@ def _recover_recursive(repo: Repository, vid: str, verify: bool) -> ModelSet:
         written = record.changes.dense(record.n_models)
     columns, rows = np.nonzero(written.T)  # file order: tensor by tensor
     destinations = [packing.byte_view(result.tensors[s.name]) for s in architecture.tensors]
-    with repo.objects.reader(record.objects[0]) as opened:
+    xor = not record.is_full and _xor_base(record, chain_of(repo, vid)) is not None
+    with contextlib.ExitStack() as stack:
+        requests = []
+        if xor:  # the deltas apply to the full version's values, not the base's
+            root = chain_of(repo, vid)[-1]
+            opened_root = stack.enter_context(repo.objects.reader(root.objects[0]))
+            located = APPROACHES[root.approach].locate(repo.objects, root, opened_root, rows, columns)
+            requests.append(RowRequest(*opened_root, columns, located, rows))
+        opened = stack.enter_context(repo.objects.reader(record.objects[0]))
         stored = APPROACHES[record.approach].locate(repo.objects, record, opened, rows, columns)
-        computed = read_rows_many([RowRequest(*opened, columns, stored, rows)], destinations)[0]
+        requests.append(RowRequest(*opened, columns, stored, rows, xor=xor))
+        computed = read_rows_many(requests, destinations)[-1]
     if verify:
         expected = repo.hash_rows(vid, np.arange(record.n_models))[rows, columns]
         verify_rows(rows, columns, computed, expected, f"version {vid}")
