@@ -134,7 +134,15 @@ def _compressor(level: int) -> Any:
         cache = _local.compressors = {}
     found = cache.get(level)
     if found is None:
-        found = cache[level] = _zstd().ZstdCompressor(level=level, write_checksum=False, write_content_size=True)
+        zstandard = _zstd()
+        # Byte planes hold few distinct values in long random runs: short matches cost more
+        # than the literals they replace. A minimum match of 7 bytes brought the exponent
+        # planes of trained FFNN-48 weights from 40.5 % to 36.3 % at level 3 (entropy: 33 %),
+        # and only makes the encoder faster. Decoders are unaffected.
+        params = zstandard.ZstdCompressionParameters.from_level(
+            level, min_match=7, write_checksum=0, write_content_size=1
+        )
+        found = cache[level] = zstandard.ZstdCompressor(compression_params=params)
     return found
 
 
