@@ -238,6 +238,37 @@ void py_byte_planes(const py::handle& src, const py::handle& dst, std::size_t wi
     }
 }
 
+void py_merge_byte_planes_from(const py::sequence& planes, const py::handle& dst, std::size_t width) {
+    if (width < 1 || width > mmpack::kMaxPlaneWidth) {
+        throw py::value_error("width must be an element size between 1 and " +
+                              std::to_string(mmpack::kMaxPlaneWidth) + " bytes, got " + std::to_string(width));
+    }
+    if (py::len(planes) != width) {
+        throw py::value_error("expected " + std::to_string(width) + " planes, got " + std::to_string(py::len(planes)));
+    }
+    const Buffer out(dst, true, "dst");
+    if (out.size() % width != 0) {
+        throw py::value_error("dst holds " + std::to_string(out.size()) + " bytes, not whole elements of " +
+                              std::to_string(width) + " bytes");
+    }
+    const std::vector<Buffer> held = hold_buffers(planes, false, "planes");
+    std::vector<const std::byte*> pointers;
+    const std::size_t n = out.size() / width;
+    for (std::size_t p = 0; p < width; ++p) {
+        if (held[p].size() != n) {
+            throw py::value_error("planes[" + std::to_string(p) + "] holds " + std::to_string(held[p].size()) +
+                                  " bytes; each plane must hold " + std::to_string(n));
+        }
+        const std::byte* end = held[p].data() + n;
+        if (n != 0 && held[p].data() < out.data() + out.size() && out.data() < end) {
+            throw py::value_error("planes[" + std::to_string(p) + "] overlaps dst");
+        }
+        pointers.push_back(held[p].data());
+    }
+    py::gil_scoped_release release;
+    mmpack::merge_byte_planes_from(pointers.data(), mmpack::MutableBytes{out.data(), out.size()}, width);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_native, m) {
@@ -271,6 +302,9 @@ PYBIND11_MODULE(_native, m) {
         "merge_byte_planes",
         [](const py::handle& src, const py::handle& dst, std::size_t width) { py_byte_planes(src, dst, width, false); },
         py::arg("src"), py::arg("dst"), py::arg("width"), "The inverse of split_byte_planes.");
+    m.def("merge_byte_planes_from", &py_merge_byte_planes_from, py::arg("planes"), py::arg("dst"), py::arg("width"),
+          "The inverse of split_byte_planes with each of the width planes in its own buffer of\n"
+          "len(dst) // width bytes (len(dst) must be a multiple of width).");
     m.def("set_max_threads", &mmpack::set_max_threads, py::arg("n"),
           "Threads the kernels may use (0 restores the default: hardware threads, at most 16).");
     m.def("max_threads", &mmpack::max_threads, "Threads the kernels may use.");

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #include "mmpack/parallel.hpp"
 
@@ -29,12 +30,13 @@ void split_fixed(const std::byte* src, std::byte* dst, std::size_t n, std::size_
 }
 
 template <typename U>
-void merge_fixed(const std::byte* src, std::byte* dst, std::size_t n, std::size_t begin, std::size_t end) {
+void merge_fixed(const std::byte* const* planes, std::byte* dst, std::size_t begin, std::size_t end) {
     constexpr std::size_t W = sizeof(U);
-    const auto* planes = reinterpret_cast<const unsigned char*>(src);
+    const unsigned char* from[W];
+    for (std::size_t p = 0; p < W; ++p) from[p] = reinterpret_cast<const unsigned char*>(planes[p]);
     for (std::size_t i = begin; i < end; ++i) {
         U v = 0;
-        for (std::size_t p = 0; p < W; ++p) v |= static_cast<U>(planes[p * n + i]) << (8 * (W - 1 - p));
+        for (std::size_t p = 0; p < W; ++p) v |= static_cast<U>(from[p][i]) << (8 * (W - 1 - p));
         std::memcpy(dst + i * W, &v, W);
     }
 }
@@ -45,9 +47,9 @@ void split_any(const std::byte* src, std::byte* dst, std::size_t n, std::size_t 
     }
 }
 
-void merge_any(const std::byte* src, std::byte* dst, std::size_t n, std::size_t w, std::size_t begin, std::size_t end) {
+void merge_any(const std::byte* const* planes, std::byte* dst, std::size_t w, std::size_t begin, std::size_t end) {
     for (std::size_t p = 0; p < w; ++p) {
-        for (std::size_t i = begin; i < end; ++i) dst[i * w + (w - 1 - p)] = src[p * n + i];
+        for (std::size_t i = begin; i < end; ++i) dst[i * w + (w - 1 - p)] = planes[p][i];
     }
 }
 
@@ -66,27 +68,53 @@ void by_blocks(std::size_t n, std::size_t width, Body body) {
 
 namespace {
 
-// One driver for both directions: only the per-block loop differs.
-template <bool Split>
-void run_planes(ConstBytes src, MutableBytes dst, std::size_t width) {
+void split_blocks(ConstBytes src, MutableBytes dst, std::size_t width) {
     const std::size_t n = src.size / width;
     by_blocks(n, width, [&](std::size_t begin, std::size_t end) {
         switch (width) {
             case 1: std::memcpy(dst.data + begin, src.data + begin, end - begin); break;
-            case 2: (Split ? split_fixed<std::uint16_t> : merge_fixed<std::uint16_t>)(src.data, dst.data, n, begin, end); break;
-            case 4: (Split ? split_fixed<std::uint32_t> : merge_fixed<std::uint32_t>)(src.data, dst.data, n, begin, end); break;
-            case 8: (Split ? split_fixed<std::uint64_t> : merge_fixed<std::uint64_t>)(src.data, dst.data, n, begin, end); break;
-            default: (Split ? split_any : merge_any)(src.data, dst.data, n, width, begin, end);
+            case 2: split_fixed<std::uint16_t>(src.data, dst.data, n, begin, end); break;
+            case 4: split_fixed<std::uint32_t>(src.data, dst.data, n, begin, end); break;
+            case 8: split_fixed<std::uint64_t>(src.data, dst.data, n, begin, end); break;
+            default: split_any(src.data, dst.data, n, width, begin, end);
         }
     });
-    const std::size_t whole = n * width;
+}
+
+// Merges the n whole elements of dst from plane pointers.
+void merge_blocks(const std::byte* const* planes, std::byte* dst, std::size_t n, std::size_t width) {
+    by_blocks(n, width, [&](std::size_t begin, std::size_t end) {
+        switch (width) {
+            case 1: std::memcpy(dst + begin, planes[0] + begin, end - begin); break;
+            case 2: merge_fixed<std::uint16_t>(planes, dst, begin, end); break;
+            case 4: merge_fixed<std::uint32_t>(planes, dst, begin, end); break;
+            case 8: merge_fixed<std::uint64_t>(planes, dst, begin, end); break;
+            default: merge_any(planes, dst, width, begin, end);
+        }
+    });
+}
+
+void copy_tail(ConstBytes src, MutableBytes dst, std::size_t whole) {
     if (src.size > whole) std::memcpy(dst.data + whole, src.data + whole, src.size - whole);
 }
 
 }  // namespace
 
-void split_byte_planes(ConstBytes src, MutableBytes dst, std::size_t width) { run_planes<true>(src, dst, width); }
+void split_byte_planes(ConstBytes src, MutableBytes dst, std::size_t width) {
+    split_blocks(src, dst, width);
+    copy_tail(src, dst, src.size / width * width);
+}
 
-void merge_byte_planes(ConstBytes src, MutableBytes dst, std::size_t width) { run_planes<false>(src, dst, width); }
+void merge_byte_planes(ConstBytes src, MutableBytes dst, std::size_t width) {
+    const std::size_t n = src.size / width;
+    std::vector<const std::byte*> planes(width);
+    for (std::size_t p = 0; p < width; ++p) planes[p] = src.data + p * n;
+    merge_blocks(planes.data(), dst.data, n, width);
+    copy_tail(src, dst, n * width);
+}
+
+void merge_byte_planes_from(const std::byte* const* planes, MutableBytes dst, std::size_t width) {
+    merge_blocks(planes, dst.data, dst.size / width, width);
+}
 
 }  // namespace mmpack

@@ -196,16 +196,19 @@ def encode_rows(
 
 
 def decode_chunk(stored: np.ndarray | memoryview, plane_lengths: Sequence[int], width: int, out: np.ndarray) -> None:
-    """Decode one chunk (its stored planes, back to back) into ``out``, its raw row bytes."""
+    """Decode one chunk (its stored planes, back to back) into ``out``, its raw row bytes.
+
+    Raw planes are merged straight from ``stored`` and zstd frames from the
+    decoder's output: no plane is copied before the merge.
+    """
     n = len(out) // width
-    planes = np.empty_like(out)
+    planes: list[Any] = []
     position = 0
-    for p, length in enumerate(plane_lengths):
+    for length in plane_lengths:
         piece = stored[position : position + length]
         position += length
-        target = planes[p * n : (p + 1) * n]
         if length == n:
-            target[:] = np.frombuffer(piece, np.uint8)
+            planes.append(piece)
             continue
         try:
             decoded = _decompressor().decompress(piece)
@@ -213,8 +216,8 @@ def decode_chunk(stored: np.ndarray | memoryview, plane_lengths: Sequence[int], 
             raise IntegrityError(f"a compressed chunk does not decode ({exc}): the data is corrupt") from None
         if len(decoded) != n:
             raise IntegrityError(f"a compressed plane decodes to {len(decoded)} bytes, not {n}: the data is corrupt")
-        target[:] = np.frombuffer(decoded, np.uint8)
-    _native.merge_byte_planes(planes, out, width)
+        planes.append(decoded)
+    _native.merge_byte_planes_from(planes, out, width)
 
 
 @dataclass(frozen=True)

@@ -255,3 +255,10 @@ def test_compressed_decoding_is_safe_from_many_threads(tmp_path):
 
     with ThreadPoolExecutor(6) as pool:
         assert all(pool.map(load, range(12)))
+
+
+def test_whole_chunks_decode_in_place_and_partial_ones_through_scratch():
+    ms = ModelSet.from_modules(ffnn_models(60))
+    blob = _compressed(ms, Compression(chunk_bytes=9216 * 10))  # fc2/fc3 weights: 10 rows per chunk
+    for picks in (list(range(10, 40)), list(range(10, 40))[::-1], list(range(5, 45)), [30, 31, 32, 10, 11]):
+        assert mmpack.load(io.BytesIO(blob), indices=picks).equal(ms.select(picks))

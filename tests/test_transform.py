@@ -34,6 +34,34 @@ def test_split_and_merge_match_the_reference_for_any_length(raw, width):
     assert np.array_equal(back, data)
 
 
+@given(st.integers(0, 700), st.sampled_from([1, 2, 3, 4, 8, 16]), st.booleans())
+def test_merge_from_separate_planes_matches_the_contiguous_merge(n, width, as_bytes):
+    data = np.random.default_rng(n).integers(0, 256, n * width, dtype=np.uint8)
+    planes = reference_split(data, width)
+    separate = [planes[p * n : (p + 1) * n].copy() for p in range(width)]
+    if as_bytes:  # zstd hands back bytes; raw planes are slices of a mapping
+        separate = [p.tobytes() for p in separate]
+    out = np.full(len(data), 0xEE, np.uint8)
+    _native.merge_byte_planes_from(separate, out, width)
+    assert np.array_equal(out, data)
+
+
+def test_merge_from_planes_checks_its_arguments():
+    out = np.zeros(8, np.uint8)
+    with pytest.raises(ValueError, match="expected 4 planes, got 3"):
+        _native.merge_byte_planes_from([b"ab"] * 3, out, 4)
+    with pytest.raises(ValueError, match="each plane must hold 2"):
+        _native.merge_byte_planes_from([b"ab", b"ab", b"abc", b"ab"], out, 4)
+    with pytest.raises(ValueError, match="not whole elements"):
+        _native.merge_byte_planes_from([b"ab"] * 4, np.zeros(9, np.uint8), 4)
+    with pytest.raises(ValueError, match="overlaps dst"):
+        _native.merge_byte_planes_from([out[:2], b"ab", b"ab", b"ab"], out, 4)
+    with pytest.raises(ValueError, match="width must be"):
+        _native.merge_byte_planes_from([], out, 0)
+    with pytest.raises(TypeError, match="writable"):
+        _native.merge_byte_planes_from([b"ab"] * 4, bytes(8), 4)
+
+
 @pytest.mark.parametrize("width", [1, 2, 4, 8])
 def test_large_inputs_split_across_threads_equal_the_single_thread_result(width):
     data = np.random.default_rng(width).integers(0, 256, (3 << 20) + 5, dtype=np.uint8)
@@ -50,6 +78,11 @@ def test_large_inputs_split_across_threads_equal_the_single_thread_result(width)
     back = np.empty_like(data)
     _native.merge_byte_planes(many, back, width)
     assert np.array_equal(back, data)
+    whole = len(data) // width * width
+    n = whole // width
+    back_from = np.empty(whole, np.uint8)
+    _native.merge_byte_planes_from([many[p * n : (p + 1) * n] for p in range(width)], back_from, width)
+    assert np.array_equal(back_from, data[:whole])
 
 
 def test_float32_planes_put_sign_and_exponent_first():

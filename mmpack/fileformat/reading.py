@@ -141,11 +141,23 @@ def _read_compressed(request: RowRequest, destinations: list[np.ndarray]) -> np.
         at = header.data_start + layout.tensor_offsets[j] + start
         payload = mapped[at : at + end - start] if mapped is not None else source.read(at, end - start, "a chunk")
         first = c * per_chunk
-        raw = np.empty((min(first + per_chunk, layout.rows[j]) - first) * row_bytes[j], np.uint8)
-        compression.decode_chunk(payload, chunking.lengths[j][c * width : (c + 1) * width], width, raw)
+        count = min(first + per_chunk, layout.rows[j]) - first
+        plane_lengths = chunking.lengths[j][c * width : (c + 1) * width]
         n = len(group)
         size = U64(row_bytes[j])
         out = np.empty(n, U64)
+        rows, targets = stored[group], request.dst_rows[group]
+        if not request.xor and n == count and rows[0] == first and _consecutive(rows) and _consecutive(targets):
+            # The whole chunk lands on consecutive rows (full reads of stacked objects): decode
+            # in place and hash the rows there, sparing a copy through a scratch buffer.
+            at = int(targets[0]) * row_bytes[j]
+            into = destinations[j][at : at + count * row_bytes[j]]
+            compression.decode_chunk(payload, plane_lengths, width, into)
+            _native.hash_rows(into, row_bytes[j], out)
+            hashes[group] = out
+            return
+        raw = np.empty(count * row_bytes[j], np.uint8)
+        compression.decode_chunk(payload, plane_lengths, width, raw)
         _native.copy_segments(
             [raw], np.zeros(n, U64), (stored[group] - first).astype(U64) * size, destinations,
             np.full(n, j, U64), request.dst_rows[group].astype(U64) * size, np.full(n, size, U64), out,
@@ -156,6 +168,10 @@ def _read_compressed(request: RowRequest, destinations: list[np.ndarray]) -> np.
     total = sum(len(g) * row_bytes[int(tensors[g[0]])] for g in groups)
     compression.parallel_map(decode, groups, total)
     return hashes
+
+
+def _consecutive(values: np.ndarray) -> bool:
+    return len(values) < 2 or bool(np.all(np.diff(values) == 1))
 
 
 def read_rows(

@@ -25,4 +25,10 @@ void split_byte_planes(ConstBytes src, MutableBytes dst, std::size_t width);
 // The inverse of split_byte_planes with the same width.
 void merge_byte_planes(ConstBytes src, MutableBytes dst, std::size_t width);
 
+// The same inverse with each plane in its own buffer: planes[p] holds the
+// dst.size / width bytes of plane p (a decoder's output, or a plane stored
+// raw and read in place), so the planes need not be gathered first.
+// dst.size must be a multiple of width (callers check).
+void merge_byte_planes_from(const std::byte* const* planes, MutableBytes dst, std::size_t width);
+
 }  // namespace mmpack
