@@ -271,15 +271,15 @@ class Chunking:
         if not (isinstance(chunks, list) and len(chunks) == n and all(isinstance(c, list) for c in chunks)):
             raise FormatError(f"chunks must list the stored plane lengths of each of the {n} tensors")
         for j in range(n):
-            expected = [_plane_bytes(chunk_rows[j], rows[j], row_bytes[j], widths[j], c)
-                        for c in range(-(-rows[j] // chunk_rows[j]))]
-            stored = chunks[j]
-            if len(stored) != len(expected) * widths[j]:
-                raise FormatError(f"tensor #{j} has {len(stored)} stored planes, its rows make {len(expected) * widths[j]}")
+            stored, width = chunks[j], widths[j]
+            n_chunks = -(-rows[j] // chunk_rows[j])
+            # Counted before anything is built: a forged header cannot make the reader allocate.
+            if len(stored) != n_chunks * width:
+                raise FormatError(f"tensor #{j} has {len(stored)} stored planes, its rows make {n_chunks * width}")
             for k, length in enumerate(stored):
-                if not _is_int(length, 0) or length > expected[k // widths[j]]:
-                    raise FormatError(f"tensor #{j}: stored plane {k} has length {length!r}, "
-                                      f"above its {expected[k // widths[j]]} raw bytes")
+                plane = _plane_bytes(chunk_rows[j], rows[j], row_bytes[j], width, k // width)
+                if not _is_int(length, 0) or length > plane:
+                    raise FormatError(f"tensor #{j}: stored plane {k} has length {length!r}, above its {plane} raw bytes")
         return cls(data["delta"], tuple(chunk_rows), tuple(tuple(c) for c in chunks), tuple(widths))
 
 

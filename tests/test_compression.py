@@ -262,3 +262,10 @@ def test_whole_chunks_decode_in_place_and_partial_ones_through_scratch():
     blob = _compressed(ms, Compression(chunk_bytes=9216 * 10))  # fc2/fc3 weights: 10 rows per chunk
     for picks in (list(range(10, 40)), list(range(10, 40))[::-1], list(range(5, 45)), [30, 31, 32, 10, 11]):
         assert mmpack.load(io.BytesIO(blob), indices=picks).equal(ms.select(picks))
+
+
+def test_a_forged_row_count_cannot_make_the_reader_build_a_huge_table():
+    blob = _compressed(ModelSet.from_modules(ffnn_models(3)))
+    forged = _rewrite(blob, lambda d: d["compression"]["chunk_rows"].__setitem__(0, 1) or d.update(n_models=2**32 - 1))
+    with pytest.raises(FormatError):
+        mmpack.load(io.BytesIO(forged))
