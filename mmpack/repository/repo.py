@@ -93,13 +93,15 @@ class GcReport:
 
 
 class Repository:
-    """Repository(path, *, fsync=True, snapshots=None, store=None, compression=None, policy=None)
+    """Repository(path, *, fsync=True, snapshots=None, store=None, compression=None, policy=None, throughputs=None)
 
     Versions of a model set, stored with the Baseline or Update approach,
     each immutable once saved. A local directory (created if missing) is the
     embedded default; any :class:`~mmpack.store.Store` can be passed instead.
     ``compression`` ("zstd" or a :class:`~mmpack.Compression`) is the default
-    for every save; ``policy`` the default of ``approach="auto"`` saves.
+    for every save; ``policy`` the default of ``approach="auto"`` saves
+    (:class:`~mmpack.SmallestUnder` ``(math.inf)``: smallest storage), whose
+    time estimates use ``throughputs`` (measured on this machine if None).
     A version exists once its manifest is published, which happens after all
     its data is written, atomically: a crash at any moment leaves only
     complete versions. Several processes may save into one repository at once.
