@@ -10,6 +10,7 @@
 
 #include "mmpack/copy.hpp"
 #include "mmpack/parallel.hpp"
+#include "mmpack/transform.hpp"
 #include "mmpack/xxh3.hpp"
 
 namespace py = pybind11;
@@ -116,9 +117,10 @@ std::uint64_t* optional_hashes(const py::object& hashes, std::size_t n_segments,
     return holder.back().data();
 }
 
-void run_segments(const std::vector<Segment>& segments, std::uint64_t* hashes) {
+void run_segments(const std::vector<Segment>& segments, std::uint64_t* hashes,
+                  mmpack::SegmentOp op = mmpack::SegmentOp::copy) {
     py::gil_scoped_release release;
-    mmpack::copy_segments(segments.data(), segments.size(), hashes);
+    mmpack::copy_segments(segments.data(), segments.size(), hashes, op);
 }
 
 std::uint64_t py_xxh3_64(const py::handle& data, std::uint64_t seed) {
@@ -186,7 +188,7 @@ void py_scatter(const py::sequence& src, const py::handle& src_index, const py::
 
 void py_copy_segments(const py::sequence& src, const py::handle& src_index, const py::handle& src_offsets,
                       const py::sequence& dst, const py::handle& dst_index, const py::handle& dst_offsets,
-                      const py::handle& lengths, const py::object& hashes) {
+                      const py::handle& lengths, const py::object& hashes, bool xor_into) {
     const U64Array s_index(src_index, false, "src_index");
     const U64Array s_offset(src_offsets, false, "src_offsets");
     const U64Array d_index(dst_index, false, "dst_index");
@@ -206,13 +208,71 @@ void py_copy_segments(const py::sequence& src, const py::handle& src_index, cons
         segments[k] = Segment{locate(srcs, s_index[k], s_offset[k], len[k], k, "source"),
                               locate(dsts, d_index[k], d_offset[k], len[k], k, "destination"), len[k]};
     }
-    run_segments(segments, out);
+    run_segments(segments, out, xor_into ? mmpack::SegmentOp::xor_into : mmpack::SegmentOp::copy);
+}
+
+// Checks shared by both directions of the byte-plane transform.
+void py_byte_planes(const py::handle& src, const py::handle& dst, std::size_t width, bool split) {
+    if (width < 1 || width > mmpack::kMaxPlaneWidth) {
+        throw py::value_error("width must be an element size between 1 and " +
+                              std::to_string(mmpack::kMaxPlaneWidth) + " bytes, got " + std::to_string(width));
+    }
+    const Buffer in(src, false, "src");
+    const Buffer out(dst, true, "dst");
+    if (in.size() != out.size()) {
+        throw py::value_error("dst holds " + std::to_string(out.size()) + " bytes; it must hold exactly the " +
+                              std::to_string(in.size()) + " bytes of src");
+    }
+    const std::byte* in_end = in.data() + in.size();
+    const std::byte* out_end = out.data() + out.size();
+    if (in.size() != 0 && in.data() < out_end && out.data() < in_end) {
+        throw py::value_error("src and dst overlap; the transform needs a separate destination buffer");
+    }
+    py::gil_scoped_release release;
+    if (split) {
+        mmpack::split_byte_planes(mmpack::ConstBytes{in.data(), in.size()}, mmpack::MutableBytes{out.data(), out.size()},
+                                  width);
+    } else {
+        mmpack::merge_byte_planes(mmpack::ConstBytes{in.data(), in.size()}, mmpack::MutableBytes{out.data(), out.size()},
+                                  width);
+    }
+}
+
+void py_merge_byte_planes_from(const py::sequence& planes, const py::handle& dst, std::size_t width) {
+    if (width < 1 || width > mmpack::kMaxPlaneWidth) {
+        throw py::value_error("width must be an element size between 1 and " +
+                              std::to_string(mmpack::kMaxPlaneWidth) + " bytes, got " + std::to_string(width));
+    }
+    if (py::len(planes) != width) {
+        throw py::value_error("expected " + std::to_string(width) + " planes, got " + std::to_string(py::len(planes)));
+    }
+    const Buffer out(dst, true, "dst");
+    if (out.size() % width != 0) {
+        throw py::value_error("dst holds " + std::to_string(out.size()) + " bytes, not whole elements of " +
+                              std::to_string(width) + " bytes");
+    }
+    const std::vector<Buffer> held = hold_buffers(planes, false, "planes");
+    std::vector<const std::byte*> pointers;
+    const std::size_t n = out.size() / width;
+    for (std::size_t p = 0; p < width; ++p) {
+        if (held[p].size() != n) {
+            throw py::value_error("planes[" + std::to_string(p) + "] holds " + std::to_string(held[p].size()) +
+                                  " bytes; each plane must hold " + std::to_string(n));
+        }
+        const std::byte* end = held[p].data() + n;
+        if (n != 0 && held[p].data() < out.data() + out.size() && out.data() < end) {
+            throw py::value_error("planes[" + std::to_string(p) + "] overlaps dst");
+        }
+        pointers.push_back(held[p].data());
+    }
+    py::gil_scoped_release release;
+    mmpack::merge_byte_planes_from(pointers.data(), mmpack::MutableBytes{out.data(), out.size()}, width);
 }
 
 }  // namespace
 
 PYBIND11_MODULE(_native, m) {
-    m.doc() = "mmpack's C++ kernels: gather/scatter of many tensors and XXH3-64 hashing.";
+    m.doc() = "mmpack's C++ kernels: gather/scatter of many tensors, XXH3-64 hashing, byte-plane transforms.";
 
     m.def("xxh3_64", &py_xxh3_64, py::arg("data"), py::arg("seed") = 0,
           "XXH3-64 digest of a C-contiguous buffer (equal to xxhash.xxh3_64_intdigest).");
@@ -229,11 +289,26 @@ PYBIND11_MODULE(_native, m) {
           "Sources are bounds-checked; the caller guarantees each destination holds lengths[k] bytes.");
     m.def("copy_segments", &py_copy_segments, py::arg("src"), py::arg("src_index"), py::arg("src_offsets"),
           py::arg("dst"), py::arg("dst_index"), py::arg("dst_offsets"), py::arg("lengths"),
-          py::arg("hashes") = py::none(),
-          "Copy segment k between buffers, both ends bounds-checked; optional XXH3-64 per segment.");
+          py::arg("hashes") = py::none(), py::kw_only(), py::arg("xor") = false,
+          "Copy segment k between buffers, both ends bounds-checked; optional XXH3-64 per segment\n"
+          "(of the destination after the copy). With xor=True the source is XORed into the destination.");
+    m.def(
+        "split_byte_planes",
+        [](const py::handle& src, const py::handle& dst, std::size_t width) { py_byte_planes(src, dst, width, true); },
+        py::arg("src"), py::arg("dst"), py::arg("width"),
+        "Regroup the bytes of width-byte elements: dst holds byte plane width-1 (most significant) of\n"
+        "every element, then plane width-2, ... plane 0, then the len(src) % width trailing bytes.");
+    m.def(
+        "merge_byte_planes",
+        [](const py::handle& src, const py::handle& dst, std::size_t width) { py_byte_planes(src, dst, width, false); },
+        py::arg("src"), py::arg("dst"), py::arg("width"), "The inverse of split_byte_planes.");
+    m.def("merge_byte_planes_from", &py_merge_byte_planes_from, py::arg("planes"), py::arg("dst"), py::arg("width"),
+          "The inverse of split_byte_planes with each of the width planes in its own buffer of\n"
+          "len(dst) // width bytes (len(dst) must be a multiple of width).");
     m.def("set_max_threads", &mmpack::set_max_threads, py::arg("n"),
           "Threads the kernels may use (0 restores the default: hardware threads, at most 16).");
     m.def("max_threads", &mmpack::max_threads, "Threads the kernels may use.");
     m.def("simd_path", &mmpack::xxh3_simd_path, "Instruction set of the hash's long-input loop.");
     m.attr("PARALLEL_MIN_BYTES") = mmpack::kParallelMinBytes;
+    m.attr("MAX_PLANE_WIDTH") = mmpack::kMaxPlaneWidth;
 }

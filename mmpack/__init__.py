@@ -1,8 +1,11 @@
 """mmpack: save, version and recover sets of thousands of same-architecture PyTorch models."""
 
+from mmpack.approaches.advisor import Estimate, FastestRecovery, Policy, SmallestUnder, Throughputs
 from mmpack.architecture import Architecture, TensorSpec
+from mmpack.compression import Compression
 from mmpack.errors import (
     ArchitectureMismatchError,
+    CompressionError,
     FormatError,
     IntegrityError,
     MMPackError,
@@ -24,20 +27,27 @@ __version__ = "0.1.0"
 __all__ = [
     "Architecture",
     "ArchitectureMismatchError",
+    "Compression",
+    "CompressionError",
     "DatasetRef",
+    "Estimate",
+    "FastestRecovery",
     "FormatError",
     "GcReport",
     "IntegrityError",
     "MMPackError",
     "ModelIndexError",
     "ModelSet",
+    "Policy",
     "Provenance",
     "ProvenanceError",
     "ProvenanceMismatchError",
     "Repository",
     "RepositoryError",
+    "SmallestUnder",
     "SnapshotPolicy",
     "TensorSpec",
+    "Throughputs",
     "UnsupportedFormatVersionError",
     "VerifyReport",
     "VersionNotFoundError",

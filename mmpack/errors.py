@@ -9,6 +9,7 @@ from __future__ import annotations
 
 __all__ = [
     "ArchitectureMismatchError",
+    "CompressionError",
     "FormatError",
     "IntegrityError",
     "MMPackError",
@@ -43,6 +44,14 @@ class UnsupportedFormatVersionError(FormatError):
 
 class IntegrityError(FormatError):
     """Stored bytes fail their checksum, or a file is truncated: the data is corrupt."""
+
+
+class CompressionError(MMPackError, ValueError):
+    """An unknown codec or bad compression settings, or compression asked for without ``zstandard``.
+
+    Example: ``repo.save(models, compression="lz4")`` raises it, naming the
+    codecs mmpack knows.
+    """
 
 
 class ModelIndexError(MMPackError, IndexError):

@@ -188,6 +188,7 @@ class Provenance:
     config: dict[str, Any]
     updates: dict[int, tuple[DatasetRef, UpdateKind]]
     environment: dict[str, str] = field(default_factory=capture_environment)
+    training_seconds: float | None = None  # how long the training took, for the advisor's estimates
 
     @classmethod
     def of(
@@ -195,10 +196,14 @@ class Provenance:
         fn: TrainingFunction,
         config: Mapping[str, Any],
         updates: Mapping[int, tuple[DatasetRef, UpdateKind]],
+        training_seconds: float | None = None,
     ) -> Provenance:
-        """Record ``fn`` (by import path and source hash), ``config``, ``updates`` and this environment."""
+        """Record ``fn`` (by import path and source hash), ``config``, ``updates`` and this environment;
+        ``training_seconds`` (optional) is how long training the updates took, which lets
+        ``approach="auto"`` weigh recovery by retraining."""
         threads = config.get("threads") if isinstance(config, Mapping) else None
-        return cls(function_path(fn), source_hash(fn), dict(config), dict(updates), capture_environment(threads))
+        return cls(function_path(fn), source_hash(fn), dict(config), dict(updates), capture_environment(threads),
+                   training_seconds)
 
     def __post_init__(self) -> None:
         for model, entry in self.updates.items():
@@ -243,6 +248,7 @@ class Provenance:
             "dataset_sizes": _b64(np.array([r.size for r in refs], dtype="<u8")),
             "dataset_xxh3": _b64(np.array([int(r.xxh3, 16) for r in refs], dtype="<u8")),
             "dataset_uris": [r.uri for r in refs],
+            "training_seconds": self.training_seconds,
         }
 
     @classmethod
@@ -259,8 +265,10 @@ class Provenance:
                 int(m): (DatasetRef(str(u), int(s), f"{int(h):016x}"), _KINDS[int(k)])
                 for m, k, s, h, u in zip(models, kinds, sizes, hashes, uris)
             }
+            seconds = data.get("training_seconds")
             return cls(str(data["function"]), str(data["source_xxh3"]), dict(data["config"]), updates,
-                       {str(k): str(v) for k, v in data["environment"].items()})
+                       {str(k): str(v) for k, v in data["environment"].items()},
+                       float(seconds) if seconds is not None else None)
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise MMPackError(f"malformed provenance record: {exc!r}") from None
 

@@ -99,7 +99,10 @@ class VersionRecord:
     ``approach`` is how the version is stored; ``reason`` says why (e.g. a
     snapshot policy turning an update into a full version). ``stored_bytes``
     is what the version added to the store: data objects, manifest, and the
-    architecture record if this version introduced it.
+    architecture record if this version introduced it. ``details`` holds
+    notes such as ``compression`` (``"zstd-3"``), ``xor_base`` (the version
+    XOR deltas are taken against) and, for ``approach="auto"`` saves,
+    ``policy`` and every approach's ``estimates``.
     """
 
     id: str

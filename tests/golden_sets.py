@@ -26,9 +26,8 @@ _SPECS = (
 )
 
 
-def golden_v1_modelset() -> ModelSet:
-    """Five models whose every value is a function of (model, tensor, element)."""
-    n = 5
+def golden_v1_modelset(n: int = 5) -> ModelSet:
+    """``n`` models (five for version 1) whose every value is a function of (model, tensor, element)."""
     tensors = {}
     for j, spec in enumerate(_SPECS):
         count = n * spec.numel
@@ -47,21 +46,69 @@ GOLDEN_METADATA = {"written-by": "mmpack 0.1.0", "note": "format version 1 golde
 
 
 
-def golden_v1_rows() -> tuple[ModelSet, "np.ndarray"]:
-    """The golden set with a fixed pattern of changed rows, for the rows-layout golden file."""
+def golden_v1_rows(n: int = 5) -> tuple[ModelSet, "np.ndarray"]:
+    """The golden set with a fixed pattern of changed rows, for the rows-layout golden files."""
     import numpy as np
 
-    ms = golden_v1_modelset()
+    ms = golden_v1_modelset(n)
     changed = np.zeros((len(ms), len(ms.architecture)), dtype=bool)
     changed[1, [0, 2]] = True
     changed[3, :] = True
     changed[4, 6] = True
+    changed[5::3, :2] = True  # more rows, so that some planes compress, when n > 5
     return ms, changed
+
+
+GOLDEN_V2_METADATA = {"written-by": "mmpack 0.1.0", "note": "format version 2 golden file"}
+GOLDEN_V2_MODELS = 48  # enough rows that the exponent planes are stored as zstd frames
+GOLDEN_V2_CHUNK_BYTES = 512  # several chunks per tensor
+
+
+def golden_v2_update() -> tuple[ModelSet, "np.ndarray", ModelSet]:
+    """(new set, changed mask, reference rows) for the XOR-delta golden file: the golden set with
+    the rows of ``golden_v1_rows``'s pattern nudged, stored against the golden set's values."""
+    import numpy as np
+
+    base, changed = golden_v1_rows(GOLDEN_V2_MODELS)
+    tensors = {}
+    for j, spec in enumerate(_SPECS):
+        t = base.tensors[spec.name].clone()
+        rows = torch.from_numpy(np.flatnonzero(changed[:, j]))
+        if spec.dtype == torch.bool:
+            t[rows] = ~t[rows]
+        elif spec.dtype == torch.int64:
+            t[rows] += 1
+        else:
+            t[rows] = (t[rows].to(torch.float64) * 1.0625).to(spec.dtype)
+        tensors[spec.name] = t
+    new = ModelSet(base.architecture, tensors)
+    return new, changed, base.select(np.flatnonzero(changed.any(axis=1)).tolist())
+
+
+def golden_v2_images() -> dict[str, bytes]:
+    """The version 2 golden files' bytes, as this mmpack writes them."""
+    from mmpack import Compression, fileformat
+
+    setting = Compression(chunk_bytes=GOLDEN_V2_CHUNK_BYTES)
+    stacked = fileformat.encode(golden_v1_modelset(GOLDEN_V2_MODELS), GOLDEN_V2_METADATA, setting).tobytes()
+    new, changed, reference = golden_v2_update()
+    rows, _ = fileformat.encode_rows(new, changed, new.hashes(), GOLDEN_V2_METADATA, setting, reference)
+    return {"v2_stacked_zstd.mmpack": stacked, "v2_rows_xor_zstd.mmpack": rows.tobytes()}
+
+
+def zstd_library_version() -> str:
+    import zstandard
+
+    return zstandard.ZSTD_VERSION if isinstance(zstandard.ZSTD_VERSION, str) else ".".join(map(str, zstandard.ZSTD_VERSION))
 
 
 if __name__ == "__main__":
     import mmpack
     from mmpack import fileformat
+
+    for name, blob in golden_v2_images().items():
+        (GOLDEN_DIR / name).write_bytes(blob)
+    (GOLDEN_DIR / "v2_zstd_version.txt").write_text(zstd_library_version() + "\n")
 
     GOLDEN_DIR.mkdir(exist_ok=True)
     mmpack.save(golden_v1_modelset(), GOLDEN_DIR / "v1_mixed.mmpack", metadata=GOLDEN_METADATA)

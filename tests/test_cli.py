@@ -150,5 +150,5 @@ def test_demo_runs_end_to_end_and_verifies(tmp_path):
 def test_bench_paper_runs_small(tmp_path):
     result = mmpack_cli("bench", "paper", "--models", "60", "--cycles", "2", "--runs", "1", "--json", str(tmp_path / "r.json"))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "targets (issue 3)" in result.stdout
+    assert "targets:" in result.stdout and "(issue 3)" in result.stdout
     assert os.path.getsize(tmp_path / "r.json") > 100

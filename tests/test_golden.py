@@ -1,6 +1,7 @@
 """Files written by released format versions must keep loading, byte for byte."""
 
 import io
+import struct
 
 import numpy as np
 import pytest
@@ -63,3 +64,67 @@ def test_version_1_rows_golden_file_reads_back_its_rows():
 def test_loading_a_rows_object_as_a_model_set_explains_itself():
     with pytest.raises(FormatError, match="recover it through its repository"):
         mmpack.load(GOLDEN_DIR / "v1_rows.mmpack")
+
+
+def test_version_2_compressed_golden_file_loads_to_the_expected_values():
+    from golden_sets import GOLDEN_V2_MODELS, golden_v1_modelset
+
+    expected = golden_v1_modelset(GOLDEN_V2_MODELS)
+    path = GOLDEN_DIR / "v2_stacked_zstd.mmpack"
+    assert mmpack.load(path).equal(expected)
+    assert mmpack.load(path, indices=[47, 3, 20]).equal(expected.select([47, 3, 20]))
+    with open(path, "rb") as f:
+        header = fileformat.read_header(mmpack._io.FileReader(f))
+    chunking = header.layout.chunking
+    assert struct.unpack_from("<I", path.read_bytes(), 8)[0] == 2
+    assert chunking.delta == "none" and chunking.chunk_rows == (10, 32, 25, 85, 32, 64, 85)
+    widths = [4, 4, 2, 2, 8, 8, 1]
+    assert any(length < raw for length, raw in _planes(chunking, header, widths))  # some planes are zstd frames
+    assert any(length == raw for length, raw in _planes(chunking, header, widths))  # and some are stored raw
+
+
+def _planes(chunking, header, widths):
+    for j, spec in enumerate(header.architecture.tensors):
+        rows = header.layout.rows[j]
+        for k, length in enumerate(chunking.lengths[j]):
+            c = k // widths[j]
+            yield length, min(chunking.chunk_rows[j], rows - c * chunking.chunk_rows[j]) * spec.nbytes // widths[j]
+
+
+def test_version_2_xor_rows_golden_file_decodes_against_its_reference():
+    from mmpack._io import FileReader
+
+    from golden_sets import golden_v2_update
+
+    new, changed, reference = golden_v2_update()
+    with open(GOLDEN_DIR / "v2_rows_xor_zstd.mmpack", "rb") as f, FileReader(f) as source:
+        header = fileformat.read_header(source)
+        assert header.layout.chunking.delta == "xor"
+        index = fileformat.read_row_index(source, header)
+        assert [ids.tolist() for ids in index] == [np.flatnonzero(changed[:, j]).tolist() for j in range(7)]
+        assert np.array_equal(fileformat.read_hash_table(source, header), new.hashes())
+        holders = np.flatnonzero(changed.any(axis=1))
+        out = {s.name: torch.zeros((len(new), *s.shape), dtype=s.dtype) for s in new.architecture.tensors}
+        for spec in new.architecture.tensors:  # the references in place, as a repository puts them
+            out[spec.name][torch.from_numpy(holders)] = reference.tensors[spec.name]
+        views = [out[s.name].view(-1).view(torch.uint8).numpy() for s in new.architecture.tensors]
+        columns = np.concatenate([np.full(len(ids), j) for j, ids in enumerate(index)])
+        stored = np.concatenate([np.arange(len(ids)) for ids in index])
+        models = np.concatenate(index)
+        request = fileformat.RowRequest(source, header, columns, stored, models, xor=True)
+        hashes = fileformat.read_rows_many([request], views)[0]
+        assert np.array_equal(hashes, new.hashes()[models, columns])
+    for j, spec in enumerate(new.architecture.tensors):
+        for i in np.flatnonzero(changed[:, j]):
+            got, want = out[spec.name][i].reshape(-1), new.tensors[spec.name][i].reshape(-1)
+            assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+
+
+def test_version_2_writer_still_produces_the_golden_bytes_with_the_same_zstd():
+    from golden_sets import golden_v2_images, zstd_library_version
+
+    recorded = (GOLDEN_DIR / "v2_zstd_version.txt").read_text().strip()
+    if zstd_library_version() != recorded:
+        pytest.skip(f"zstd {zstd_library_version()} may encode differently from {recorded}; reading is tested above")
+    for name, blob in golden_v2_images().items():
+        assert blob == (GOLDEN_DIR / name).read_bytes(), name

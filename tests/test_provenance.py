@@ -175,3 +175,20 @@ def test_verify_without_retraining_says_so(isolated):
     assert report.ok and report.not_retrained == [isolated["v2"]]
     assert "not retrained" in str(report)
     assert Repository(isolated["root"] / "repo").verify(allow_import=True).ok
+
+
+def test_the_advisor_weighs_provenance_when_it_is_given(isolated):
+    from mmpack import FastestRecovery, SmallestUnder
+
+    repo, prov, expected = isolated["repo"], isolated["prov"], isolated["expected"]
+    assert prov.training_seconds is not None and prov.training_seconds > 0
+    smallest = repo.save(expected, approach="auto", base="v1", provenance=prov)
+    assert repo.version(smallest).approach == "provenance"
+    assert "provenance" in repo.version(smallest).reason
+    quick = repo.save(expected, approach="auto", base="v1", provenance=prov, policy=SmallestUnder(seconds=1e-6 + prov.training_seconds / 1000))
+    assert repo.version(quick).approach in ("update", "baseline")
+    fastest = repo.save(expected, approach="auto", base="v1", provenance=prov, policy=FastestRecovery())
+    assert repo.version(fastest).approach != "provenance"
+    without = repo.save(expected, approach="auto", base="v1")
+    assert repo.version(without).approach == "update"
+    assert repo.recover(smallest, allow_import=True).equal(expected)

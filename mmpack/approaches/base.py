@@ -10,9 +10,11 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
+from mmpack.compression import Compression
 from mmpack.modelset import ModelSet
 
 if TYPE_CHECKING:
+    from mmpack.approaches.advisor import CostModel, Estimate
     from mmpack.fileformat import Header, Reader
     from mmpack.records import Changes, ObjectRef, VersionRecord
     from mmpack.store import ObjectStore
@@ -20,16 +22,36 @@ if TYPE_CHECKING:
 
 @dataclass
 class SaveRequest:
-    """Everything an approach may use to store one version."""
+    """Everything an approach may use to store one version.
+
+    ``compression``: how to compress the version's objects (None: raw).
+    ``xor_reference``: for delta approaches, ``(version id, fetch)`` where
+    ``fetch(models)`` returns that version's values of sorted ``models`` (a
+    ModelSet); the repository offers the chain's full version, so XOR
+    deltas stay one level deep (docs/DESIGN-NOTES.md).
+    """
 
     models: ModelSet
     hashes: np.ndarray | Future[np.ndarray]  # [n_models, n_tensors]; may still be computing
     base: VersionRecord | None
     base_hashes: Callable[[], np.ndarray]  # the base version's full hash table, read lazily
     provenance: Any = None
+    compression: Compression | None = None
+    xor_reference: tuple[str, Callable[[np.ndarray], ModelSet]] | None = None
 
     def resolved_hashes(self) -> np.ndarray:
         return self.hashes.result() if isinstance(self.hashes, Future) else self.hashes
+
+    def changed(self) -> np.ndarray:
+        """``[n_models, n_tensors]`` bool: which pairs differ from the base (computed once)."""
+        found = getattr(self, "_changed", None)
+        if found is None:
+            found = self._changed = self.resolved_hashes() != self.base_hashes()
+        return found
+
+    def compression_details(self) -> dict[str, Any]:
+        """What the record's ``details`` say about compression."""
+        return {} if self.compression is None else {"compression": self.compression.describe()}
 
 
 @dataclass
@@ -51,6 +73,13 @@ class Approach(ABC):
 
     name: ClassVar[str]
     stores_rows: ClassVar[bool] = True
+    takes_provenance: ClassVar[bool] = False  # whether save() uses SaveRequest.provenance
+
+    def estimate(self, request: SaveRequest, model: CostModel) -> Estimate | None:
+        """What storing ``request`` this way would cost (bytes, seconds to recover), for
+        ``approach="auto"``; None when this approach cannot store it (the default: an approach
+        that cannot estimate is never chosen automatically)."""
+        return None
 
     @abstractmethod
     def save(self, objects: ObjectStore, request: SaveRequest) -> Stored:

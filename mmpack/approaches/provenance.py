@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import xxhash
 
+from mmpack.approaches.advisor import CostModel, Estimate
 from mmpack.approaches.base import Approach, SaveRequest, Stored
 from mmpack.architecture import Architecture
 from mmpack.errors import IntegrityError, ProvenanceError, ProvenanceMismatchError, RepositoryError
@@ -59,6 +60,18 @@ class ProvenanceApproach(Approach):
 
     name = "provenance"
     stores_rows = False
+    takes_provenance = True
+
+    def estimate(self, request: SaveRequest, model: CostModel) -> Estimate | None:
+        provenance = request.provenance
+        if request.base is None or not isinstance(provenance, Provenance):
+            return None
+        recorded = len(provenance.updates)
+        stored = len(json.dumps(provenance.to_json())) + 8 * recorded * len(request.models.architecture) * 4 // 3 + 512
+        # Recovering retrains this version's models, and those of every provenance version below it.
+        levels = 1 + sum(1 for r in model.chain if r.approach == self.name)
+        retraining = (provenance.training_seconds or math.inf) * levels
+        return Estimate(stored, model.recover_seconds(len(model.chain) + 1, model.chain_decoded_bytes()) + retraining)
 
     def save(self, objects: ObjectStore, request: SaveRequest) -> Stored:
         provenance = request.provenance

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from mmpack.approaches.advisor import CostModel, Estimate
 from mmpack.approaches.base import Approach, SaveRequest, Stored
 from mmpack.errors import IntegrityError, RepositoryError
 from mmpack.fileformat import (
@@ -33,12 +34,30 @@ class Update(Approach):
 
     def save(self, objects: ObjectStore, request: SaveRequest) -> Stored:
         hashes = request.resolved_hashes()
-        changed = hashes != request.base_hashes()
-        image, header = encode_rows(request.models, changed, hashes)
+        changed = request.changed()
+        changes = Changes.from_mask(changed)
+        details = dict(request.compression_details())
+        reference = None
+        if request.compression is not None and request.compression.xor and request.xor_reference is not None:
+            # XOR against the chain's full version: every XOR piece then decodes from two reads.
+            reference_id, fetch = request.xor_reference
+            reference = fetch(changes.models)
+            details["xor_base"] = reference_id
+        image, header = encode_rows(request.models, changed, hashes, None, request.compression, reference)
         key = objects.new_key()
         objects.put(key, image)
-        changes = Changes.from_mask(changed)
-        return Stored([ObjectRef(key, header.file_size, header.header_hash)], changes)
+        return Stored([ObjectRef(key, header.file_size, header.header_hash)], changes, details)
+
+    def estimate(self, request: SaveRequest, model: CostModel) -> Estimate | None:
+        if request.base is None:
+            return None
+        changed = request.changed()
+        raw = int(changed.sum(axis=0) @ model.row_bytes)
+        stored = model.stored_bytes(raw) + model.table_bytes + 4 * int(changed.sum())
+        # Recovery opens every object of the chain plus this one and decodes what is compressed;
+        # XOR pieces are applied to reference rows the full version's chunks already yield.
+        decoded = model.chain_decoded_bytes() + (raw if request.compression is not None else 0)
+        return Estimate(stored, model.recover_seconds(len(model.chain) + 1, decoded))
 
     def locate(
         self,
@@ -75,7 +94,10 @@ class Update(Approach):
             scratch = [np.empty(count * s.nbytes, np.uint8) for count, s in zip(header.layout.rows, header.architecture.tensors)]
             computed = read_rows(source, header, tensors, rows, scratch, rows)
             table = read_hash_rows(source, header, np.arange(header.n_models))
-            verify_rows(models, tensors, computed, table[models, tensors], f"object {ref.key}")
+            if header.layout.chunking is None or header.layout.chunking.delta == "none":
+                # XOR deltas decode here, but hash to the table only with their references;
+                # recovering the version (verify does it next) checks those.
+                verify_rows(models, tensors, computed, table[models, tensors], f"object {ref.key}")
         listed = record.changes.dense(record.n_models)
         stored = np.zeros_like(listed)
         stored[models, tensors] = True

@@ -6,6 +6,7 @@ against a fixed schema, and dtypes come from a fixed table.
 
 from mmpack.fileformat.header import (
     ALIGNMENT,
+    COMPRESSED_FORMAT_VERSION,
     FORMAT_VERSION,
     MAGIC,
     MAX_HEADER_BYTES,
@@ -30,10 +31,11 @@ from mmpack.fileformat.reading import (
     read_rows_many,
     verify_rows,
 )
-from mmpack.fileformat.writing import encode, encode_rows, modelset_and_hashes, save, write_body
+from mmpack.fileformat.writing import encode, encode_image, encode_rows, modelset_and_hashes, save, write_body
 
 __all__ = [
     "ALIGNMENT",
+    "COMPRESSED_FORMAT_VERSION",
     "FORMAT_VERSION",
     "MAGIC",
     "MAX_HEADER_BYTES",
@@ -46,6 +48,7 @@ __all__ = [
     "check_size",
     "encode",
     "encode_header",
+    "encode_image",
     "encode_rows",
     "load",
     "modelset_and_hashes",

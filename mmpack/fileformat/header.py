@@ -14,10 +14,13 @@ import numpy as np
 
 from mmpack import _native
 from mmpack.architecture import Architecture
+from mmpack.compression import Chunking, element_width
 from mmpack.errors import FormatError, IntegrityError, MMPackError, UnsupportedFormatVersionError
 
 MAGIC = b"\x89MMPACK\n"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # what uncompressed objects are written as
+COMPRESSED_FORMAT_VERSION = 2  # version 1 plus compressed tensor sections
+READABLE_VERSIONS = (FORMAT_VERSION, COMPRESSED_FORMAT_VERSION)
 ALIGNMENT = 64
 MAX_HEADER_BYTES = 16 * 2**20
 HASH_ALGORITHM = "xxh3-64"
@@ -69,7 +72,8 @@ class Layout:
 
     ``rows[j]`` is the number of stored rows of tensor j: ``n_models`` for the
     stacked layout, the number of changed models for the rows layout, whose
-    model ids then sit in the row index.
+    model ids then sit in the row index. ``chunking`` describes compressed
+    tensor sections (format version 2); None for raw ones.
     """
 
     kind: str
@@ -81,21 +85,26 @@ class Layout:
     hashes_offset: int
     hashes_length: int
     data_length: int
+    chunking: Chunking | None = None
 
     @classmethod
-    def stacked(cls, architecture: Architecture, n_models: int) -> Layout:
-        return cls._build(STACKED, architecture, n_models, (n_models,) * len(architecture))
+    def stacked(cls, architecture: Architecture, n_models: int, chunking: Chunking | None = None) -> Layout:
+        return cls._build(STACKED, architecture, n_models, (n_models,) * len(architecture), chunking)
 
     @classmethod
-    def of_rows(cls, architecture: Architecture, n_models: int, rows: Sequence[int]) -> Layout:
-        return cls._build(ROWS, architecture, n_models, tuple(rows))
+    def of_rows(
+        cls, architecture: Architecture, n_models: int, rows: Sequence[int], chunking: Chunking | None = None
+    ) -> Layout:
+        return cls._build(ROWS, architecture, n_models, tuple(rows), chunking)
 
     @classmethod
-    def _build(cls, kind: str, architecture: Architecture, n_models: int, rows: tuple[int, ...]) -> Layout:
+    def _build(
+        cls, kind: str, architecture: Architecture, n_models: int, rows: tuple[int, ...], chunking: Chunking | None
+    ) -> Layout:
         offsets, lengths, end = [], [], 0
-        for spec, count in zip(architecture.tensors, rows):
+        for j, (spec, count) in enumerate(zip(architecture.tensors, rows)):
             offsets.append(align(end))
-            lengths.append(count * spec.nbytes)
+            lengths.append(count * spec.nbytes if chunking is None else chunking.section_length(j))
             end = offsets[-1] + lengths[-1]
         index_offset, index_length = end, 0
         if kind == ROWS:
@@ -105,8 +114,13 @@ class Layout:
         hashes_length = n_models * len(architecture) * 8
         return cls(
             kind, rows, tuple(offsets), tuple(lengths), index_offset, index_length,
-            hashes_offset, hashes_length, hashes_offset + hashes_length,
+            hashes_offset, hashes_length, hashes_offset + hashes_length, chunking,
         )
+
+    @property
+    def version(self) -> int:
+        """The format version an object with this layout is written as."""
+        return FORMAT_VERSION if self.chunking is None else COMPRESSED_FORMAT_VERSION
 
     def sections(self) -> list[tuple[int, int]]:
         """(offset, length) of every section in file order, for padding checks."""
@@ -157,11 +171,13 @@ def encode_header(
     }
     if layout.kind == ROWS:
         document["row_index"] = {"offset": layout.row_index_offset, "length": layout.row_index_length}
+    if layout.chunking is not None:
+        document["compression"] = layout.chunking.to_json()
     body = json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode()
     if len(body) > MAX_HEADER_BYTES:
         raise FormatError(f"header of {len(body)} bytes exceeds the {MAX_HEADER_BYTES}-byte limit")
     header_hash = _native.xxh3_64(body)
-    preamble = PREAMBLE.pack(MAGIC, FORMAT_VERSION, 0, len(body), header_hash)
+    preamble = PREAMBLE.pack(MAGIC, layout.version, 0, len(body), header_hash)
     data_start = align(len(preamble) + len(body))
     prefix = preamble + body + bytes(data_start - len(preamble) - len(body))
     return prefix, Header(architecture, n_models, layout, data_start, dict(metadata), header_hash)
@@ -177,10 +193,10 @@ def read_header(source: Reader) -> Header:
     if len(preamble) < PREAMBLE.size or preamble[:8] != MAGIC:
         raise FormatError("not an mmpack model-set file (bad magic bytes)")
     _, version, flags, header_length, header_hash = PREAMBLE.unpack(preamble)
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise UnsupportedFormatVersionError(
-            f"file has format version {version}; this mmpack reads version {FORMAT_VERSION} "
-            "(upgrade mmpack to read newer files)"
+            f"file has format version {version}; this mmpack reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))} (upgrade mmpack to read newer files)"
         )
     if flags != 0:
         raise FormatError(f"unknown flags {flags:#x} in preamble")
@@ -194,13 +210,13 @@ def read_header(source: Reader) -> Header:
         raise IntegrityError("header checksum mismatch: the file is corrupt")
     if padding != ZEROS[: len(padding)]:
         raise IntegrityError("non-zero padding after the header: the file is corrupt")
-    architecture, n_models, layout, metadata = _parse_header(body)
+    architecture, n_models, layout, metadata = _parse_header(body, version)
     metadata = dict(metadata)  # the parse is cached and shared: hand out a copy of the mutable part
     return Header(architecture, n_models, layout, data_start, metadata, header_hash)
 
 
 @functools.lru_cache(maxsize=256)
-def _parse_header(body: bytes) -> tuple[Architecture, int, Layout, dict[str, str]]:
+def _parse_header(body: bytes, version: int) -> tuple[Architecture, int, Layout, dict[str, str]]:
     # Cached by the exact (checksummed) header bytes: objects are immutable and
     # recovering a version reopens the same few headers again and again.
     try:
@@ -210,8 +226,11 @@ def _parse_header(body: bytes) -> tuple[Architecture, int, Layout, dict[str, str
     kind = document.get("layout") if isinstance(document, dict) else None
     if kind not in _KEYS:
         raise FormatError(f"unsupported layout {kind!r}; expected one of {sorted(_KEYS)}")
-    if set(document) != _KEYS[kind]:
-        raise FormatError(f"header of layout {kind!r} must have keys {sorted(_KEYS[kind])}, got {sorted(document)}")
+    expected_keys = _KEYS[kind] | ({"compression"} if version == COMPRESSED_FORMAT_VERSION else set())
+    if set(document) != expected_keys:
+        raise FormatError(
+            f"a version {version} header of layout {kind!r} must have keys {sorted(expected_keys)}, got {sorted(document)}"
+        )
     n_models = document["n_models"]
     if not _is_count(n_models, 2**32):
         raise FormatError(f"malformed n_models {n_models!r}")
@@ -219,12 +238,20 @@ def _parse_header(body: bytes) -> tuple[Architecture, int, Layout, dict[str, str
         raise FormatError(f"unsupported alignment {document['alignment']!r}")
     architecture = Architecture.from_json(document["architecture"])
     if kind == STACKED:
-        layout = Layout.stacked(architecture, n_models)
+        rows = [n_models] * len(architecture)
     else:
         rows = [t.get("rows") if isinstance(t, dict) else None for t in document["tensors"]]
         if len(rows) != len(architecture) or not all(_is_count(r, n_models + 1) for r in rows):
             raise FormatError(f"row counts {rows!r} do not fit {n_models} models")
-        layout = Layout.of_rows(architecture, n_models, rows)
+    chunking = None
+    if version == COMPRESSED_FORMAT_VERSION:
+        specs = architecture.tensors
+        chunking = Chunking.from_json(
+            document["compression"], [element_width(s.dtype) for s in specs], [s.nbytes for s in specs], rows
+        )
+        if kind == STACKED and chunking.delta != "none":
+            raise FormatError("only rows-layout objects may hold XOR deltas")
+    layout = Layout._build(kind, architecture, n_models, tuple(rows), chunking)
     expected_tensors = [{"offset": o, "length": n} for o, n in zip(layout.tensor_offsets, layout.tensor_lengths)]
     if kind == ROWS:
         for entry, count in zip(expected_tensors, layout.rows):

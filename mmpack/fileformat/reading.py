@@ -14,7 +14,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from mmpack import _io, _native, packing
+from mmpack import _io, _native, compression, packing
 from mmpack.errors import FormatError, IntegrityError
 from mmpack.fileformat.header import ROWS, STACKED, ZEROS, Header, Reader, read_header
 from mmpack.modelset import ModelSet, normalize_indices
@@ -44,13 +44,19 @@ def check_padding(source: Reader, header: Header) -> None:
 @dataclass
 class RowRequest:
     """Rows to read from one object: row ``stored_rows[k]`` of tensor ``tensors[k]`` into row
-    ``dst_rows[k]`` of destination ``tensors[k]``."""
+    ``dst_rows[k]`` of destination ``tensors[k]``.
+
+    ``xor``: XOR the decoded rows into the destination rows instead of
+    overwriting them; how XOR-delta objects are applied to the reference
+    rows already in place (the hashes are then those of the results).
+    """
 
     source: Reader
     header: Header
     tensors: np.ndarray
     stored_rows: np.ndarray
     dst_rows: np.ndarray
+    xor: bool = False
 
     def segments(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(object offsets, lengths, destination index, destination offsets) of every row."""
@@ -71,7 +77,14 @@ def read_rows_many(requests: Sequence[RowRequest], destinations: list[np.ndarray
     object is read with ``read_segments``. Give each request's rows in file
     order (tensor by tensor, ascending rows): neighbours then merge into
     large reads and memory is walked sequentially.
+
+    Compressed objects decode only the chunks holding the requested rows,
+    chunk by chunk on the kernels' threads. Requests are applied in order,
+    so an ``xor`` request placed after the request that copies its reference
+    rows finds them in place.
     """
+    if any(r.header.layout.chunking is not None or r.xor for r in requests):
+        return [_read_one(r, destinations) for r in requests]
     parts = [r.segments() for r in requests]
     buffers = [r.source.buffer() for r in requests]
     if requests and all(b is not None for b in buffers):
@@ -89,6 +102,76 @@ def read_rows_many(requests: Sequence[RowRequest], destinations: list[np.ndarray
         request.source.read_segments(offsets, lengths, destinations, dst_index, dst_offsets, hashes)
         results.append(hashes)
     return results
+
+
+def _read_one(request: RowRequest, destinations: list[np.ndarray]) -> np.ndarray:
+    if request.header.layout.chunking is None:
+        if request.xor:
+            raise FormatError("only compressed objects hold XOR deltas")
+        return read_rows_many([request], destinations)[0]
+    return _read_compressed(request, destinations)
+
+
+def _read_compressed(request: RowRequest, destinations: list[np.ndarray]) -> np.ndarray:
+    """Decode the chunks that hold the requested rows and copy (or XOR) those rows into place."""
+    header, source = request.header, request.source
+    layout, arch = header.layout, header.architecture
+    chunking = layout.chunking
+    tensors = request.tensors.astype(np.int64)
+    stored = request.stored_rows.astype(np.int64)
+    hashes = np.empty(len(tensors), U64)
+    if len(tensors) == 0:
+        return hashes
+    if np.any(stored >= np.array(layout.rows, np.int64)[tensors]) or np.any(stored < 0):
+        raise FormatError("a requested row lies outside the object's stored rows")
+    chunk = stored // np.array(chunking.chunk_rows, np.int64)[tensors]
+    key = tensors * (int(chunk.max()) + 1) + chunk
+    order = np.argsort(key, kind="stable")
+    bounds = np.flatnonzero(np.diff(key[order])) + 1
+    groups = np.split(order, bounds)
+    mapped = source.buffer()
+    if mapped is not None and len(mapped) != header.file_size:
+        raise IntegrityError(f"object is {len(mapped)} bytes, its header describes {header.file_size}")
+    row_bytes = [s.nbytes for s in arch.tensors]
+
+    def decode(group: np.ndarray) -> None:
+        j, c = int(tensors[group[0]]), int(chunk[group[0]])
+        per_chunk, width = chunking.chunk_rows[j], chunking.widths[j]
+        start, end = (int(x) for x in chunking.starts[j][c : c + 2])
+        at = header.data_start + layout.tensor_offsets[j] + start
+        payload = mapped[at : at + end - start] if mapped is not None else source.read(at, end - start, "a chunk")
+        first = c * per_chunk
+        count = min(first + per_chunk, layout.rows[j]) - first
+        plane_lengths = chunking.lengths[j][c * width : (c + 1) * width]
+        n = len(group)
+        size = U64(row_bytes[j])
+        out = np.empty(n, U64)
+        rows, targets = stored[group], request.dst_rows[group]
+        if not request.xor and n == count and rows[0] == first and _consecutive(rows) and _consecutive(targets):
+            # The whole chunk lands on consecutive rows (full reads of stacked objects): decode
+            # in place and hash the rows there, sparing a copy through a scratch buffer.
+            at = int(targets[0]) * row_bytes[j]
+            into = destinations[j][at : at + count * row_bytes[j]]
+            compression.decode_chunk(payload, plane_lengths, width, into)
+            _native.hash_rows(into, row_bytes[j], out)
+            hashes[group] = out
+            return
+        raw = np.empty(count * row_bytes[j], np.uint8)
+        compression.decode_chunk(payload, plane_lengths, width, raw)
+        _native.copy_segments(
+            [raw], np.zeros(n, U64), (stored[group] - first).astype(U64) * size, destinations,
+            np.full(n, j, U64), request.dst_rows[group].astype(U64) * size, np.full(n, size, U64), out,
+            xor=request.xor,
+        )
+        hashes[group] = out
+
+    total = sum(len(g) * row_bytes[int(tensors[g[0]])] for g in groups)
+    compression.parallel_map(decode, groups, total)
+    return hashes
+
+
+def _consecutive(values: np.ndarray) -> bool:
+    return len(values) < 2 or bool(np.all(np.diff(values) == 1))
 
 
 def read_rows(

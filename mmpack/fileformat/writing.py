@@ -12,6 +12,9 @@ import numpy as np
 from torch import nn
 
 from mmpack import _io, _native, packing
+from mmpack.compression import DELTA_NONE, DELTA_XOR, Chunking, Compression, element_width, encode_rows as encode_chunks
+from mmpack.compression import resolve as resolve_compression
+from mmpack.compression import rows_per_chunk
 from mmpack.fileformat.header import ZEROS, Header, Layout, check_host, encode_header
 from mmpack.modelset import ModelSet
 
@@ -37,38 +40,125 @@ def write_body(
     f.write(np.ascontiguousarray(table, dtype="<u8").data)
 
 
-def encode(models: ModelSet, metadata: Mapping[str, str] | None = None) -> np.ndarray:
+def encode(
+    models: ModelSet,
+    metadata: Mapping[str, str] | None = None,
+    compression: Compression | None = None,
+    hashes: np.ndarray | None = None,
+) -> np.ndarray:
     """The complete stacked file image of ``models`` in one uint8 array, for stores that take whole objects.
 
-    One native pass copies every (model, tensor) row into place and hashes
-    it while it is in cache; only the padding is zeroed separately.
+    Uncompressed, one native pass copies every (model, tensor) row into
+    place and hashes it while it is in cache; only the padding is zeroed
+    separately. Compressed (format version 2), each stacked tensor is
+    encoded straight from its memory; ``hashes`` (``[n_models, n_tensors]``)
+    spares recomputing the table when the caller has it.
     """
+    return encode_image(models, metadata, compression, hashes)[0]
+
+
+def encode_image(
+    models: ModelSet,
+    metadata: Mapping[str, str] | None = None,
+    compression: Compression | None = None,
+    hashes: np.ndarray | None = None,
+) -> tuple[np.ndarray, Header]:
+    """:func:`encode`, also returning the image's header."""
     check_host()
+    if compression is not None:
+        table = hashes if hashes is not None else models.hashes()
+        data = [packing.byte_view(models.tensors[s.name]) for s in models.architecture.tensors]
+        return _compressed_image(models, [len(models)] * len(data), data, None, table, metadata, compression)
     prefix, header = encode_header(models.architecture, len(models), dict(metadata or {}))
     everyone = np.arange(len(models))
     image, by_tensor = _build_image(prefix, header, models, [everyone] * len(models.architecture), hashed=True)
     _put_table(image, header, by_tensor.reshape(len(models.architecture), len(models)).T)
-    return image
+    return image, header
 
 
 def encode_rows(
-    models: ModelSet, changed: np.ndarray, table: np.ndarray, metadata: Mapping[str, str] | None = None
+    models: ModelSet,
+    changed: np.ndarray,
+    table: np.ndarray,
+    metadata: Mapping[str, str] | None = None,
+    compression: Compression | None = None,
+    reference: ModelSet | None = None,
 ) -> tuple[np.ndarray, Header]:
     """The rows-layout image holding only the rows where ``changed[i, j]``, with the set's full hash table.
 
     ``table`` is ``[n_models, n_tensors]``, the hashes of every row of ``models``.
+    With ``compression``, the rows are compressed (format version 2); with a
+    ``reference`` as well, each row is stored XORed with the reference's
+    row of the same (model, tensor): model ``k`` of ``reference`` stands for
+    the ``k``-th model that has any changed tensor (``np.flatnonzero(changed.any(axis=1))``).
     """
     check_host()
     arch, n = models.architecture, len(models)
     stored = [np.flatnonzero(changed[:, j]) for j in range(len(arch))]
     if n >= 2**32:
         raise ValueError("the rows layout indexes models with 32-bit ids")
+    if compression is not None:
+        data = [packing.byte_view(models.tensors[s.name]).reshape(n, s.nbytes)[rows].reshape(-1)
+                for s, rows in zip(arch.tensors, stored)]
+        if reference is not None:
+            holders = np.flatnonzero(changed.any(axis=1))
+            for s, rows, rows_data in zip(arch.tensors, stored, data):
+                reference_rows = packing.byte_view(reference.tensors[s.name]).reshape(len(holders), s.nbytes)
+                np.bitwise_xor(rows_data, reference_rows[np.searchsorted(holders, rows)].reshape(-1), out=rows_data)
+        return _compressed_image(models, [len(r) for r in stored], data, stored, table, metadata, compression,
+                                 xor=reference is not None)
+    if reference is not None:
+        raise ValueError("an XOR reference needs compression")
     layout = Layout.of_rows(arch, n, [len(r) for r in stored])
     prefix, header = encode_header(arch, n, dict(metadata or {}), layout)
     image, _ = _build_image(prefix, header, models, stored, hashed=False)
     index = np.concatenate(stored or [np.empty(0, np.int64)]).astype("<u4")
     start = header.data_start + layout.row_index_offset
     image[start : start + layout.row_index_length] = index.view(np.uint8)
+    _put_table(image, header, table)
+    return image, header
+
+
+def _compressed_image(
+    models: ModelSet,
+    rows: list[int],
+    data: Sequence[np.ndarray],
+    row_index: Sequence[np.ndarray] | None,
+    table: np.ndarray,
+    metadata: Mapping[str, str] | None,
+    compression: Compression,
+    *,
+    xor: bool = False,
+) -> tuple[np.ndarray, Header]:
+    """A version 2 image: each tensor's stored rows (``data[j]``, contiguous) encoded in chunks,
+    then the row index (rows layout, when ``row_index`` is given) and the hash table."""
+    arch = models.architecture
+    chunk_rows, lengths, pieces = [], [], []
+    for spec, n_rows, rows_data in zip(arch.tensors, rows, data):
+        chunk_rows.append(rows_per_chunk(spec.nbytes, compression.chunk_bytes))
+        encoded, stored_lengths = encode_chunks(
+            rows_data, n_rows, spec.nbytes, element_width(spec.dtype), chunk_rows[-1], compression.level
+        )
+        pieces.append(encoded)
+        lengths.append(tuple(stored_lengths))
+    chunking = Chunking(DELTA_XOR if xor else DELTA_NONE, tuple(chunk_rows), tuple(lengths),
+                        tuple(element_width(s.dtype) for s in arch.tensors))
+    if row_index is None:
+        layout = Layout.stacked(arch, len(models), chunking)
+    else:
+        layout = Layout.of_rows(arch, len(models), rows, chunking)
+    prefix, header = encode_header(arch, len(models), dict(metadata or {}), layout)
+    image = np.zeros(header.file_size, dtype=np.uint8)
+    image[: len(prefix)] = np.frombuffer(prefix, dtype=np.uint8)
+    for offset, encoded in zip(layout.tensor_offsets, pieces):
+        position = header.data_start + offset
+        for piece in encoded:
+            image[position : position + len(piece)] = piece
+            position += len(piece)
+    if row_index is not None:
+        index = np.concatenate(list(row_index) or [np.empty(0, np.int64)]).astype("<u4")
+        start = header.data_start + layout.row_index_offset
+        image[start : start + layout.row_index_length] = index.view(np.uint8)
     _put_table(image, header, table)
     return image, header
 
@@ -139,30 +229,42 @@ def save(
     *,
     metadata: Mapping[str, str] | None = None,
     fsync: bool = False,
+    compression: str | Compression | None = None,
 ) -> None:
-    """save(models, f, *, metadata=None, fsync=False) -> None
+    """save(models, f, *, metadata=None, fsync=False, compression=None) -> None
 
     Write a model set (a :class:`ModelSet` or a list of same-architecture
     modules) to one file, in the format of ``docs/FORMAT.md``. A path is
     written under a temporary name and renamed into place, so a crash leaves
     the old file or the new one, never half of one; ``fsync=True`` also makes
     it survive a power cut. A file object is written sequentially from its
-    current position (no seeking).
+    current position (no seeking). ``compression="zstd"`` (or a
+    :class:`~mmpack.Compression`) stores the tensors losslessly compressed;
+    :func:`load` detects it.
 
     Example::
 
         mmpack.save(models, "cells.mmpack")
+        mmpack.save(models, "cells-small.mmpack", compression="zstd")
         ms = mmpack.load("cells.mmpack")
     """
     check_host()
+    compression = resolve_compression(compression)
     metadata = dict(metadata or {})
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise TypeError("metadata must map strings to strings")
     modelset, hashes = modelset_and_hashes(models)
-    prefix, header = encode_header(modelset.architecture, len(modelset), metadata)
+    if compression is not None:
+        table = hashes.result() if isinstance(hashes, Future) else hashes
+        image = encode(modelset, metadata, compression, table)
 
-    def write(out: BinaryIO) -> None:
-        write_body(out, prefix, header, modelset, hashes)
+        def write(out: BinaryIO) -> None:
+            out.write(memoryview(image))
+    else:
+        prefix, header = encode_header(modelset.architecture, len(modelset), metadata)
+
+        def write(out: BinaryIO) -> None:
+            write_body(out, prefix, header, modelset, hashes)
 
     if isinstance(f, (str, os.PathLike)):
         _io.publish_atomically(f, write, fsync=fsync)

@@ -94,6 +94,21 @@ class RebuildOptions:
     allow_import: bool = False
 
 
+def _xor_base(record: VersionRecord, chain: list[VersionRecord]) -> str | None:
+    """The version ``record``'s XOR deltas are taken against: always its chain's full version."""
+    base = record.details.get("xor_base")
+    if base is not None and base != chain[-1].id:
+        raise RepositoryError(
+            f"{record.describe()} stores XOR deltas against {base!r}, not its chain's full version {chain[-1].id}"
+        )
+    return base
+
+
+def _file_order(rows: np.ndarray, columns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    order = np.lexsort((rows, columns))
+    return rows[order], columns[order]
+
+
 def recover(
     repo: Repository,
     vid: str,
@@ -124,8 +139,7 @@ def recover(
     owner = owner if len(models) == len(owner) else owner[models]
     computed = np.empty(owner.shape, dtype=U64)
     pieces = [(record, *pairs) for record, pairs in zip(chain, _group_by_owner(owner, len(chain)))]
-    pieces = [(record, rows, columns) for record, rows, columns in pieces if len(rows)]
-    copied = [piece for piece in pieces if APPROACHES[piece[0].approach].stores_rows]
+    pieces = [[record, rows, columns] for record, rows, columns in pieces if len(rows)]
     context = RebuildContext(
         lambda base, wanted: recover(repo, base, wanted, verify=verify, options=options),
         repo.objects, options.training, options.allow_import, options.executor,
@@ -133,6 +147,17 @@ def recover(
     for record, rows, columns in pieces:
         if not APPROACHES[record.approach].stores_rows:
             computed[rows, columns] = _rebuild_pieces(context, record, models, rows, columns, architecture, tensors)
+    copied = [piece for piece in pieces if APPROACHES[piece[0].approach].stores_rows]
+    xor_pieces = [p for p in copied if _xor_base(p[0], chain) is not None]
+    if xor_pieces:
+        # XOR deltas apply to the full version's values of the same pairs: read those along
+        # with the full version's own pairs (one decode of its chunks), then the deltas.
+        if not copied or copied[-1][0] is not chain[-1]:
+            copied.append([chain[-1], np.empty(0, np.int64), np.empty(0, np.int64)])
+        root = copied[-1]
+        root[1], root[2] = _file_order(np.concatenate([root[1], *(p[1] for p in xor_pieces)]),
+                                       np.concatenate([root[2], *(p[2] for p in xor_pieces)]))
+        copied = [p for p in copied if all(p is not q for q in xor_pieces)] + xor_pieces
     with contextlib.ExitStack() as stack:
         requests = []
         opened_target = None
@@ -140,7 +165,9 @@ def recover(
             opened = stack.enter_context(repo.objects.reader(record.objects[0]))
             opened_target = opened if record.id == vid else opened_target
             located = APPROACHES[record.approach].locate(repo.objects, record, opened, models[rows], columns)
-            requests.append(RowRequest(*opened, columns, located, rows))
+            xor = _xor_base(record, chain) is not None
+            requests.append(RowRequest(*opened, columns, located, rows, xor=xor))
+        # In request order: an XOR result overwrites the hash of the reference row under it.
         for (_, rows, columns), hashes in zip(copied, read_rows_many(requests, destinations)):
             computed[rows, columns] = hashes
         expected = repo.hash_rows(vid, models, opened_target) if verify else None
@@ -192,9 +219,18 @@ def _recover_recursive(repo: Repository, vid: str, verify: bool, options: Rebuil
     approach = APPROACHES[record.approach]
     if approach.stores_rows:
         destinations = [packing.byte_view(result.tensors[s.name]) for s in architecture.tensors]
-        with repo.objects.reader(record.objects[0]) as opened:
+        xor = not record.is_full and _xor_base(record, chain_of(repo, vid)) is not None
+        with contextlib.ExitStack() as stack:
+            requests = []
+            if xor:  # the deltas apply to the full version's values, not the base's
+                root = chain_of(repo, vid)[-1]
+                opened_root = stack.enter_context(repo.objects.reader(root.objects[0]))
+                located = APPROACHES[root.approach].locate(repo.objects, root, opened_root, rows, columns)
+                requests.append(RowRequest(*opened_root, columns, located, rows))
+            opened = stack.enter_context(repo.objects.reader(record.objects[0]))
             stored = approach.locate(repo.objects, record, opened, rows, columns)
-            computed = read_rows_many([RowRequest(*opened, columns, stored, rows)], destinations)[0]
+            requests.append(RowRequest(*opened, columns, stored, rows, xor=xor))
+            computed = read_rows_many(requests, destinations)[-1]
     else:
         base = result  # the whole base set is at hand: retrain from it, as the paper does
         context = RebuildContext(

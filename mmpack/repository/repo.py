@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
@@ -13,7 +14,11 @@ import numpy as np
 from torch import nn
 
 from mmpack.approaches import APPROACHES, SaveRequest
+from mmpack.approaches.advisor import CostModel, Policy, SmallestUnder, Throughputs, check_policy as _check_policy
+from mmpack.approaches.advisor import measured_throughputs
 from mmpack.architecture import Architecture
+from mmpack.compression import Compression
+from mmpack.compression import resolve as resolve_compression
 from mmpack.errors import ArchitectureMismatchError, MMPackError, RepositoryError, VersionNotFoundError
 from mmpack.fileformat import modelset_and_hashes
 from mmpack.modelset import ModelSet
@@ -34,6 +39,7 @@ _MARKER = "repository.json"
 _MARKER_CONTENT = {"format": "mmpack-repository", "format_version": 1}
 _HASH_TABLE_CACHE = 8
 _MAX_ID_ATTEMPTS = 1000
+_REPOSITORY_DEFAULT = object()  # compression= not given: use the repository's
 
 
 @dataclass(frozen=True)
@@ -92,11 +98,15 @@ class GcReport:
 
 
 class Repository:
-    """Repository(path, *, fsync=True, snapshots=None, store=None)
+    """Repository(path, *, fsync=True, snapshots=None, store=None, compression=None, policy=None, throughputs=None)
 
     Versions of a model set, stored with the Baseline or Update approach,
     each immutable once saved. A local directory (created if missing) is the
     embedded default; any :class:`~mmpack.store.Store` can be passed instead.
+    ``compression`` ("zstd" or a :class:`~mmpack.Compression`) is the default
+    for every save; ``policy`` the default of ``approach="auto"`` saves
+    (:class:`~mmpack.SmallestUnder` ``(math.inf)``: smallest storage), whose
+    time estimates use ``throughputs`` (measured on this machine if None).
     A version exists once its manifest is published, which happens after all
     its data is written, atomically: a crash at any moment leaves only
     complete versions. Several processes may save into one repository at once.
@@ -116,9 +126,15 @@ class Repository:
         fsync: bool = True,
         snapshots: SnapshotPolicy | None = None,
         store: Store | None = None,
+        compression: str | Compression | None = None,
+        policy: Policy | None = None,
+        throughputs: Throughputs | None = None,
     ) -> None:
         if (path is None) == (store is None):
             raise TypeError("pass a path or a store, not both")
+        self.compression = resolve_compression(compression)
+        self.policy = _check_policy(policy) if policy is not None else SmallestUnder(math.inf)
+        self._throughputs = throughputs
         self.store = store if store is not None else LocalStore(path, fsync=fsync)
         self.objects = ObjectStore(self.store)
         self.snapshots = snapshots or SnapshotPolicy()
@@ -169,8 +185,11 @@ class Repository:
         base: str | None = None,
         provenance: object = None,
         message: str = "",
+        *,
+        compression: str | Compression | None | object = _REPOSITORY_DEFAULT,
+        policy: Policy | None = None,
     ) -> str:
-        """repo.save(models, approach="baseline", base=None, message="") -> version id
+        """repo.save(models, approach="baseline", base=None, message="", *, compression=..., policy=None) -> version id
 
         Store a model set (a :class:`ModelSet` or a list of modules) as a new
         version and return its id (``"v1"``, ``"v2"``...). ``"baseline"``
@@ -179,32 +198,45 @@ class Repository:
         parameters); ``"provenance"`` stores how the changed models were
         trained (``provenance=Provenance.of(...)``, an entry for every model
         that differs from ``base``) and their hashes. Without a base, or when
-        the snapshot policy asks, the full set is stored instead.
-        ``repo.versions()`` records which and why.
+        the snapshot policy asks, the full set is stored instead. ``"auto"``
+        lets ``policy`` (default: the repository's) pick among the approaches
+        that can store this version, from each one's estimate of bytes stored
+        and time to recover. ``compression`` overrides the repository's
+        default (None: raw). ``repo.versions()`` records which approach was
+        used and why.
 
         Example::
 
             vid = repo.save(models, approach="update", base=vid)  # once per training cycle
+            vid = repo.save(models, approach="auto", base=vid, policy=mmpack.SmallestUnder(seconds=0.5))
         """
-        if approach not in APPROACHES:
-            raise MMPackError(f"unknown approach {approach!r}; choose one of {sorted(APPROACHES)}")
-        if provenance is not None and approach != "provenance":
+        if approach not in APPROACHES and approach != "auto":
+            raise MMPackError(f"unknown approach {approach!r}; choose 'auto' or one of {sorted(APPROACHES)}")
+        if provenance is not None and approach != "auto" and not APPROACHES[approach].takes_provenance:
             raise MMPackError(f"approach {approach!r} takes no provenance")
         if not isinstance(message, str):
             raise TypeError("message must be a string")
+        setting = self.compression if compression is _REPOSITORY_DEFAULT else resolve_compression(compression)
         base_record = self.version(base) if base is not None else None
         modelset, hashes = modelset_and_hashes(models)
         if base_record is not None:
             self._check_compatible(modelset, base_record)
-        chosen, reason = self._choose(approach, base_record)
-        architecture_bytes = self._store_architecture(modelset.architecture)
         request = SaveRequest(
             modelset,
             hashes,
             base_record,
             (lambda: self.hashes(base_record.id)) if base_record is not None else _no_base,
             provenance,
+            setting,
+            self._xor_reference(base_record) if setting is not None and setting.xor else None,
         )
+        details: dict = {}
+        if approach == "auto":
+            approach, auto_reason, details = self._advise(request, policy)
+        chosen, reason = self._choose(approach, base_record)
+        if details:
+            reason = auto_reason if chosen == approach else f"{auto_reason}; then {reason}"
+        architecture_bytes = self._store_architecture(modelset.architecture)
         stored = APPROACHES[chosen].save(self.objects, request)
         record = self._publish(
             lambda vid: VersionRecord(
@@ -218,12 +250,40 @@ class Repository:
                 architecture=modelset.architecture.fingerprint(),
                 objects=tuple(stored.objects),
                 changes=stored.changes,
-                details=stored.details,
+                details={**details, **stored.details},
                 architecture_bytes=architecture_bytes,
             )
         )
         self._remember_table(record.id, request.resolved_hashes())
         return record.id
+
+    def _xor_reference(self, base: VersionRecord | None) -> tuple[str, object] | None:
+        """The chain's full version, which XOR deltas are taken against, and how to fetch its rows."""
+        if base is None:
+            return None
+        root = recovery.chain_of(self, base.id)[-1]
+        return root.id, lambda models: self.recover(root.id, models)
+
+    def _advise(self, request: SaveRequest, policy: Policy | None) -> tuple[str, str, dict]:
+        """Pick an approach for ``approach="auto"``: every registered approach estimates what it
+        would cost (None: it cannot store this version), then the policy picks."""
+        policy = _check_policy(policy) if policy is not None else self.policy
+        chain = recovery.chain_of(self, request.base.id) if request.base is not None else []
+        model = CostModel(request, chain, self._throughputs or measured_throughputs())
+        estimates = {name: approach.estimate(request, model) for name, approach in APPROACHES.items()}
+        available = {name: e for name, e in estimates.items() if e is not None}
+        if not available:
+            raise MMPackError("no approach can store this version")
+        chosen, why = policy.choose(available)
+        described = "; ".join(
+            f"{name} {e.stored_bytes / 1e6:.3f} MB, recover ~{e.recover_seconds:.3f} s" if e is not None
+            else f"{name} unavailable" for name, e in estimates.items()
+        )
+        details = {
+            "policy": policy.describe(),
+            "estimates": {name: e.to_json() for name, e in available.items()},
+        }
+        return chosen, f"auto ({policy.describe()}): {why} [{described}]", details
 
     def _check_compatible(self, models: ModelSet, base: VersionRecord) -> None:
         difference = models.architecture.difference(self.architecture(base.architecture))

@@ -31,6 +31,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -431,11 +432,13 @@ class BatteryFleet:
         kinds: list[UpdateKind] = ["full" if k % 2 == 0 else "partial" for k in range(len(chosen))]
         arrays, refs = self.datasets(chosen, cycle)
         config = self.config.to_json()
+        started = time.perf_counter()
         updated = finetune(models.select(chosen), arrays, kinds, config, chosen)
+        seconds = time.perf_counter() - started
         tensors = {name: t.clone() for name, t in models.tensors.items()}
         for name, t in updated.tensors.items():
             tensors[name][torch.from_numpy(chosen)] = t
         provenance = Provenance.of(
-            finetune, config, {int(c): (ref, kind) for c, ref, kind in zip(chosen, refs, kinds)}
+            finetune, config, {int(c): (ref, kind) for c, ref, kind in zip(chosen, refs, kinds)}, seconds
         )
         return ModelSet(models.architecture, tensors), provenance

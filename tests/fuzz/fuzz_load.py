@@ -6,7 +6,8 @@
 Any input must either load or raise an MMPackError: any other exception, a
 crash or a hang is a bug. The corpus starts from valid files (the golden file
 and a few small sets) so mutations explore the header parser and the
-integrity checks rather than the magic-bytes check alone.
+integrity checks rather than the magic-bytes check alone; compressed copies
+of them take mutations into the chunk table and the zstd frames.
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ def seed_corpus() -> None:
     }
     for name, ms in sets.items():
         mmpack.save(ms, CORPUS / f"{name}.mmpack")
+        # Compressed (format version 2) files, with small chunks so there are many.
+        mmpack.save(ms, CORPUS / f"{name}-zstd.mmpack", compression=mmpack.Compression(chunk_bytes=256))
 
 
 def resigned(data: bytes) -> bytes:

@@ -17,9 +17,15 @@ struct Segment {
     std::size_t size;
 };
 
-// Copies every segment (they must not overlap one another). When `hashes` is
-// not null, hashes[k] receives the XXH3-64 of segment k's bytes.
-void copy_segments(const Segment* segments, std::size_t n_segments, std::uint64_t* hashes);
+// What a segment does to its destination: overwrite it, or XOR the source
+// into it (undoing an XOR delta against a reference in the same pass).
+enum class SegmentOp { copy, xor_into };
+
+// Applies every segment (they must not overlap one another). When `hashes` is
+// not null, hashes[k] receives the XXH3-64 of segment k's destination bytes
+// after the operation.
+void copy_segments(const Segment* segments, std::size_t n_segments, std::uint64_t* hashes,
+                   SegmentOp op = SegmentOp::copy);
 
 // out[r] = XXH3-64 of bytes [r * row_bytes, (r + 1) * row_bytes) of `data`,
 // for r < n_rows. data.size must be n_rows * row_bytes (checked by callers).
