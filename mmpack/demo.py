@@ -68,7 +68,7 @@ def run_demo(models: int = 5000, cycles: int = 3, directory: str | None = None,
     step("generating data and training the initial models")
     (sets, _), seconds = timed(fleet.initial_models)
     sets = [sets]
-    say(f"  trained {models} cell models on their first drive cycle in {seconds:.1f} s (one vmapped step for all cells)")
+    say(f"  trained {models} cell models on their first drive cycle in {seconds:.1f} s (batched: every step trains all cells)")
     provenances = [None]
     for cycle in range(1, cycles + 1):
         step(f"update cycle {cycle}")

@@ -52,7 +52,7 @@ class RebuildContext:
     objects: ObjectStore
     training: Mapping[str, TrainingFunction] | None
     allow_import: bool
-    executor: Executor | None
+    executor: Executor | DefaultPool | None
 
 
 class ProvenanceApproach(Approach):
@@ -170,30 +170,44 @@ def read_document(objects: ObjectStore, record: VersionRecord) -> tuple[Provenan
     return provenance, stored
 
 
+class DefaultPool:
+    """The executor used when the caller names none: a spawned local process pool, started on first
+    use and shared by every level of one recovery (starting workers that import torch costs seconds).
+    Jobs of :data:`INLINE_MODELS` models or fewer run in this process instead."""
+
+    def __init__(self) -> None:
+        self._pool: ProcessPoolExecutor | None = None
+
+    def pool(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            workers = os.cpu_count() or 1
+            self._pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+        return self._pool
+
+    def shutdown(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+
+
 def _retrain(function: TrainingFunction, provenance: Provenance, base: ModelSet, models: np.ndarray,
              context: RebuildContext) -> ModelSet:
     """Retrain ``models`` (their base state in ``base``) in chunks on the executor, then reassemble."""
     executor = context.executor
-    own_pool = None
-    if executor is None and len(models) > INLINE_MODELS:
-        workers = min(os.cpu_count() or 1, math.ceil(len(models) / INLINE_MODELS))
-        own_pool = executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
-    try:
-        if executor is None:
-            return _train_chunk(function, provenance, base.architecture.to_json(), dict(base.tensors), models)
-        workers = getattr(executor, "_max_workers", None) or os.cpu_count() or 1
-        chunks = np.array_split(np.arange(len(models)), min(len(models), workers))
-        futures = [
-            executor.submit(
-                _train_chunk, function, provenance, base.architecture.to_json(),
-                {n: t[torch.from_numpy(chunk)] for n, t in base.tensors.items()}, models[chunk],
-            )
-            for chunk in chunks
-        ]
-        parts = [f.result() for f in futures]
-    finally:
-        if own_pool is not None:
-            own_pool.shutdown()
+    if isinstance(executor, DefaultPool):
+        executor = executor.pool() if len(models) > INLINE_MODELS else None
+    if executor is None:
+        return _train_chunk(function, provenance, base.architecture.to_json(), dict(base.tensors), models)
+    workers = getattr(executor, "_max_workers", None) or os.cpu_count() or 1
+    chunks = np.array_split(np.arange(len(models)), min(len(models), workers))
+    futures = [
+        executor.submit(
+            _train_chunk, function, provenance, base.architecture.to_json(),
+            {n: t[torch.from_numpy(chunk)] for n, t in base.tensors.items()}, models[chunk],
+        )
+        for chunk in chunks
+    ]
+    parts = [f.result() for f in futures]
     tensors = {n: torch.cat([p.tensors[n] for p in parts]) for n in base.architecture.names}
     return ModelSet(base.architecture, tensors)
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from torch import nn
 
-from mmpack.approaches import APPROACHES, SaveRequest
+from mmpack.approaches import APPROACHES, DefaultPool, SaveRequest
 from mmpack.approaches.advisor import CostModel, Policy, SmallestUnder, Throughputs, check_policy as _check_policy
 from mmpack.approaches.advisor import measured_throughputs
 from mmpack.architecture import Architecture
@@ -374,8 +374,13 @@ class Repository:
             ms = repo.recover("v7", indices=[3, 17])
             ms = repo.recover("v9", allow_import=True, executor=ProcessPoolExecutor(4))
         """
-        options = recovery.RebuildOptions(executor, training, allow_import)
-        return recovery.recover(self, check_version_id(vid), indices, strategy=strategy, verify=verify, options=options)
+        pool = DefaultPool() if executor is None else None
+        options = recovery.RebuildOptions(executor or pool, training, allow_import)
+        try:
+            return recovery.recover(self, check_version_id(vid), indices, strategy=strategy, verify=verify, options=options)
+        finally:
+            if pool is not None:
+                pool.shutdown()
 
     def versions(self) -> list[VersionRecord]:
         """repo.versions() -> list of VersionRecord, oldest first.
@@ -492,21 +497,26 @@ class Repository:
         report = VerifyReport()
         ids = [check_version_id(vid)] if vid is not None else self._version_ids()
         may_retrain = bool(training) or allow_import
-        options = recovery.RebuildOptions(executor, training, allow_import)
+        pool = DefaultPool() if executor is None else None
+        options = recovery.RebuildOptions(executor or pool, training, allow_import)
         checked: set[str] = set()
-        for version_id in ids:
-            report.versions.append(version_id)
-            try:
-                record = self.version(version_id)
-                if not all(ref.key in checked for ref in record.objects):
-                    checked.update(ref.key for ref in record.objects)
-                    APPROACHES[record.approach].check(self.objects, record)
-                if not may_retrain and self._needs_retraining(record):
-                    report.not_retrained.append(version_id)
-                    continue
-                recovery.recover(self, version_id, None, verify=True, options=options)
-            except (MMPackError, OSError) as exc:
-                report.problems.append(f"{version_id}: {exc}")
+        try:
+            for version_id in ids:
+                report.versions.append(version_id)
+                try:
+                    record = self.version(version_id)
+                    if not all(ref.key in checked for ref in record.objects):
+                        checked.update(ref.key for ref in record.objects)
+                        APPROACHES[record.approach].check(self.objects, record)
+                    if not may_retrain and self._needs_retraining(record):
+                        report.not_retrained.append(version_id)
+                        continue
+                    recovery.recover(self, version_id, None, verify=True, options=options)
+                except (MMPackError, OSError) as exc:
+                    report.problems.append(f"{version_id}: {exc}")
+        finally:
+            if pool is not None:
+                pool.shutdown()
         report.objects = len(checked)
         return report
 
