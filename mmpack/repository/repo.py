@@ -7,6 +7,7 @@ import os
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from torch import nn
@@ -26,7 +27,7 @@ from mmpack.repository.manifest import (
     now,
     version_number,
 )
-from mmpack.store import LocalStore, ObjectStore, Store
+from mmpack.store import ObjectStore, Store, open_store
 
 _MARKER = "repository.json"
 _MARKER_CONTENT = {"format": "mmpack-repository", "format_version": 1}
@@ -87,14 +88,17 @@ class GcReport:
 
 
 class Repository:
-    """Repository(path, *, fsync=True, snapshots=None, store=None)
+    """Repository(path_or_url, *, storage_options=None, fsync=True, snapshots=None, store=None)
 
     Versions of a model set, stored with the Baseline or Update approach,
     each immutable once saved. A local directory (created if missing) is the
-    embedded default; any :class:`~mmpack.store.Store` can be passed instead.
-    A version exists once its manifest is published, which happens after all
-    its data is written, atomically: a crash at any moment leaves only
-    complete versions. Several processes may save into one repository at once.
+    embedded default; an fsspec URL (``"s3://bucket/prefix"``, with
+    ``storage_options`` for its file system; needs ``pip install
+    "mmpack[s3]"`` for S3) keeps the repository in object storage, and any
+    :class:`~mmpack.store.Store` can be passed instead. A version exists
+    once its manifest is published, which happens after all its data is
+    written, atomically: a crash at any moment leaves only complete
+    versions. Several processes may save into one repository at once.
 
     Example::
 
@@ -102,19 +106,23 @@ class Repository:
         v1 = repo.save(models)                                   # full set
         v2 = repo.save(models, approach="update", base=v1)       # changed tensors only
         two = repo.recover(v2, indices=[3, 17])                  # reads only their bytes
+        remote = mmpack.Repository("s3://fleet/cells", storage_options={"profile": "prod"})
     """
 
     def __init__(
         self,
         path: str | os.PathLike[str] | None = None,
         *,
+        storage_options: dict[str, Any] | None = None,
         fsync: bool = True,
         snapshots: SnapshotPolicy | None = None,
         store: Store | None = None,
     ) -> None:
         if (path is None) == (store is None):
             raise TypeError("pass a path or a store, not both")
-        self.store = store if store is not None else LocalStore(path, fsync=fsync)
+        if store is not None and storage_options is not None:
+            raise TypeError("storage_options configure the store a path or URL opens; a store is already configured")
+        self.store = store if store is not None else open_store(path, storage_options, fsync=fsync)
         self.objects = ObjectStore(self.store)
         self.snapshots = snapshots or SnapshotPolicy()
         self._records: dict[str, VersionRecord] = {}
@@ -138,13 +146,13 @@ class Repository:
 
     def _open_or_create(self) -> None:
         marker = json.dumps(_MARKER_CONTENT).encode()
-        if self.store.exists(_MARKER):
-            content = self.store.get(_MARKER)
-        elif self.store.list("") or self.store.list("versions/"):
-            raise RepositoryError(f"{self.store!r} holds files but is not an mmpack repository")
-        elif self.store.put_if_absent(_MARKER, marker):
-            return
-        else:
+        try:
+            content = self.store.get(_MARKER)  # one request when the repository exists (remote stores)
+        except FileNotFoundError:
+            if self.store.list("") or self.store.list("versions/"):
+                raise RepositoryError(f"{self.store!r} holds files but is not an mmpack repository") from None
+            if self.store.put_if_absent(_MARKER, marker):
+                return
             content = self.store.get(_MARKER)
         try:
             found = json.loads(content)
