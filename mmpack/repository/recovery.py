@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -106,7 +107,9 @@ def recover(
     computed = np.empty(owner.shape, dtype=U64)
     pieces = [(record, *pairs) for record, pairs in zip(chain, _group_by_owner(owner, len(chain)))]
     pieces = [(record, rows, columns) for record, rows, columns in pieces if len(rows)]
-    with contextlib.ExitStack() as stack:
+    with contextlib.ExitStack() as stack, ThreadPoolExecutor(1) as background:
+        if repo.store.remote:  # a round trip per object header: have them travel together
+            repo.objects.open_many([record.objects[0] for record, _, _ in pieces] + [target.objects[0]])
         requests = []
         opened_target = None
         for record, rows, columns in pieces:
@@ -114,9 +117,13 @@ def recover(
             opened_target = opened if record.id == vid else opened_target
             stored = APPROACHES[record.approach].locate(repo.objects, record, opened, models[rows], columns)
             requests.append(RowRequest(*opened, columns, stored, rows))
+        expected = None
+        if verify and repo.store.remote:  # the version's hashes travel while the rows do
+            expected = background.submit(repo.hash_rows, vid, models, opened_target)
         for (_, rows, columns), hashes in zip(pieces, read_rows_many(requests, destinations)):
             computed[rows, columns] = hashes
-        expected = repo.hash_rows(vid, models, opened_target) if verify else None
+        if verify:
+            expected = expected.result() if expected is not None else repo.hash_rows(vid, models, opened_target)
     if expected is not None:
         rows, columns = np.indices(owner.shape).reshape(2, -1)
         verify_rows(models[rows], columns, computed.reshape(-1), expected.reshape(-1), f"version {vid}")

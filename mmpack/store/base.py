@@ -44,6 +44,10 @@ class CleanupReport:
 class Store(ABC):
     """Immutable objects under string keys, with atomic writes and range reads."""
 
+    #: Each request is a network round trip: callers overlap independent requests (threads)
+    #: instead of issuing them one after another.
+    remote: bool = False
+
     @abstractmethod
     def get(self, key: str) -> bytes:
         """The whole object; ``FileNotFoundError`` if absent."""

@@ -112,6 +112,8 @@ class FsspecStore(Store):
         repo = mmpack.Repository("s3://models/cells", storage_options={"endpoint_url": "http://127.0.0.1:9000"})
     """
 
+    remote = True
+
     def __init__(
         self,
         url: str,
@@ -366,6 +368,8 @@ class RemoteReader:
     hashes every segment in one native call. Objects are immutable, so what
     was fetched stays valid.
     """
+
+    remote = True  # each read is a round trip: read_rows_many overlaps the reads of several objects
 
     def __init__(self, store: FsspecStore, path: str) -> None:
         self._store = store
