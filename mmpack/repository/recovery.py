@@ -93,7 +93,14 @@ def recover(
         raise ValueError(f"unknown recovery strategy {strategy!r}; use 'resolve' or 'recursive'")
     target = repo.version(vid)
     chain = chain_of(repo, vid)
-    architecture = repo.architecture(target.architecture)
+    if repo.store.remote and verify:
+        # The target's object is always read (its hashes): its header travels with the architecture.
+        with ThreadPoolExecutor(1) as background:
+            opening = background.submit(repo.objects.header, target.objects[0])
+            architecture = repo.architecture(target.architecture)
+            opening.result()
+    else:
+        architecture = repo.architecture(target.architecture)
     if indices is None:
         wanted = None
         models = np.arange(target.n_models)

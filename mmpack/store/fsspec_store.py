@@ -31,6 +31,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import Any
 
@@ -52,7 +53,7 @@ _CONFLICT_CODES = {"ConditionalRequestConflict", "OperationAborted"}
 _MAX_ATTEMPTS = 200
 
 
-def filesystem_for(url: str, storage_options: dict[str, Any] | None) -> tuple[Any, str]:
+def _filesystem_for(url: str, storage_options: dict[str, Any] | None) -> tuple[Any, str]:
     """The fsspec file system and root path of ``url``; a missing backend names what to install."""
     protocol = url.split("://", 1)[0].split("::", 1)[0]
     hint = _install_hint(protocol)
@@ -124,7 +125,7 @@ class FsspecStore(Store):
         filesystem: Any = None,
     ) -> None:
         if filesystem is None:
-            self.fs, root = filesystem_for(url, storage_options)
+            self.fs, root = _filesystem_for(url, storage_options)
         else:
             if storage_options:
                 raise TypeError("pass storage_options or a filesystem, not both")
@@ -323,8 +324,11 @@ class FsspecStore(Store):
         """The first ``length`` bytes (fewer if the object is shorter) and, if known, the size."""
         if self._s3 is not None:
             return self._s3.head(path, length)
-        data = self._read(path, 0, length)
-        return data, (len(data) if len(data) < length else None)
+        # The size comes from a second request, sent alongside rather than after: one round trip.
+        with ThreadPoolExecutor(1) as pool:
+            size = pool.submit(self._info, path)
+            data = self._read(path, 0, length)
+            return data, int(size.result()["size"])
 
     def _read_ranges(self, path: str, starts: list[int], ends: list[int]) -> list[bytes]:
         """Several ranges of one object, fetched concurrently where the file system can."""
@@ -367,6 +371,11 @@ class RemoteReader:
     segments into few ranges and fetches them concurrently, then copies and
     hashes every segment in one native call. Objects are immutable, so what
     was fetched stays valid.
+
+    Example::
+
+        with store.open_reader("objects/3f2a.mmpack") as reader:
+            header = mmpack.fileformat.read_header(reader)   # one GET: the first 64 KiB and the size
     """
 
     remote = True  # each read is a round trip: read_rows_many overlaps the reads of several objects
