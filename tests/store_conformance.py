@@ -44,6 +44,18 @@ class StoreConformance:
         assert store.get("a/empty") == b""
         assert store.size("a/array") == 12 and store.size("a/empty") == 0
 
+    def test_a_large_streamed_object_arrives_whole(self, store):
+        data = np.random.default_rng(1).integers(0, 256, 5_000_000, dtype=np.uint8)
+        cuts = [0, 1, 700_000, 700_001, 3_000_000, 5_000_000]
+
+        def writer(f):
+            for a, b in zip(cuts[:-1], cuts[1:]):
+                f.write(data[a:b])
+
+        store.put("objects/large", writer)
+        assert store.size("objects/large") == len(data)
+        assert store.get("objects/large") == data.tobytes()
+
     def test_put_replaces_the_whole_object(self, store):
         store.put("k", b"a long first version")
         store.put("k", b"short")

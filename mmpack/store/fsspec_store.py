@@ -39,7 +39,7 @@ import numpy as np
 
 from mmpack import _native
 from mmpack.errors import IntegrityError, MissingDependencyError, MMPackError, RepositoryError
-from mmpack.store.base import CleanupReport, Data, Store, Writer, as_writer, check_key
+from mmpack.store.base import CleanupReport, Data, Store, Writer, check_key
 
 U64 = np.uint64
 
@@ -51,6 +51,8 @@ SINGLE_PUT_LIMIT = 5 * 2**30  # S3's limit for one PUT; larger objects go up in 
 _WRITER_TOKEN = "mmpack-writer"  # object metadata naming the put_if_absent call that created a key
 _CONFLICT_CODES = {"ConditionalRequestConflict", "OperationAborted"}
 _MAX_ATTEMPTS = 200
+
+Content = bytes | np.ndarray  # what a PUT sends: small documents as bytes, objects as uint8 arrays
 
 
 def _filesystem_for(url: str, storage_options: dict[str, Any] | None) -> tuple[Any, str]:
@@ -233,7 +235,7 @@ class FsspecStore(Store):
 
     # -- publishing a key exactly once ----------------------------------------------
 
-    def _create_conditionally(self, path: str, content: bytes) -> bool:
+    def _create_conditionally(self, path: str, content: Content) -> bool:
         token = secrets.token_hex(10)
         for attempt in range(_MAX_ATTEMPTS):
             try:
@@ -249,7 +251,7 @@ class FsspecStore(Store):
                 _backoff(attempt)  # two conditional PUTs of one key in flight: S3 asks to retry
         raise RepositoryError(f"could not create {path}: the store kept reporting conflicting writes")
 
-    def _create_with_claim(self, key: str, path: str, content: bytes) -> bool:
+    def _create_with_claim(self, key: str, path: str, content: Content) -> bool:
         claims = f"{self.root}/{INTERNAL_PREFIX}/claims/{key}"
         patience = 3 * self.lease_seconds + 30  # outlasts any claim a killed writer left
         deadline = time.monotonic() + patience
@@ -305,13 +307,13 @@ class FsspecStore(Store):
 
     # -- requests: every byte moves through these ------------------------------------
 
-    def _write(self, path: str, content: bytes, *, create: bool = False, token: str | None = None) -> None:
+    def _write(self, path: str, content: Content, *, create: bool = False, token: str | None = None) -> None:
         """One PUT (create-only with ``create``, which S3 signals with FileExistsError)."""
         try:
             if self._s3 is not None:
                 self._s3.put(path, content, create=create, token=token)
             else:
-                self.fs.pipe_file(path, content)
+                self.fs.pipe_file(path, content if isinstance(content, bytes) else memoryview(content))
         except FileNotFoundError as exc:
             raise RepositoryError(f"cannot write to {self.url}: {exc} (does the bucket exist?)") from None
 
@@ -497,7 +499,10 @@ class _S3:
     def __init__(self, fs: Any) -> None:
         self.fs = fs
 
-    def put(self, path: str, content: bytes, *, create: bool, token: str | None) -> None:
+    def put(self, path: str, content: Content, *, create: bool, token: str | None) -> None:
+        if isinstance(content, np.ndarray):
+            # botocore takes bytes or a file; a file over the array spares copying it into bytes.
+            content = _ArrayFile(content) if len(content) < SINGLE_PUT_LIMIT else content.tobytes()
         extra: dict[str, Any] = {}
         if create:
             extra["mode"] = "create"
@@ -562,17 +567,88 @@ def _is_s3(fs: Any) -> bool:
     return s3fs is not None and isinstance(fs, s3fs.S3FileSystem)
 
 
-def _materialize(data: Data | Writer) -> bytes:
-    """The object's bytes in one piece: a PUT needs its length up front, and S3 clients take bytes."""
+def _materialize(data: Data | Writer) -> Content:
+    """The object's bytes in one piece (a PUT needs its length up front), copied at most once."""
     if isinstance(data, bytes):
         return data
-    if callable(data):
-        collected = io.BytesIO()
-        data(collected)
-        return collected.getvalue()  # shares BytesIO's buffer: no copy
-    out = io.BytesIO()
-    as_writer(data)(out)
-    return out.getvalue()
+    if isinstance(data, np.ndarray):
+        return np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+    if not callable(data):
+        return np.frombuffer(memoryview(data).cast("B"), dtype=np.uint8)
+    collected = _Collector()
+    data(collected)
+    return collected.result()
+
+
+class _Collector(io.RawIOBase):
+    """A write-only stream that gathers what a writer writes in numpy memory.
+
+    Not io.BytesIO: its buffer grows by reallocation in memory the kernel
+    backs with small pages, and first-touching 100 MB of those costs ~0.2 s
+    on the development VM; large numpy arrays get huge pages (see
+    DESIGN-NOTES, "Memory from numpy").
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._chunks: list[np.ndarray] = []
+        self._used = 0  # bytes used in the last chunk
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        view = np.frombuffer(memoryview(data).cast("B"), dtype=np.uint8)
+        written = len(view)
+        while len(view):
+            if not self._chunks or self._used == len(self._chunks[-1]):
+                grown = 2 * len(self._chunks[-1]) if self._chunks else 2**20
+                self._chunks.append(np.empty(max(grown, len(view)), dtype=np.uint8))
+                self._used = 0
+            chunk = self._chunks[-1]
+            n = min(len(view), len(chunk) - self._used)
+            chunk[self._used : self._used + n] = view[:n]
+            self._used += n
+            view = view[n:]
+        return written
+
+    def result(self) -> np.ndarray:
+        if not self._chunks:
+            return np.empty(0, dtype=np.uint8)
+        parts = [*self._chunks[:-1], self._chunks[-1][: self._used]]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+class _ArrayFile(io.RawIOBase):
+    """A seekable read-only file over a uint8 array, with a length: a PUT body without a copy."""
+
+    def __init__(self, array: np.ndarray) -> None:
+        super().__init__()
+        self._view = memoryview(array).cast("B")
+        self._position = 0
+
+    def __len__(self) -> int:
+        return len(self._view)
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: len(self._view)}[whence]
+        self._position = min(max(base + offset, 0), len(self._view))
+        return self._position
+
+    def readinto(self, target: Any) -> int:
+        n = min(len(target), len(self._view) - self._position)
+        memoryview(target).cast("B")[:n] = self._view[self._position : self._position + n]
+        self._position += n
+        return n
 
 
 def _mtime(info: dict[str, Any]) -> float:

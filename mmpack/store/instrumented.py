@@ -97,7 +97,7 @@ def _hook_s3(fs: Any, log: RequestLog, latency: float) -> None:
         if latency:
             await asyncio.sleep(latency)
         body = kwargs.get("Body")
-        sent = len(body) if isinstance(body, (bytes, bytearray)) else 0
+        sent = len(body) if hasattr(body, "__len__") else 0
         try:
             response = await send(method, *args, **kwargs)
         except BaseException:
