@@ -139,8 +139,9 @@ def _save_per_file(store: FsspecStore, keys: list[str], models: list[torch.nn.Mo
 
 def report(name: str, cases: dict[str, Measured], n_models: int, subset: int) -> None:
     print(f"\n== {name}")
-    rows = [[case, f"{m.n:.0f}", f"{m.s * 1e3:.1f}"] for case, m in cases.items()]
-    print_table(["operation", "requests", "ms (median)"], rows)
+    rows = [[case, f"{m.n:.0f}", f"{m.s * 1e3:.1f}", f"{min(m.seconds) * 1e3:.0f}-{max(m.seconds) * 1e3:.0f}"]
+            for case, m in cases.items()]
+    print_table(["operation", "requests", "ms (median)", "ms (min-max)"], rows)
     print(f"  per-file save / recover-all: measured on {subset} models, scaled x{n_models / subset:.0f}")
     ratio_save = cases["per-file save"].s / cases["save baseline"].s
     ratio_all = cases["per-file recover all"].s / cases["recover all"].s
