@@ -15,8 +15,9 @@
                                                   crash:MODE:N:PHASE (the crash scenario in URL/MODE-N-PHASE;
                                                   output: the keys of the writes begun; PHASE 'during'
                                                   kills the child while its PUT is in flight) or
-                                                  save:MODE:SEED:COUNT (the save command on URL). MODE is
-                                                  'conditional', or 'claims=LEASE' to publish with claims
+                                                  save:MODE:SEED:COUNT (the save command on URL/shared).
+                                                  MODE is 'conditional', or 'claims=LEASE' to publish
+                                                  with claims
 """
 
 from __future__ import annotations
@@ -113,7 +114,7 @@ def remote(url: str, tasks: list[str]) -> None:
                     where = f"{url}/{mode.replace('=', '')}-{args[0]}-{args[1]}"
                     _crash_remotely(where, mode, int(args[0]), args[1], report)
                 else:
-                    save(url, int(args[0]), int(args[1]), mode, report)
+                    save(f"{url}/shared", int(args[0]), int(args[1]), mode, report)
                 report.flush()
             except BaseException:
                 traceback.print_exc()
