@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 import mmpack
 from mmpack import MissingDependencyError, MMPackError, Repository
 from mmpack.store import FsspecStore, LocalStore, open_store
+from mmpack.store.urls import protocol_of
 from mmpack.store.fsspec_store import INTERNAL_PREFIX, plan_ranges
 from mmpack.store.instrumented import instrument
 
@@ -71,6 +72,8 @@ def test_local_paths_and_file_urls_open_local_stores(tmp_path):
         open_store(tmp_path / "d", {"anon": True})
     with pytest.raises(TypeError):
         open_store(3)
+    assert isinstance(open_store("odd::name", fsync=False), LocalStore)  # not a chained URL
+    assert protocol_of("simplecache::s3://bucket/x") == "simplecache" and protocol_of("C:\\data") is None
 
 
 def test_other_urls_open_fsspec_stores_and_repositories():

@@ -10,7 +10,8 @@ from mmpack.errors import MMPackError
 from mmpack.store.base import Store
 from mmpack.store.local import LocalStore
 
-_PROTOCOL = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)(://|::)")
+# "s3://...", or fsspec's chained form "simplecache::s3://..."; a bare "a::b" stays a path.
+_PROTOCOL = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)(://|::(?=.*://))")
 _LOCAL_PROTOCOLS = {"file", "local"}
 
 
