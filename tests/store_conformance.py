@@ -11,7 +11,7 @@ import pytest
 import xxhash
 
 from mmpack import IntegrityError, MMPackError
-from mmpack.store import CleanupReport, Store
+from mmpack.store import CleanupReport, SizedWriter, Store
 
 U64 = np.uint64
 
@@ -52,6 +52,9 @@ class StoreConformance:
             for a, b in zip(cuts[:-1], cuts[1:]):
                 f.write(data[a:b])
 
+        for size in (len(data), 10):  # a size given in advance, exact or wrong, changes nothing stored
+            store.put("objects/sized", SizedWriter(size, writer))
+            assert store.get("objects/sized") == data.tobytes()
         store.put("objects/large", writer)
         assert store.size("objects/large") == len(data)
         assert store.get("objects/large") == data.tobytes()

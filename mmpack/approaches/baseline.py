@@ -7,7 +7,7 @@ import numpy as np
 from mmpack.approaches.base import Approach, SaveRequest, Stored
 from mmpack.fileformat import Header, Reader, encode_header, write_body
 from mmpack.records import ObjectRef, VersionRecord
-from mmpack.store import ObjectStore
+from mmpack.store import ObjectStore, SizedWriter
 
 
 class Baseline(Approach):
@@ -19,7 +19,7 @@ class Baseline(Approach):
         ms = request.models
         prefix, header = encode_header(ms.architecture, len(ms), {})
         key = objects.new_key()
-        objects.put(key, lambda f: write_body(f, prefix, header, ms, request.hashes))
+        objects.put(key, SizedWriter(header.file_size, lambda f: write_body(f, prefix, header, ms, request.hashes)))
         return Stored([ObjectRef(key, header.file_size, header.header_hash)], None)
 
     def locate(

@@ -94,6 +94,26 @@ class Store(ABC):
             return reader.read(offset, length, key)
 
 
+@dataclass(frozen=True)
+class SizedWriter:
+    """A writer that knows how many bytes it will write.
+
+    Stores that must hold an object in memory before sending it (a PUT
+    needs its length) then allocate it once instead of growing a buffer.
+    Any store accepts it where it accepts a writer.
+
+    Example::
+
+        store.put(key, SizedWriter(len(header) + len(body), lambda f: (f.write(header), f.write(body))))
+    """
+
+    size: int
+    write: Writer
+
+    def __call__(self, f: BinaryIO) -> None:
+        self.write(f)
+
+
 def as_writer(data: Data | Writer) -> Writer:
     """A function writing ``data`` to a stream (``data`` may already be one)."""
     if callable(data):

@@ -39,7 +39,7 @@ import numpy as np
 
 from mmpack import _native
 from mmpack.errors import IntegrityError, MissingDependencyError, MMPackError, RepositoryError
-from mmpack.store.base import CleanupReport, Data, Store, Writer, check_key
+from mmpack.store.base import CleanupReport, Data, SizedWriter, Store, Writer, check_key
 
 U64 = np.uint64
 
@@ -575,7 +575,7 @@ def _materialize(data: Data | Writer) -> Content:
         return np.ascontiguousarray(data).reshape(-1).view(np.uint8)
     if not callable(data):
         return np.frombuffer(memoryview(data).cast("B"), dtype=np.uint8)
-    collected = _Collector()
+    collected = _Collector(data.size if isinstance(data, SizedWriter) else 2**20)
     data(collected)
     return collected.result()
 
@@ -589,8 +589,9 @@ class _Collector(io.RawIOBase):
     DESIGN-NOTES, "Memory from numpy").
     """
 
-    def __init__(self) -> None:
+    def __init__(self, first: int) -> None:
         super().__init__()
+        self._first = max(first, 1)  # a writer of known size fills exactly one chunk: no concatenation
         self._chunks: list[np.ndarray] = []
         self._used = 0  # bytes used in the last chunk
 
@@ -602,7 +603,7 @@ class _Collector(io.RawIOBase):
         written = len(view)
         while len(view):
             if not self._chunks or self._used == len(self._chunks[-1]):
-                grown = 2 * len(self._chunks[-1]) if self._chunks else 2**20
+                grown = 2 * len(self._chunks[-1]) if self._chunks else self._first
                 self._chunks.append(np.empty(max(grown, len(view)), dtype=np.uint8))
                 self._used = 0
             chunk = self._chunks[-1]
