@@ -18,7 +18,13 @@ counts every request and makes it wait ``--latency`` seconds first:
 For each: saving a 5,000-model FFNN-48 version (baseline, then an update
 of a 10 % U3 cycle), recovering one model from a repository just opened
 (nothing cached: manifest, architecture and object header are fetched),
-and recovering the whole version. Against the one-file-per-model pattern
+and recovering the whole version. Two floors per store, measured in the
+same runs: one PUT of the bytes of a baseline object, and one 64-byte
+ranged GET of it. (moto answers a ranged GET by copying the whole object
+under a per-object lock, about 0.1 s for 100 MB on the development VM, so
+the ranges of one object are served one after another: on moto the
+floors, not the request counts, set the times.) Against the
+one-file-per-model pattern
 (``torch.save`` of each state dict, one PUT per model, one GET per model to
 recover), measured on ``--subset`` models through the same hook and
 extrapolated linearly to all models (the requests are sequential and
