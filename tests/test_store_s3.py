@@ -87,3 +87,23 @@ def test_a_missing_bucket_is_a_clear_error(s3_server):
     store = FsspecStore("s3://no-such-bucket/repo", s3_server.storage_options)
     with pytest.raises(RepositoryError, match="does the bucket exist"):
         store.put("objects/a", b"1")
+
+
+def test_a_conflicting_conditional_put_is_retried(s3_server, monkeypatch):
+    from botocore.exceptions import ClientError
+    from s3fs.errors import translate_boto_error
+
+    real_put = fsspec_store._S3.put
+    calls = []
+
+    def conflicted_once(self, path, content, *, create, token):
+        calls.append(path)
+        if len(calls) == 1:  # S3's answer when two conditional PUTs of one key are in flight
+            conflict = {"Error": {"Code": "ConditionalRequestConflict", "Message": "retry"}}
+            raise translate_boto_error(ClientError(conflict, "PutObject"))
+        return real_put(self, path, content, create=create, token=token)
+
+    store = FsspecStore(s3_server.url(), s3_server.storage_options, conditional_writes=True)
+    monkeypatch.setattr(fsspec_store._S3, "put", conflicted_once)
+    assert store.put_if_absent("versions/v1.json", b"m") and len(calls) == 2
+    assert store.get("versions/v1.json") == b"m"
