@@ -13,6 +13,7 @@ __all__ = [
     "FormatError",
     "IntegrityError",
     "MMPackError",
+    "MissingDependencyError",
     "ModelIndexError",
     "ProvenanceError",
     "ProvenanceMismatchError",
@@ -63,6 +64,11 @@ class VersionNotFoundError(MMPackError, KeyError):
 
     def __str__(self) -> str:  # KeyError would show the message in quotes
         return str(self.args[0]) if self.args else ""
+
+
+class MissingDependencyError(MMPackError, ImportError):
+    """An optional package a feature needs is not installed; the message names what to install,
+    e.g. ``pip install "mmpack[s3]"`` for ``s3://`` repositories."""
 
 
 class RepositoryError(MMPackError):

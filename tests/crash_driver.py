@@ -1,4 +1,4 @@
-"""Subprocess side of the crash and concurrency tests (run by test_repository_processes.py).
+"""Subprocess side of the crash and concurrency tests (test_repository_processes.py, test_repository_s3.py).
 
     python crash_driver.py crash DIR PUTS PHASE   save v1 (baseline) then v2 (update) into DIR, SIGKILLing
                                                   this process at store write number PUTS, PHASE being
@@ -7,20 +7,35 @@
     python crash_driver.py save DIR SEED COUNT    save COUNT versions of the models made from SEED: a
                                                   baseline, then updates on it, then one update on v1;
                                                   print one 'vid seed step' line per version
+    python crash_driver.py remote URL TASK...    against an fsspec URL (storage options, as JSON, in
+                                                  MMPACK_TEST_STORAGE_OPTIONS): build one S3 client, then
+                                                  run every TASK at once, each in a forked child (one
+                                                  interpreter start for all); print one JSON line per
+                                                  task with its exit signal and output lines. TASK is
+                                                  crash:MODE:N:PHASE (the crash scenario in URL/MODE-N-PHASE;
+                                                  output: the keys of the writes begun; PHASE 'during'
+                                                  kills the child while its PUT is in flight) or
+                                                  save:MODE:SEED:COUNT (the save command on URL/shared).
+                                                  MODE is 'conditional', or 'claims=LEASE' to publish
+                                                  with claims
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
+import threading
+import time
+import traceback
 
 import torch
 
 import mmpack
 from mmpack import _io
 from mmpack.workloads import ffnn48, make_models
-from mmpack.store import local
+from mmpack.store import FsspecStore, local
 
 torch.set_num_threads(1)
 
@@ -56,9 +71,87 @@ def crash(directory: str, kill_at: int, phase: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)  # phase "after": published, the caller never learns it
 
     local._io = _PatchedIO(dying_publish)
-    repo = mmpack.Repository(directory)
+    _two_saves(mmpack.Repository(directory))
+
+
+def _two_saves(repo: mmpack.Repository) -> None:
     v1 = repo.save(models_for(0, 0))
     repo.save(models_for(0, 1), approach="update", base=v1)
+
+
+_storage_options: dict | None = None
+
+
+def open_repository(location: str, mode: str = "conditional") -> mmpack.Repository:
+    """A repository at a path, or at a URL whose storage options the environment holds."""
+    if "MMPACK_TEST_STORAGE_OPTIONS" not in os.environ:
+        return mmpack.Repository(location)
+    options = _storage_options or json.loads(os.environ["MMPACK_TEST_STORAGE_OPTIONS"])
+    if mode == "conditional":
+        return mmpack.Repository(location, storage_options=options)
+    lease = float(mode.removeprefix("claims="))
+    return mmpack.Repository(store=FsspecStore(location, options, conditional_writes=False, lease_seconds=lease))
+
+
+def remote(url: str, tasks: list[str]) -> None:
+    # Building an S3 client loads botocore's service models (~0.5 s of CPU). The children share a
+    # session that has loaded them once, here.
+    from aiobotocore.session import AioSession
+
+    global _storage_options
+    _storage_options = {**json.loads(os.environ["MMPACK_TEST_STORAGE_OPTIONS"]), "session": AioSession()}
+    FsspecStore(url, _storage_options).exists("warm-up")
+    children = []
+    for task in tasks:
+        reading, writing = os.pipe()
+        child = os.fork()
+        if child == 0:
+            os.close(reading)
+            report = os.fdopen(writing, "w", buffering=1)
+            kind, mode, *args = task.split(":")
+            try:
+                if kind == "crash":
+                    where = f"{url}/{mode.replace('=', '')}-{args[0]}-{args[1]}"
+                    _crash_remotely(where, mode, int(args[0]), args[1], report)
+                else:
+                    save(f"{url}/shared", int(args[0]), int(args[1]), mode, report)
+                report.flush()
+            except BaseException:
+                traceback.print_exc()
+                os._exit(1)
+            os._exit(0)
+        os.close(writing)
+        children.append((task, child, os.fdopen(reading)))
+    for task, child, pipe in children:
+        with pipe:
+            lines = pipe.read().splitlines()
+        _, status = os.waitpid(child, 0)
+        killed = os.WTERMSIG(status) if os.WIFSIGNALED(status) else 0
+        failed = os.WEXITSTATUS(status) if os.WIFEXITED(status) else 0
+        print(json.dumps({"task": task, "signal": killed, "status": failed, "lines": lines}), flush=True)
+
+
+def _crash_remotely(location: str, mode: str, kill_at: int, phase: str, report) -> None:
+    calls = 0
+    write = FsspecStore._write
+
+    def dying_write(self, path, content, **kwargs):
+        nonlocal calls
+        calls += 1
+        report.write(path[len(self.root) + 1 :] + "\n")
+        if calls != kill_at:
+            return write(self, path, content, **kwargs)
+        if phase == "before":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if phase == "during":  # the request is on its way when the process dies
+            threading.Thread(target=write, args=(self, path, content), kwargs=kwargs, daemon=True).start()
+            time.sleep(0.002)
+            os.kill(os.getpid(), signal.SIGKILL)
+        write(self, path, content, **kwargs)
+        os.kill(os.getpid(), signal.SIGKILL)  # phase "after": written, the caller never learns it
+
+    FsspecStore._write = dying_write
+    _two_saves(open_repository(location, mode))
 
 
 class _Half:
@@ -86,20 +179,22 @@ class _PatchedIO:
         return getattr(_io, name)
 
 
-def save(directory: str, seed: int, count: int) -> None:
-    repo = mmpack.Repository(directory)
+def save(directory: str, seed: int, count: int, mode: str = "conditional", out=sys.stdout) -> None:
+    repo = open_repository(directory, mode)
     vid = repo.save(models_for(seed, 0))
-    print(vid, seed, 0, flush=True)
+    print(vid, seed, 0, file=out, flush=True)
     for step in range(1, count - 1):
         vid = repo.save(models_for(seed, step), approach="update", base=vid)
-        print(vid, seed, step, flush=True)
+        print(vid, seed, step, file=out, flush=True)
     shared = repo.save(models_for(seed, count), approach="update", base="v1")
-    print(shared, seed, count, flush=True)
+    print(shared, seed, count, file=out, flush=True)
 
 
 if __name__ == "__main__":
     command, directory, *rest = sys.argv[1:]
     if command == "crash":
         crash(directory, int(rest[0]), rest[1])
+    elif command == "remote":
+        remote(directory, rest)
     else:
         save(directory, int(rest[0]), int(rest[1]))

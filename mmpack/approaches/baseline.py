@@ -8,7 +8,7 @@ from mmpack.approaches.advisor import CostModel, Estimate
 from mmpack.approaches.base import Approach, SaveRequest, Stored
 from mmpack.fileformat import Header, Reader, check_padding, encode_header, encode_image, read_modelset, write_body
 from mmpack.records import ObjectRef, VersionRecord
-from mmpack.store import ObjectStore
+from mmpack.store import ObjectStore, SizedWriter
 
 
 class Baseline(Approach):
@@ -24,7 +24,7 @@ class Baseline(Approach):
             objects.put(key, image)
         else:
             prefix, header = encode_header(ms.architecture, len(ms), {})
-            objects.put(key, lambda f: write_body(f, prefix, header, ms, request.hashes))
+            objects.put(key, SizedWriter(header.file_size, lambda f: write_body(f, prefix, header, ms, request.hashes)))
         return Stored([ObjectRef(key, header.file_size, header.header_hash)], None, request.compression_details())
 
     def estimate(self, request: SaveRequest, model: CostModel) -> Estimate:

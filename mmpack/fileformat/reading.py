@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -96,12 +97,19 @@ def read_rows_many(requests: Sequence[RowRequest], destinations: list[np.ndarray
         hashes = np.empty(len(lengths), U64)
         _native.copy_segments(buffers, source_index, offsets, destinations, dst_index, dst_offsets, lengths, hashes)
         return np.split(hashes, np.cumsum([len(p[0]) for p in parts])[:-1])
-    results = []
-    for request, (offsets, lengths, dst_index, dst_offsets) in zip(requests, parts):
+
+    def read(request: RowRequest, part: tuple[np.ndarray, ...]) -> np.ndarray:
+        offsets, lengths, dst_index, dst_offsets = part
         hashes = np.empty(len(lengths), U64)
         request.source.read_segments(offsets, lengths, destinations, dst_index, dst_offsets, hashes)
-        results.append(hashes)
-    return results
+        return hashes
+
+    if len(requests) < 2 or not all(getattr(r.source, "remote", False) for r in requests):
+        return [read(r, p) for r, p in zip(requests, parts)]
+    # Remote objects are read in threads: each read waits mostly on the network, and the
+    # requests write disjoint rows of the destinations.
+    with ThreadPoolExecutor(min(len(requests), 16)) as pool:
+        return list(pool.map(read, requests, parts))
 
 
 def _read_one(request: RowRequest, destinations: list[np.ndarray]) -> np.ndarray:

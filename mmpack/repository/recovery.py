@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Mapping
-from concurrent.futures import Executor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -126,7 +126,14 @@ def recover(
         raise ValueError(f"unknown recovery strategy {strategy!r}; use 'resolve' or 'recursive'")
     target = repo.version(vid)
     chain = chain_of(repo, vid)
-    architecture = repo.architecture(target.architecture)
+    if repo.store.remote and verify:
+        # The target's object is always read (its hashes): its header travels with the architecture.
+        with ThreadPoolExecutor(1) as background:
+            opening = background.submit(repo.objects.header, target.objects[0])
+            architecture = repo.architecture(target.architecture)
+            opening.result()
+    else:
+        architecture = repo.architecture(target.architecture)
     if indices is None:
         wanted = None
         models = np.arange(target.n_models)
@@ -158,7 +165,12 @@ def recover(
         root[1], root[2] = _file_order(np.concatenate([root[1], *(p[1] for p in xor_pieces)]),
                                        np.concatenate([root[2], *(p[2] for p in xor_pieces)]))
         copied = [p for p in copied if all(p is not q for q in xor_pieces)] + xor_pieces
-    with contextlib.ExitStack() as stack:
+    with contextlib.ExitStack() as stack, ThreadPoolExecutor(1) as background:
+        if repo.store.remote:  # a round trip per object header: have them travel together
+            refs = [record.objects[0] for record, _, _ in copied]
+            if APPROACHES[target.approach].stores_table(target):
+                refs.append(target.objects[0])
+            repo.objects.open_many(refs)
         requests = []
         opened_target = None
         for record, rows, columns in copied:
@@ -167,10 +179,14 @@ def recover(
             located = APPROACHES[record.approach].locate(repo.objects, record, opened, models[rows], columns)
             xor = _xor_base(record, chain) is not None
             requests.append(RowRequest(*opened, columns, located, rows, xor=xor))
+        expected = None
+        if verify and repo.store.remote:  # the version's hashes travel while the rows do
+            expected = background.submit(repo.hash_rows, vid, models, opened_target)
         # In request order: an XOR result overwrites the hash of the reference row under it.
         for (_, rows, columns), hashes in zip(copied, read_rows_many(requests, destinations)):
             computed[rows, columns] = hashes
-        expected = repo.hash_rows(vid, models, opened_target) if verify else None
+        if verify:
+            expected = expected.result() if expected is not None else repo.hash_rows(vid, models, opened_target)
     if expected is not None:
         rows, columns = np.indices(owner.shape).reshape(2, -1)
         verify_rows(models[rows], columns, computed.reshape(-1), expected.reshape(-1), f"version {vid}")

@@ -9,6 +9,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from torch import nn
@@ -33,7 +34,7 @@ from mmpack.repository.manifest import (
     now,
     version_number,
 )
-from mmpack.store import LocalStore, ObjectStore, Store
+from mmpack.store import ObjectStore, Store, open_store
 
 _MARKER = "repository.json"
 _MARKER_CONTENT = {"format": "mmpack-repository", "format_version": 1}
@@ -98,13 +99,18 @@ class GcReport:
 
 
 class Repository:
-    """Repository(path, *, fsync=True, snapshots=None, store=None, compression=None, policy=None, throughputs=None)
+    """Repository(path_or_url, *, storage_options=None, fsync=True, snapshots=None, store=None,
+    compression=None, policy=None, throughputs=None)
 
-    Versions of a model set, stored with the Baseline or Update approach,
-    each immutable once saved. A local directory (created if missing) is the
-    embedded default; any :class:`~mmpack.store.Store` can be passed instead.
-    ``compression`` ("zstd" or a :class:`~mmpack.Compression`) is the default
-    for every save; ``policy`` the default of ``approach="auto"`` saves
+    Versions of a model set, each immutable once saved, stored with the
+    Baseline, Update or Provenance approach (or chosen per version by
+    ``approach="auto"``). A local directory (created if missing) is the
+    embedded default; an fsspec URL (``"s3://bucket/prefix"``, with
+    ``storage_options`` for its file system; needs ``pip install
+    "mmpack[s3]"`` for S3) keeps the repository in object storage, and any
+    :class:`~mmpack.store.Store` can be passed instead. ``compression``
+    ("zstd" or a :class:`~mmpack.Compression`) is the default for every
+    save; ``policy`` the default of ``approach="auto"`` saves
     (:class:`~mmpack.SmallestUnder` ``(math.inf)``: smallest storage), whose
     time estimates use ``throughputs`` (measured on this machine if None).
     A version exists once its manifest is published, which happens after all
@@ -117,12 +123,14 @@ class Repository:
         v1 = repo.save(models)                                   # full set
         v2 = repo.save(models, approach="update", base=v1)       # changed tensors only
         two = repo.recover(v2, indices=[3, 17])                  # reads only their bytes
+        remote = mmpack.Repository("s3://fleet/cells", storage_options={"profile": "prod"})
     """
 
     def __init__(
         self,
         path: str | os.PathLike[str] | None = None,
         *,
+        storage_options: dict[str, Any] | None = None,
         fsync: bool = True,
         snapshots: SnapshotPolicy | None = None,
         store: Store | None = None,
@@ -132,10 +140,12 @@ class Repository:
     ) -> None:
         if (path is None) == (store is None):
             raise TypeError("pass a path or a store, not both")
+        if store is not None and storage_options is not None:
+            raise TypeError("storage_options configure the store a path or URL opens; a store is already configured")
         self.compression = resolve_compression(compression)
         self.policy = _check_policy(policy) if policy is not None else SmallestUnder(math.inf)
         self._throughputs = throughputs
-        self.store = store if store is not None else LocalStore(path, fsync=fsync)
+        self.store = store if store is not None else open_store(path, storage_options, fsync=fsync)
         self.objects = ObjectStore(self.store)
         self.snapshots = snapshots or SnapshotPolicy()
         self._records: dict[str, VersionRecord] = {}
@@ -159,13 +169,13 @@ class Repository:
 
     def _open_or_create(self) -> None:
         marker = json.dumps(_MARKER_CONTENT).encode()
-        if self.store.exists(_MARKER):
-            content = self.store.get(_MARKER)
-        elif self.store.list("") or self.store.list("versions/"):
-            raise RepositoryError(f"{self.store!r} holds files but is not an mmpack repository")
-        elif self.store.put_if_absent(_MARKER, marker):
-            return
-        else:
+        try:
+            content = self.store.get(_MARKER)  # one request when the repository exists (remote stores)
+        except FileNotFoundError:
+            if self.store.list("") or self.store.list("versions/"):
+                raise RepositoryError(f"{self.store!r} holds files but is not an mmpack repository") from None
+            if self.store.put_if_absent(_MARKER, marker):
+                return
             content = self.store.get(_MARKER)
         try:
             found = json.loads(content)

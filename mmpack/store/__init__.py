@@ -1,7 +1,9 @@
-"""Stores: where a repository's bytes live (a local directory by default)."""
+"""Stores: where a repository's bytes live (a local directory by default, or object storage)."""
 
-from mmpack.store.base import CleanupReport, Store, check_key
+from mmpack.store.base import CleanupReport, SizedWriter, Store, check_key
+from mmpack.store.fsspec_store import FsspecStore
 from mmpack.store.local import LocalStore
 from mmpack.store.objects import ObjectStore
+from mmpack.store.urls import open_store
 
-__all__ = ["CleanupReport", "LocalStore", "ObjectStore", "Store", "check_key"]
+__all__ = ["CleanupReport", "FsspecStore", "LocalStore", "ObjectStore", "SizedWriter", "Store", "check_key", "open_store"]

@@ -44,6 +44,10 @@ class CleanupReport:
 class Store(ABC):
     """Immutable objects under string keys, with atomic writes and range reads."""
 
+    #: Each request is a network round trip: callers overlap independent requests (threads)
+    #: instead of issuing them one after another.
+    remote: bool = False
+
     @abstractmethod
     def get(self, key: str) -> bytes:
         """The whole object; ``FileNotFoundError`` if absent."""
@@ -88,6 +92,26 @@ class Store(ABC):
         """``length`` bytes of ``key`` at ``offset``."""
         with self.open_reader(key) as reader:
             return reader.read(offset, length, key)
+
+
+@dataclass(frozen=True)
+class SizedWriter:
+    """A writer that knows how many bytes it will write.
+
+    Stores that must hold an object in memory before sending it (a PUT
+    needs its length) then allocate it once instead of growing a buffer.
+    Any store accepts it where it accepts a writer.
+
+    Example::
+
+        store.put(key, SizedWriter(len(header) + len(body), lambda f: (f.write(header), f.write(body))))
+    """
+
+    size: int
+    write: Writer
+
+    def __call__(self, f: BinaryIO) -> None:
+        self.write(f)
 
 
 def as_writer(data: Data | Writer) -> Writer:

@@ -55,7 +55,7 @@ class LocalStore(Store):
         return True
 
     def exists(self, key: str) -> bool:
-        return os.path.exists(self._path(key))
+        return os.path.isfile(self._path(key))  # a folder of keys is not an object
 
     def list(self, prefix: str) -> list[str]:
         folder = prefix.rstrip("/")

@@ -15,6 +15,7 @@ import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -79,6 +80,15 @@ class ObjectStore:
                     _, (evicted, _) = self._open.popitem(last=False)
                     evicted.close()
         yield entry[1], self._header(ref, entry[1])
+
+    def open_many(self, refs: list[ObjectRef]) -> None:
+        """Open several objects and read their headers at once, in threads: on a remote store each
+        costs a round trip, and they need not wait for each other."""
+        with self._lock:
+            missing = list({ref.key: ref for ref in refs if ref.key not in self._open}.values())
+        if len(missing) > 1:
+            with ThreadPoolExecutor(min(len(missing), _OPEN_READERS, 16)) as pool:
+                list(pool.map(self.header, missing))
 
     def header(self, ref: ObjectRef) -> Header:
         with self.reader(ref) as (_, header):
