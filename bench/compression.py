@@ -42,7 +42,6 @@ from torch.func import functional_call, vmap
 
 from _common import describe_machine, print_table, prime_memory, work_dir
 
-import mmpack
 from mmpack import Compression, ModelSet, Repository, _native, compression, packing
 from mmpack.workloads import ffnn48, make_models
 

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import xxhash
 
-from mmpack.errors import MMPackError, ProvenanceError, ProvenanceMismatchError
+from mmpack.errors import MMPackError, ProvenanceError
 from mmpack.modelset import ModelSet
 
 __all__ = ["DatasetRef", "Provenance", "TrainingFunction", "UpdateKind", "capture_environment"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pathlib
 
+import numpy as np
 import torch
 
 from mmpack import Architecture, ModelSet, TensorSpec
@@ -45,11 +46,8 @@ def golden_v1_modelset(n: int = 5) -> ModelSet:
 GOLDEN_METADATA = {"written-by": "mmpack 0.1.0", "note": "format version 1 golden file"}
 
 
-
-def golden_v1_rows(n: int = 5) -> tuple[ModelSet, "np.ndarray"]:
+def golden_v1_rows(n: int = 5) -> tuple[ModelSet, np.ndarray]:
     """The golden set with a fixed pattern of changed rows, for the rows-layout golden files."""
-    import numpy as np
-
     ms = golden_v1_modelset(n)
     changed = np.zeros((len(ms), len(ms.architecture)), dtype=bool)
     changed[1, [0, 2]] = True
@@ -64,11 +62,9 @@ GOLDEN_V2_MODELS = 48  # enough rows that the exponent planes are stored as zstd
 GOLDEN_V2_CHUNK_BYTES = 512  # several chunks per tensor
 
 
-def golden_v2_update() -> tuple[ModelSet, "np.ndarray", ModelSet]:
+def golden_v2_update() -> tuple[ModelSet, np.ndarray, ModelSet]:
     """(new set, changed mask, reference rows) for the XOR-delta golden file: the golden set with
     the rows of ``golden_v1_rows``'s pattern nudged, stored against the golden set's values."""
-    import numpy as np
-
     base, changed = golden_v1_rows(GOLDEN_V2_MODELS)
     tensors = {}
     for j, spec in enumerate(_SPECS):

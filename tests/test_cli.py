@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import mmpack
-from mmpack import ModelSet, Repository
+from mmpack import Repository
 from mmpack.cli import UsageError, parse_models
 from mmpack.workloads.battery import BatteryFleet, TrainingConfig
 

@@ -6,7 +6,7 @@ from torch import nn
 
 import mmpack
 from mmpack import ArchitectureMismatchError, MMPackError, ModelIndexError, ModelSet
-from mmpack.workloads import FFNN, ffnn48, make_models, small_cnn
+from mmpack.workloads import FFNN, ffnn48, small_cnn
 
 from helpers import Mixed, ffnn_models, mixed_models, randomized_cnns, state_equal
 

@@ -9,7 +9,6 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 import numpy as np
 import pytest
 
-import mmpack
 from mmpack import ModelSet, Provenance, ProvenanceError, ProvenanceMismatchError, Repository
 from mmpack.approaches import provenance as provenance_approach
 from mmpack.workloads import battery

@@ -8,8 +8,6 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-import pytest
-
 import mmpack
 from mmpack import _io
 
