@@ -3,8 +3,10 @@
     python bench/save_load.py [--models 5000] [--runs 5] [--dir DIR]
 
 Every contender writes the same 5,000 FFNN-48 models to a fresh path in the
-same directory (old files are removed untimed between runs) and reads them
-back; contenders run round-robin and times are medians. The floor is numpy writing/reading the same number
+same directory (old files are removed and dirty pages flushed with sync(),
+untimed, before each run, so no contender pays for the previous one's
+writeback) and reads them back; contenders run round-robin and times are
+medians. The floor is numpy writing/reading the same number
 of parameter bytes with no format at all.
 """
 
@@ -75,7 +77,7 @@ def main() -> None:
         saves = interleaved_medians(
             {name: (lambda a=action, f=file: a(path(f))) for name, (file, action) in save_cases.items()},
             runs,
-            setup=lambda name: remove(path(save_cases[name][0])),
+            setup=lambda name: (remove(path(save_cases[name][0])), os.sync()),
         )
         for file, action in save_cases.values():
             if not os.path.exists(path(file)):

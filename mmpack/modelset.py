@@ -100,12 +100,13 @@ class ModelSet:
             raise TypeError(f"model {bad} is a {type(models[bad]).__name__}, not an nn.Module")
         architecture = Architecture.from_module(models[0])
         layout = packing.ModuleLayout(models[0], architecture)
-        tensors = layout.tensors_of(models)
-        device = packing.check_columns(tensors, architecture, len(models))
-        if device.type == "cpu":
-            stacked, hashes = packing.gather_modules(tensors, architecture, len(models))
-        else:
-            stacked, hashes = packing.stack_on_device(tensors, architecture, len(models)), None
+        with packing.gc_paused():
+            tensors = layout.tensors_of(models)
+            device = packing.check_columns(tensors, architecture, len(models))
+            if device.type == "cpu":
+                stacked, hashes = packing.gather_modules(tensors, architecture, len(models))
+            else:
+                stacked, hashes = packing.stack_on_device(tensors, architecture, len(models)), None
         return cls._trusted(architecture, stacked, len(models)), hashes
 
     @classmethod
@@ -219,9 +220,10 @@ class ModelSet:
         if difference is not None:
             raise ArchitectureMismatchError(f"modules are unlike this model set: {difference}")
         layout = packing.ModuleLayout(models[0], theirs)
-        targets = layout.tensors_of(models)
-        packing.check_columns(targets, self._architecture, self._n_models)  # sizes guard the raw writes
-        packing.scatter_to_modules(self._tensors, self._architecture, targets, self._n_models)
+        with packing.gc_paused():
+            targets = layout.tensors_of(models)
+            packing.check_columns(targets, self._architecture, self._n_models)  # sizes guard the raw writes
+            packing.scatter_to_modules(self._tensors, self._architecture, targets, self._n_models)
 
     def select(self, indices: Iterable[int]) -> ModelSet:
         """ms.select(indices) -> ModelSet

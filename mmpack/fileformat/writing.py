@@ -257,17 +257,19 @@ def save(
     if compression is not None:
         table = hashes.result() if isinstance(hashes, Future) else hashes
         image = encode(modelset, metadata, compression, table)
+        size = image.nbytes
 
         def write(out: BinaryIO) -> None:
             out.write(memoryview(image))
     else:
         prefix, header = encode_header(modelset.architecture, len(modelset), metadata)
+        size = header.file_size
 
         def write(out: BinaryIO) -> None:
             write_body(out, prefix, header, modelset, hashes)
 
     if isinstance(f, (str, os.PathLike)):
-        _io.publish_atomically(f, write, fsync=fsync)
+        _io.publish_atomically(f, write, fsync=fsync, size=size)
     else:
         write(f)
 

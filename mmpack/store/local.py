@@ -8,9 +8,11 @@ import os
 import time
 from collections.abc import Iterator
 
+import numpy as np
+
 from mmpack import _io
 from mmpack.fileformat import Reader
-from mmpack.store.base import CleanupReport, Data, Store, Writer, as_writer, check_key
+from mmpack.store.base import CleanupReport, Data, SizedWriter, Store, Writer, as_writer, check_key
 
 
 class LocalStore(Store):
@@ -43,13 +45,13 @@ class LocalStore(Store):
     def put(self, key: str, data: Data | Writer) -> None:
         path = self._path(key)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        _io.publish_atomically(path, as_writer(data), fsync=self.fsync)
+        _io.publish_atomically(path, as_writer(data), fsync=self.fsync, size=_size_of(data))
 
     def put_if_absent(self, key: str, data: Data) -> bool:
         path = self._path(key)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         try:
-            _io.publish_atomically(path, as_writer(data), fsync=self.fsync, overwrite=False)
+            _io.publish_atomically(path, as_writer(data), fsync=self.fsync, overwrite=False, size=_size_of(data))
         except FileExistsError:
             return False
         return True
@@ -97,3 +99,14 @@ class LocalStore(Store):
                 removed += 1
                 size += info.st_size
         return CleanupReport(removed, size)
+
+
+def _size_of(data: Data | Writer) -> int | None:
+    """Bytes ``data`` will write, when known beforehand (for reserving the file's space)."""
+    if isinstance(data, SizedWriter):
+        return data.size
+    if isinstance(data, np.ndarray):
+        return data.nbytes
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return memoryview(data).nbytes
+    return None
