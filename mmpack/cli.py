@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
+import select
 import sys
 from collections import defaultdict
 from collections.abc import Sequence
@@ -252,28 +252,57 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``mmpack`` command with ``argv`` (default: the process arguments); return the exit status."""
-    if hasattr(signal, "SIGPIPE"):
-        signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `mmpack log repo | head` ends quietly, like other tools
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "models", None) is not None and args.command == "demo" and args.models < 1:
         parser.error("--models must be at least 1")
     try:
-        return args.handler(args)
+        status = args.handler(args)
+        sys.stdout.flush()  # a reader that went away shows here, not in the exit flush
+        return status
+    except BrokenPipeError as exc:
+        if _stdout_closed():
+            return 0  # `mmpack log repo | head` ends quietly, like other tools
+        return _failure(args, exc)
     except UsageError as exc:
         if args.debug:
             raise
         parser.error(str(exc))
     except (MMPackError, OSError, KeyError, ValueError) as exc:
-        if args.debug:
-            raise
-        message = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
-        print(f"mmpack: error: {message}", file=sys.stderr)
-        return 1
+        return _failure(args, exc)
     except KeyboardInterrupt:
         print("mmpack: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def _failure(args: argparse.Namespace, exc: Exception) -> int:
+    """Report ``exc`` as one line on stderr (or re-raise it with ``--debug``); exit status 1."""
+    if args.debug:
+        raise exc
+    message = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+    print(f"mmpack: error: {message}", file=sys.stderr)
+    return 1
+
+
+def _stdout_closed() -> bool:
+    """True when stdout is a pipe whose reader has gone; stdout then points at /dev/null, so the exit is quiet.
+
+    SIGPIPE is not reset to its default instead: that would also kill the process, without a word, when a
+    socket to object storage is closed by its peer, and it would outlive ``main`` in a caller's process.
+    """
+    try:
+        fd = sys.stdout.fileno()
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        if not any(events & select.POLLERR for _, events in poller.poll(0)):
+            return False
+    except (AttributeError, OSError, ValueError):  # no poll() here, or stdout is not a file
+        return False
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
+    return True
 
 
 if __name__ == "__main__":

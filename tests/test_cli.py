@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -125,6 +126,27 @@ def test_bad_input_gives_one_line_and_an_exit_code(repo_path, tmp_path, args, co
 def test_debug_shows_the_traceback():
     result = mmpack_cli("--debug", "log", "/no/such/repository")
     assert result.returncode == 1 and "Traceback" in result.stderr
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGPIPE"), reason="no SIGPIPE on this platform")
+def test_main_leaves_the_callers_signal_handlers_alone(repo_path, capsys):
+    # A SIGPIPE reset to its default would outlive main() and kill the caller, without a word,
+    # at its next write to a socket that the peer closed (as it did to this test suite).
+    from mmpack.cli import main
+
+    before = signal.getsignal(signal.SIGPIPE)
+    assert main(["log", repo_path[0]]) == 0
+    assert "initial pack" in capsys.readouterr().out
+    assert signal.getsignal(signal.SIGPIPE) == before
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly(repo_path):
+    # `mmpack log REPO | head -1`: the reader is gone before the command writes (it is still importing torch).
+    proc = subprocess.Popen([sys.executable, "-m", "mmpack", "log", repo_path[0]], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=tempfile.gettempdir())
+    proc.stdout.close()
+    stderr = proc.communicate(timeout=600)[1]
+    assert (proc.returncode, stderr) == (0, b"")
 
 
 def test_every_subcommand_has_help(capsys):
