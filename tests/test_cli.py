@@ -174,3 +174,16 @@ def test_bench_paper_runs_small(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "targets:" in result.stdout and "(issue 3)" in result.stdout
     assert os.path.getsize(tmp_path / "r.json") > 100
+    summary = subprocess.run([sys.executable, "-m", "mmpack.evaluation.summary", str(tmp_path / "r.json")],
+                             capture_output=True, text=True, cwd=tempfile.gettempdir())
+    assert summary.returncode == 0, summary.stderr
+    assert "Time to recover over update cycles (Figure 5)" in summary.stdout and "| update |" in summary.stdout
+    pytest.importorskip("matplotlib")
+    import json
+
+    from mmpack.evaluation.plots import plot_all
+
+    with open(tmp_path / "r.json") as f:
+        paths = plot_all(json.load(f), str(tmp_path))
+    assert [os.path.basename(p) for p in paths] == ["fig3_storage.png", "fig4_time_to_save.png", "fig5_time_to_recover.png"]
+    assert all(os.path.getsize(p) > 10_000 for p in paths)

@@ -294,8 +294,9 @@ def check_targets(entry: dict) -> None:
     by = {r["approach"]: r["versions"] for r in entry["results"]}
     full, update = by["baseline"][0], by["update"]
     print("\ntargets:")
-    _target("(issue 3) update version after one U3 cycle stores <= 9% of a baseline version",
-            update[1]["stored_bytes"] / full["stored_bytes"], 0.09, "<=")
+    if entry["scenario"]["rate"] == 0.10:  # the issue states it for the paper's 10% cycles
+        _target("(issue 3) update version after one 10% U3 cycle stores <= 9% of a baseline version",
+                update[1]["stored_bytes"] / full["stored_bytes"], 0.09, "<=")
     if len(update) > 20:
         _target("(issue 3) recovering the newest of a 20-update chain <= 1.5x recovering a baseline version",
                 update[20]["recover_ms"] / baseline_recover_ms(by), 1.5, "<=")

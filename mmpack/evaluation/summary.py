@@ -1,0 +1,110 @@
+"""Markdown tables of an evaluation run, generated from its JSON (no figure is copied by hand).
+
+    python -m mmpack.evaluation.summary docs/evaluation/paper.json > docs/evaluation/summary.md
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from typing import Any
+
+NAMES = {"ffnn48": "FFNN-48", "ffnn69": "FFNN-69", "cnn": "CIFAR CNN"}
+APPROACHES = ("per-model", "baseline", "update", "provenance")
+
+
+def _median(versions: list[dict], key: str) -> float:
+    return statistics.median(v[key] for v in versions)
+
+
+def _scenario_title(entry: dict) -> str:
+    s = entry["scenario"]
+    trained = ", cells trained for real" if s["workload"] == "battery" else ""
+    return f"{NAMES[s['arch']]}, {entry['models']:,} models, {s['rate']:.0%} updated per cycle, {s['cycles']} cycles{trained}"
+
+
+def storage_table(document: dict[str, Any]) -> str:
+    """Storage of U1 and of a U3 version per approach and scenario, with reductions against Baseline."""
+    lines = ["| use case | approach | U1 MB | U3 MB (median) | U3 vs Baseline | U1 vs per-model |",
+             "| --- | --- | ---: | ---: | ---: | ---: |"]
+    for entry in document["scenarios"]:
+        by = {r["approach"]: r["versions"] for r in entry["results"]}
+        base_u3 = _median(by["baseline"][1:], "stored_bytes")
+        per_model_u1 = by["per-model"][0]["stored_bytes"] if "per-model" in by else None
+        for approach in APPROACHES:
+            if approach not in by:
+                continue
+            versions = by[approach]
+            u1, u3 = versions[0]["stored_bytes"], _median(versions[1:], "stored_bytes")
+            vs_per_model = f"{1 - u1 / per_model_u1:+.1%}".replace("+", "-") if per_model_u1 and approach != "per-model" else ""
+            lines.append(f"| {_scenario_title(entry)} | {approach} | {u1 / 1e6:.2f} | {u3 / 1e6:.3f} | "
+                         f"{1 - u3 / base_u3:.2%} smaller | {vs_per_model} |")
+    return "\n".join(lines)
+
+
+def time_table(document: dict[str, Any]) -> str:
+    """Median time to save U1 and U3 versions and to recover the newest one."""
+    lines = ["| use case | approach | save U1 ms | save U3 ms | recover newest ms | recover 1 model ms |",
+             "| --- | --- | ---: | ---: | ---: | ---: |"]
+    for entry in document["scenarios"]:
+        by = {r["approach"]: r["versions"] for r in entry["results"]}
+        for approach in APPROACHES:
+            if approach not in by:
+                continue
+            v = by[approach]
+            lines.append(f"| {_scenario_title(entry)} | {approach} | {v[0]['save_ms']:.1f} | "
+                         f"{_median(v[1:], 'save_ms'):.1f} | {v[-1]['recover_ms']:.1f} | {v[-1]['recover_one_model_ms']:.2f} |")
+    return "\n".join(lines)
+
+
+def staircase_table(document: dict[str, Any]) -> str:
+    """Time to recover the newest version after k cycles: the paper's recursion against bounded recovery."""
+    entry = next(e for e in document["scenarios"]
+                 if e["scenario"]["workload"] == "perturbed" and e["scenario"]["arch"] == "ffnn48" and e["scenario"]["rate"] == 0.10)
+    by = {r["approach"]: r["versions"] for r in entry["results"]}
+    reference = statistics.median(v["recover_ms"] for v in by["baseline"])
+    lines = [f"Baseline versions recover in {reference:.1f} ms (median over all of them).", "",
+             "| cycles k | Update, recursive (paper) ms | Update, bounded (mmpack) ms | bounded / Baseline |",
+             "| ---: | ---: | ---: | ---: |"]
+    for k, v in enumerate(by["update"]):
+        if v["recover_recursive_ms"] is None:
+            continue
+        lines.append(f"| {k} | {v['recover_recursive_ms']:.1f} | {v['recover_ms']:.1f} | {v['recover_ms'] / reference:.2f}x |")
+    return "\n".join(lines)
+
+
+def provenance_table(document: dict[str, Any]) -> str:
+    """Provenance versions of the trained-cell scenarios: storage and recovery by retraining."""
+    lines = ["| use case | cycle | stored bytes | of a Baseline version | save ms | recover ms, 1 worker | "
+             "recover ms, all cores | speed-up | 1 model ms |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for entry in document["scenarios"]:
+        by = {r["approach"]: r["versions"] for r in entry["results"]}
+        if "provenance" not in by:
+            continue
+        full = by["baseline"][0]["stored_bytes"]
+        for v in by["provenance"][1:]:
+            lines.append(f"| {_scenario_title(entry)} | {v['step']} | {v['stored_bytes']:,} | {v['stored_bytes'] / full:.3%} | "
+                         f"{v['save_ms']:.1f} | {v['recover_one_worker_ms']:.0f} | {v['recover_fresh_ms']:.0f} | "
+                         f"{v['recover_one_worker_ms'] / v['recover_fresh_ms']:.2f}x | {v['recover_one_model_ms']:.1f} |")
+    return "\n".join(lines)
+
+
+def summary(document: dict[str, Any]) -> str:
+    """All tables, with the machine and the number of runs."""
+    return "\n\n".join([
+        "# Evaluation figures",
+        f"Generated by `python -m mmpack.evaluation.summary` from `paper.json`, written by "
+        f"`mmpack bench paper --full --runs {document['runs']} --out docs/evaluation` on: {document['machine']}. "
+        "Times are medians over the runs; storage is exact.",
+        "## Storage per version (Figure 3)", storage_table(document),
+        "## Time to save and to recover (Figure 4)", time_table(document),
+        "## Time to recover over update cycles (Figure 5)", staircase_table(document),
+        "## Provenance", provenance_table(document),
+    ]) + "\n"
+
+
+if __name__ == "__main__":
+    with open(sys.argv[1]) as f:
+        print(summary(json.load(f)), end="")
