@@ -178,6 +178,15 @@ def test_bench_paper_runs_small(tmp_path):
                              capture_output=True, text=True, cwd=tempfile.gettempdir())
     assert summary.returncode == 0, summary.stderr
     assert "Time to recover over update cycles (Figure 5)" in summary.stdout and "| update |" in summary.stdout
+    from mmpack.evaluation.summary import BEGIN, END
+
+    doc = tmp_path / "EVALUATION.md"
+    doc.write_text(f"# prose stays\n{BEGIN}\nold figures\n{END}\nmore prose\n")
+    subprocess.run([sys.executable, "-m", "mmpack.evaluation.summary", str(tmp_path / "r.json"), "--into", str(doc)],
+                   check=True, cwd=tempfile.gettempdir())
+    text = doc.read_text()
+    assert text.startswith("# prose stays\n") and text.endswith(f"{END}\nmore prose\n") and "old figures" not in text
+    assert summary.stdout.strip() in text
     pytest.importorskip("matplotlib")
     import json
 

@@ -9,7 +9,10 @@ Approaches: the per-model reference (one ``torch.save`` file and one JSON
 metadata document per model: the paper's MMLib-base), Baseline, Update and,
 on the battery workload where models are trained for real, Provenance. Each
 sequence is saved into a fresh repository ``--runs`` times; storage is exact,
-times are medians over the runs. Time-to-recover is measured on a Repository
+times are medians over the runs. Every save starts with no dirty pages (an
+untimed ``sync``), as one in a training loop hours after the last would:
+without it, later saves of a run are throttled by the kernel's writeback of
+the gigabytes written before them. Time-to-recover is measured on a Repository
 opened once per run that has recovered the version once before, as a service
 holding it would be (manifests, headers and open objects cached; the OS page
 cache warm, as right after saving), and with a new Repository object for the
@@ -31,6 +34,7 @@ import csv
 import json
 import multiprocessing
 import os
+import shutil
 import statistics
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -133,6 +137,7 @@ def measure_repository(sets: list[ModelSet], approach: str, runs: int, directory
             for step, ms in enumerate(sets):
                 kind = "baseline" if step == 0 else approach
                 provenance = provenances[step] if kind == "provenance" else None
+                os.sync()  # untimed: no save pays for the writeback of the ones before it
                 vid, seconds = timed(lambda: repo.save(ms, approach=kind, base=vid, provenance=provenance))
                 saves[step].append(seconds)
                 ids.append(vid)
@@ -154,6 +159,7 @@ def measure_repository(sets: list[ModelSet], approach: str, runs: int, directory
             records = repo.versions()
             repo.close()
             reader.close()
+            shutil.rmtree(path)
     finally:
         for pool in pools:
             if pool is not None:
@@ -184,6 +190,7 @@ def measure_per_model(sets: list[ModelSet], runs: int, directory: str) -> dict:
     written = 0
     for run in range(runs):
         path = os.path.join(directory, f"per-model-{run}")
+        os.sync()
         written, seconds = timed(lambda: save_per_model(ms, path))
         saves.append(seconds)
         loads.append(timed(lambda: load_per_model(path, list(range(len(ms)))))[1])
