@@ -94,8 +94,22 @@ def read_rows_many(requests: Sequence[RowRequest], destinations: list[np.ndarray
                 raise IntegrityError(f"object is {len(buffer)} bytes, its header describes {request.header.file_size}")
         source_index = np.concatenate([np.full(len(p[0]), i, U64) for i, p in enumerate(parts)])
         offsets, lengths, dst_index, dst_offsets = (np.concatenate(c) for c in zip(*parts))
+        order = None
+        if len(requests) > 1:
+            # Copy in destination order: each thread then fills one contiguous part of the fresh
+            # result (sequential first-touch faults, no two threads faulting the same pages), and
+            # the sources, already mapped and cached, take the scattered reads. Each request is
+            # already in file order, so the stable sort only merges sorted runs. 20-update chain
+            # of 5,000 FFNN-48 models: 21 -> 17 ms. (Offsets stay far below 2**40.)
+            order = np.argsort((dst_index << U64(40)) | dst_offsets, kind="stable")
+            source_index, offsets, lengths, dst_index, dst_offsets = (
+                a[order] for a in (source_index, offsets, lengths, dst_index, dst_offsets))
         hashes = np.empty(len(lengths), U64)
         _native.copy_segments(buffers, source_index, offsets, destinations, dst_index, dst_offsets, lengths, hashes)
+        if order is not None:
+            unsorted = np.empty_like(hashes)
+            unsorted[order] = hashes
+            hashes = unsorted
         return np.split(hashes, np.cumsum([len(p[0]) for p in parts])[:-1])
 
     def read(request: RowRequest, part: tuple[np.ndarray, ...]) -> np.ndarray:
