@@ -8,6 +8,7 @@ a failed verification), 2 usage errors. Errors are one line on stderr; pass
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import select
 import sys
@@ -54,10 +55,27 @@ def _index(text: str) -> int:
     return int(text)
 
 
-def _open(path: str) -> Repository:
+def _open(args: argparse.Namespace) -> Repository:
+    path = args.repo
     if "://" not in path and not os.path.isfile(os.path.join(path, "repository.json")):
         raise RepositoryError(f"no mmpack repository at {path!r}")
-    return Repository(path)
+    text = args.storage_options
+    if text is None and "://" in path:
+        text = os.environ.get("MMPACK_STORAGE_OPTIONS")
+    return Repository(path, storage_options=_storage_options(text))
+
+
+def _storage_options(text: str | None) -> dict | None:
+    """``--storage-options`` (or, for URLs, $MMPACK_STORAGE_OPTIONS): a JSON object for the URL's file system."""
+    if text is None:
+        return None
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"--storage-options is not JSON: {exc}") from None
+    if not isinstance(options, dict):
+        raise UsageError('--storage-options must be a JSON object, e.g. \'{"profile": "prod"}\'')
+    return options
 
 
 def _bytes(n: float) -> str:
@@ -78,7 +96,7 @@ def _table(headers: list[str], rows: list[list[str]]) -> None:
 
 
 def cmd_log(args: argparse.Namespace) -> int:
-    repo = _open(args.repo)
+    repo = _open(args)
     rows = [
         [r.id, r.approach, r.base or "-", str(r.n_models), _bytes(r.stored_bytes),
          r.created.strftime("%Y-%m-%d %H:%M:%S"), r.message]
@@ -89,7 +107,7 @@ def cmd_log(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    repo = _open(args.repo)
+    repo = _open(args)
     record = repo.version(args.vid)
     arch = repo.architecture(record.architecture)
     chain = chain_of(repo, record.id)
@@ -126,7 +144,7 @@ def _kinds(repo: Repository, record: VersionRecord) -> dict[str, int]:
 
 
 def cmd_du(args: argparse.Namespace) -> int:
-    repo = _open(args.repo)
+    repo = _open(args)
     records = repo.versions()
     by_approach: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     by_kind: dict[str, int] = defaultdict(int)
@@ -150,14 +168,14 @@ def cmd_du(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    repo = _open(args.repo)
+    repo = _open(args)
     report = repo.verify(args.vid, allow_import=args.allow_import)
     print(report)
     return 0 if report.ok else 1
 
 
 def cmd_recover(args: argparse.Namespace) -> int:
-    repo = _open(args.repo)
+    repo = _open(args)
     indices = parse_models(args.models) if args.models is not None else None
     ms = repo.recover(args.vid, indices=indices, allow_import=args.allow_import)
     chosen = indices if indices is not None else list(range(len(ms)))
@@ -184,7 +202,7 @@ def cmd_recover(args: argparse.Namespace) -> int:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
-    repo = _open(args.repo)
+    repo = _open(args)
     report = repo.gc(grace_seconds=args.grace)
     print(f"removed {report.temporaries} temporary files and {report.objects} unreferenced objects ({_bytes(report.bytes)})")
     return 0
@@ -219,26 +237,28 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(handler=handler)
         return p
 
-    p = command("log", cmd_log, "list versions, oldest first")
-    p.add_argument("repo")
-    p = command("show", cmd_show, "describe one version: architecture, approach, chain, bytes by kind")
-    p.add_argument("repo")
+    def repository_command(name: str, handler, help_text: str) -> argparse.ArgumentParser:
+        p = command(name, handler, help_text)
+        p.add_argument("repo", help="a repository directory, or a URL such as s3://bucket/prefix")
+        p.add_argument("--storage-options", metavar="JSON",
+                       help="options of the URL's file system as a JSON object, e.g. "
+                            '\'{"profile": "prod"}\' (default for URLs: $MMPACK_STORAGE_OPTIONS)')
+        return p
+
+    repository_command("log", cmd_log, "list versions, oldest first")
+    p = repository_command("show", cmd_show, "describe one version: architecture, approach, chain, bytes by kind")
     p.add_argument("vid")
-    p = command("du", cmd_du, "storage by approach and by kind, against full snapshots")
-    p.add_argument("repo")
-    p = command("verify", cmd_verify, "check checksums and that versions recover; exit 1 on any problem")
-    p.add_argument("repo")
+    repository_command("du", cmd_du, "storage by approach and by kind, against full snapshots")
+    p = repository_command("verify", cmd_verify, "check checksums and that versions recover; exit 1 on any problem")
     p.add_argument("vid", nargs="?")
     p.add_argument("--allow-import", action="store_true", help="retrain provenance versions (imports their training code)")
-    p = command("recover", cmd_recover, "export models of a version")
-    p.add_argument("repo")
+    p = repository_command("recover", cmd_recover, "export models of a version")
     p.add_argument("vid")
     p.add_argument("--models", help="models to export, e.g. 3,17,40-45 (default: all)")
     p.add_argument("--out", required=True, help="output file (mmpack) or directory (torch, safetensors)")
     p.add_argument("--format", choices=EXPORT_FORMATS, default="mmpack")
     p.add_argument("--allow-import", action="store_true", help="retrain provenance versions (imports their training code)")
-    p = command("gc", cmd_gc, "remove leftovers of interrupted saves")
-    p.add_argument("repo")
+    p = repository_command("gc", cmd_gc, "remove leftovers of interrupted saves")
     p.add_argument("--grace", type=float, default=3600.0, help="keep leftovers younger than this many seconds")
     p = command("demo", cmd_demo, "the end-to-end demo on battery-cell models")
     p.add_argument("--models", type=int, default=5000)

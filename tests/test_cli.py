@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -188,11 +189,45 @@ def test_bench_paper_runs_small(tmp_path):
     assert text.startswith("# prose stays\n") and text.endswith(f"{END}\nmore prose\n") and "old figures" not in text
     assert summary.stdout.strip() in text
     pytest.importorskip("matplotlib")
-    import json
-
     from mmpack.evaluation.plots import plot_all
 
     with open(tmp_path / "r.json") as f:
         paths = plot_all(json.load(f), str(tmp_path))
     assert [os.path.basename(p) for p in paths] == ["fig3_storage.png", "fig4_time_to_save.png", "fig5_time_to_recover.png"]
     assert all(os.path.getsize(p) > 10_000 for p in paths)
+
+
+def test_every_repository_command_works_on_object_storage(s3_server, repo_path, tmp_path):
+    # The same versions as the local fixture, copied to the loopback S3 server version by version.
+    _, sets = repo_path
+    url = s3_server.url("cli")
+    remote = Repository(url, storage_options=s3_server.storage_options)
+    v1 = remote.save(sets[0], message="initial pack")
+    v2 = remote.save(sets[1], approach="update", base=v1, message="cycle 1")
+    options = ("--storage-options", json.dumps(s3_server.storage_options))
+    log = mmpack_cli("log", url, *options)
+    assert log.returncode == 0 and "initial pack" in log.stdout and "cycle 1" in log.stdout, log.stderr
+    assert "chain depth 1" in mmpack_cli("show", url, v2, *options).stdout
+    assert "full snapshots" in mmpack_cli("du", url, *options).stdout
+    verify = mmpack_cli("verify", url, *options)
+    assert verify.returncode == 0 and "all good" in verify.stdout, verify.stdout + verify.stderr
+    out = tmp_path / "two.mmpack"
+    exported = mmpack_cli("recover", url, v2, "--models", "1,3", "--out", str(out), *options)
+    assert exported.returncode == 0, exported.stderr
+    assert mmpack.load(out).equal(sets[1].select([1, 3]))
+    assert mmpack_cli("gc", url, *options).returncode == 0
+    from_environment = subprocess.run([sys.executable, "-m", "mmpack", "log", url], capture_output=True, text=True,
+                                      timeout=600, cwd=tempfile.gettempdir(),
+                                      env={**os.environ, "MMPACK_STORAGE_OPTIONS": options[1]})
+    assert from_environment.returncode == 0 and "cycle 1" in from_environment.stdout, from_environment.stderr
+
+
+def test_bad_storage_options_are_usage_errors(repo_path):
+    path, _ = repo_path
+    for bad in ("{not json", "[1, 2]"):
+        result = mmpack_cli("log", "s3://bucket/prefix", "--storage-options", bad)
+        assert result.returncode == 2 and "--storage-options" in result.stderr and "Traceback" not in result.stderr
+    local = mmpack_cli("log", path, "--storage-options", "{}")
+    assert local.returncode == 0  # an empty object is no options
+    refused = mmpack_cli("log", path, "--storage-options", '{"anon": true}')
+    assert refused.returncode == 1 and "storage_options apply to fsspec URLs" in refused.stderr
