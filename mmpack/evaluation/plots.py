@@ -11,7 +11,7 @@ from typing import Any
 
 COLORS = {"per-model": "#7f7f7f", "baseline": "#1f77b4", "update": "#2ca02c", "provenance": "#d62728"}
 LABELS = {
-    "per-model": "one file per model (MMLib-base)",
+    "per-model": "one file per model (MMLib-base's pattern)",
     "baseline": "Baseline",
     "update": "Update",
     "provenance": "Provenance",
@@ -54,7 +54,7 @@ def _grouped_bars(document: dict[str, Any], key: str, scale: float, ylabel: str,
     cases = _use_cases(document)
     approaches = [a for a in COLORS if any(a in figures for _, figures in cases)]
     width = 0.8 / len(approaches)
-    fig, ax = plt.subplots(figsize=(max(8, 1.3 * len(cases)), 4.8))
+    fig, ax = plt.subplots(figsize=(max(8, 1.3 * len(cases)), 5.2))
     for i, approach in enumerate(approaches):
         xs, ys = [], []
         for x, (_, figures) in enumerate(cases):
@@ -68,29 +68,36 @@ def _grouped_bars(document: dict[str, Any], key: str, scale: float, ylabel: str,
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(axis="y", which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    _legend_below(ax, len(approaches), -0.17)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
     return path
 
 
+def _legend_below(ax, columns: int, offset: float) -> None:
+    # Below the axes and their labels, so that it never hides a bar or a line.
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, offset), ncol=columns, frameon=False)
+
+
 def plot_storage(document: dict[str, Any], out: str) -> str:
     """Figure 3: storage of one version per use case (log scale, MB)."""
     return _grouped_bars(document, "stored_bytes", 1e-6, "storage per version (MB, log scale)",
-                         "Storage per use case (5,000 models unless stated)", os.path.join(out, "fig3_storage.png"))
+                         "Storage per version, by use case (5,000 models)", os.path.join(out, "fig3_storage.png"))
 
 
 def plot_save_time(document: dict[str, Any], out: str) -> str:
     """Figure 4: time to save one version per use case (log scale, ms)."""
     return _grouped_bars(document, "save_ms", 1.0, "time to save (ms, log scale)",
-                         "Median time-to-save per use case", os.path.join(out, "fig4_time_to_save.png"))
+                         "Median time to save a version, by use case (5,000 models)", os.path.join(out, "fig4_time_to_save.png"))
 
 
 def plot_recover_time(document: dict[str, Any], out: str) -> str:
     """Figure 5: time to recover the newest version after k cycles: the recursive staircase against bounded recovery."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(8, 4.8))
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = plt.subplots(figsize=(8, 5.6))
     staircase = next(e for e in document["scenarios"] if e["scenario"]["workload"] == "perturbed" and e["scenario"]["arch"] == "ffnn48" and e["scenario"]["rate"] == 0.10)
     by = {r["approach"]: r["versions"] for r in staircase["results"]}
     ks = list(range(len(by["baseline"])))
@@ -108,11 +115,12 @@ def plot_recover_time(document: dict[str, Any], out: str) -> str:
             ax.plot(range(len(prov)), [v["recover_fresh_ms"] for v in prov], "^-", color=COLORS["provenance"],
                     label="Provenance (retraining, trained cells)")
     ax.set_yscale("log")
-    ax.set_xlabel("update cycles (U3) since the initial set (U1)")
+    ax.set_xlabel("update cycles (U3) since the initial set (U1)", labelpad=2)
     ax.set_ylabel("time to recover the newest version (ms, log scale)")
-    ax.set_title("Median time-to-recover over update cycles, FFNN-48, 5,000 models, 10% updated per cycle")
+    ax.set_title("Median time to recover the newest version\nFFNN-48, 5,000 models, 10% retrained per cycle", fontsize=11)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    _legend_below(ax, 2, -0.13)
     fig.tight_layout()
     path = os.path.join(out, "fig5_time_to_recover.png")
     fig.savefig(path, dpi=130)
