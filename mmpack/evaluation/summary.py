@@ -25,9 +25,13 @@ def _scenario_title(entry: dict) -> str:
     return f"{NAMES[s['arch']]}, {entry['models']:,} models, {s['rate']:.0%} updated per cycle, {s['cycles']} cycles{trained}"
 
 
+def _reduction(ours: float, reference: float) -> str:
+    return f"{1 - ours / reference:.2%}"
+
+
 def storage_table(document: dict[str, Any]) -> str:
     """Storage of U1 and of a U3 version per approach and scenario, with reductions against Baseline."""
-    lines = ["| use case | approach | U1 MB | U3 MB (median) | U3 vs Baseline | U1 vs per-model |",
+    lines = ["| use case | approach | U1 MB | U3 MB (median) | U3 as a share of Baseline's | U1 saved against one file per model |",
              "| --- | --- | ---: | ---: | ---: | ---: |"]
     for entry in document["scenarios"]:
         by = {r["approach"]: r["versions"] for r in entry["results"]}
@@ -38,9 +42,9 @@ def storage_table(document: dict[str, Any]) -> str:
                 continue
             versions = by[approach]
             u1, u3 = versions[0]["stored_bytes"], _median(versions[1:], "stored_bytes")
-            vs_per_model = f"{1 - u1 / per_model_u1:+.1%}".replace("+", "-") if per_model_u1 and approach != "per-model" else ""
+            saved = f"{_reduction(u1, per_model_u1)} less" if per_model_u1 and approach != "per-model" else ""
             lines.append(f"| {_scenario_title(entry)} | {approach} | {u1 / 1e6:.2f} | {u3 / 1e6:.3f} | "
-                         f"{1 - u3 / base_u3:.2%} smaller | {vs_per_model} |")
+                         f"{u3 / base_u3:.2%} | {saved} |")
     return "\n".join(lines)
 
 
@@ -100,10 +104,6 @@ def _find(document: dict[str, Any], arch: str, rate: float = 0.10, workload: str
         if (s["arch"], s["rate"], s["workload"]) == (arch, rate, workload):
             return {r["approach"]: r["versions"] for r in entry["results"]}
     return None
-
-
-def _reduction(ours: float, reference: float) -> str:
-    return f"{1 - ours / reference:.2%}"
 
 
 def paper_table(document: dict[str, Any]) -> str:
