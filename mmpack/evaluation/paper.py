@@ -248,10 +248,15 @@ def run_scenario(scenario: Scenario, n_models: int, runs: int, directory: str, r
 # -- reports --------------------------------------------------------------------------
 
 
+def versions_by_approach(entry: dict) -> dict[str, list[dict]]:
+    """``{approach: [figures of each version]}`` of one scenario of an evaluation document."""
+    return {r["approach"]: r["versions"] for r in entry["results"]}
+
+
 def report(entry: dict) -> None:
     scenario = Scenario(**entry["scenario"])
     print(f"\n== {scenario.title}, {entry['models']} models")
-    by = {r["approach"]: r["versions"] for r in entry["results"]}
+    by = versions_by_approach(entry)
     full_bytes = by["baseline"][0]["stored_bytes"]
     rows = []
     for approach, versions in by.items():
@@ -313,7 +318,7 @@ def report_provenance(by: dict) -> None:
 
 
 def check_targets(entry: dict) -> None:
-    by = {r["approach"]: r["versions"] for r in entry["results"]}
+    by = versions_by_approach(entry)
     full, update = by["baseline"][0], by["update"]
     print("\ntargets:")
     if entry["scenario"]["rate"] == 0.10:  # the issue states it for the paper's 10% cycles

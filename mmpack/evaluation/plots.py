@@ -9,6 +9,8 @@ import os
 import statistics
 from typing import Any
 
+from mmpack.evaluation.paper import versions_by_approach
+
 COLORS = {"per-model": "#7f7f7f", "baseline": "#1f77b4", "update": "#2ca02c", "provenance": "#d62728"}
 LABELS = {
     "per-model": "one file per model (MMLib-base's pattern)",
@@ -36,7 +38,7 @@ def _use_cases(document: dict[str, Any]) -> list[tuple[str, dict[str, dict]]]:
         s = entry["scenario"]
         name = {"ffnn48": "FFNN-48", "ffnn69": "FFNN-69", "cnn": "CIFAR CNN"}[s["arch"]]
         tag = " (trained)" if s["workload"] == "battery" else ""
-        by = {r["approach"]: r["versions"] for r in entry["results"]}
+        by = versions_by_approach(entry)
         if s["rate"] == 0.10:
             cases.append((f"{name}{tag}\nU1", {a: v[0] for a, v in by.items()}))
         u3 = {a: _median_version(v[1:]) for a, v in by.items()}
@@ -99,7 +101,7 @@ def plot_recover_time(document: dict[str, Any], out: str) -> str:
 
     fig, ax = plt.subplots(figsize=(8, 5.6))
     staircase = next(e for e in document["scenarios"] if e["scenario"]["workload"] == "perturbed" and e["scenario"]["arch"] == "ffnn48" and e["scenario"]["rate"] == 0.10)
-    by = {r["approach"]: r["versions"] for r in staircase["results"]}
+    by = versions_by_approach(staircase)
     ks = list(range(len(by["baseline"])))
     ax.plot(ks, [v["recover_ms"] for v in by["baseline"]], "o-", color=COLORS["baseline"], label="Baseline", ms=3)
     ax.plot(ks, [v["recover_ms"] for v in by["update"]], "o-", color=COLORS["update"], label="Update, bounded (mmpack)", ms=3)
@@ -110,7 +112,7 @@ def plot_recover_time(document: dict[str, Any], out: str) -> str:
         ax.plot(ks, [v["recover_ms"] for v in by["per-model"]], "-", color=COLORS["per-model"], label=LABELS["per-model"])
     trained = next((e for e in document["scenarios"] if e["scenario"]["workload"] == "battery" and e["scenario"]["arch"] == "ffnn48"), None)
     if trained is not None:
-        prov = {r["approach"]: r["versions"] for r in trained["results"]}.get("provenance")
+        prov = versions_by_approach(trained).get("provenance")
         if prov:
             ax.plot(range(len(prov)), [v["recover_fresh_ms"] for v in prov], "^-", color=COLORS["provenance"],
                     label="Provenance (retraining, trained cells)")

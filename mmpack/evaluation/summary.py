@@ -7,9 +7,11 @@
 from __future__ import annotations
 
 import json
-import statistics
 import os
+import statistics
 from typing import Any
+
+from mmpack.evaluation.paper import versions_by_approach
 
 NAMES = {"ffnn48": "FFNN-48", "ffnn69": "FFNN-69", "cnn": "CIFAR CNN"}
 APPROACHES = ("per-model", "baseline", "update", "provenance")
@@ -34,7 +36,7 @@ def storage_table(document: dict[str, Any]) -> str:
     lines = ["| use case | approach | U1 MB | U3 MB (median) | U3 as a share of Baseline's | U1 saved against one file per model |",
              "| --- | --- | ---: | ---: | ---: | ---: |"]
     for entry in document["scenarios"]:
-        by = {r["approach"]: r["versions"] for r in entry["results"]}
+        by = versions_by_approach(entry)
         base_u3 = _median(by["baseline"][1:], "stored_bytes")
         per_model_u1 = by["per-model"][0]["stored_bytes"] if "per-model" in by else None
         for approach in APPROACHES:
@@ -54,7 +56,7 @@ def time_table(document: dict[str, Any]) -> str:
              "recover 1 model the newest cycle retrained ms |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     for entry in document["scenarios"]:
-        by = {r["approach"]: r["versions"] for r in entry["results"]}
+        by = versions_by_approach(entry)
         for approach in APPROACHES:
             if approach not in by:
                 continue
@@ -87,7 +89,7 @@ def provenance_table(document: dict[str, Any]) -> str:
              "recover ms, all cores | speed-up | 1 retrained model ms |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for entry in document["scenarios"]:
-        by = {r["approach"]: r["versions"] for r in entry["results"]}
+        by = versions_by_approach(entry)
         if "provenance" not in by:
             continue
         full = by["baseline"][0]["stored_bytes"]
@@ -102,7 +104,7 @@ def _find(document: dict[str, Any], arch: str, rate: float = 0.10, workload: str
     for entry in document["scenarios"]:
         s = entry["scenario"]
         if (s["arch"], s["rate"], s["workload"]) == (arch, rate, workload):
-            return {r["approach"]: r["versions"] for r in entry["results"]}
+            return versions_by_approach(entry)
     return None
 
 
