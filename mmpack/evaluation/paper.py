@@ -13,10 +13,10 @@ times are medians over the runs. Every save starts with no dirty pages (an
 untimed ``sync``), as one in a training loop hours after the last would:
 without it, later saves of a run are throttled by the kernel's writeback of
 the gigabytes written before them. Time-to-recover is measured on a Repository
-opened once per run that has recovered the version once before, as a service
-holding it would be (manifests, headers and open objects cached; the OS page
-cache warm, as right after saving), and with a new Repository object for the
-first recovery of each version ("fresh"). Update versions are also recovered
+opened once per run, as a service holding it would be: it has recovered the
+earlier versions (their manifests, headers and open objects cached), and the
+OS page cache is warm from the first recovery of this version, made just
+before through a new Repository object and timed too ("fresh"). Update versions are also recovered
 with the paper's recursive replay (``strategy="recursive"``), so the
 staircase and its removal show side by side.
 
@@ -203,6 +203,7 @@ def measure_per_model(sets: list[ModelSet], runs: int, directory: str) -> dict:
     version = {"stored_as": "per-model", "stored_bytes": written, "save_ms": _median_ms(saves),
                "recover_ms": _median_ms(loads), "recover_fresh_ms": _median_ms(loads),
                "recover_recursive_ms": None, "recover_one_model_ms": _median_ms(ones),
+               # Every per-model file costs the same to load: a retrained model is any model.
                "recover_changed_model_ms": _median_ms(ones), "recover_one_worker_ms": None}
     return {"approach": "per-model", "versions": [{**version, "step": step} for step in range(len(sets))]}
 
