@@ -11,11 +11,12 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from mmpack.compression import Compression
+from mmpack.errors import RepositoryError
 from mmpack.modelset import ModelSet
 
 if TYPE_CHECKING:
     from mmpack.approaches.advisor import CostModel, Estimate
-    from mmpack.fileformat import Header, Reader
+    from mmpack.fileformat import Header, Reader, Tail
     from mmpack.records import Changes, ObjectRef, VersionRecord
     from mmpack.store import ObjectStore
 
@@ -74,6 +75,11 @@ class Approach(ABC):
     name: ClassVar[str]
     stores_rows: ClassVar[bool] = True
     takes_provenance: ClassVar[bool] = False  # whether save() uses SaveRequest.provenance
+    #: Versions hold only what changed since their base: the manifest has a change list and a base.
+    delta: ClassVar[bool] = False
+    #: What a version's one object is: "model-set" (an mmpack object, pinned by its manifest) or
+    #: "document" (a JSON document whose whole content the manifest's checksum covers).
+    object_kind: ClassVar[str] = "model-set"
 
     def estimate(self, request: SaveRequest, model: CostModel) -> Estimate | None:
         """What storing ``request`` this way would cost (bytes, seconds to recover), for
@@ -97,6 +103,20 @@ class Approach(ABC):
         """Where the version's data object (open as ``opened``) stores each (``models[k]``,
         ``tensors[k]``): the row of that tensor's section. Only pairs the version owns are asked
         for: every pair of a full version, the pairs in its change list otherwise."""
+
+    def check_object(self, record: VersionRecord, header: Header, tail: Tail) -> None:
+        """Raise :class:`~mmpack.RepositoryError` unless the version's (opened, pinned) object holds
+        what its manifest states: model count, architecture, layout, rows. Runs before a recovery
+        allocates anything from the manifest's sizes."""
+        if header.n_models != record.n_models:
+            raise RepositoryError(f"{record.describe()} names an object of {header.n_models} models")
+        fingerprint = header.architecture.fingerprint()
+        if fingerprint != record.architecture:
+            raise RepositoryError(f"{record.describe()} names an object of architecture {fingerprint}, "
+                                  f"not {record.architecture}")
+        xor = header.layout.chunking is not None and header.layout.chunking.delta != "none"
+        if xor != ("xor_base" in record.details):
+            raise RepositoryError(f"{record.describe()} and its object disagree about XOR deltas")
 
     @abstractmethod
     def check(self, objects: ObjectStore, record: VersionRecord) -> None:

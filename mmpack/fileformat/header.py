@@ -122,6 +122,12 @@ class Layout:
         """The format version an object with this layout is written as."""
         return FORMAT_VERSION if self.chunking is None else COMPRESSED_FORMAT_VERSION
 
+    @property
+    def tail_offset(self) -> int:
+        """Where the object's *tail* starts: the row index (rows layout) or the hash table. The
+        tail runs to the end of the object; its XXH3-64 is the pin a manifest records."""
+        return self.row_index_offset if self.kind == ROWS else self.hashes_offset
+
     def sections(self) -> list[tuple[int, int]]:
         """(offset, length) of every section in file order, for padding checks."""
         spans = list(zip(self.tensor_offsets, self.tensor_lengths))
