@@ -277,3 +277,58 @@ def test_a_delta_on_a_set_of_another_shape_is_refused(tmp_path):
         write_manifest(repo.store.root, "v3", body)
         with pytest.raises(MMPackError, match="another shape|not an earlier"):
             Repository(repo.store.root).recover("v3")
+
+
+# -- class 9: a recovery sees what verify sees in rows-layout objects --------------------------
+
+
+def _update_object(root, vid: str):
+    """(path, header) of a version's data object."""
+    from mmpack import fileformat
+    from mmpack._io import FileReader
+
+    path = object_path(root, read_manifest(root, vid)["objects"][0])
+    with open(path, "rb") as f, FileReader(f) as source:
+        return path, fileformat.read_header(source)
+
+
+def _poke(path: str, offset: int, value: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(bytes([value]))
+
+
+@pytest.mark.parametrize("where", ["padding after a tensor", "row index", "padding before the table"])
+def test_a_recovery_rejects_damage_only_verify_used_to_see(copy, where):
+    root, sets = copy
+    path, header = _update_object(root, "v3")
+    layout = header.layout
+    if where == "padding after a tensor":
+        sections = layout.sections()
+        offset = header.data_start + next(o + n for (o, n), (after, _) in zip(sections, sections[1:]) if o + n < after)
+    elif where == "row index":
+        offset = header.data_start + layout.row_index_offset
+    else:
+        offset = header.data_start + layout.row_index_offset + layout.row_index_length
+        assert offset < header.data_start + layout.hashes_offset
+    _poke(path, offset, 3)
+    with pytest.raises(MMPackError):
+        Repository(root).recover("v3")
+    assert not Repository(root).verify("v3").ok
+
+
+def test_a_corrupted_row_index_is_caught_without_a_pin(tmp_path):
+    """Manifests of format 1 pin nothing: the row index is then checked against the change list."""
+    from golden_sets import GOLDEN_DIR
+
+    root = tmp_path / "repo"
+    shutil.copytree(GOLDEN_DIR / "repo_format1", root)
+    path, header = _update_object(root, "v2")
+    offset = header.data_start + header.layout.row_index_offset
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        first = int.from_bytes(f.read(4), "little")
+        f.seek(offset)
+        f.write((first + 1).to_bytes(4, "little"))  # still ascending: only the manifest can tell
+    with pytest.raises(MMPackError, match="other rows"):
+        Repository(root).recover("v2")

@@ -24,7 +24,7 @@ import torch
 from mmpack import packing
 from mmpack.approaches import APPROACHES, RebuildContext
 from mmpack.errors import RepositoryError, VersionNotFoundError
-from mmpack.fileformat import Header, Reader, RowRequest, Tail, read_rows_many, verify_rows
+from mmpack.fileformat import Header, Reader, RowRequest, Tail, check_padding, read_rows_many, verify_rows
 from mmpack.modelset import ModelSet, normalize_indices
 from mmpack.provenance import TrainingFunction
 from mmpack.records import VersionRecord
@@ -70,6 +70,8 @@ def open_object(repo: Repository, record: VersionRecord) -> Iterator[tuple[Reade
     with repo.objects.reader(ref) as opened:
         if (record.id, ref.key) not in repo.checked_objects:
             APPROACHES[record.approach].check_object(record, opened[1], repo.objects.tail(ref, opened))
+            if not repo.store.remote:  # a few reads of at most 63 bytes; on object storage, requests
+                check_padding(*opened)
             repo.checked_objects.add((record.id, ref.key))
         yield opened
 

@@ -15,12 +15,13 @@ from torch import nn
 
 from mmpack.approaches import APPROACHES, DefaultPool, SaveRequest
 from mmpack.approaches.advisor import CostModel, Policy, SmallestUnder, Throughputs, check_policy as _check_policy
+from mmpack import _json
 from mmpack._cache import LRU
 from mmpack.approaches.advisor import measured_throughputs
 from mmpack.architecture import Architecture
 from mmpack.compression import Compression
 from mmpack.compression import resolve as resolve_compression
-from mmpack.errors import ArchitectureMismatchError, MMPackError, RepositoryError, VersionNotFoundError
+from mmpack.errors import ArchitectureMismatchError, FormatError, MMPackError, RepositoryError, VersionNotFoundError
 from mmpack.fileformat import modelset_and_hashes
 from mmpack.modelset import ModelSet
 from mmpack.provenance import TrainingFunction
@@ -180,14 +181,7 @@ class Repository:
             if self.store.put_if_absent(_MARKER, marker):
                 return
             content = self.store.get(_MARKER)
-        try:
-            found = json.loads(content)
-        except json.JSONDecodeError:
-            found = None
-        if not isinstance(found, dict) or found.get("format") != _MARKER_CONTENT["format"]:
-            raise RepositoryError(f"{self.store!r} is not an mmpack repository (bad {_MARKER})")
-        if found.get("format_version") != _MARKER_CONTENT["format_version"]:
-            raise RepositoryError(f"repository format version {found.get('format_version')!r} is not supported")
+        _check_marker(content, self.store)
 
     # -- saving -------------------------------------------------------------
 
@@ -428,7 +422,10 @@ class Repository:
                 raw = self.store.get(f"architectures/{fingerprint}.json")
             except (FileNotFoundError, MMPackError):
                 raise RepositoryError(f"architecture record {fingerprint!r} is missing") from None
-            found = Architecture.from_json(json.loads(raw))
+            try:
+                found = Architecture.from_json(_json.loads(raw))
+            except (_json.Malformed, FormatError) as exc:
+                raise RepositoryError(f"architecture record {fingerprint} is malformed: {exc}") from None
             if found.fingerprint() != fingerprint:
                 raise RepositoryError(f"architecture record {fingerprint} does not match its fingerprint")
             self._architectures[fingerprint] = found
@@ -573,6 +570,22 @@ class Repository:
             removed += 1
             size += object_size
         return GcReport(cleaned.removed, removed, cleaned.bytes + size)
+
+
+def _check_marker(content: bytes, store: Store) -> None:
+    """The marker must be exactly ``{"format": "mmpack-repository", "format_version": 1}``
+    (docs/REPOSITORY.md), read strictly."""
+    try:
+        found = _json.fields(_json.loads(content), ("format", "format_version"), what=_MARKER)
+    except _json.Malformed as exc:
+        raise RepositoryError(f"{store!r} is not an mmpack repository (bad {_MARKER}: {exc})") from None
+    if found["format"] != _MARKER_CONTENT["format"]:
+        raise RepositoryError(f"{store!r} is not an mmpack repository (bad {_MARKER})")
+    if not _json.same(found["format_version"], _MARKER_CONTENT["format_version"]):
+        raise RepositoryError(
+            f"repository format version {found['format_version']!r} is not supported; this mmpack reads version "
+            f"{_MARKER_CONTENT['format_version']} (a newer mmpack may read it)"
+        )
 
 
 def _described(exc: Exception) -> str:
