@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from mmpack import ModelSet, Repository
-from mmpack.store import objects as object_store
+from mmpack import objects as object_store
 
 from helpers import ffnn_models
 

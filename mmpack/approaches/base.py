@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from mmpack.approaches.advisor import CostModel, Estimate
     from mmpack.fileformat import Header, Reader, Tail
     from mmpack.records import VersionRecord
-    from mmpack.store import ObjectStore
+    from mmpack.objects import ObjectStore
 
 
 class Approach(ABC):

@@ -21,7 +21,8 @@ from mmpack.fileformat import (
     write_body,
 )
 from mmpack.records import ObjectRef, VersionRecord
-from mmpack.store import ObjectStore, SizedWriter
+from mmpack.objects import ObjectStore
+from mmpack.store import SizedWriter
 
 
 class Baseline(Approach):

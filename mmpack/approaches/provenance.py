@@ -36,7 +36,7 @@ from mmpack.fileformat import Header, Reader
 from mmpack.modelset import ModelSet
 from mmpack.provenance import Provenance, TrainingFunction, resolve_function, source_hash
 from mmpack.records import Changes, ObjectRef, VersionRecord
-from mmpack.store import ObjectStore
+from mmpack.objects import ObjectStore
 
 _DOCUMENT = "mmpack-provenance"
 # Below this many models, retraining runs in this process: starting worker

@@ -25,7 +25,7 @@ from mmpack.fileformat import (
     verify_rows,
 )
 from mmpack.records import Changes, ObjectRef, VersionRecord
-from mmpack.store import ObjectStore
+from mmpack.objects import ObjectStore
 
 
 class Update(Approach):

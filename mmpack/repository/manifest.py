@@ -22,7 +22,8 @@ from mmpack import _json, _native
 from mmpack.approaches import APPROACHES
 from mmpack.errors import RepositoryError, VersionNotFoundError
 from mmpack.records import Changes, ObjectRef, VersionRecord
-from mmpack.store import ObjectStore, check_key
+from mmpack.objects import ObjectStore
+from mmpack.store import check_key
 
 MANIFEST_FORMAT = "mmpack-version"
 MANIFEST_VERSION = 2
@@ -150,6 +151,7 @@ def _decode_body(body: Any, vid: str, size: int, n_tensors_of: Any) -> VersionRe
         details=_details(body["details"]),
         architecture_bytes=_json.integer(body["architecture_bytes"], "architecture_bytes"),
         manifest_bytes=size,
+        delta=approach.delta,
     )
 
 

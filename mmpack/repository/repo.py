@@ -35,7 +35,8 @@ from mmpack.repository.manifest import (
     now,
     version_number,
 )
-from mmpack.store import ObjectStore, Store, open_store
+from mmpack.objects import ObjectStore
+from mmpack.store import Store, open_store
 
 _MARKER = "repository.json"
 _MARKER_CONTENT = {"format": "mmpack-repository", "format_version": 1}
@@ -259,6 +260,7 @@ class Repository:
                 changes=stored.changes,
                 details={**details, **stored.details},
                 architecture_bytes=architecture_bytes,
+                delta=APPROACHES[chosen].delta,
             )
         )
         self._remember_table(record.id, request.resolved_hashes())
