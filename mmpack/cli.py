@@ -21,7 +21,6 @@ from mmpack._progress import progress
 from mmpack.errors import MMPackError, RepositoryError
 from mmpack.records import VersionRecord
 from mmpack.repository import Repository
-from mmpack.repository.recovery import chain_of
 
 EXPORT_FORMATS = ("mmpack", "torch", "safetensors")
 
@@ -110,7 +109,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     repo = _open(args)
     record = repo.version(args.vid)
     arch = repo.architecture(record.architecture)
-    chain = chain_of(repo, record.id)
+    chain = repo.chain(record.id)
     print(f"version      {record.id}")
     print(f"approach     {record.approach} ({record.reason})")
     print(f"base         {record.base or '-'}   chain depth {len(chain) - 1} (to full version {chain[-1].id})")

@@ -12,12 +12,14 @@ __all__ = [
     "CompressionError",
     "FormatError",
     "IntegrityError",
+    "InvalidArgumentError",
     "MMPackError",
     "MissingDependencyError",
     "ModelIndexError",
     "ProvenanceError",
     "ProvenanceMismatchError",
     "RepositoryError",
+    "TagConflictError",
     "UnsupportedFormatVersionError",
     "VersionNotFoundError",
 ]
@@ -71,8 +73,25 @@ class MissingDependencyError(MMPackError, ImportError):
     e.g. ``pip install "mmpack[s3]"`` for ``s3://`` repositories."""
 
 
+class InvalidArgumentError(MMPackError, ValueError):
+    """An argument outside the values a function accepts, e.g. ``repo.gc(grace_seconds=float("nan"))``."""
+
+
 class RepositoryError(MMPackError):
     """The repository is unusable: not an mmpack repository, damaged manifest, missing object."""
+
+
+class TagConflictError(MMPackError):
+    """A tag moved (or appeared, or went) between reading it and moving it: ``repo.tag(name, vid,
+    expected=...)`` found it on another version. Read the tag again and decide.
+
+    Example::
+
+        try:
+            repo.tag("production", "v9", expected="v7")
+        except mmpack.TagConflictError:
+            ...  # someone promoted another version meanwhile
+    """
 
 
 class ProvenanceError(MMPackError):

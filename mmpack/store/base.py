@@ -72,6 +72,12 @@ class Store(ABC):
     def list(self, prefix: str) -> list[str]:
         """Keys directly under the folder ``prefix`` (e.g. ``"versions/"``), sorted, temporaries excluded."""
 
+    def list_after(self, prefix: str, after: str) -> list[str]:
+        """Keys directly under ``prefix`` that sort after the key ``after``, sorted. Stores that can
+        start a listing at a key (S3's ``StartAfter``) override it: a catalog lists only the few
+        commits after the one it knows, however long the log."""
+        return [key for key in self.list(prefix) if key > after]
+
     @abstractmethod
     def size(self, key: str) -> int:
         """Bytes of the object."""

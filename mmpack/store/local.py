@@ -69,6 +69,18 @@ class LocalStore(Store):
         base = f"{folder}/" if folder else ""
         return sorted(base + n for n in names if not n.startswith(".") and os.path.isfile(os.path.join(directory, n)))
 
+    def list_after(self, prefix: str, after: str) -> list[str]:
+        # Names are compared before anything is stat'ed: a log of 10,000 commits costs one listdir.
+        folder = prefix.rstrip("/")
+        directory = self._path(folder) if folder else self.root
+        try:
+            names = os.listdir(directory)
+        except FileNotFoundError:
+            return []
+        base = f"{folder}/" if folder else ""
+        later = sorted(base + n for n in names if not n.startswith(".") and base + n > after)
+        return [key for key in later if os.path.isfile(os.path.join(self.root, *key.split("/")))]
+
     def size(self, key: str) -> int:
         return os.path.getsize(self._path(key))
 

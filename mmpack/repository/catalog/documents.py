@@ -121,12 +121,17 @@ def _ref_to_json(ref: ObjectRef) -> dict[str, Any]:
     return entry
 
 
-def record_from_json(body: Any, vid: str | None, size: int, n_tensors_of: Any, *, pins: bool,
-                     changes_for_baselines: bool) -> VersionRecord:
+_IN_BODY = object()
+
+
+def record_from_json(body: Any, vid: str | None, size: int, n_tensors_of: Any, *, pins: bool | str,
+                     changes_for_baselines: bool, changes: Any = _IN_BODY) -> VersionRecord:
     """Check and build a record. ``pins``: model-set references carry a pin (manifest format 2,
     catalog format 2). ``changes_for_baselines``: a Baseline saved against a base may record
     what changed (catalog format 2); otherwise only delta approaches have a change list.
-    ``n_tensors_of(fingerprint)`` gives the architecture's tensor count. Raises
+    ``n_tensors_of(fingerprint)`` gives the architecture's tensor count; ``pins="optional"``
+    accepts references with or without a pin (records imported from format 1). ``changes``, when
+    given, is the change list already decoded (checkpoints decode all at once). Raises
     ``_json.Malformed`` or ``VersionNotFoundError`` (for malformed ids) on anything the spec
     does not allow."""
     body = _json.fields(body, RECORD_KEYS, what="the version record")
@@ -148,15 +153,16 @@ def record_from_json(body: Any, vid: str | None, size: int, n_tensors_of: Any, *
     if not isinstance(objects, list) or not 1 <= len(objects) <= 1 + approach.delta:
         raise _json.Malformed(f"a {approach.name} version names one object (a delta: and its hash table), "
                               f"not {objects!r:.80}")
-    refs = tuple(_ref_from_json(o, pins and (k > 0 or approach.object_kind == "model-set"))
+    refs = tuple(_ref_from_json(o, pins if (k > 0 or approach.object_kind == "model-set") else False)
                  for k, o in enumerate(objects))
-    changes = body["changes"]
+    decoded = changes
+    changes = body["changes"] if decoded is _IN_BODY else decoded
     allowed = approach.delta or (changes_for_baselines and base is not None)
     if changes is None and approach.delta:
         raise _json.Malformed(f"a {approach.name} version needs a change list")
     if changes is not None and not allowed:
         raise _json.Malformed(f"a {approach.name} version {'without a base ' if base is None else ''}has no change list")
-    if changes is not None:
+    if changes is not None and decoded is _IN_BODY:
         _json.fields(changes, ("count", "models", "masks"), what="changes")
         _json.integer(changes["count"], "changes.count", 0, n_models + 1)
         _json.string(changes["models"], "changes.models")
@@ -180,8 +186,11 @@ def record_from_json(body: Any, vid: str | None, size: int, n_tensors_of: Any, *
     )
 
 
-def _ref_from_json(entry: Any, pinned: bool) -> ObjectRef:
-    entry = _json.fields(entry, ("key", "bytes", "xxh3", "pin") if pinned else ("key", "bytes", "xxh3"), what="an object")
+def _ref_from_json(entry: Any, pinned: bool | str) -> ObjectRef:
+    optional = ("pin",) if pinned == "optional" else ()
+    required = ("key", "bytes", "xxh3", "pin") if pinned is True else ("key", "bytes", "xxh3")
+    entry = _json.fields(entry, required, optional, what="an object")
+    pinned = "pin" in entry
     key = _json.string(entry["key"], "an object's key")
     try:
         check_key(key)
@@ -217,7 +226,7 @@ def _details(value: Any) -> dict[str, Any]:
     return dict(details)
 
 
-def decode_record(body: Any, vid: str | None, size: int, n_tensors_of: Any, what: str, *, pins: bool,
+def decode_record(body: Any, vid: str | None, size: int, n_tensors_of: Any, what: str, *, pins: bool | str,
                   changes_for_baselines: bool) -> VersionRecord:
     """:func:`record_from_json` with its problems as :class:`RepositoryError` naming ``what``."""
     try:

@@ -291,12 +291,8 @@ class CatalogState:
                 "details": columns["details"][k],
             }
             size = _json.integer(columns["entry_bytes"][k], "entry_bytes")
-            record = documents.record_from_json(body, None, size, state.n_tensors, pins=True,
-                                                changes_for_baselines=True)
-            if changes[k] is not None:
-                record = _with_changes(record, changes[k])
-            elif record.delta:
-                raise _json.Malformed(f"{record.id} is a delta without a change list")
+            record = documents.record_from_json(body, None, size, state.n_tensors, pins="optional",
+                                                changes_for_baselines=True, changes=changes[k])
             if record.changes is not None and (record.changes.models.size and record.changes.models[-1] >= record.n_models):
                 raise _json.Malformed(f"the change list of {record.id} names models beyond its {record.n_models}")
             state.records[record.id] = record
@@ -389,7 +385,3 @@ def _with_bytes(record: VersionRecord, size: int) -> VersionRecord:
     return replace(record, manifest_bytes=size)
 
 
-def _with_changes(record: VersionRecord, changes: Changes) -> VersionRecord:
-    from dataclasses import replace
-
-    return replace(record, changes=changes)
