@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from mmpack import _native
+from mmpack import _json, _native
 from mmpack.dtypes import dtype_from_name, dtype_name
 from mmpack.errors import ArchitectureMismatchError, FormatError
 
@@ -23,6 +24,9 @@ __all__ = ["Architecture", "TensorSpec"]
 
 TensorKind = Literal["parameter", "buffer"]
 _KINDS = ("parameter", "buffer")
+MAX_NAME_LENGTH = 1000
+MAX_DIMENSIONS = 64
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,10 @@ class Architecture:
     module: str | None = None
 
     def __post_init__(self) -> None:
+        for spec in self.tensors:
+            problem = problem_with_name(spec.name)
+            if problem is not None:
+                raise ArchitectureMismatchError(f"tensor names are stored in files: {problem}")
         names = [t.name for t in self.tensors]
         if len(set(names)) != len(names):
             duplicate = next(n for n in names if names.count(n) > 1)
@@ -126,28 +134,32 @@ class Architecture:
 
     @classmethod
     def from_json(cls, data: object) -> Architecture:
-        """Parse :meth:`to_json` output, raising :class:`FormatError` on anything malformed."""
-        if not isinstance(data, dict) or not isinstance(data.get("tensors"), list):
-            raise FormatError("architecture must be an object with a 'tensors' list")
-        module = data.get("module")
-        if module is not None and not isinstance(module, str):
-            raise FormatError("architecture 'module' must be a string or null")
-        specs = []
-        for i, item in enumerate(data["tensors"]):
-            if not isinstance(item, dict):
-                raise FormatError(f"architecture tensor {i} must be an object")
-            name, kind, shape = item.get("name"), item.get("kind"), item.get("shape")
-            if not isinstance(name, str) or not name:
-                raise FormatError(f"architecture tensor {i} has no valid name")
-            if kind not in _KINDS:
-                raise FormatError(f"tensor {name!r} has kind {kind!r}; expected one of {_KINDS}")
-            if not isinstance(shape, list) or not all(
-                type(d) is int and 0 <= d < 2**40 for d in shape
-            ):
-                raise FormatError(f"tensor {name!r} has malformed shape {shape!r}")
-            specs.append(TensorSpec(name, kind, dtype_from_name(item.get("dtype")), tuple(shape)))
+        """Parse :meth:`to_json` output strictly (exact keys, typed values, valid names and
+        shapes), raising :class:`FormatError` on anything docs/FORMAT.md does not allow."""
         try:
+            data = _json.fields(data, ("module", "tensors"), what="architecture")
+            module = data["module"]
+            if module is not None and (not isinstance(module, str) or problem_with_name(module) is not None):
+                raise _json.Malformed(f"architecture 'module' must be null or a valid name, not {module!r:.80}")
+            if not isinstance(data["tensors"], list):
+                raise _json.Malformed("architecture 'tensors' must be an array")
+            specs = []
+            for i, item in enumerate(data["tensors"]):
+                item = _json.fields(item, ("name", "kind", "dtype", "shape"), what=f"architecture tensor {i}")
+                name, kind, shape = item["name"], item["kind"], item["shape"]
+                problem = problem_with_name(name)
+                if problem is not None:
+                    raise _json.Malformed(f"architecture tensor {i}: {problem}")
+                if kind not in _KINDS:
+                    raise _json.Malformed(f"tensor {name!r} has kind {kind!r}; expected one of {_KINDS}")
+                if not isinstance(shape, list) or len(shape) > MAX_DIMENSIONS or not all(
+                    type(d) is int and 0 <= d < 2**40 for d in shape
+                ):
+                    raise _json.Malformed(f"tensor {name!r} has malformed shape {shape!r:.80}")
+                specs.append(TensorSpec(name, kind, dtype_from_name(item["dtype"]), tuple(shape)))
             return cls(tuple(specs), module)
+        except _json.Malformed as exc:
+            raise FormatError(f"malformed architecture: {exc}") from None
         except ArchitectureMismatchError as exc:
             raise FormatError(f"malformed architecture: {exc}") from None
 
@@ -155,6 +167,21 @@ class Architecture:
         """16-hex-digit XXH3-64 of the canonical JSON of the tensors (class path excluded)."""
         canonical = json.dumps(self.to_json()["tensors"], sort_keys=True, separators=(",", ":"))
         return f"{_native.xxh3_64(canonical.encode()):016x}"
+
+
+def problem_with_name(name: object) -> str | None:
+    """What makes ``name`` unfit as a stored tensor name (docs/FORMAT.md, "Tensor names"), or None.
+
+    A name is a non-empty string of at most :data:`MAX_NAME_LENGTH` characters with no control
+    characters (U+0000-U+001F, U+007F-U+009F): state_dict keys always qualify.
+    """
+    if not isinstance(name, str) or not name:
+        return f"a name must be a non-empty string, not {name!r:.80}"
+    if len(name) > MAX_NAME_LENGTH:
+        return f"name {name[:40]!r}... has {len(name)} characters, more than {MAX_NAME_LENGTH}"
+    if _CONTROL.search(name):
+        return f"name {name!r:.80} holds a control character"
+    return None
 
 
 def iter_state(module: nn.Module):

@@ -14,11 +14,20 @@ from mmpack.errors import RepositoryError
 
 @dataclass(frozen=True)
 class ObjectRef:
-    """One data object of a version: its key, size, and the checksum binding it to the manifest."""
+    """One data object of a version: its key, size, and the digests binding it to the manifest.
+
+    ``checksum`` is the XXH3-64 of a model-set object's header, or of a
+    document object's whole content. ``pin`` (model-set objects of manifests
+    written since format version 2) is the XXH3-64 of the object's tail, its
+    row index and hash table: with the header it fixes every byte a reader
+    trusts, so an object cannot be exchanged for another of the same shape
+    (docs/REPOSITORY.md). None for objects recorded before pins existed.
+    """
 
     key: str
     bytes: int
-    checksum: int  # XXH3-64 of a model-set object's header, or of a document object's whole content
+    checksum: int
+    pin: int | None = None
 
 
 class Changes:

@@ -37,7 +37,7 @@ from mmpack import _native, compression, packing
 from mmpack.errors import MMPackError
 
 if TYPE_CHECKING:
-    from mmpack.approaches.base import SaveRequest
+    from mmpack.approaches.request import SaveRequest
     from mmpack.records import VersionRecord
 
 _SAMPLE_BYTES = 2 << 20

@@ -4,63 +4,20 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from concurrent.futures import Future
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
-from mmpack.compression import Compression
-from mmpack.modelset import ModelSet
+from mmpack.approaches.request import SaveRequest, Stored
+from mmpack.errors import RepositoryError
+
+__all__ = ["Approach", "SaveRequest", "Stored"]
 
 if TYPE_CHECKING:
     from mmpack.approaches.advisor import CostModel, Estimate
-    from mmpack.fileformat import Header, Reader
-    from mmpack.records import Changes, ObjectRef, VersionRecord
+    from mmpack.fileformat import Header, Reader, Tail
+    from mmpack.records import VersionRecord
     from mmpack.store import ObjectStore
-
-
-@dataclass
-class SaveRequest:
-    """Everything an approach may use to store one version.
-
-    ``compression``: how to compress the version's objects (None: raw).
-    ``xor_reference``: for delta approaches, ``(version id, fetch)`` where
-    ``fetch(models)`` returns that version's values of sorted ``models`` (a
-    ModelSet); the repository offers the chain's full version, so XOR
-    deltas stay one level deep (docs/DESIGN-NOTES.md).
-    """
-
-    models: ModelSet
-    hashes: np.ndarray | Future[np.ndarray]  # [n_models, n_tensors]; may still be computing
-    base: VersionRecord | None
-    base_hashes: Callable[[], np.ndarray]  # the base version's full hash table, read lazily
-    provenance: Any = None
-    compression: Compression | None = None
-    xor_reference: tuple[str, Callable[[np.ndarray], ModelSet]] | None = None
-
-    def resolved_hashes(self) -> np.ndarray:
-        return self.hashes.result() if isinstance(self.hashes, Future) else self.hashes
-
-    def changed(self) -> np.ndarray:
-        """``[n_models, n_tensors]`` bool: which pairs differ from the base (computed once)."""
-        found = getattr(self, "_changed", None)
-        if found is None:
-            found = self._changed = self.resolved_hashes() != self.base_hashes()
-        return found
-
-    def compression_details(self) -> dict[str, Any]:
-        """What the record's ``details`` say about compression."""
-        return {} if self.compression is None else {"compression": self.compression.describe()}
-
-
-@dataclass
-class Stored:
-    """What an approach wrote: objects, the pairs it changed (None for a full set), and notes."""
-
-    objects: list[ObjectRef]
-    changes: Changes | None
-    details: dict[str, Any] = field(default_factory=dict)
 
 
 class Approach(ABC):
@@ -74,6 +31,11 @@ class Approach(ABC):
     name: ClassVar[str]
     stores_rows: ClassVar[bool] = True
     takes_provenance: ClassVar[bool] = False  # whether save() uses SaveRequest.provenance
+    #: Versions hold only what changed since their base: the manifest has a change list and a base.
+    delta: ClassVar[bool] = False
+    #: What a version's one object is: "model-set" (an mmpack object, pinned by its manifest) or
+    #: "document" (a JSON document whose whole content the manifest's checksum covers).
+    object_kind: ClassVar[str] = "model-set"
 
     def estimate(self, request: SaveRequest, model: CostModel) -> Estimate | None:
         """What storing ``request`` this way would cost (bytes, seconds to recover), for
@@ -97,6 +59,20 @@ class Approach(ABC):
         """Where the version's data object (open as ``opened``) stores each (``models[k]``,
         ``tensors[k]``): the row of that tensor's section. Only pairs the version owns are asked
         for: every pair of a full version, the pairs in its change list otherwise."""
+
+    def check_object(self, record: VersionRecord, header: Header, tail: Tail) -> None:
+        """Raise :class:`~mmpack.RepositoryError` unless the version's (opened, pinned) object holds
+        what its manifest states: model count, architecture, layout, rows. Runs before a recovery
+        allocates anything from the manifest's sizes."""
+        if header.n_models != record.n_models:
+            raise RepositoryError(f"{record.describe()} names an object of {header.n_models} models")
+        fingerprint = header.architecture.fingerprint()
+        if fingerprint != record.architecture:
+            raise RepositoryError(f"{record.describe()} names an object of architecture {fingerprint}, "
+                                  f"not {record.architecture}")
+        xor = header.layout.chunking is not None and header.layout.chunking.delta != "none"
+        if xor != ("xor_base" in record.details):
+            raise RepositoryError(f"{record.describe()} and its object disagree about XOR deltas")
 
     @abstractmethod
     def check(self, objects: ObjectStore, record: VersionRecord) -> None:

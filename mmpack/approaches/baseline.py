@@ -6,7 +6,20 @@ import numpy as np
 
 from mmpack.approaches.advisor import CostModel, Estimate
 from mmpack.approaches.base import Approach, SaveRequest, Stored
-from mmpack.fileformat import Header, Reader, check_padding, encode_header, encode_image, read_modelset, write_body
+from mmpack.errors import RepositoryError
+from mmpack.fileformat import (
+    STACKED,
+    Header,
+    Reader,
+    Tail,
+    check_padding,
+    encode_header,
+    encode_image,
+    image_pin,
+    read_modelset,
+    table_pin,
+    write_body,
+)
 from mmpack.records import ObjectRef, VersionRecord
 from mmpack.store import ObjectStore, SizedWriter
 
@@ -22,10 +35,12 @@ class Baseline(Approach):
         if request.compression is not None:
             image, header = encode_image(ms, None, request.compression, request.resolved_hashes())
             objects.put(key, image)
+            pin = image_pin(image, header)
         else:
             prefix, header = encode_header(ms.architecture, len(ms), {})
             objects.put(key, SizedWriter(header.file_size, lambda f: write_body(f, prefix, header, ms, request.hashes)))
-        return Stored([ObjectRef(key, header.file_size, header.header_hash)], None, request.compression_details())
+            pin = table_pin(request.resolved_hashes())
+        return Stored([ObjectRef(key, header.file_size, header.header_hash, pin)], None, request.compression_details())
 
     def estimate(self, request: SaveRequest, model: CostModel) -> Estimate:
         # One object; a full recovery decodes all of it when it is compressed.
@@ -42,7 +57,14 @@ class Baseline(Approach):
     ) -> np.ndarray:
         return models  # stacked layout: row i of every tensor is model i
 
+    def check_object(self, record: VersionRecord, header: Header, tail: Tail) -> None:
+        if header.layout.kind != STACKED:
+            raise RepositoryError(f"{record.describe()} names an object that holds only some rows")
+        super().check_object(record, header, tail)
+
     def check(self, objects: ObjectStore, record: VersionRecord) -> None:
-        with objects.reader(record.objects[0]) as (source, header):
+        ref = record.objects[0]
+        with objects.reader(ref) as (source, header):
+            self.check_object(record, header, objects.tail(ref, (source, header)))
             check_padding(source, header)
             read_modelset(source, header, None, verify=True)

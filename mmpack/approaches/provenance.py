@@ -61,6 +61,8 @@ class ProvenanceApproach(Approach):
     name = "provenance"
     stores_rows = False
     takes_provenance = True
+    delta = True
+    object_kind = "document"
 
     def estimate(self, request: SaveRequest, model: CostModel) -> Estimate | None:
         provenance = request.provenance

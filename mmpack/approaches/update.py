@@ -14,12 +14,13 @@ from mmpack.approaches.advisor import CostModel, Estimate
 from mmpack.approaches.base import Approach, SaveRequest, Stored
 from mmpack.errors import IntegrityError, RepositoryError
 from mmpack.fileformat import (
+    ROWS,
     Header,
+    Tail,
     Reader,
     check_padding,
-    check_size,
     encode_rows,
-    read_hash_rows,
+    image_pin,
     read_rows,
     verify_rows,
 )
@@ -31,6 +32,7 @@ class Update(Approach):
     """Deltas against a base version: little storage, recovery resolved across the chain."""
 
     name = "update"
+    delta = True
 
     def save(self, objects: ObjectStore, request: SaveRequest) -> Stored:
         hashes = request.resolved_hashes()
@@ -46,7 +48,7 @@ class Update(Approach):
         image, header = encode_rows(request.models, changed, hashes, None, request.compression, reference)
         key = objects.new_key()
         objects.put(key, image)
-        return Stored([ObjectRef(key, header.file_size, header.header_hash)], changes, details)
+        return Stored([ObjectRef(key, header.file_size, header.header_hash, image_pin(image, header))], changes, details)
 
     def estimate(self, request: SaveRequest, model: CostModel) -> Estimate | None:
         if request.base is None:
@@ -82,24 +84,30 @@ class Update(Approach):
         ranks = np.cumsum(changes.masks, axis=0) - 1
         return ranks[at, tensors]
 
+    def check_object(self, record: VersionRecord, header: Header, tail: Tail) -> None:
+        if header.layout.kind != ROWS:
+            raise RepositoryError(f"{record.describe()} names an object that holds a full set, not its changes")
+        super().check_object(record, header, tail)
+        changes = record.changes
+        for j, ids in enumerate(tail.row_index):
+            if not np.array_equal(ids, changes.models[changes.masks[:, j]]):
+                raise RepositoryError(
+                    f"the object of {record.describe()} holds other rows of tensor #{j} than its manifest lists"
+                )
+
     def check(self, objects: ObjectStore, record: VersionRecord) -> None:
         ref = record.objects[0]
         with objects.reader(ref) as (source, header):
-            check_size(source, header)
+            tail = objects.tail(ref, (source, header))
+            self.check_object(record, header, tail)
             check_padding(source, header)
-            index = objects.row_index(ref, (source, header))
+            index = tail.row_index
             tensors = np.concatenate([np.full(len(ids), j) for j, ids in enumerate(index)])
             models = np.concatenate(index)
             rows = np.concatenate([np.arange(len(ids)) for ids in index])
             scratch = [np.empty(count * s.nbytes, np.uint8) for count, s in zip(header.layout.rows, header.architecture.tensors)]
             computed = read_rows(source, header, tensors, rows, scratch, rows)
-            table = read_hash_rows(source, header, np.arange(header.n_models))
             if header.layout.chunking is None or header.layout.chunking.delta == "none":
                 # XOR deltas decode here, but hash to the table only with their references;
                 # recovering the version (verify does it next) checks those.
-                verify_rows(models, tensors, computed, table[models, tensors], f"object {ref.key}")
-        listed = record.changes.dense(record.n_models)
-        stored = np.zeros_like(listed)
-        stored[models, tensors] = True
-        if not np.array_equal(listed, stored):
-            raise RepositoryError(f"object {ref.key} holds other rows than the manifest of {record.id} lists")
+                verify_rows(models, tensors, computed, tail.table[models, tensors], f"object {ref.key}")

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from mmpack.evaluation.document import versions_by_approach
 from mmpack.evaluation.per_model import load_per_model, save_per_model
 from mmpack.evaluation.timing import describe_machine, print_table, prime_memory, timed, work_dir
 from mmpack.modelset import ModelSet
@@ -247,11 +248,6 @@ def run_scenario(scenario: Scenario, n_models: int, runs: int, directory: str, r
 
 
 # -- reports --------------------------------------------------------------------------
-
-
-def versions_by_approach(entry: dict) -> dict[str, list[dict]]:
-    """``{approach: [figures of each version]}`` of one scenario of an evaluation document."""
-    return {r["approach"]: r["versions"] for r in entry["results"]}
 
 
 def report(entry: dict) -> None:

@@ -9,7 +9,7 @@ import os
 import statistics
 from typing import Any
 
-from mmpack.evaluation.paper import versions_by_approach
+from mmpack.evaluation.document import versions_by_approach
 
 COLORS = {"per-model": "#7f7f7f", "baseline": "#1f77b4", "update": "#2ca02c", "provenance": "#d62728"}
 LABELS = {

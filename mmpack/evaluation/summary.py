@@ -11,7 +11,7 @@ import os
 import statistics
 from typing import Any
 
-from mmpack.evaluation.paper import versions_by_approach
+from mmpack.evaluation.document import versions_by_approach
 
 NAMES = {"ffnn48": "FFNN-48", "ffnn69": "FFNN-69", "cnn": "CIFAR CNN"}
 APPROACHES = ("per-model", "baseline", "update", "provenance")

@@ -27,11 +27,13 @@ from mmpack.fileformat.reading import (
     read_modelset,
     read_row_index,
     RowRequest,
+    Tail,
     read_rows,
     read_rows_many,
+    read_tail,
     verify_rows,
 )
-from mmpack.fileformat.writing import encode, encode_image, encode_rows, modelset_and_hashes, save, write_body
+from mmpack.fileformat.writing import encode, encode_image, encode_rows, image_pin, modelset_and_hashes, save, table_pin, write_body
 
 __all__ = [
     "ALIGNMENT",
@@ -50,6 +52,7 @@ __all__ = [
     "encode_header",
     "encode_image",
     "encode_rows",
+    "image_pin",
     "load",
     "modelset_and_hashes",
     "read_hash_rows",
@@ -59,8 +62,11 @@ __all__ = [
     "read_row_index",
     "read_rows",
     "read_rows_many",
+    "read_tail",
     "RowRequest",
+    "Tail",
     "save",
+    "table_pin",
     "verify_rows",
     "write_body",
 ]

@@ -12,7 +12,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from mmpack import _native
+from mmpack import _json, _native
 from mmpack.architecture import Architecture
 from mmpack.compression import Chunking, element_width
 from mmpack.errors import FormatError, IntegrityError, MMPackError, UnsupportedFormatVersionError
@@ -23,6 +23,7 @@ COMPRESSED_FORMAT_VERSION = 2  # version 1 plus compressed tensor sections
 READABLE_VERSIONS = (FORMAT_VERSION, COMPRESSED_FORMAT_VERSION)
 ALIGNMENT = 64
 MAX_HEADER_BYTES = 16 * 2**20
+MAX_DATA_BYTES = 2**62  # a data section this large cannot be a file; offsets stay far from u64 overflow
 HASH_ALGORITHM = "xxh3-64"
 STACKED = "stacked"
 ROWS = "rows"
@@ -122,6 +123,12 @@ class Layout:
         """The format version an object with this layout is written as."""
         return FORMAT_VERSION if self.chunking is None else COMPRESSED_FORMAT_VERSION
 
+    @property
+    def tail_offset(self) -> int:
+        """Where the object's *tail* starts: the row index (rows layout) or the hash table. The
+        tail runs to the end of the object; its XXH3-64 is the pin a manifest records."""
+        return self.row_index_offset if self.kind == ROWS else self.hashes_offset
+
     def sections(self) -> list[tuple[int, int]]:
         """(offset, length) of every section in file order, for padding checks."""
         spans = list(zip(self.tensor_offsets, self.tensor_lengths))
@@ -220,8 +227,8 @@ def _parse_header(body: bytes, version: int) -> tuple[Architecture, int, Layout,
     # Cached by the exact (checksummed) header bytes: objects are immutable and
     # recovering a version reopens the same few headers again and again.
     try:
-        document = json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, ValueError) as exc:
+        document = _json.loads(body)
+    except _json.Malformed as exc:
         raise FormatError(f"header is not valid JSON: {exc}") from None
     kind = document.get("layout") if isinstance(document, dict) else None
     if kind not in _KEYS:
@@ -234,7 +241,7 @@ def _parse_header(body: bytes, version: int) -> tuple[Architecture, int, Layout,
     n_models = document["n_models"]
     if not _is_count(n_models, 2**32):
         raise FormatError(f"malformed n_models {n_models!r}")
-    if document["alignment"] != ALIGNMENT:
+    if not _json.same(document["alignment"], ALIGNMENT):
         raise FormatError(f"unsupported alignment {document['alignment']!r}")
     architecture = Architecture.from_json(document["architecture"])
     if kind == STACKED:
@@ -257,15 +264,18 @@ def _parse_header(body: bytes, version: int) -> tuple[Architecture, int, Layout,
         for entry, count in zip(expected_tensors, layout.rows):
             entry["rows"] = count
         expected_index = {"offset": layout.row_index_offset, "length": layout.row_index_length}
-        if document["row_index"] != expected_index:
+        if not _json.same(document["row_index"], expected_index):
             raise FormatError(f"row index section {document['row_index']!r} is not {expected_index!r}")
-    if document["tensors"] != expected_tensors:
+    # Compared with their types: 64.0 and true are not the integers 64 and 1.
+    if not _json.same(document["tensors"], expected_tensors):
         raise FormatError("tensor sections in the header do not follow the layout of FORMAT.md")
     expected_hashes = {"algorithm": HASH_ALGORITHM, "offset": layout.hashes_offset, "length": layout.hashes_length}
-    if document["hashes"] != expected_hashes:
+    if not _json.same(document["hashes"], expected_hashes):
         raise FormatError(f"hash section {document['hashes']!r} is not {expected_hashes!r}")
-    if document["data_length"] != layout.data_length:
+    if not _json.same(document["data_length"], layout.data_length):
         raise FormatError(f"data_length {document['data_length']!r} is not {layout.data_length}")
+    if layout.data_length >= MAX_DATA_BYTES:
+        raise FormatError(f"the header describes {layout.data_length} bytes of data, beyond the format's 2**62")
     metadata = document["metadata"]
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise FormatError("metadata must map strings to strings")
@@ -276,5 +286,3 @@ def _is_count(value: object, limit: int) -> bool:
     return type(value) is int and 0 <= value < limit
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not allowed")

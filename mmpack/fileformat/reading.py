@@ -258,15 +258,53 @@ def read_row_index(source: Reader, header: Header) -> list[np.ndarray]:
     """For a rows-layout object, the ascending model ids of the stored rows of each tensor."""
     if header.layout.kind != ROWS:
         raise FormatError("only rows-layout objects have a row index")
-    raw = np.frombuffer(
-        source.read(header.data_start + header.layout.row_index_offset, header.layout.row_index_length, "row index"),
-        dtype="<u4",
-    ).astype(np.int64)
-    split = np.split(raw, np.cumsum(header.layout.rows)[:-1])
-    for j, ids in enumerate(split):
-        if len(ids) and (ids[0] < 0 or ids[-1] >= header.n_models or np.any(np.diff(ids) <= 0)):
+    raw = source.read(header.data_start + header.layout.row_index_offset, header.layout.row_index_length, "row index")
+    return list(_parse_row_index(np.frombuffer(raw, dtype=np.uint8), header))
+
+
+@dataclass(frozen=True)
+class Tail:
+    """An object's tail, read and checked: what the repository verifies rows against.
+
+    ``digest`` is the XXH3-64 of the tail's bytes (the pin a manifest
+    records), ``row_index`` the ascending model ids of each tensor's stored
+    rows (rows layout; None for stacked objects), ``table`` the hash table
+    ``[n_models, n_tensors]``.
+    """
+
+    digest: int
+    row_index: tuple[np.ndarray, ...] | None
+    table: np.ndarray
+
+    @property
+    def nbytes(self) -> int:
+        return self.table.nbytes + sum(ids.nbytes for ids in self.row_index or ())
+
+
+def read_tail(source: Reader, header: Header) -> Tail:
+    """Read an object's tail in one read (row index, padding, hash table) and check its layout."""
+    layout = header.layout
+    start = header.data_start + layout.tail_offset
+    raw = source.read(start, header.file_size - start, "the row index and hash table")
+    digest = _native.xxh3_64(raw)
+    buffer = np.frombuffer(raw, dtype=np.uint8)
+    table_at = layout.hashes_offset - layout.tail_offset
+    index = None
+    if layout.kind == ROWS:
+        index = _parse_row_index(buffer[: layout.row_index_length], header)
+        if np.any(buffer[layout.row_index_length : table_at]):
+            raise IntegrityError("non-zero padding before the hash table: the file is corrupt")
+    table = buffer[table_at:].view("<u8").astype(U64).reshape(header.n_models, len(header.architecture))
+    return Tail(digest, index, table)
+
+
+def _parse_row_index(raw: np.ndarray, header: Header) -> tuple[np.ndarray, ...]:
+    ids = raw.view("<u4").astype(np.int64)
+    split = np.split(ids, np.cumsum(header.layout.rows)[:-1])
+    for j, tensor_ids in enumerate(split):
+        if len(tensor_ids) and (tensor_ids[-1] >= header.n_models or np.any(np.diff(tensor_ids) <= 0)):
             raise FormatError(f"row index of tensor #{j} is not ascending model ids below {header.n_models}")
-    return split
+    return tuple(split)
 
 
 def read_modelset(

@@ -200,6 +200,16 @@ def _put_table(image: np.ndarray, header: Header, table: np.ndarray) -> None:
     image[start : start + header.layout.hashes_length] = np.ascontiguousarray(table, dtype="<u8").reshape(-1).view(np.uint8)
 
 
+def image_pin(image: np.ndarray, header: Header) -> int:
+    """The pin of a complete object image: XXH3-64 of its tail (row index and hash table)."""
+    return _native.xxh3_64(image[header.data_start + header.layout.tail_offset :])
+
+
+def table_pin(table: np.ndarray) -> int:
+    """The pin of a stacked object, from its hash table alone (in that layout the tail is the table)."""
+    return _native.xxh3_64(np.ascontiguousarray(table, dtype="<u8").reshape(-1).view(np.uint8))
+
+
 def modelset_and_hashes(models: ModelSet | Sequence[nn.Module]) -> tuple[ModelSet, np.ndarray | Future[np.ndarray]]:
     """The ModelSet to write and its hashes: from the gather pass, or computing in the background."""
     if isinstance(models, nn.Module):

@@ -13,7 +13,7 @@ re-reads and re-copies, so time grows like a staircase with each cycle.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -23,12 +23,11 @@ import torch
 
 from mmpack import packing
 from mmpack.approaches import APPROACHES, RebuildContext
-from mmpack.errors import RepositoryError
-from mmpack.fileformat import RowRequest, read_rows_many, verify_rows
+from mmpack.errors import RepositoryError, VersionNotFoundError
+from mmpack.fileformat import Header, Reader, RowRequest, Tail, check_padding, read_rows_many, verify_rows
 from mmpack.modelset import ModelSet, normalize_indices
 from mmpack.provenance import TrainingFunction
 from mmpack.records import VersionRecord
-from mmpack.repository.manifest import version_number
 
 if TYPE_CHECKING:
     from mmpack.repository.repo import Repository
@@ -36,15 +35,51 @@ if TYPE_CHECKING:
 U64 = np.uint64
 
 
+# Objects one native read call holds open at once: a chain of any length is read in batches of
+# this many, so a long history never runs into the process's limit on open files.
+MAX_OPEN_OBJECTS = 256
+
+
 def chain_of(repo: Repository, vid: str) -> list[VersionRecord]:
-    """``vid`` and its bases, newest first, down to the first version that holds the full set."""
+    """``vid`` and its bases, newest first, down to the first version that holds the full set.
+
+    Every link is checked: a base must exist, be older (manifests guarantee
+    it), and have the same number of models and the same architecture.
+    """
     chain = [repo.version(vid)]
     while not chain[-1].is_full:
         record = chain[-1]
-        if record.base is None or version_number(record.base) >= version_number(record.id):
-            raise RepositoryError(f"{record.describe()} is a delta without a valid earlier base")
-        chain.append(repo.version(record.base))
+        try:
+            base = repo.version(record.base)
+        except VersionNotFoundError:
+            raise RepositoryError(f"{record.describe()} is a delta on {record.base}, which is missing") from None
+        if base.n_models != record.n_models or base.architecture != record.architecture:
+            raise RepositoryError(
+                f"{record.describe()} is a delta on {base.describe()} of another shape "
+                f"(architecture {base.architecture}, not {record.architecture})"
+            )
+        chain.append(base)
     return chain
+
+
+@contextlib.contextmanager
+def open_object(repo: Repository, record: VersionRecord) -> Iterator[tuple[Reader, Header]]:
+    """The version's data object, open, pinned and checked against the manifest (once per
+    repository and version) before any size the manifest states is trusted."""
+    ref = record.objects[0]
+    with repo.objects.reader(ref) as opened:
+        if (record.id, ref.key) not in repo.checked_objects:
+            APPROACHES[record.approach].check_object(record, opened[1], repo.objects.tail(ref, opened))
+            if not repo.store.remote:  # a few reads of at most 63 bytes; on object storage, requests
+                check_padding(*opened)
+            repo.checked_objects.add((record.id, ref.key))
+        yield opened
+
+
+def checked_tail(repo: Repository, record: VersionRecord) -> Tail:
+    """The pinned tail (row index, hash table) of a version's data object, checked against its manifest."""
+    with open_object(repo, record) as opened:
+        return repo.objects.tail(record.objects[0], opened)
 
 
 def owners(chain: list[VersionRecord], models: np.ndarray, n_tensors: int) -> np.ndarray:
@@ -126,13 +161,16 @@ def recover(
         raise ValueError(f"unknown recovery strategy {strategy!r}; use 'resolve' or 'recursive'")
     target = repo.version(vid)
     chain = chain_of(repo, vid)
-    if repo.store.remote and verify:
-        # The target's object is always read (its hashes): its header travels with the architecture.
+    # The root's object states, in a header it is pinned to, how many models the chain holds: it
+    # is checked against the manifests before anything is allocated from their sizes.
+    if repo.store.remote:
+        # A round trip per object: the root's header and tail travel with the architecture.
         with ThreadPoolExecutor(1) as background:
-            opening = background.submit(repo.objects.header, target.objects[0])
+            opening = background.submit(checked_tail, repo, chain[-1])
             architecture = repo.architecture(target.architecture)
             opening.result()
     else:
+        checked_tail(repo, chain[-1])
         architecture = repo.architecture(target.architecture)
     if indices is None:
         wanted = None
@@ -165,28 +203,30 @@ def recover(
         root[1], root[2] = _file_order(np.concatenate([root[1], *(p[1] for p in xor_pieces)]),
                                        np.concatenate([root[2], *(p[2] for p in xor_pieces)]))
         copied = [p for p in copied if all(p is not q for q in xor_pieces)] + xor_pieces
-    with contextlib.ExitStack() as stack, ThreadPoolExecutor(1) as background:
+    expected = None
+    with ThreadPoolExecutor(1) as background:
         if repo.store.remote:  # a round trip per object header: have them travel together
             refs = [record.objects[0] for record, _, _ in copied]
             if APPROACHES[target.approach].stores_table(target):
                 refs.append(target.objects[0])
             repo.objects.open_many(refs)
-        requests = []
-        opened_target = None
-        for record, rows, columns in copied:
-            opened = stack.enter_context(repo.objects.reader(record.objects[0]))
-            opened_target = opened if record.id == vid else opened_target
-            located = APPROACHES[record.approach].locate(repo.objects, record, opened, models[rows], columns)
-            xor = _xor_base(record, chain) is not None
-            requests.append(RowRequest(*opened, columns, located, rows, xor=xor))
-        expected = None
         if verify and repo.store.remote:  # the version's hashes travel while the rows do
-            expected = background.submit(repo.hash_rows, vid, models, opened_target)
-        # In request order: an XOR result overwrites the hash of the reference row under it.
-        for (_, rows, columns), hashes in zip(copied, read_rows_many(requests, destinations)):
-            computed[rows, columns] = hashes
+            expected = background.submit(repo.hash_rows, vid, models)
+        # Batches in order: an XOR result overwrites the hash of the reference row under it, and
+        # XOR pieces come after the full version's rows they apply to.
+        for first in range(0, len(copied), MAX_OPEN_OBJECTS):
+            batch = copied[first : first + MAX_OPEN_OBJECTS]
+            with contextlib.ExitStack() as stack:
+                requests = []
+                for record, rows, columns in batch:
+                    opened = stack.enter_context(open_object(repo, record))
+                    located = APPROACHES[record.approach].locate(repo.objects, record, opened, models[rows], columns)
+                    xor = _xor_base(record, chain) is not None
+                    requests.append(RowRequest(*opened, columns, located, rows, xor=xor))
+                for (_, rows, columns), hashes in zip(batch, read_rows_many(requests, destinations)):
+                    computed[rows, columns] = hashes
         if verify:
-            expected = expected.result() if expected is not None else repo.hash_rows(vid, models, opened_target)
+            expected = expected.result() if expected is not None else repo.hash_rows(vid, models)
     if expected is not None:
         rows, columns = np.indices(owner.shape).reshape(2, -1)
         verify_rows(models[rows], columns, computed.reshape(-1), expected.reshape(-1), f"version {vid}")
@@ -217,45 +257,47 @@ def _rebuild_pieces(
 
 
 def _recover_recursive(repo: Repository, vid: str, verify: bool, options: RebuildOptions) -> ModelSet:
-    record = repo.version(vid)
-    architecture = repo.architecture(record.architecture)
-    if record.is_full:
-        result = ModelSet._trusted(
-            architecture,
-            {s.name: packing.empty_stacked(record.n_models, s) for s in architecture.tensors},
-            record.n_models,
-        )
-        written = np.ones((record.n_models, len(architecture)), dtype=bool)
-    else:
-        if record.base is None or version_number(record.base) >= version_number(record.id):
-            raise RepositoryError(f"{record.describe()} is a delta without a valid earlier base")
-        result = _recover_recursive(repo, record.base, verify, options)
-        written = record.changes.dense(record.n_models)
-    columns, rows = np.nonzero(written.T)  # file order: tensor by tensor
-    approach = APPROACHES[record.approach]
-    if approach.stores_rows:
-        destinations = [packing.byte_view(result.tensors[s.name]) for s in architecture.tensors]
-        xor = not record.is_full and _xor_base(record, chain_of(repo, vid)) is not None
-        with contextlib.ExitStack() as stack:
-            requests = []
-            if xor:  # the deltas apply to the full version's values, not the base's
-                root = chain_of(repo, vid)[-1]
-                opened_root = stack.enter_context(repo.objects.reader(root.objects[0]))
-                located = APPROACHES[root.approach].locate(repo.objects, root, opened_root, rows, columns)
-                requests.append(RowRequest(*opened_root, columns, located, rows))
-            opened = stack.enter_context(repo.objects.reader(record.objects[0]))
-            stored = approach.locate(repo.objects, record, opened, rows, columns)
-            requests.append(RowRequest(*opened, columns, stored, rows, xor=xor))
-            computed = read_rows_many(requests, destinations)[-1]
-    else:
-        base = result  # the whole base set is at hand: retrain from it, as the paper does
-        context = RebuildContext(
-            lambda _, wanted: base.select(wanted), repo.objects, options.training, options.allow_import, options.executor
-        )
-        result = ModelSet._trusted(architecture, {n: t.clone() for n, t in base.tensors.items()}, record.n_models)
-        computed = _rebuild_pieces(context, record, np.arange(record.n_models), rows, columns, architecture,
-                                   dict(result.tensors))
-    if verify:
-        expected = repo.hashes(vid)[rows, columns]
-        verify_rows(rows, columns, computed, expected, f"version {vid}")
+    """The paper's recovery: the full version, then every delta of the chain applied in turn (a loop,
+    not a recursion: chains may be thousands of versions long)."""
+    chain = chain_of(repo, vid)
+    root = chain[-1]
+    architecture = repo.architecture(root.architecture)
+    checked_tail(repo, root)  # sizes checked before the allocation
+    result = ModelSet._trusted(
+        architecture,
+        {s.name: packing.empty_stacked(root.n_models, s) for s in architecture.tensors},
+        root.n_models,
+    )
+    for record in reversed(chain):
+        if record is root:
+            written = np.ones((record.n_models, len(architecture)), dtype=bool)
+        else:
+            written = record.changes.dense(record.n_models)
+        columns, rows = np.nonzero(written.T)  # file order: tensor by tensor
+        approach = APPROACHES[record.approach]
+        if approach.stores_rows:
+            destinations = [packing.byte_view(result.tensors[s.name]) for s in architecture.tensors]
+            xor = record is not root and _xor_base(record, chain) is not None
+            with contextlib.ExitStack() as stack:
+                requests = []
+                if xor:  # the deltas apply to the full version's values, not the base's
+                    opened_root = stack.enter_context(open_object(repo, root))
+                    located = APPROACHES[root.approach].locate(repo.objects, root, opened_root, rows, columns)
+                    requests.append(RowRequest(*opened_root, columns, located, rows))
+                opened = stack.enter_context(open_object(repo, record))
+                stored = approach.locate(repo.objects, record, opened, rows, columns)
+                requests.append(RowRequest(*opened, columns, stored, rows, xor=xor))
+                computed = read_rows_many(requests, destinations)[-1]
+        else:
+            base = result  # the whole base set is at hand: retrain from it, as the paper does
+            context = RebuildContext(
+                lambda _, wanted, base=base: base.select(wanted), repo.objects, options.training,
+                options.allow_import, options.executor,
+            )
+            result = ModelSet._trusted(architecture, {n: t.clone() for n, t in base.tensors.items()}, record.n_models)
+            computed = _rebuild_pieces(context, record, np.arange(record.n_models), rows, columns, architecture,
+                                       dict(result.tensors))
+        if verify:
+            expected = repo.hashes(record.id)[rows, columns]
+            verify_rows(rows, columns, computed, expected, f"version {record.id}")
     return result

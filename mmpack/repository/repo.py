@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -16,11 +15,13 @@ from torch import nn
 
 from mmpack.approaches import APPROACHES, DefaultPool, SaveRequest
 from mmpack.approaches.advisor import CostModel, Policy, SmallestUnder, Throughputs, check_policy as _check_policy
+from mmpack import _json
+from mmpack._cache import LRU
 from mmpack.approaches.advisor import measured_throughputs
 from mmpack.architecture import Architecture
 from mmpack.compression import Compression
 from mmpack.compression import resolve as resolve_compression
-from mmpack.errors import ArchitectureMismatchError, MMPackError, RepositoryError, VersionNotFoundError
+from mmpack.errors import ArchitectureMismatchError, FormatError, MMPackError, RepositoryError, VersionNotFoundError
 from mmpack.fileformat import modelset_and_hashes
 from mmpack.modelset import ModelSet
 from mmpack.provenance import TrainingFunction
@@ -39,6 +40,7 @@ from mmpack.store import ObjectStore, Store, open_store
 _MARKER = "repository.json"
 _MARKER_CONTENT = {"format": "mmpack-repository", "format_version": 1}
 _HASH_TABLE_CACHE = 8
+_TABLE_BYTES = 64 << 20
 _MAX_ID_ATTEMPTS = 1000
 _REPOSITORY_DEFAULT = object()  # compression= not given: use the repository's
 
@@ -150,8 +152,10 @@ class Repository:
         self.snapshots = snapshots or SnapshotPolicy()
         self._records: dict[str, VersionRecord] = {}
         self._architectures: dict[str, Architecture] = {}
-        self._tables: OrderedDict[str, np.ndarray] = OrderedDict()
-        self._owner_maps: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._tables: LRU[str, np.ndarray] = LRU(_HASH_TABLE_CACHE, _TABLE_BYTES, lambda t: t.nbytes)
+        self._owner_maps: LRU[str, np.ndarray] = LRU(_HASH_TABLE_CACHE, _TABLE_BYTES, lambda t: t.nbytes)
+        #: (version id, object key) pairs whose object was checked against the version's manifest.
+        self.checked_objects: set[tuple[str, str]] = set()
         self._open_or_create()
 
     def __repr__(self) -> str:
@@ -177,14 +181,7 @@ class Repository:
             if self.store.put_if_absent(_MARKER, marker):
                 return
             content = self.store.get(_MARKER)
-        try:
-            found = json.loads(content)
-        except json.JSONDecodeError:
-            found = None
-        if not isinstance(found, dict) or found.get("format") != _MARKER_CONTENT["format"]:
-            raise RepositoryError(f"{self.store!r} is not an mmpack repository (bad {_MARKER})")
-        if found.get("format_version") != _MARKER_CONTENT["format_version"]:
-            raise RepositoryError(f"repository format version {found.get('format_version')!r} is not supported")
+        _check_marker(content, self.store)
 
     # -- saving -------------------------------------------------------------
 
@@ -425,52 +422,54 @@ class Repository:
                 raw = self.store.get(f"architectures/{fingerprint}.json")
             except (FileNotFoundError, MMPackError):
                 raise RepositoryError(f"architecture record {fingerprint!r} is missing") from None
-            found = Architecture.from_json(json.loads(raw))
+            try:
+                found = Architecture.from_json(_json.loads(raw))
+            except (_json.Malformed, FormatError) as exc:
+                raise RepositoryError(f"architecture record {fingerprint} is malformed: {exc}") from None
             if found.fingerprint() != fingerprint:
                 raise RepositoryError(f"architecture record {fingerprint} does not match its fingerprint")
             self._architectures[fingerprint] = found
         return found
 
     def hashes(self, vid: str) -> np.ndarray:
-        """Version ``vid``'s XXH3-64 of every (model, tensor), ``[n_models, n_tensors]``; no parameters are read."""
-        table = self._tables.get(vid)
-        if table is None:
-            record = self.version(vid)
-            table = APPROACHES[record.approach].hash_table(self.objects, record, lambda: self.hashes(record.base))
-            self._remember_table(vid, table)
-        else:
-            self._tables.move_to_end(vid)
+        """Version ``vid``'s XXH3-64 of every (model, tensor), ``[n_models, n_tensors]``; no parameters are read.
+
+        Tables come from the pinned tails of data objects; a version that stores
+        none (provenance) derives its table from its base's, down the chain.
+        """
+        derived: list[VersionRecord] = []
+        record = self.version(vid)
+        while (table := self._tables.get(record.id)) is None:
+            if APPROACHES[record.approach].stores_table(record):
+                table = self._remember_table(record.id, recovery.checked_tail(self, record).table)
+                break
+            derived.append(record)
+            record = self.version(record.base)  # a loop, not a recursion: chains may be long
+        for record in reversed(derived):
+            table = self._remember_table(
+                record.id, APPROACHES[record.approach].hash_table(self.objects, record, lambda t=table: t)
+            )
         return table
 
-    def hash_rows(self, vid: str, models: np.ndarray, opened=None) -> np.ndarray:
-        """Rows of :meth:`hashes` for sorted unique ``models`` (reads only those rows; ``opened``
-        reuses the version's data object if the caller holds it open)."""
+    def hash_rows(self, vid: str, models: np.ndarray) -> np.ndarray:
+        """Rows of :meth:`hashes` for sorted unique ``models``."""
         table = self._tables.get(vid)
         if table is not None:
             return table[models]
         record = self.version(vid)
         if not APPROACHES[record.approach].stores_table(record):
             return self.hashes(vid)[models]
-        return self.objects.hash_rows(record.objects[0], models, opened)
+        return recovery.checked_tail(self, record).table[models]
 
     def owner_map(self, vid: str, chain: list[VersionRecord]) -> np.ndarray:
         """For every (model, tensor) of ``vid``, the position in ``chain`` (``vid`` and its bases) of
         the version that holds it; derived from manifests, immutable, kept for the next recovery."""
-        found = self._owner_maps.get(vid)
-        if found is None:
-            found = recovery.owners(chain, np.arange(chain[0].n_models), len(self.architecture(chain[0].architecture)))
-            self._owner_maps[vid] = found
-            while len(self._owner_maps) > _HASH_TABLE_CACHE:
-                self._owner_maps.popitem(last=False)
-        else:
-            self._owner_maps.move_to_end(vid)
-        return found
+        return self._owner_maps.get_or_compute(
+            vid, lambda: recovery.owners(chain, np.arange(chain[0].n_models), len(self.architecture(chain[0].architecture)))
+        )
 
-    def _remember_table(self, vid: str, table: np.ndarray) -> None:
-        self._tables[vid] = table
-        self._tables.move_to_end(vid)
-        while len(self._tables) > _HASH_TABLE_CACHE:
-            self._tables.popitem(last=False)
+    def _remember_table(self, vid: str, table: np.ndarray) -> np.ndarray:
+        return self._tables.put(vid, table)
 
     def _version_ids(self) -> list[str]:
         """Ids of the published versions, oldest first (manifests are not parsed)."""
@@ -505,29 +504,38 @@ class Repository:
             assert report.ok, str(report)
         """
         report = VerifyReport()
-        ids = [check_version_id(vid)] if vid is not None else self._version_ids()
+        if vid is not None:
+            ids = [check_version_id(vid)]
+        else:
+            try:
+                ids = self._version_ids()
+            except Exception as exc:  # noqa: BLE001 - verify reports, it does not raise
+                report.problems.append(f"cannot list the versions: {_described(exc)}")
+                return report
         may_retrain = bool(training) or allow_import
         pool = DefaultPool() if executor is None else None
         options = recovery.RebuildOptions(executor or pool, training, allow_import)
-        checked: set[str] = set()
+        owners: dict[str, str] = {}  # object key -> the version that names it
         try:
             for version_id in ids:
                 report.versions.append(version_id)
                 try:
                     record = self.version(version_id)
-                    if not all(ref.key in checked for ref in record.objects):
-                        checked.update(ref.key for ref in record.objects)
-                        APPROACHES[record.approach].check(self.objects, record)
+                    shared = [(ref.key, owners[ref.key]) for ref in record.objects if ref.key in owners]
+                    if shared:
+                        raise RepositoryError(f"names object {shared[0][0]}, which belongs to {shared[0][1]}")
+                    owners.update((ref.key, version_id) for ref in record.objects)
+                    APPROACHES[record.approach].check(self.objects, record)
                     if not may_retrain and self._needs_retraining(record):
                         report.not_retrained.append(version_id)
                         continue
                     recovery.recover(self, version_id, None, verify=True, options=options)
-                except (MMPackError, OSError) as exc:
-                    report.problems.append(f"{version_id}: {exc}")
+                except Exception as exc:  # noqa: BLE001 - every problem is collected, none raised
+                    report.problems.append(f"{version_id}: {_described(exc)}")
         finally:
             if pool is not None:
                 pool.shutdown()
-        report.objects = len(checked)
+        report.objects = len(owners)
         return report
 
     def _needs_retraining(self, record: VersionRecord) -> bool:
@@ -562,6 +570,29 @@ class Repository:
             removed += 1
             size += object_size
         return GcReport(cleaned.removed, removed, cleaned.bytes + size)
+
+
+def _check_marker(content: bytes, store: Store) -> None:
+    """The marker must be exactly ``{"format": "mmpack-repository", "format_version": 1}``
+    (docs/REPOSITORY.md), read strictly."""
+    try:
+        found = _json.fields(_json.loads(content), ("format", "format_version"), what=_MARKER)
+    except _json.Malformed as exc:
+        raise RepositoryError(f"{store!r} is not an mmpack repository (bad {_MARKER}: {exc})") from None
+    if found["format"] != _MARKER_CONTENT["format"]:
+        raise RepositoryError(f"{store!r} is not an mmpack repository (bad {_MARKER})")
+    if not _json.same(found["format_version"], _MARKER_CONTENT["format_version"]):
+        raise RepositoryError(
+            f"repository format version {found['format_version']!r} is not supported; this mmpack reads version "
+            f"{_MARKER_CONTENT['format_version']} (a newer mmpack may read it)"
+        )
+
+
+def _described(exc: Exception) -> str:
+    """An error in a report's words: its message, and its type when it is not one of mmpack's own."""
+    if isinstance(exc, (MMPackError, OSError)):
+        return str(exc)
+    return f"unexpected {type(exc).__name__}: {exc}"
 
 
 def _no_base() -> np.ndarray:

@@ -1,0 +1,72 @@
+"""Repositories written by released formats must keep reading: every version, bit for bit."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+import mmpack
+from mmpack import Repository
+
+from golden_repositories import N_MODELS, RETRAINED, golden_history, golden_train
+from golden_sets import GOLDEN_DIR
+
+TRAINING = {"golden_repositories:golden_train": golden_train}
+FORMATS = ["repo_format1"]
+RECORDS = [  # id, approach, base, message
+    ("v1", "baseline", None, "golden baseline"),
+    ("v2", "update", "v1", "golden update"),
+    ("v3", "update", "v2", "golden xor update"),
+    ("v4", "provenance", "v3", "golden provenance"),
+    ("v5", "baseline", None, "golden compressed baseline"),
+]
+
+
+@pytest.fixture(params=FORMATS)
+def golden(request, tmp_path, monkeypatch):
+    """A copy of a golden repository (reading must not need write access, but stay safe), as the
+    working directory: the provenance version's datasets are referenced by relative paths."""
+    copy = tmp_path / request.param
+    shutil.copytree(GOLDEN_DIR / request.param, copy)
+    monkeypatch.chdir(copy)
+    return Repository(copy)
+
+
+def test_records_read_as_written(golden):
+    records = golden.versions()
+    assert [(r.id, r.approach, r.base, r.message) for r in records] == RECORDS
+    assert all(r.n_models == N_MODELS for r in records)
+    assert records[2].details["xor_base"] == "v1" and records[2].details["compression"] == "zstd-3"
+    assert records[3].details["retrained"] == len(RETRAINED)
+    assert records[1].changes.models.tolist() == [1, 4, 9]
+
+
+@pytest.mark.parametrize("position", range(5))
+def test_every_version_recovers_bit_exactly(golden, position):
+    expected = golden_history()[position]
+    vid = RECORDS[position][0]
+    assert golden.recover(vid, training=TRAINING).equal(expected)
+    assert golden.recover(vid, [11, 2, 4], training=TRAINING).equal(expected.select([11, 2, 4]))
+    assert golden.recover(vid, strategy="recursive", training=TRAINING).equal(expected)
+    assert np.array_equal(golden.hashes(vid), expected.hashes())
+
+
+def test_verify_passes(golden):
+    report = golden.verify(training=TRAINING)
+    assert report.ok, str(report)
+    assert report.versions == [r[0] for r in RECORDS] and not report.not_retrained
+
+
+def test_verify_without_retraining_checks_the_provenance_records(golden):
+    report = golden.verify()
+    assert report.ok and report.not_retrained == ["v4"], str(report)
+
+
+def test_the_golden_repository_still_reads_after_a_save(golden):
+    """A new save into an old repository must not disturb the versions already there."""
+    vid = golden.save(golden_history()[4], approach="update", base="v5")
+    assert golden.recover(vid).equal(golden_history()[4])
+    assert Repository(golden.store.root).recover("v3").equal(golden_history()[2])
+    assert isinstance(golden.version("v1"), mmpack.VersionRecord)
