@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -20,7 +21,13 @@ from mmpack.approaches.advisor import measured_throughputs
 from mmpack.architecture import Architecture
 from mmpack.compression import Compression
 from mmpack.compression import resolve as resolve_compression
-from mmpack.errors import ArchitectureMismatchError, MMPackError, RepositoryError, VersionNotFoundError
+from mmpack.errors import (
+    ArchitectureMismatchError,
+    MMPackError,
+    RepositoryError,
+    RepositoryNotFoundError,
+    VersionNotFoundError,
+)
 from mmpack.fileformat import modelset_and_hashes
 from mmpack.modelset import ModelSet
 from mmpack.provenance import TrainingFunction
@@ -100,11 +107,13 @@ class GcReport:
 
 class Repository:
     """Repository(path_or_url, *, storage_options=None, fsync=True, snapshots=None, store=None,
-    compression=None, policy=None, throughputs=None)
+    compression=None, policy=None, throughputs=None, create=True)
 
     Versions of a model set, each immutable once saved, stored with the
     Baseline, Update or Provenance approach (or chosen per version by
-    ``approach="auto"``). A local directory (created if missing) is the
+    ``approach="auto"``). A local directory (created if missing; with
+    ``create=False`` a location without a repository raises
+    :class:`~mmpack.RepositoryNotFoundError` and nothing is written) is the
     embedded default; an fsspec URL (``"s3://bucket/prefix"``, with
     ``storage_options`` for its file system; needs ``pip install
     "mmpack[s3]"`` for S3) keeps the repository in object storage, and any
@@ -115,7 +124,9 @@ class Repository:
     time estimates use ``throughputs`` (measured on this machine if None).
     A version exists once its manifest is published, which happens after all
     its data is written, atomically: a crash at any moment leaves only
-    complete versions. Several processes may save into one repository at once.
+    complete versions. Several processes may create, open and save into one
+    repository at once. Failures of the store reach callers as
+    :class:`~mmpack.StorageError` (an ``OSError`` keeping its errno).
 
     Example::
 
@@ -124,6 +135,7 @@ class Repository:
         v2 = repo.save(models, approach="update", base=v1)       # changed tensors only
         two = repo.recover(v2, indices=[3, 17])                  # reads only their bytes
         remote = mmpack.Repository("s3://fleet/cells", storage_options={"profile": "prod"})
+        existing = mmpack.Repository("cells.repo", create=False)  # never creates one
     """
 
     def __init__(
@@ -137,6 +149,7 @@ class Repository:
         compression: str | Compression | None = None,
         policy: Policy | None = None,
         throughputs: Throughputs | None = None,
+        create: bool = True,
     ) -> None:
         if (path is None) == (store is None):
             raise TypeError("pass a path or a store, not both")
@@ -152,7 +165,7 @@ class Repository:
         self._architectures: dict[str, Architecture] = {}
         self._tables: OrderedDict[str, np.ndarray] = OrderedDict()
         self._owner_maps: OrderedDict[str, np.ndarray] = OrderedDict()
-        self._open_or_create()
+        self._open_or_create(create)
 
     def __repr__(self) -> str:
         return f"Repository({self.store!r})"
@@ -167,19 +180,40 @@ class Repository:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def _open_or_create(self) -> None:
+    def _open_or_create(self, create: bool) -> None:
         marker = json.dumps(_MARKER_CONTENT).encode()
         try:
             content = self.store.get(_MARKER)  # one request when the repository exists (remote stores)
         except FileNotFoundError:
-            if self.store.list("") or self.store.list("versions/"):
-                raise RepositoryError(f"{self.store!r} holds files but is not an mmpack repository") from None
-            if self.store.put_if_absent(_MARKER, marker):
+            if not create:
+                raise RepositoryNotFoundError(errno.ENOENT, f"no mmpack repository at {self.store!r}") from None
+            content = self._create(marker)
+            if content is None:
                 return
-            content = self.store.get(_MARKER)
+        self._check_marker(content)
+
+    def _create(self, marker: bytes) -> bytes | None:
+        """Create the repository unless another opener just did; the marker found (None: ours).
+
+        The marker is the first thing any writer creates and nothing ever
+        removes it, so a location that lists files but has no marker, read
+        *after* the listing, is not a repository. Reading it only before the
+        listing would count as foreign the marker that a concurrent opener
+        published in between.
+        """
+        if self.store.list("") or self.store.list("versions/"):
+            try:
+                return self.store.get(_MARKER)
+            except FileNotFoundError:
+                raise RepositoryError(f"{self.store!r} holds files but is not an mmpack repository") from None
+        if self.store.put_if_absent(_MARKER, marker):
+            return None
+        return self.store.get(_MARKER)
+
+    def _check_marker(self, content: bytes) -> None:
         try:
             found = json.loads(content)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, UnicodeDecodeError):
             found = None
         if not isinstance(found, dict) or found.get("format") != _MARKER_CONTENT["format"]:
             raise RepositoryError(f"{self.store!r} is not an mmpack repository (bad {_MARKER})")
