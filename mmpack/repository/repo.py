@@ -23,6 +23,7 @@ from mmpack.compression import Compression
 from mmpack.compression import resolve as resolve_compression
 from mmpack.errors import (
     ArchitectureMismatchError,
+    InvalidArgumentError,
     MMPackError,
     RepositoryError,
     RepositoryNotFoundError,
@@ -33,6 +34,7 @@ from mmpack.modelset import ModelSet
 from mmpack.provenance import TrainingFunction
 from mmpack.records import VersionRecord
 from mmpack.repository import recovery
+from mmpack.repository.cleanup import WriteLog, published
 from mmpack.repository.manifest import (
     check_version_id,
     decode_manifest,
@@ -124,7 +126,8 @@ class Repository:
     time estimates use ``throughputs`` (measured on this machine if None).
     A version exists once its manifest is published, which happens after all
     its data is written, atomically: a crash at any moment leaves only
-    complete versions. Several processes may create, open and save into one
+    complete versions, and a save that fails removes what it wrote (see
+    :meth:`save`). Several processes may create, open and save into one
     repository at once. Failures of the store reach callers as
     :class:`~mmpack.StorageError` (an ``OSError`` keeping its errno).
 
@@ -249,6 +252,15 @@ class Repository:
         default (None: raw). ``repo.versions()`` records which approach was
         used and why.
 
+        A save that fails (a full disk, a lost connection; the error is a
+        :class:`~mmpack.StorageError` when the store failed) removes the
+        objects it wrote, so the store holds what it held before, except the
+        few hundred bytes of an architecture record it introduced (shared:
+        a concurrent save of the same architecture may already rely on it).
+        A manifest write whose request failed although the store applied it
+        is detected by reading the manifest back, and the save then succeeds;
+        if even that read fails, the objects are kept for :meth:`gc`.
+
         Example::
 
             vid = repo.save(models, approach="update", base=vid)  # once per training cycle
@@ -281,7 +293,9 @@ class Repository:
         if details:
             reason = auto_reason if chosen == approach else f"{auto_reason}; then {reason}"
         architecture_bytes = self._store_architecture(modelset.architecture)
-        stored = APPROACHES[chosen].save(self.objects, request)
+        written = WriteLog(self.objects)
+        with written.undone_on_failure():
+            stored = APPROACHES[chosen].save(written, request)
         record = self._publish(
             lambda vid: VersionRecord(
                 id=vid,
@@ -296,7 +310,8 @@ class Repository:
                 changes=stored.changes,
                 details={**details, **stored.details},
                 architecture_bytes=architecture_bytes,
-            )
+            ),
+            written,
         )
         self._remember_table(record.id, request.resolved_hashes())
         return record.id
@@ -371,18 +386,33 @@ class Repository:
             raise RepositoryError(f"architecture record {fingerprint} collides with another architecture")
         return 0
 
-    def _publish(self, make_record) -> VersionRecord:
-        """Publish a manifest under the next free id; concurrent writers each get their own."""
-        for _ in range(_MAX_ID_ATTEMPTS):
-            taken = [version_number(k[len("versions/") : -len(".json")]) for k in self._manifest_keys()]
-            vid = f"v{max(taken, default=0) + 1}"
-            record = make_record(vid)
-            content = encode_manifest(record)
-            if self.store.put_if_absent(manifest_key(vid), content):
-                record = _with_manifest_bytes(record, len(content))
-                self._records[vid] = record
-                return record
-        raise RepositoryError("could not allocate a version id: too many concurrent writers")
+    def _publish(self, make_record, written: WriteLog) -> VersionRecord:
+        """Publish a manifest under the next free id; concurrent writers each get their own. If none
+        is published, the objects ``written`` are removed."""
+        with written.undone_on_failure():
+            for _ in range(_MAX_ID_ATTEMPTS):
+                taken = [version_number(k[len("versions/") : -len(".json")]) for k in self._manifest_keys()]
+                vid = f"v{max(taken, default=0) + 1}"
+                record = make_record(vid)
+                content = encode_manifest(record)
+                if self._put_manifest(manifest_key(vid), content, written):
+                    record = _with_manifest_bytes(record, len(content))
+                    self._records[vid] = record
+                    return record
+            raise RepositoryError("could not allocate a version id: too many concurrent writers")
+
+    def _put_manifest(self, key: str, content: bytes, written: WriteLog) -> bool:
+        """Create ``key`` unless it exists; a failed request that the store applied anyway counts as
+        created (cleanup.py: the version then exists, and its objects must stay)."""
+        try:
+            return self.store.put_if_absent(key, content)
+        except BaseException:
+            outcome = published(self.store, key, content)
+            if outcome:
+                return True
+            if outcome is None:
+                written.keep()
+            raise
 
     # -- reading ------------------------------------------------------------
 
@@ -575,10 +605,18 @@ class Repository:
         (a save still running in another process is never disturbed). Nothing
         is removed if any manifest cannot be read.
 
+        ``grace_seconds`` must be a finite number of seconds, zero or more
+        (:class:`~mmpack.InvalidArgumentError` otherwise: a NaN would compare
+        as older than any cut-off and remove fresh files).
+
         Example::
 
             repo.gc(grace_seconds=0)  # no other process is saving
         """
+        if isinstance(grace_seconds, bool) or not isinstance(grace_seconds, (int, float, np.integer, np.floating)):
+            raise InvalidArgumentError(f"grace_seconds must be a number of seconds, not {type(grace_seconds).__name__}")
+        if not math.isfinite(grace_seconds) or grace_seconds < 0:
+            raise InvalidArgumentError(f"grace_seconds must be finite and at least 0, got {grace_seconds!r}")
         referenced = {ref.key for record in self.versions() for ref in record.objects}
         cleaned = self.store.clean_temporaries(grace_seconds)
         removed = size = 0
