@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -21,12 +22,21 @@ from mmpack.approaches.advisor import measured_throughputs
 from mmpack.architecture import Architecture
 from mmpack.compression import Compression
 from mmpack.compression import resolve as resolve_compression
-from mmpack.errors import ArchitectureMismatchError, FormatError, MMPackError, RepositoryError, VersionNotFoundError
+from mmpack.errors import (
+    ArchitectureMismatchError,
+    FormatError,
+    InvalidArgumentError,
+    MMPackError,
+    RepositoryError,
+    RepositoryNotFoundError,
+    VersionNotFoundError,
+)
 from mmpack.fileformat import modelset_and_hashes
 from mmpack.modelset import ModelSet
 from mmpack.provenance import TrainingFunction
 from mmpack.records import VersionRecord
 from mmpack.repository import recovery
+from mmpack.repository.cleanup import WriteLog, published
 from mmpack.repository.manifest import (
     check_version_id,
     decode_manifest,
@@ -102,11 +112,13 @@ class GcReport:
 
 class Repository:
     """Repository(path_or_url, *, storage_options=None, fsync=True, snapshots=None, store=None,
-    compression=None, policy=None, throughputs=None)
+    compression=None, policy=None, throughputs=None, create=True)
 
     Versions of a model set, each immutable once saved, stored with the
     Baseline, Update or Provenance approach (or chosen per version by
-    ``approach="auto"``). A local directory (created if missing) is the
+    ``approach="auto"``). A local directory (created if missing; with
+    ``create=False`` a location without a repository raises
+    :class:`~mmpack.RepositoryNotFoundError` and nothing is written) is the
     embedded default; an fsspec URL (``"s3://bucket/prefix"``, with
     ``storage_options`` for its file system; needs ``pip install
     "mmpack[s3]"`` for S3) keeps the repository in object storage, and any
@@ -117,7 +129,10 @@ class Repository:
     time estimates use ``throughputs`` (measured on this machine if None).
     A version exists once its manifest is published, which happens after all
     its data is written, atomically: a crash at any moment leaves only
-    complete versions. Several processes may save into one repository at once.
+    complete versions, and a save that fails removes what it wrote (see
+    :meth:`save`). Several processes may create, open and save into one
+    repository at once. Failures of the store reach callers as
+    :class:`~mmpack.StorageError` (an ``OSError`` keeping its errno).
 
     Example::
 
@@ -126,6 +141,7 @@ class Repository:
         v2 = repo.save(models, approach="update", base=v1)       # changed tensors only
         two = repo.recover(v2, indices=[3, 17])                  # reads only their bytes
         remote = mmpack.Repository("s3://fleet/cells", storage_options={"profile": "prod"})
+        existing = mmpack.Repository("cells.repo", create=False)  # never creates one
     """
 
     def __init__(
@@ -139,6 +155,7 @@ class Repository:
         compression: str | Compression | None = None,
         policy: Policy | None = None,
         throughputs: Throughputs | None = None,
+        create: bool = True,
     ) -> None:
         if (path is None) == (store is None):
             raise TypeError("pass a path or a store, not both")
@@ -156,7 +173,7 @@ class Repository:
         self._owner_maps: LRU[str, np.ndarray] = LRU(_HASH_TABLE_CACHE, _TABLE_BYTES, lambda t: t.nbytes)
         #: (version id, object key) pairs whose object was checked against the version's manifest.
         self.checked_objects: set[tuple[str, str]] = set()
-        self._open_or_create()
+        self._open_or_create(create)
 
     def __repr__(self) -> str:
         return f"Repository({self.store!r})"
@@ -171,17 +188,35 @@ class Repository:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def _open_or_create(self) -> None:
+    def _open_or_create(self, create: bool) -> None:
         marker = json.dumps(_MARKER_CONTENT).encode()
         try:
             content = self.store.get(_MARKER)  # one request when the repository exists (remote stores)
         except FileNotFoundError:
-            if self.store.list("") or self.store.list("versions/"):
-                raise RepositoryError(f"{self.store!r} holds files but is not an mmpack repository") from None
-            if self.store.put_if_absent(_MARKER, marker):
+            if not create:
+                raise RepositoryNotFoundError(errno.ENOENT, f"no mmpack repository at {self.store!r}") from None
+            content = self._create(marker)
+            if content is None:
                 return
-            content = self.store.get(_MARKER)
         _check_marker(content, self.store)
+
+    def _create(self, marker: bytes) -> bytes | None:
+        """Create the repository unless another opener just did; the marker found (None: ours).
+
+        The marker is the first thing any writer creates and nothing ever
+        removes it, so a location that lists files but has no marker, read
+        *after* the listing, is not a repository. Reading it only before the
+        listing would count as foreign the marker that a concurrent opener
+        published in between.
+        """
+        if self.store.list("") or self.store.list("versions/"):
+            try:
+                return self.store.get(_MARKER)
+            except FileNotFoundError:
+                raise RepositoryError(f"{self.store!r} holds files but is not an mmpack repository") from None
+        if self.store.put_if_absent(_MARKER, marker):
+            return None
+        return self.store.get(_MARKER)
 
     # -- saving -------------------------------------------------------------
 
@@ -211,6 +246,15 @@ class Repository:
         and time to recover. ``compression`` overrides the repository's
         default (None: raw). ``repo.versions()`` records which approach was
         used and why.
+
+        A save that fails (a full disk, a lost connection; the error is a
+        :class:`~mmpack.StorageError` when the store failed) removes the
+        objects it wrote, so the store holds what it held before, except the
+        few hundred bytes of an architecture record it introduced (shared:
+        a concurrent save of the same architecture may already rely on it).
+        A manifest write whose request failed although the store applied it
+        is detected by reading the manifest back, and the save then succeeds;
+        if even that read fails, the objects are kept for :meth:`gc`.
 
         Example::
 
@@ -244,7 +288,9 @@ class Repository:
         if details:
             reason = auto_reason if chosen == approach else f"{auto_reason}; then {reason}"
         architecture_bytes = self._store_architecture(modelset.architecture)
-        stored = APPROACHES[chosen].save(self.objects, request)
+        written = WriteLog(self.objects)
+        with written.undone_on_failure():
+            stored = APPROACHES[chosen].save(written, request)
         record = self._publish(
             lambda vid: VersionRecord(
                 id=vid,
@@ -259,7 +305,8 @@ class Repository:
                 changes=stored.changes,
                 details={**details, **stored.details},
                 architecture_bytes=architecture_bytes,
-            )
+            ),
+            written,
         )
         self._remember_table(record.id, request.resolved_hashes())
         return record.id
@@ -334,18 +381,33 @@ class Repository:
             raise RepositoryError(f"architecture record {fingerprint} collides with another architecture")
         return 0
 
-    def _publish(self, make_record) -> VersionRecord:
-        """Publish a manifest under the next free id; concurrent writers each get their own."""
-        for _ in range(_MAX_ID_ATTEMPTS):
-            taken = [version_number(k[len("versions/") : -len(".json")]) for k in self._manifest_keys()]
-            vid = f"v{max(taken, default=0) + 1}"
-            record = make_record(vid)
-            content = encode_manifest(record)
-            if self.store.put_if_absent(manifest_key(vid), content):
-                record = _with_manifest_bytes(record, len(content))
-                self._records[vid] = record
-                return record
-        raise RepositoryError("could not allocate a version id: too many concurrent writers")
+    def _publish(self, make_record, written: WriteLog) -> VersionRecord:
+        """Publish a manifest under the next free id; concurrent writers each get their own. If none
+        is published, the objects ``written`` are removed."""
+        with written.undone_on_failure():
+            for _ in range(_MAX_ID_ATTEMPTS):
+                taken = [version_number(k[len("versions/") : -len(".json")]) for k in self._manifest_keys()]
+                vid = f"v{max(taken, default=0) + 1}"
+                record = make_record(vid)
+                content = encode_manifest(record)
+                if self._put_manifest(manifest_key(vid), content, written):
+                    record = _with_manifest_bytes(record, len(content))
+                    self._records[vid] = record
+                    return record
+            raise RepositoryError("could not allocate a version id: too many concurrent writers")
+
+    def _put_manifest(self, key: str, content: bytes, written: WriteLog) -> bool:
+        """Create ``key`` unless it exists; a failed request that the store applied anyway counts as
+        created (cleanup.py: the version then exists, and its objects must stay)."""
+        try:
+            return self.store.put_if_absent(key, content)
+        except BaseException:
+            outcome = published(self.store, key, content)
+            if outcome:
+                return True
+            if outcome is None:
+                written.keep()
+            raise
 
     # -- reading ------------------------------------------------------------
 
@@ -549,10 +611,18 @@ class Repository:
         (a save still running in another process is never disturbed). Nothing
         is removed if any manifest cannot be read.
 
+        ``grace_seconds`` must be a finite number of seconds, zero or more
+        (:class:`~mmpack.InvalidArgumentError` otherwise: a NaN would compare
+        as older than any cut-off and remove fresh files).
+
         Example::
 
             repo.gc(grace_seconds=0)  # no other process is saving
         """
+        if isinstance(grace_seconds, bool) or not isinstance(grace_seconds, (int, float, np.integer, np.floating)):
+            raise InvalidArgumentError(f"grace_seconds must be a number of seconds, not {type(grace_seconds).__name__}")
+        if not math.isfinite(grace_seconds) or grace_seconds < 0:
+            raise InvalidArgumentError(f"grace_seconds must be finite and at least 0, got {grace_seconds!r}")
         referenced = {ref.key for record in self.versions() for ref in record.objects}
         cleaned = self.store.clean_temporaries(grace_seconds)
         removed = size = 0
