@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import mmap
 import os
 import secrets
@@ -230,7 +231,7 @@ def publish_atomically(
             if size and hasattr(os, "posix_fallocate"):
                 with contextlib.suppress(OSError):  # not every file system can reserve space
                     os.posix_fallocate(f.fileno(), 0, size)
-            write(f)
+            write(_WholeWrites(f))
             if fsync:
                 os.fsync(f.fileno())
         if overwrite:
@@ -244,6 +245,32 @@ def publish_atomically(
         raise
     if fsync:
         fsync_directory(os.path.dirname(os.fspath(path)))
+
+
+class _WholeWrites:
+    """The file a writer gets: ``write`` writes every byte or raises.
+
+    An unbuffered file's ``write`` is one system call, which may write fewer
+    bytes than given when the disk fills up or a size limit is reached; a
+    writer that ignores the count (as stream writers do) would then publish
+    a truncated object as if it were whole.
+    """
+
+    def __init__(self, f: BinaryIO) -> None:
+        self._f = f
+
+    def write(self, data: object) -> int:
+        view = memoryview(data).cast("B")  # type: ignore[arg-type]
+        done = 0
+        while done < len(view):
+            n = self._f.write(view[done:])
+            if not n:  # no progress and no error: refuse rather than loop or lose the rest
+                raise OSError(errno.EIO, f"write made no progress with {len(view) - done} bytes left")
+            done += n
+        return done
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._f, name)
 
 
 @contextlib.contextmanager

@@ -1,8 +1,10 @@
 """The ``mmpack`` command: inspect, verify, export and maintain repositories; run the demo and benchmarks.
 
 Exit codes: 0 success, 1 failure (a damaged repository, an unknown version,
-a failed verification), 2 usage errors. Errors are one line on stderr; pass
-``--debug`` for the traceback.
+a failed verification, a store that cannot be reached), 2 usage errors.
+Errors are one line on stderr; pass ``--debug`` for the traceback. A command
+that fails writes nothing: repository commands never create a repository,
+and ``recover`` refuses to replace an existing output unless ``--force``.
 """
 
 from __future__ import annotations
@@ -11,14 +13,18 @@ import argparse
 import json
 import os
 import select
+import shutil
 import sys
+import tempfile
 from collections import defaultdict
 from collections.abc import Sequence
 
 import torch
 
+from mmpack import _io
+from mmpack._options import Parser, non_negative_int, one_line, positive_int, seconds
 from mmpack._progress import progress
-from mmpack.errors import MMPackError, RepositoryError
+from mmpack.errors import MMPackError, ModelIndexError
 from mmpack.records import VersionRecord
 from mmpack.repository import Repository
 
@@ -29,39 +35,50 @@ class UsageError(Exception):
     """Bad command-line input: exit status 2."""
 
 
-def parse_models(spec: str) -> list[int]:
-    """``"3,17,40-45"`` -> ``[3, 17, 40, 41, 42, 43, 44, 45]`` (order kept, ranges inclusive)."""
-    models: list[int] = []
+def parse_models(spec: str, n_models: int) -> list[int]:
+    """``"3,17,40-45"`` -> ``[3, 17, 40, 41, 42, 43, 44, 45]`` (order kept, ranges inclusive).
+
+    Every index and range is checked against ``n_models`` before anything is
+    expanded, and a model may be named once: the result never holds more
+    than ``n_models`` indices, whatever the spec says (``0-999999999`` is a
+    clear error, not a billion-element list). Malformed specs raise
+    :class:`UsageError`, indices outside the set :class:`~mmpack.ModelIndexError`.
+    """
+    ranges: list[tuple[int, int]] = []
     for part in spec.split(","):
         part = part.strip()
         first, dash, last = part.partition("-")
         try:
-            if not dash:
-                models.append(_index(first))
-                continue
-            low, high = _index(first), _index(last)
+            low = _index(first)
+            high = _index(last) if dash else low
         except ValueError:
             raise UsageError(f"malformed --models {spec!r}: {part!r} is not an index or a range like 40-45") from None
         if high < low:
             raise UsageError(f"malformed --models {spec!r}: range {part!r} runs backwards")
-        models.extend(range(low, high + 1))
+        if high >= n_models:
+            raise ModelIndexError(f"--models names model {high}: the version has {n_models} models (0..{n_models - 1})")
+        ranges.append((low, high))
+    if sum(high - low + 1 for low, high in ranges) > n_models:
+        raise UsageError(f"--models {spec!r} names some model more than once")
+    models = [m for low, high in ranges for m in range(low, high + 1)]
+    if len(set(models)) != len(models):
+        raise UsageError(f"--models {spec!r} names some model more than once")
     return models
 
 
 def _index(text: str) -> int:
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):
         raise ValueError(text)
     return int(text)
 
 
 def _open(args: argparse.Namespace) -> Repository:
+    """The repository the command names; never created (RepositoryNotFoundError if there is none)."""
     path = args.repo
-    if "://" not in path and not os.path.isfile(os.path.join(path, "repository.json")):
-        raise RepositoryError(f"no mmpack repository at {path!r}")
     text = args.storage_options
     if text is None and "://" in path:
         text = os.environ.get("MMPACK_STORAGE_OPTIONS")
-    return Repository(path, storage_options=_storage_options(text))
+    return Repository(path, storage_options=_storage_options(text), create=False)
 
 
 def _storage_options(text: str | None) -> dict | None:
@@ -174,30 +191,83 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_recover(args: argparse.Namespace) -> int:
+    _check_output(args.out, args.format, args.force)  # before the work, and before anything is written
     repo = _open(args)
-    indices = parse_models(args.models) if args.models is not None else None
-    ms = repo.recover(args.vid, indices=indices, allow_import=args.allow_import)
+    record = repo.version(args.vid)
+    indices = parse_models(args.models, record.n_models) if args.models is not None else None
+    ms = repo.recover(record.id, indices=indices, allow_import=args.allow_import)
     chosen = indices if indices is not None else list(range(len(ms)))
     if args.format == "mmpack":
         from mmpack.fileformat import save
 
-        save(ms, args.out, metadata={"repository": str(args.repo), "version": args.vid})
+        metadata = {"repository": str(args.repo), "version": args.vid}
+        _publish_file(args.out, args.force, lambda path: save(ms, path, metadata=metadata))
         print(f"wrote {len(ms)} models of {args.vid} to {args.out}")
         return 0
-    os.makedirs(args.out, exist_ok=True)
     if args.format == "safetensors":
         try:
             from safetensors.torch import save_file
         except ImportError:
             raise MMPackError("--format safetensors needs the safetensors package: pip install safetensors") from None
-    for row, model in progress(list(enumerate(chosen)), f"writing {args.format} files"):
-        state = {name: t[row].clone() for name, t in ms.tensors.items()}  # clone: not the whole stacked storage
-        if args.format == "torch":
-            torch.save(state, os.path.join(args.out, f"model-{model}.pt"))
-        else:
-            save_file(state, os.path.join(args.out, f"model-{model}.safetensors"))
+
+    def write_all(directory: str) -> None:
+        for row, model in progress(list(enumerate(chosen)), f"writing {args.format} files"):
+            state = {name: t[row].clone() for name, t in ms.tensors.items()}  # clone: not the whole stacked storage
+            if args.format == "torch":
+                torch.save(state, os.path.join(directory, f"model-{model}.pt"))
+            else:
+                save_file(state, os.path.join(directory, f"model-{model}.safetensors"))
+
+    _publish_directory(args.out, args.force, write_all)
     print(f"wrote {len(chosen)} {args.format} files of {args.vid} to {args.out}")
     return 0
+
+
+def _check_output(out: str, fmt: str, force: bool) -> None:
+    """Refuse an output that exists (a file, or a directory with files) unless ``force``, and one
+    whose directory does not exist."""
+    parent = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(parent):
+        raise MMPackError(f"--out {out!r}: the directory {parent!r} does not exist")
+    if fmt == "mmpack" and os.path.isdir(out):
+        raise MMPackError(f"--out {out!r} is a directory; --format mmpack writes one file")
+    if fmt != "mmpack" and os.path.lexists(out) and not os.path.isdir(out):
+        raise MMPackError(f"--out {out!r} is a file; --format {fmt} writes a directory of files")
+    occupied = os.path.isdir(out) and bool(os.listdir(out)) if fmt != "mmpack" else os.path.lexists(out)
+    if occupied and not force:
+        raise MMPackError(f"--out {out!r} exists; pass --force to replace it")
+
+
+def _publish_file(out: str, force: bool, write) -> None:
+    """Write ``out`` under a temporary name, then publish it: replacing only with ``force``."""
+    temporary = _io.temporary_sibling(out)
+    try:
+        write(temporary)
+        if force:
+            os.replace(temporary, out)
+        else:
+            os.link(temporary, out)  # fails if another process created ``out`` meanwhile
+    finally:
+        if os.path.lexists(temporary):
+            os.unlink(temporary)
+
+
+def _publish_directory(out: str, force: bool, write) -> None:
+    """Write a directory of files beside ``out``, then move it into place (its files into an
+    existing ``out`` with ``force``); a failure leaves ``out`` as it was."""
+    parent, name = os.path.split(os.path.abspath(out))
+    staging = tempfile.mkdtemp(prefix=f".{name}.", suffix=".mmpack-tmp", dir=parent)
+    try:
+        write(staging)
+        if os.path.isdir(out) and os.listdir(out):
+            if not force:
+                raise MMPackError(f"--out {out!r} exists; pass --force to replace it")
+            for entry in sorted(os.listdir(staging)):
+                os.replace(os.path.join(staging, entry), os.path.join(out, entry))
+        else:
+            os.replace(staging, out)  # atomic, over nothing or an empty directory
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
@@ -227,7 +297,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mmpack", description="Manage versioned sets of same-architecture models.")
+    parser = Parser(prog="mmpack", description="Manage versioned sets of same-architecture models.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
 
@@ -256,12 +326,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", help="models to export, e.g. 3,17,40-45 (default: all)")
     p.add_argument("--out", required=True, help="output file (mmpack) or directory (torch, safetensors)")
     p.add_argument("--format", choices=EXPORT_FORMATS, default="mmpack")
+    p.add_argument("--force", action="store_true", help="replace an existing output (files of the same names)")
     p.add_argument("--allow-import", action="store_true", help="retrain provenance versions (imports their training code)")
     p = repository_command("gc", cmd_gc, "remove leftovers of interrupted saves")
-    p.add_argument("--grace", type=float, default=3600.0, help="keep leftovers younger than this many seconds")
+    p.add_argument("--grace", type=seconds, default=3600.0,
+                   help="keep leftovers younger than this many seconds (finite, 0 or more; default 3600)")
     p = command("demo", cmd_demo, "the end-to-end demo on battery-cell models")
-    p.add_argument("--models", type=int, default=5000)
-    p.add_argument("--cycles", type=int, default=3)
+    p.add_argument("--models", type=positive_int, default=5000, help="battery cells, one model each (default 5000)")
+    p.add_argument("--cycles", type=non_negative_int, default=3, help="update cycles (default 3)")
     p.add_argument("--dir", default=None, help="a new directory for the demo (default ./mmpack-demo)")
     p = command("bench", cmd_bench, "run a benchmark suite (paper: the paper's evaluation)")
     p.add_argument("suite", choices=["paper"])
@@ -273,8 +345,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``mmpack`` command with ``argv`` (default: the process arguments); return the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if getattr(args, "models", None) is not None and args.command == "demo" and args.models < 1:
-        parser.error("--models must be at least 1")
     try:
         status = args.handler(args)
         sys.stdout.flush()  # a reader that went away shows here, not in the exit flush
@@ -292,15 +362,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mmpack: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug, or a library's error nothing translated: still one line
+        return _failure(args, exc, f"unexpected {type(exc).__name__} (rerun with --debug for the traceback): ")
     return 0
 
 
-def _failure(args: argparse.Namespace, exc: Exception) -> int:
+def _failure(args: argparse.Namespace, exc: Exception, prefix: str = "") -> int:
     """Report ``exc`` as one line on stderr (or re-raise it with ``--debug``); exit status 1."""
     if args.debug:
         raise exc
     message = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
-    print(f"mmpack: error: {message}", file=sys.stderr)
+    print(f"mmpack: error: {prefix}{one_line(message)}", file=sys.stderr)
     return 1
 
 

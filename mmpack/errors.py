@@ -7,6 +7,8 @@ keeps working in code that does not know mmpack.
 
 from __future__ import annotations
 
+import errno as _errno
+
 __all__ = [
     "ArchitectureMismatchError",
     "CompressionError",
@@ -16,9 +18,12 @@ __all__ = [
     "MMPackError",
     "MissingDependencyError",
     "ModelIndexError",
+    "ObjectNotFoundError",
     "ProvenanceError",
     "ProvenanceMismatchError",
     "RepositoryError",
+    "RepositoryNotFoundError",
+    "StorageError",
     "TagConflictError",
     "UnsupportedFormatVersionError",
     "VersionNotFoundError",
@@ -81,6 +86,63 @@ class RepositoryError(MMPackError):
     """The repository is unusable: not an mmpack repository, damaged manifest, missing object."""
 
 
+class RepositoryNotFoundError(RepositoryError, FileNotFoundError):
+    """No mmpack repository at a location that must hold one: ``Repository(path, create=False)``.
+
+    Example::
+
+        try:
+            repo = mmpack.Repository("s3://fleet/cells", create=False)
+        except mmpack.RepositoryNotFoundError:
+            ...  # nothing was created
+    """
+
+    def __str__(self) -> str:  # OSError would prefix "[Errno 2]"
+        return str(self.args[-1]) if self.args else ""
+
+
+class StorageError(MMPackError, OSError):
+    """A store could not do what was asked: disk full, read-only file system, I/O or network failure.
+
+    Also an :class:`OSError`: ``errno`` is the failure's (``errno.ENOSPC``,
+    ``errno.EROFS``, ``errno.EIO`` for failures that carry none, such as a
+    network error), ``filename`` the path or URL of the object, and the
+    message names both, e.g. ``cannot write objects/3f.mmpack in
+    LocalStore('/data/cells.repo'): No space left on device [ENOSPC]``.
+    The underlying exception is its ``__cause__``.
+
+    Example::
+
+        try:
+            repo.save(models)
+        except mmpack.StorageError as exc:
+            if exc.errno == errno.ENOSPC:
+                ...  # free space, then save again: the failed save left nothing behind
+    """
+
+    @classmethod
+    def wrap(cls, cause: BaseException, action: str, where: str, path: str | None = None) -> StorageError:
+        """The error to raise for ``cause`` (an OSError or a storage client's exception) met while
+        doing ``action`` (``"write objects/3f.mmpack"``) in ``where`` (the store); a missing object
+        gives an :class:`ObjectNotFoundError`."""
+        if isinstance(cause, FileNotFoundError) or (isinstance(cause, OSError) and cause.errno == _errno.ENOENT):
+            kind, code, reason = ObjectNotFoundError, _errno.ENOENT, "no such object"
+        elif isinstance(cause, OSError) and isinstance(cause.errno, int):
+            kind, code, reason = cls, cause.errno, cause.strerror or str(cause)
+        else:  # a client's own exception, or an OSError without errno: the message says it all
+            kind, code, reason = cls, _errno.EIO, str(cause) or type(cause).__name__
+        reason = " ".join(reason.split())  # client errors span lines; an error is one line
+        return kind(code, f"cannot {action} in {where}: {reason} [{_errno.errorcode.get(code, code)}]", path)
+
+    def __str__(self) -> str:  # the message already names the path and the errno
+        return str(self.strerror) if self.strerror is not None else super().__str__()
+
+
+class ObjectNotFoundError(StorageError, FileNotFoundError):
+    """A key the store does not hold (a vanished object, or one never written); also ``FileNotFoundError``,
+    which the store contract raises for absent keys."""
+
+
 class TagConflictError(MMPackError):
     """A tag moved (or appeared, or went) between reading it and moving it: ``repo.tag(name, vid,
     expected=...)`` found it on another version. Read the tag again and decide.
@@ -92,6 +154,7 @@ class TagConflictError(MMPackError):
         except mmpack.TagConflictError:
             ...  # someone promoted another version meanwhile
     """
+
 
 
 class ProvenanceError(MMPackError):

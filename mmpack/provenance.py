@@ -25,6 +25,7 @@ import importlib
 import inspect
 import os
 import platform
+import stat
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -43,6 +44,7 @@ UpdateKind = Literal["full", "partial"]
 TrainingFunction = Callable[[ModelSet, list[np.ndarray], list[str], dict[str, Any], np.ndarray], ModelSet]
 _KINDS = ("full", "partial")
 _CHUNK = 1 << 20
+_HEX = frozenset("0123456789abcdef")
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,13 @@ class DatasetRef:
 
     ``uri`` is a local path (or ``file://`` URI); ``xxh3`` the 16-hex-digit
     XXH3-64 of the file's bytes.
+
+    Reading checks the file before trusting it: it must be a regular file
+    (a FIFO, a device such as ``/dev/zero``, a directory or a socket is
+    refused without blocking on it) of exactly the recorded size, and at
+    most ``size + 1`` bytes are ever read, so a file that grew, shrank or
+    changed, or was swapped for something that never ends, is reported
+    within one read of the recorded size.
 
     Example::
 
@@ -62,6 +71,14 @@ class DatasetRef:
     size: int
     xxh3: str
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.uri, str):
+            raise ProvenanceError(f"dataset uri must be a string, not {type(self.uri).__name__}")
+        if isinstance(self.size, bool) or not isinstance(self.size, (int, np.integer)) or self.size < 0:
+            raise ProvenanceError(f"dataset size of {self.uri!r} must be a byte count, got {self.size!r}")
+        if not isinstance(self.xxh3, str) or len(self.xxh3) != 16 or any(c not in _HEX for c in self.xxh3):
+            raise ProvenanceError(f"dataset hash of {self.uri!r} must be 16 lowercase hex digits, got {self.xxh3!r}")
+
     @classmethod
     def of_bytes(cls, uri: str, content: bytes) -> DatasetRef:
         """The reference of a dataset whose bytes are at hand (just written, say)."""
@@ -69,10 +86,14 @@ class DatasetRef:
 
     @classmethod
     def of_file(cls, path: str | os.PathLike[str]) -> DatasetRef:
-        """Hash a dataset file (streamed: datasets may be large)."""
+        """Hash a dataset file (streamed: datasets may be large; a FIFO or device is refused)."""
         digest = xxhash.xxh3_64()
         size = 0
-        with open(path, "rb") as f:
+        try:
+            fd, _ = _open_regular(os.fspath(path))
+        except _Unusable as exc:
+            raise ProvenanceError(f"cannot record dataset {os.fspath(path)}: {exc}") from None
+        with os.fdopen(fd, "rb") as f:
             while chunk := f.read(_CHUNK):
                 digest.update(chunk)
                 size += len(chunk)
@@ -83,30 +104,80 @@ class DatasetRef:
         return self.uri[len("file://") :] if self.uri.startswith("file://") else self.uri
 
     def problem(self) -> str | None:
-        """What is wrong with the dataset now (missing, other size, other content), or None."""
+        """What is wrong with the dataset now (missing, not a file, other size, other content), or None."""
         try:
-            content = self._content()
-        except FileNotFoundError:
-            return f"dataset missing: {self.uri}"
-        except OSError as exc:
-            return f"dataset unreadable: {self.uri} ({exc.strerror})"
-        if len(content) != self.size or f"{xxhash.xxh3_64_intdigest(content):016x}" != self.xxh3:
-            return f"dataset content hash differs: {self.uri} ({len(content)} bytes, recorded {self.size})"
+            self._content()
+        except _Unusable as exc:
+            return f"{exc}: {self.uri}" if exc.short else f"dataset {exc}: {self.uri}"
         return None
 
     def read(self) -> bytes:
-        """The dataset's bytes, after checking size and content hash (ProvenanceError otherwise)."""
+        """The dataset's bytes, after checking type, size and content hash (ProvenanceError otherwise)."""
         try:
-            content = self._content()
-        except OSError as exc:
-            raise ProvenanceError(f"dataset missing or unreadable: {self.uri} ({exc.strerror})") from None
-        if len(content) != self.size or f"{xxhash.xxh3_64_intdigest(content):016x}" != self.xxh3:
-            raise ProvenanceError(f"dataset content hash differs from the recorded one: {self.uri}")
-        return content
+            return self._content()
+        except _Unusable as exc:
+            raise ProvenanceError(f"{exc}: {self.uri}" if exc.short else f"dataset {exc}: {self.uri}") from None
 
     def _content(self) -> bytes:
-        with open(self.path, "rb") as f:
-            return f.read()
+        try:
+            fd, info = _open_regular(self.path)
+        except FileNotFoundError:
+            raise _Unusable("dataset missing", short=True) from None
+        with os.fdopen(fd, "rb", buffering=0) as f:
+            if info.st_size != self.size:
+                raise _Unusable(f"size differs ({info.st_size} bytes, recorded {self.size})")
+            content = bytearray(self.size + 1)  # one byte more: a file still growing shows here
+            view, got = memoryview(content), 0
+            try:
+                while got < len(content) and (n := f.readinto(view[got:])):
+                    got += n
+            except OSError as exc:
+                raise _Unusable(f"unreadable ({exc.strerror or exc})") from None
+            finally:
+                view.release()
+        if got != self.size:
+            change = "grew" if got > self.size else "shrank"
+            raise _Unusable(f"changed while being read ({change} past the recorded {self.size} bytes)")
+        del content[self.size :]
+        if f"{xxhash.xxh3_64_intdigest(content):016x}" != self.xxh3:
+            raise _Unusable("dataset content hash differs", short=True)
+        return bytes(content)
+
+
+class _Unusable(Exception):
+    """Why a dataset cannot be used (``short``: the message already says "dataset ...")."""
+
+    def __init__(self, reason: str, *, short: bool = False) -> None:
+        super().__init__(reason)
+        self.short = short
+
+
+_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+               (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def _open_regular(path: str) -> tuple[int, os.stat_result]:
+    """A descriptor of ``path`` and its fstat, if it is a regular file (:class:`_Unusable` otherwise;
+    FileNotFoundError if absent). Opened non-blocking: opening a FIFO then returns at once instead of
+    waiting for a writer; the type is read from the descriptor, so a swap after the check cannot fool it."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError) as exc:  # ValueError: a path with a NUL byte
+        raise _Unusable(f"unreadable ({getattr(exc, 'strerror', None) or exc})") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            kind = next((name for test, name in _FILE_KINDS if test(info.st_mode)), "not a regular file")
+            raise _Unusable(f"is not a regular file but {kind}")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, info
 
 
 def capture_environment(threads: int | None = None) -> dict[str, str]:
@@ -254,13 +325,21 @@ class Provenance:
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Provenance:
         try:
-            models = np.frombuffer(base64.b64decode(data["models"]), dtype="<u4")
-            kinds = np.frombuffer(base64.b64decode(data["kinds"]), dtype=np.uint8)
-            sizes = np.frombuffer(base64.b64decode(data["dataset_sizes"]), dtype="<u8")
-            hashes = np.frombuffer(base64.b64decode(data["dataset_xxh3"]), dtype="<u8")
+            models = np.frombuffer(base64.b64decode(data["models"], validate=True), dtype="<u4")
+            kinds = np.frombuffer(base64.b64decode(data["kinds"], validate=True), dtype=np.uint8)
+            sizes = np.frombuffer(base64.b64decode(data["dataset_sizes"], validate=True), dtype="<u8")
+            hashes = np.frombuffer(base64.b64decode(data["dataset_xxh3"], validate=True), dtype="<u8")
             uris = list(data["dataset_uris"])
             if not len(models) == len(kinds) == len(sizes) == len(hashes) == len(uris):
                 raise ValueError("columns of different lengths")
+            if len(models) > 1 and not np.all(models[1:] > models[:-1]):
+                raise ValueError("model ids are not strictly ascending")
+            if not all(isinstance(u, str) for u in uris) or np.any(kinds >= len(_KINDS)):
+                raise ValueError("a dataset uri that is not a string, or an unknown update kind")
+            if not all(isinstance(data[k], str) for k in ("function", "source_xxh3")):
+                raise ValueError("function and source_xxh3 must be strings")
+            if not isinstance(data["config"], dict) or not isinstance(data["environment"], dict):
+                raise ValueError("config and environment must be JSON objects")
             updates = {
                 int(m): (DatasetRef(str(u), int(s), f"{int(h):016x}"), _KINDS[int(k)])
                 for m, k, s, h, u in zip(models, kinds, sizes, hashes, uris)

@@ -18,6 +18,12 @@
                                                   save:MODE:SEED:COUNT (the save command on URL/shared).
                                                   MODE is 'conditional', or 'claims=LEASE' to publish
                                                   with claims
+    python crash_driver.py open LOCATION N START CALL
+                                                  open LOCATION (a fresh path, or a URL with storage
+                                                  options as for 'remote') from N forked children at
+                                                  once, each starting within START seconds and
+                                                  waiting up to CALL s before each store call; print
+                                                  one JSON line: how many failed, and their errors
 """
 
 from __future__ import annotations
@@ -154,6 +160,76 @@ def _crash_remotely(location: str, mode: str, kill_at: int, phase: str, report) 
     _two_saves(open_repository(location, mode))
 
 
+def open_concurrently(location: str, n: int, start: float, call: float) -> None:
+    import random
+
+    from mmpack.store import open_store
+
+    options = None
+    if "MMPACK_TEST_STORAGE_OPTIONS" in os.environ:
+        from aiobotocore.session import AioSession
+
+        options = {**json.loads(os.environ["MMPACK_TEST_STORAGE_OPTIONS"]), "session": AioSession()}
+        open_store(location, options).exists("warm-up")  # one S3 client, shared by the children
+    go_read, go_write = os.pipe()
+    ready_read, ready_write = os.pipe()
+    children = []
+    for _ in range(n):
+        reading, writing = os.pipe()
+        child = os.fork()
+        if child == 0:
+            os.close(go_write)
+            store = open_store(location, options, fsync=False)
+            store.exists("warm-up")  # a child's first request builds its connections: not part of the race
+            os.write(ready_write, b".")
+            os.read(go_read, 1)  # every child waits for the start, then takes its own time
+            random.seed(os.getpid())
+            time.sleep(random.uniform(0, start))
+            try:
+                mmpack.Repository(store=_Jittery(store, call))
+                os.write(writing, b"ok")
+            except BaseException as exc:
+                os.write(writing, f"{type(exc).__name__}: {exc}".encode()[:4000])
+            os._exit(0)
+        os.close(writing)
+        children.append((child, reading))
+    os.close(go_read)
+    for _ in range(n):
+        os.read(ready_read, 1)
+    os.close(go_write)  # start
+    errors = []
+    for child, reading in children:
+        with os.fdopen(reading, "rb") as pipe:
+            said = pipe.read().decode()
+        os.waitpid(child, 0)
+        if said != "ok":
+            errors.append(said)
+    print(json.dumps({"failed": len(errors), "errors": sorted(set(errors))}), flush=True)
+
+
+class _Jittery:
+    """A store that waits a random moment before each call: openers interleave in every order."""
+
+    def __init__(self, store, most: float):
+        self._store, self._most = store, most
+
+    def __repr__(self) -> str:
+        return repr(self._store)
+
+    def __getattr__(self, name):
+        import random
+
+        attribute = getattr(self._store, name)
+        if not callable(attribute):
+            return attribute
+
+        def call(*args, **kwargs):
+            time.sleep(random.uniform(0, self._most))
+            return attribute(*args, **kwargs)
+
+        return call
+
+
 class _Half:
     """A file that accepts the first half of what is written to it, then stops the process."""
 
@@ -196,5 +272,7 @@ if __name__ == "__main__":
         crash(directory, int(rest[0]), rest[1])
     elif command == "remote":
         remote(directory, rest)
+    elif command == "open":
+        open_concurrently(directory, int(rest[0]), float(rest[1]), float(rest[2]))
     else:
         save(directory, int(rest[0]), int(rest[1]))

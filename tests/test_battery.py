@@ -39,9 +39,11 @@ def test_dataset_files_are_referenced_by_content(tmp_path):
     assert ref == DatasetRef.of_file(tmp_path / "cell7.npy")
     assert np.array_equal(load_dataset(ref), data)
     (tmp_path / "cell7.npy").write_bytes(b"changed")
-    assert "content hash differs" in ref.problem()
-    with pytest.raises(ProvenanceError, match="content hash differs"):
+    assert f"dataset size differs (7 bytes, recorded {ref.size})" in ref.problem()  # known before reading
+    with pytest.raises(ProvenanceError, match="size differs"):
         ref.read()
+    (tmp_path / "cell7.npy").write_bytes(bytes(ref.size))  # the recorded size, other bytes
+    assert "content hash differs" in ref.problem()
     (tmp_path / "cell7.npy").unlink()
     assert "missing" in ref.problem()
 

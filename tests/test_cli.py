@@ -9,12 +9,15 @@ import signal
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 import mmpack
-from mmpack import Repository
+from mmpack import ModelIndexError, Repository
 from mmpack.cli import UsageError, parse_models
 from mmpack.workloads.battery import BatteryFleet, TrainingConfig
 
@@ -41,11 +44,32 @@ def repo_path(tmp_path_factory):
 
 
 def test_parse_models():
-    assert parse_models("3,17,40-42") == [3, 17, 40, 41, 42]
-    assert parse_models("5") == [5]
-    for bad in ("3,x", "4-2", "", "-3", "1,,2", "2-"):
+    assert parse_models("3,17,40-42", 50) == [3, 17, 40, 41, 42]
+    assert parse_models("5", 6) == [5]
+    for bad in ("3,x", "4-2", "", "-3", "1,,2", "2-", "٣", "1,1", "0-3,2", "0-99,5"):
         with pytest.raises(UsageError):
-            parse_models(bad)
+            parse_models(bad, 100)
+    for beyond in ("16", "0-16", "3,12345678901234567890123", "0-999999999", "0-" + "9" * 4000):
+        with pytest.raises(ModelIndexError, match="the version has 16 models"):
+            parse_models(beyond, 16)
+
+
+@given(st.lists(st.tuples(st.integers(0, 2**70), st.integers(0, 40), st.booleans()), min_size=1, max_size=12),
+       st.integers(1, 60))
+def test_parse_models_checks_before_expanding(parts, n_models):
+    # Whatever the spec, the result is the reference expansion (unique, in range, never more than
+    # n_models long) or a typed error; nothing is expanded beyond the set.
+    spec = ",".join(f"{low}-{low + width}" if ranged else str(low) for low, width, ranged in parts)
+    expected = [m for low, width, ranged in parts for m in (range(low, low + width + 1) if ranged else [low])]
+    try:
+        got = parse_models(spec, n_models)
+    except ModelIndexError:
+        assert max(expected) >= n_models
+        return
+    except UsageError:
+        assert max(expected) < n_models and len(set(expected)) < len(expected)
+        return
+    assert got == expected and len(got) <= n_models and len(set(got)) == len(got)
 
 
 def test_log_show_du(repo_path):
@@ -231,3 +255,190 @@ def test_bad_storage_options_are_usage_errors(repo_path):
     assert local.returncode == 0  # an empty object is no options
     refused = mmpack_cli("log", path, "--storage-options", '{"anon": true}')
     assert refused.returncode == 1 and "storage_options apply to fsspec URLs" in refused.stderr
+
+
+# -- bad input: one line, a non-zero exit, nothing written (issue 11, class 8) ---------------------
+
+
+def _tree(root) -> dict:
+    """Every path under ``root`` with its type, size and modification time: what "nothing written" compares."""
+    found = {}
+    for directory, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = os.path.join(directory, name)
+            info = os.lstat(path)
+            found[os.path.relpath(path, root)] = (info.st_mode, info.st_size, info.st_mtime_ns)
+    return found
+
+
+def _limited_memory() -> None:
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))  # a range expanded before its check dies here
+
+
+_NO_AWS = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")} | {
+    "AWS_EC2_METADATA_DISABLED": "true", "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+}
+
+# The command-line failures issue 11 lists, each run as a real process.
+LISTED_FAILURES = [
+    (["demo", "--cycles", "-1", "--models", "3", "--dir", "{tmp}/demo"], 2, "argument --cycles: must be at least 0"),
+    (["log", "s3://"], 1, "'s3://' names no bucket"),
+    (["log", "s3://bucket/x", "--storage-options", '{"client_kwargs": {"endpoint_url": "http://127.0.0.1:9"}}'], 1,
+     "cannot read repository.json in FsspecStore('s3://bucket/x'): Unable to locate credentials"),
+    (["gc", "{tmp}/repo", "--grace", "nan"], 2, "argument --grace: must be a finite number"),
+    (["log", "memory://x"], 1, "no mmpack repository at FsspecStore('memory://x')"),
+    (["recover", "{tmp}/repo", "v1", "--models", "12345678901234567890123", "--out", "{tmp}/o.mmpack"], 1,
+     "--models names model 12345678901234567890123: the version has 16 models"),
+    (["recover", "{tmp}/repo", "v1", "--out", "{tmp}/existing.mmpack"], 1, "exists; pass --force to replace it"),
+    (["recover", "{tmp}/repo", "v1", "--models", "0-999999999", "--out", "{tmp}/o.mmpack"], 1,
+     "--models names model 999999999"),
+]
+
+
+def test_listed_command_line_failures_are_one_line_and_write_nothing(repo_path, tmp_path):
+    shutil.copytree(repo_path[0], tmp_path / "repo")
+    (tmp_path / "repo" / "objects" / "0123456789abcdef0123.mmpack").write_bytes(b"a save in progress elsewhere")
+    (tmp_path / "existing.mmpack").write_bytes(b"keep me")
+    before = _tree(tmp_path)
+
+    def run(case):
+        args = [a.replace("{tmp}", str(tmp_path)) for a in case[0]]
+        return subprocess.run([sys.executable, "-m", "mmpack", *args], capture_output=True, text=True, timeout=600,
+                              cwd=tempfile.gettempdir(), env=_NO_AWS, preexec_fn=_limited_memory)
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(run, LISTED_FAILURES))
+    for (args, code, message), result in zip(LISTED_FAILURES, results):
+        assert result.returncode == code, (args, result.stderr[-2000:])
+        assert message in result.stderr and "Traceback" not in result.stderr, (args, result.stderr[-2000:])
+        assert len(result.stderr.splitlines()) == 1 and result.stdout == "", (args, result.stderr)
+    assert _tree(tmp_path) == before
+
+
+def _main(capsys, *args: str) -> tuple[int, str]:
+    """``mmpack.cli.main`` in this process (safe: it leaves signal handlers alone); (status, stderr)."""
+    from mmpack.cli import main
+
+    try:
+        status = main(list(args))
+    except SystemExit as exit_info:
+        status = exit_info.code
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) <= 1 and "Traceback" not in err, err
+    return status, err
+
+
+_NUMBERS = st.one_of(
+    st.integers(-10**30, 10**30).map(str),
+    st.floats(allow_nan=True, allow_infinity=True).map(repr),
+    st.sampled_from(["nan", "-inf", "1e3", "1_000", "0x10", " 7", "", "٣", "9" * 5000, "-0", "0.0"]),
+    st.text(max_size=8),
+)
+
+
+@given(st.sampled_from([("demo", "--models", 1), ("demo", "--cycles", 0), ("gc", "--grace", 0.0),
+                        ("paper", "--models", 1), ("paper", "--cycles", 1), ("paper", "--runs", 1),
+                        ("paper", "--rate", None)]), _NUMBERS)
+def test_numeric_options_are_checked_when_parsed(option, value):
+    # Every numeric option of every subcommand: a usage error (status 2, one line) or a valid value.
+    import contextlib
+    import io
+
+    from mmpack.cli import build_parser
+    from mmpack.evaluation import paper
+
+    command, flag, least = option
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            if command == "paper":
+                parsed = paper.parse_args([flag, value])
+            else:
+                parsed = build_parser().parse_args([command, *(["repo"] if command == "gc" else []), flag, value])
+        except SystemExit as exit_info:
+            assert exit_info.code == 2
+            assert len(stderr.getvalue().splitlines()) == 1 and "error: " in stderr.getvalue()
+            return
+    got = getattr(parsed, flag[2:])
+    if least is None:
+        assert 0 < got <= 1
+    else:
+        assert type(got) is type(least) and got >= least and got == got and abs(got) != float("inf")
+
+
+@pytest.mark.parametrize("command", [["log"], ["show", "v1"], ["du"], ["verify"], ["gc", "--grace", "0"],
+                                     ["recover", "v1", "--out", "{tmp}/o.mmpack"]])
+def test_repository_commands_never_create_a_repository(capsys, tmp_path, command):
+    import fsspec
+
+    memory = fsspec.filesystem("memory")
+    for location in (str(tmp_path / "none"), f"file://{tmp_path}/none2", f"memory://fresh-{os.getpid()}/r"):
+        keys = set(memory.store) | set(memory.pseudo_dirs)
+        args = [command[0], location, *(a.format(tmp=tmp_path) for a in command[1:])]
+        status, err = _main(capsys, *args)
+        assert status == 1 and "no mmpack repository at" in err, err
+        assert set(memory.store) | set(memory.pseudo_dirs) == keys
+        assert os.listdir(tmp_path) == []
+    with pytest.raises(mmpack.RepositoryNotFoundError, match="no mmpack repository"):
+        Repository(tmp_path / "none", create=False)
+    assert not os.path.exists(tmp_path / "none")
+
+
+def test_recover_replaces_an_output_only_with_force(repo_path, tmp_path, capsys):
+    path, sets = repo_path
+    out = tmp_path / "one.mmpack"
+    out.write_bytes(b"keep me")
+    assert _main(capsys, "recover", path, "v2", "--models", "3", "--out", str(out))[0] == 1
+    assert out.read_bytes() == b"keep me"
+    assert _main(capsys, "recover", path, "v2", "--models", "3", "--out", str(out), "--force")[0] == 0
+    assert mmpack.load(out).equal(sets[1].select([3]))
+    assert _main(capsys, "recover", path, "v2", "--out", str(tmp_path), "--format", "mmpack")[0] == 1  # a directory
+    for fmt, suffix in (("torch", "pt"), ("safetensors", "safetensors")):
+        directory = tmp_path / fmt
+        directory.mkdir()  # an empty directory holds nothing to replace
+        assert _main(capsys, "recover", path, "v2", "--models", "1", "--out", str(directory), "--format", fmt)[0] == 0
+        assert sorted(os.listdir(directory)) == [f"model-1.{suffix}"]
+        status, err = _main(capsys, "recover", path, "v2", "--models", "1-2", "--out", str(directory), "--format", fmt)
+        assert status == 1 and "pass --force" in err and sorted(os.listdir(directory)) == [f"model-1.{suffix}"]
+        assert _main(capsys, "recover", path, "v2", "--models", "1-2", "--out", str(directory), "--format", fmt,
+                     "--force")[0] == 0
+        assert sorted(os.listdir(directory)) == [f"model-1.{suffix}", f"model-2.{suffix}"]
+    assert [name for name in os.listdir(tmp_path) if name.startswith(".")] == []  # no staging left behind
+
+
+def test_a_failed_export_leaves_no_output(repo_path, tmp_path, capsys, monkeypatch):
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    status, err = _main(capsys, "recover", repo_path[0], "v2", "--out", str(tmp_path / "t"), "--format", "torch")
+    assert status == 1 and "No space left on device" in err
+    assert os.listdir(tmp_path) == []
+
+
+def test_unexpected_errors_are_one_line_too(repo_path, capsys, monkeypatch):
+    class ClientFailure(Exception):
+        pass
+
+    def broken(self, vid):
+        raise ClientFailure("line one\nline two")
+
+    monkeypatch.setattr(Repository, "version", broken)
+    status, err = _main(capsys, "show", repo_path[0], "v1")
+    assert status == 1 and "unexpected ClientFailure" in err and "line one; line two" in err and "--debug" in err
+
+
+def test_repository_commands_never_create_a_repository_on_object_storage(s3_server, capsys, tmp_path):
+    from mmpack.store import FsspecStore
+
+    url = s3_server.url("never")
+    options = json.dumps(s3_server.storage_options)
+    bucket = FsspecStore(f"s3://{s3_server.bucket}", s3_server.storage_options)
+    before = bucket.fs.find(f"{s3_server.bucket}/", withdirs=True)
+    for command in (["log"], ["show", "v1"], ["du"], ["verify"], ["gc"], ["recover", "v1", "--out", str(tmp_path / "o")]):
+        status, err = _main(capsys, command[0], url, *command[1:], "--storage-options", options)
+        assert status == 1 and f"no mmpack repository at FsspecStore({url!r})" in err, err
+    bucket.fs.invalidate_cache()
+    assert bucket.fs.find(f"{s3_server.bucket}/", withdirs=True) == before and os.listdir(tmp_path) == []

@@ -2,6 +2,8 @@ import numpy as np
 import pytest
 import torch
 import xxhash
+from hypothesis import given
+from hypothesis import strategies as st
 from torch import nn
 
 import mmpack
@@ -96,6 +98,26 @@ def test_select_rejects_bad_indices(bad):
     ms = ModelSet.from_modules(ffnn_models(6))
     with pytest.raises(ModelIndexError):
         ms.select(bad)
+
+
+@given(st.lists(st.integers(-(2**80), 2**80), min_size=1, max_size=6), st.sampled_from(["list", "uint64", "tensor"]))
+def test_any_integer_index_is_checked_and_named(indices, form):
+    # Indices beyond int64 used to be reported as "got object (1,)" (or wrapped negative from uint64).
+    ms = ModelSet.from_modules(ffnn_models(6))
+    if form == "uint64":
+        indices = [i % 2**64 for i in indices]
+        given_indices = np.array(indices, dtype=np.uint64)
+    elif form == "tensor":
+        indices = [max(min(i, 2**63 - 1), -(2**63)) for i in indices]
+        given_indices = torch.tensor(indices)
+    else:
+        given_indices = indices
+    bad = [i for i in indices if not 0 <= i < 6]
+    if not bad:
+        assert ms.select(given_indices).equal(ms.select([int(i) for i in indices]))
+        return
+    with pytest.raises(ModelIndexError, match=f"model index {bad[0]} out of range: the set has 6 models"):
+        ms.select(given_indices)
 
 
 def test_mismatched_shapes_name_model_and_tensor():

@@ -31,7 +31,7 @@ import xxhash
 from mmpack.approaches.advisor import CostModel, Estimate
 from mmpack.approaches.base import Approach, SaveRequest, Stored, table_object
 from mmpack.architecture import Architecture
-from mmpack.errors import IntegrityError, ProvenanceError, ProvenanceMismatchError, RepositoryError
+from mmpack.errors import IntegrityError, MMPackError, ProvenanceError, ProvenanceMismatchError, RepositoryError
 from mmpack.fileformat import Header, Reader, Tail
 from mmpack.modelset import ModelSet
 from mmpack.provenance import Provenance, TrainingFunction, resolve_function, source_hash
@@ -126,13 +126,14 @@ class ProvenanceApproach(Approach):
         position = np.searchsorted(recorded, models)
         if np.any(position >= len(recorded)) or np.any(recorded[np.minimum(position, len(recorded) - 1)] != models):
             raise RepositoryError(f"{record.id} changed models its provenance does not cover")
+        # Permission first: without it nothing is retrained, so no dataset needs reading.
+        function = resolve_function(provenance.function, context.training, context.allow_import)
         problems = [(int(m), provenance.updates[int(m)][0].problem()) for m in models]
         problems = [(m, p) for m, p in problems if p is not None]
         if problems:
             raise ProvenanceMismatchError(
                 f"cannot retrain {len(problems)} model(s) of {record.id}, first model {problems[0][0]}: {problems[0][1]}"
             )
-        function = resolve_function(provenance.function, context.training, context.allow_import)
         base = context.recover(record.base, models)
         retrained = _retrain(function, provenance, base, models, context)
         expected = stored[position]
@@ -157,15 +158,43 @@ def read_document(objects: ObjectStore, record: VersionRecord) -> tuple[Provenan
         raise IntegrityError(f"provenance object {ref.key} of {record.id} fails its checksum")
     try:
         document = json.loads(content)
+        if not isinstance(document, dict) or set(document) != {"format", "format_version", "provenance", "hashes"}:
+            raise ValueError("not a provenance document (its fields are format, format_version, provenance, hashes)")
         if document["format"] != _DOCUMENT or document["format_version"] != 1:
             raise ValueError(f"format {document['format']!r} {document['format_version']!r}")
         provenance = Provenance.from_json(document["provenance"])
-        raw = np.frombuffer(base64.b64decode(document["hashes"]), dtype="<u8").astype(np.uint64)
-        stored = raw.reshape(len(provenance.updates), -1)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise RepositoryError(f"provenance object of {record.id} is malformed: {exc!r}") from None
+        raw = np.frombuffer(base64.b64decode(document["hashes"], validate=True), dtype="<u8").astype(np.uint64)
+    except (KeyError, TypeError, ValueError, MMPackError) as exc:
+        raise RepositoryError(f"provenance object of {record.id} is malformed: {exc}") from None
+    stored = _check_document(record, provenance, raw)
     objects.cache_document(ref.key, (provenance, stored))
     return provenance, stored
+
+
+def _check_document(record: VersionRecord, provenance: Provenance, raw: np.ndarray) -> np.ndarray:
+    """The stored hashes as ``[n_recorded, n_tensors]``, once the document agrees with its manifest:
+    the models it records lie in the set and cover every model the manifest says changed, and it holds
+    one hash per recorded model and tensor of the architecture."""
+    if record.changes is None:
+        raise RepositoryError(f"manifest of provenance version {record.id} lists no changed models")
+    n_tensors = record.changes.masks.shape[1]  # the manifest's change list is decoded against the architecture
+    recorded = provenance.models()
+    if len(recorded) and recorded[-1] >= record.n_models:
+        raise RepositoryError(
+            f"provenance of {record.id} names model {int(recorded[-1])}; the version has {record.n_models} models"
+        )
+    uncovered = np.setdiff1d(record.changes.models, recorded)
+    if len(uncovered):
+        raise RepositoryError(
+            f"{record.id} changed model {int(uncovered[0])} but its provenance has no entry for it "
+            f"({len(uncovered)} such models)"
+        )
+    if raw.size != len(recorded) * n_tensors:
+        raise RepositoryError(
+            f"provenance of {record.id} holds {raw.size} hashes; {len(recorded)} models of {n_tensors} tensors "
+            f"need {len(recorded) * n_tensors}"
+        )
+    return raw.reshape(len(recorded), n_tensors)
 
 
 class DefaultPool:

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from mmpack._options import Parser, fraction, positive_int
 from mmpack.evaluation.document import versions_by_approach
 from mmpack.evaluation.per_model import load_per_model, save_per_model
 from mmpack.evaluation.timing import describe_machine, print_table, prime_memory, timed, work_dir
@@ -71,12 +72,12 @@ class Scenario:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="mmpack bench paper", description=__doc__.splitlines()[0])
+    parser = Parser(prog="mmpack bench paper", description=__doc__.splitlines()[0])
     parser.add_argument("--arch", choices=sorted(ARCHITECTURES), default="ffnn48")
-    parser.add_argument("--models", type=int, default=5000)
-    parser.add_argument("--rate", type=float, default=0.10, help="fraction of models retrained per cycle")
-    parser.add_argument("--cycles", type=int, default=20)
-    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--models", type=positive_int, default=5000)
+    parser.add_argument("--rate", type=fraction, default=0.10, help="fraction of models retrained per cycle, in (0, 1]")
+    parser.add_argument("--cycles", type=positive_int, default=20)
+    parser.add_argument("--runs", type=positive_int, default=5)
     parser.add_argument("--workload", choices=["perturbed", "battery"], default="perturbed")
     parser.add_argument("--full", action="store_true", help="the grid of the paper's figures; needs --out")
     parser.add_argument("--out", default=None, help="directory for JSON, CSV and plots (with --full)")

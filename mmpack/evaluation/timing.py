@@ -22,13 +22,14 @@ import torch
 
 import mmpack
 from mmpack import _native
+from mmpack._options import Parser, positive_int
 
 
 def parse_args(description: str, default_runs: int = 5, argv: list[str] | None = None) -> argparse.Namespace:
     """The options every benchmark takes: --models, --runs, --dir."""
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--models", type=int, default=5000, help="models in the set (default 5000)")
-    parser.add_argument("--runs", type=int, default=default_runs, help="timed runs per case; the median is reported")
+    parser = Parser(description=description)
+    parser.add_argument("--models", type=positive_int, default=5000, help="models in the set (default 5000)")
+    parser.add_argument("--runs", type=positive_int, default=default_runs, help="timed runs per case; the median is reported")
     parser.add_argument("--dir", default=None, help="directory for files (default: a fresh temporary one)")
     return parser.parse_args(argv)
 

@@ -50,7 +50,7 @@ class Repository:
     Baseline, Update or Provenance approach (or chosen per version by
     ``approach="auto"``). A local directory (created if missing; with
     ``create=False`` a location without a repository raises
-    :class:`~mmpack.RepositoryError` and nothing is written) is the embedded
+    :class:`~mmpack.RepositoryNotFoundError` and nothing is written) is the embedded
     default; an fsspec URL (``"s3://bucket/prefix"``, with ``storage_options``
     for its file system; needs ``pip install "mmpack[s3]"`` for S3) keeps the
     repository in object storage, and any :class:`~mmpack.store.Store` can be
@@ -62,8 +62,11 @@ class Repository:
 
     A version exists once the catalog publishes it, which happens after all
     its data is written, in one atomic write: a crash at any moment leaves
-    only complete versions. Several processes may save into one repository
-    at once; many threads may share one ``Repository`` to read. Wherever a
+    only complete versions, and a save that fails removes what it wrote
+    (see :meth:`save`). Several processes may create, open and save into one
+    repository at once; many threads may share one ``Repository`` to read.
+    Failures of the store reach callers as :class:`~mmpack.StorageError` (an
+    ``OSError`` keeping its errno). Wherever a
     version id is taken, a tag (:meth:`tag`) may stand instead.
 
     New repositories are format 2 (docs/REPOSITORY.md): opening one and
@@ -163,6 +166,14 @@ class Repository:
         bytes stored and time to recover. ``compression`` overrides the
         repository's default (None: raw). ``repo.versions()`` records which
         approach was used and why.
+
+        A save that fails (a full disk, a lost connection; the error is a
+        :class:`~mmpack.StorageError` when the store failed) removes the
+        objects it wrote, so the store holds what it held before (format 1:
+        except the few hundred bytes of an architecture record it
+        introduced). A publication whose request failed although the store
+        applied it is detected by reading it back, and the save then
+        succeeds; if even that read fails, the objects are kept for :meth:`gc`.
 
         Example::
 

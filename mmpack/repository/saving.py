@@ -25,6 +25,7 @@ from mmpack.objects import ObjectStore
 from mmpack.records import Changes, VersionRecord
 from mmpack.repository.catalog.documents import now
 from mmpack.repository.catalog.tables import TABLE_EVERY, Tables
+from mmpack.repository.cleanup import WriteLog
 
 
 @dataclass(frozen=True)
@@ -103,11 +104,21 @@ def save(
     chosen, reason = choose(tables, settings.snapshots, approach, base)
     if details:
         reason = auto_reason if chosen == approach else f"{auto_reason}; then {reason}"
-    stored = APPROACHES[chosen].save(objects, request)
+    written = WriteLog(objects)
+    with written.undone_on_failure():  # a failed save removes what it wrote (cleanup.py)
+        record = _store_and_publish(catalog, written, request, chosen, base, reason, details, message, format2)
+    tables.remember(record, request.resolved_hashes())
+    return record
+
+
+def _store_and_publish(catalog, written: WriteLog, request: SaveRequest, chosen: str, base: VersionRecord | None,
+                       reason: str, details: dict, message: str, format2: bool) -> VersionRecord:
+    modelset = request.models
+    stored = APPROACHES[chosen].save(written, request)
     changes = stored.changes
     if changes is None and base is not None and format2:
         changes = Changes.from_mask(request.changed())  # a full version still says what changed
-    record = catalog.publish(
+    return catalog.publish(
         lambda vid, architecture_bytes: VersionRecord(
             id=vid,
             approach=chosen,
@@ -124,9 +135,8 @@ def save(
             delta=APPROACHES[chosen].delta,
         ),
         modelset.architecture,
+        written,
     )
-    tables.remember(record, request.resolved_hashes())
-    return record
 
 
 def check_compatible(catalog, models: ModelSet, base: VersionRecord) -> None:

@@ -11,13 +11,13 @@ from __future__ import annotations
 import contextlib
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
 import numpy as np
 
-from mmpack.errors import MMPackError
+from mmpack.errors import MMPackError, StorageError
 from mmpack.fileformat import Reader
 
 Data = bytes | bytearray | memoryview | np.ndarray
@@ -42,7 +42,15 @@ class CleanupReport:
 
 
 class Store(ABC):
-    """Immutable objects under string keys, with atomic writes and range reads."""
+    """Immutable objects under string keys, with atomic writes and range reads.
+
+    Errors: ``get``, ``size``, ``modified`` and ``open_reader`` of an absent
+    key raise :class:`FileNotFoundError` (the built-in backends raise
+    :class:`~mmpack.ObjectNotFoundError`, which is one); any other failure
+    of the medium (disk full, read-only, I/O or network error) reaches the
+    caller of a built-in backend as a :class:`~mmpack.StorageError` naming the
+    key, the store and the errno.
+    """
 
     #: Each request is a network round trip: callers overlap independent requests (threads)
     #: instead of issuing them one after another.
@@ -98,6 +106,45 @@ class Store(ABC):
         """``length`` bytes of ``key`` at ``offset``."""
         with self.open_reader(key) as reader:
             return reader.read(offset, length, key)
+
+
+# Errors that are bugs in the calling code, not failures of the storage: never translated.
+_PROGRAMMING_ERRORS = (TypeError, AttributeError, NameError, AssertionError, NotImplementedError, RecursionError)
+
+
+@contextlib.contextmanager
+def storage_errors(
+    store: Store, action: str, path: str | None = None, *, foreign: bool = False,
+    passing: tuple[type[BaseException], ...] = (),
+) -> Iterator[None]:
+    """Translate failures of the medium inside the block into :class:`~mmpack.StorageError`.
+
+    ``action`` says what was being done (``"write objects/3f.mmpack"``), ``path``
+    where (the file or URL). OSErrors are translated, keeping their errno
+    (a missing file becomes :class:`~mmpack.ObjectNotFoundError`, still a
+    FileNotFoundError); with ``foreign``, so are the exceptions a storage
+    client raises of its own (botocore's ``NoCredentialsError``...). mmpack's
+    own errors, programming errors and the ``passing`` types (answers the
+    caller handles, such as a create-only write's FileExistsError) pass
+    unchanged.
+
+    Example::
+
+        with storage_errors(self, f"read {key}", path):
+            return self.fs.cat_file(path)
+    """
+    try:
+        yield
+    except (MMPackError, *passing):
+        raise
+    except OSError as exc:
+        raise StorageError.wrap(exc, action, repr(store), path) from exc
+    except _PROGRAMMING_ERRORS:
+        raise
+    except Exception as exc:
+        if not foreign:
+            raise
+        raise StorageError.wrap(exc, action, repr(store), path) from exc
 
 
 @dataclass(frozen=True)

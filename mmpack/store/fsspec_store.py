@@ -22,6 +22,7 @@ exact guarantees. fsspec is imported lazily: local repositories never need it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import os
@@ -38,8 +39,8 @@ from typing import Any
 import numpy as np
 
 from mmpack import _native
-from mmpack.errors import IntegrityError, MissingDependencyError, MMPackError, RepositoryError
-from mmpack.store.base import CleanupReport, Data, SizedWriter, Store, Writer, check_key
+from mmpack.errors import IntegrityError, MissingDependencyError, MMPackError, RepositoryError, StorageError
+from mmpack.store.base import CleanupReport, Data, SizedWriter, Store, Writer, check_key, storage_errors
 
 U64 = np.uint64
 
@@ -138,6 +139,8 @@ class FsspecStore(Store):
         self.root = root.rstrip("/")
         self.lease_seconds = float(lease_seconds)
         self._s3 = _S3(self.fs) if _is_s3(self.fs) else None
+        if self._s3 is not None and not self.root.strip("/"):
+            raise MMPackError(f"{url!r} names no bucket: S3 repositories live at s3://bucket/prefix")
         if conditional_writes and self._s3 is None:
             raise MMPackError(
                 f"conditional writes are implemented for S3 only; {url!r} uses claims (conditional_writes=None)"
@@ -220,17 +223,20 @@ class FsspecStore(Store):
         now = time.time()
         cutoff = now - max(older_than, self.lease_seconds)
         removed = size = 0
-        try:
-            found = self.fs.find(f"{self.root}/{INTERNAL_PREFIX}", detail=True)
-        except FileNotFoundError:
-            found = {}
+        internal = f"{self.root}/{INTERNAL_PREFIX}"
+        with self._errors("list", internal):
+            try:
+                found = self.fs.find(internal, detail=True)
+            except FileNotFoundError:
+                found = {}
         for path, info in found.items():
             if info.get("type") == "file" and _mtime(info) < cutoff:
                 self._remove(path)
                 removed += 1
                 size += int(info.get("size") or 0)
         if self._s3 is not None:
-            removed += self._s3.abort_uploads(self.root, now - older_than)
+            with self._errors("abort the unfinished uploads under", self.root):
+                removed += self._s3.abort_uploads(self.root, now - older_than)
         return CleanupReport(removed, size)
 
     # -- publishing a key exactly once ----------------------------------------------
@@ -244,7 +250,8 @@ class FsspecStore(Store):
             except FileExistsError:
                 # A request retried after its first attempt succeeded also ends here; the token
                 # it wrote tells it from another writer's object.
-                return self._s3.writer_token(path) == token
+                with self._errors("read the metadata of", path):
+                    return self._s3.writer_token(path) == token
             except OSError as exc:
                 if _error_code(exc) not in _CONFLICT_CODES:
                     raise
@@ -291,9 +298,9 @@ class FsspecStore(Store):
             return False
         probe = f"{self.root}/{INTERNAL_PREFIX}/probes/{secrets.token_hex(10)}"
         try:
-            self._write(probe, b"", create=True)
+            self._put(probe, b"", create=True)
             try:
-                self._write(probe, b"", create=True)
+                self._put(probe, b"", create=True)
             except FileExistsError:
                 return True
             return False
@@ -307,25 +314,38 @@ class FsspecStore(Store):
 
     # -- requests: every byte moves through these ------------------------------------
 
+    def _errors(self, verb: str, path: str, passing: tuple[type[BaseException], ...] = ()):
+        """Failures of a request about ``path`` as :class:`~mmpack.StorageError` (the client's own too)."""
+        inside = path.startswith(self.root + "/")
+        key = path[len(self.root) + 1 :] if inside else path
+        where = f"{self.url.rstrip('/')}/{key}" if inside else path
+        return storage_errors(self, f"{verb} {key}", where, foreign=True, passing=passing)
+
     def _write(self, path: str, content: Content, *, create: bool = False, token: str | None = None) -> None:
         """One PUT (create-only with ``create``, which S3 signals with FileExistsError)."""
         try:
-            if self._s3 is not None:
-                self._s3.put(path, content, create=create, token=token)
-            else:
-                self.fs.pipe_file(path, content if isinstance(content, bytes) else memoryview(content))
+            with self._errors("write", path, passing=(FileExistsError, FileNotFoundError)):
+                self._put(path, content, create=create, token=token)
         except FileNotFoundError as exc:
             raise RepositoryError(f"cannot write to {self.url}: {exc} (does the bucket exist?)") from None
 
+    def _put(self, path: str, content: Content, *, create: bool = False, token: str | None = None) -> None:
+        if self._s3 is not None:
+            self._s3.put(path, content, create=create, token=token)
+        else:
+            self.fs.pipe_file(path, content if isinstance(content, bytes) else memoryview(content))
+
     def _read(self, path: str, start: int | None = None, end: int | None = None) -> bytes:
-        if self._s3 is not None and start is None:
-            return self._s3.get(path)
-        return self.fs.cat_file(path, start=start, end=end)
+        with self._errors("read", path):
+            if self._s3 is not None and start is None:
+                return self._s3.get(path)
+            return self.fs.cat_file(path, start=start, end=end)
 
     def _read_head(self, path: str, length: int) -> tuple[bytes, int | None]:
         """The first ``length`` bytes (fewer if the object is shorter) and, if known, the size."""
         if self._s3 is not None:
-            return self._s3.head(path, length)
+            with self._errors("read", path):
+                return self._s3.head(path, length)
         # The size comes from a second request, sent alongside rather than after: one round trip.
         with ThreadPoolExecutor(1) as pool:
             size = pool.submit(self._info, path)
@@ -334,34 +354,37 @@ class FsspecStore(Store):
 
     def _read_ranges(self, path: str, starts: list[int], ends: list[int]) -> list[bytes]:
         """Several ranges of one object, fetched concurrently where the file system can."""
-        found = self.fs.cat_ranges([path] * len(starts), starts, ends)
-        for item in found:
-            if isinstance(item, BaseException):
-                raise item
-        return found
+        with self._errors("read", path):
+            found = self.fs.cat_ranges([path] * len(starts), starts, ends)
+            for item in found:
+                if isinstance(item, BaseException):
+                    raise item
+            return found
 
     def _info(self, path: str) -> dict[str, Any]:
-        self.fs.invalidate_cache(path)
-        return self.fs.info(path)
+        with self._errors("look up", path):
+            self.fs.invalidate_cache(path)
+            return self.fs.info(path)
 
     def _file_info(self, key: str) -> dict[str, Any]:
         info = self._info(self._path(key))
         if info["type"] != "file":
-            raise FileNotFoundError(key)
+            raise StorageError.wrap(FileNotFoundError(errno.ENOENT, "not an object"), f"look up {key}", repr(self))
         return info
 
     def _list_files(self, folder: str) -> list[dict[str, Any]]:
         """Files directly in ``folder``, listed afresh (never from a cache)."""
-        self.fs.invalidate_cache(folder)
-        try:
-            entries = self.fs.ls(folder, detail=True)
-        except FileNotFoundError:
-            return []
+        with self._errors("list", folder):
+            self.fs.invalidate_cache(folder)
+            try:
+                entries = self.fs.ls(folder, detail=True)
+            except FileNotFoundError:
+                return []
         prefix = folder + "/"
         return [e for e in entries if e.get("type") == "file" and e["name"].startswith(prefix)]
 
     def _remove(self, path: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
+        with self._errors("delete", path), contextlib.suppress(FileNotFoundError):
             self.fs.rm_file(path)
 
 
@@ -670,10 +693,15 @@ def _timestamp(value: Any) -> float:
 
 
 def _error_code(exc: BaseException) -> str | None:
-    """The S3 error code behind an exception s3fs translated (it keeps the botocore error as cause)."""
+    """The S3 error code behind an exception s3fs translated (it keeps the botocore error as cause,
+    and a StorageError keeps s3fs's as its own)."""
     cause = exc.__cause__
-    response = getattr(cause, "response", None)
-    return response.get("Error", {}).get("Code") if isinstance(response, dict) else None
+    while cause is not None:
+        response = getattr(cause, "response", None)
+        if isinstance(response, dict):
+            return response.get("Error", {}).get("Code")
+        cause = cause.__cause__
+    return None
 
 
 def _backoff(attempt: int) -> None:

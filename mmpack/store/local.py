@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
 from mmpack import _io
+from mmpack.errors import StorageError
 from mmpack.fileformat import Reader
-from mmpack.store.base import CleanupReport, Data, SizedWriter, Store, Writer, as_writer, check_key
+from mmpack.store.base import CleanupReport, Data, SizedWriter, Store, Writer, as_writer, check_key, storage_errors
 
 
 class LocalStore(Store):
@@ -34,26 +35,33 @@ class LocalStore(Store):
         return os.path.join(self.root, *check_key(key).split("/"))
 
     def get(self, key: str) -> bytes:
-        with open(self._path(key), "rb") as f:
+        path = self._path(key)
+        with storage_errors(self, f"read {key}", path), open(path, "rb") as f:
             return f.read()
 
     @contextlib.contextmanager
     def open_reader(self, key: str) -> Iterator[Reader]:
-        with open(self._path(key), "rb", buffering=0) as f, _io.FileReader(f) as reader:
-            yield reader
+        path = self._path(key)
+        with contextlib.ExitStack() as stack:
+            with storage_errors(self, f"open {key}", path):
+                f = stack.enter_context(open(path, "rb", buffering=0))
+                reader = stack.enter_context(_io.FileReader(f))
+            yield _TranslatingReader(reader, self, key, path)
 
     def put(self, key: str, data: Data | Writer) -> None:
         path = self._path(key)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        _io.publish_atomically(path, as_writer(data), fsync=self.fsync, size=_size_of(data))
+        with storage_errors(self, f"write {key}", path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            _io.publish_atomically(path, as_writer(data), fsync=self.fsync, size=_size_of(data))
 
     def put_if_absent(self, key: str, data: Data) -> bool:
         path = self._path(key)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        try:
-            _io.publish_atomically(path, as_writer(data), fsync=self.fsync, overwrite=False, size=_size_of(data))
-        except FileExistsError:
-            return False
+        with storage_errors(self, f"write {key}", path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            try:
+                _io.publish_atomically(path, as_writer(data), fsync=self.fsync, overwrite=False, size=_size_of(data))
+            except FileExistsError:
+                return False
         return True
 
     def exists(self, key: str) -> bool:
@@ -62,12 +70,13 @@ class LocalStore(Store):
     def list(self, prefix: str) -> list[str]:
         folder = prefix.rstrip("/")
         directory = self._path(folder) if folder else self.root
-        try:
-            names = os.listdir(directory)
-        except FileNotFoundError:
-            return []
-        base = f"{folder}/" if folder else ""
-        return sorted(base + n for n in names if not n.startswith(".") and os.path.isfile(os.path.join(directory, n)))
+        with storage_errors(self, f"list {prefix or 'the top folder'}", directory):
+            try:
+                names = os.listdir(directory)
+            except FileNotFoundError:
+                return []
+            base = f"{folder}/" if folder else ""
+            return sorted(base + n for n in names if not n.startswith(".") and os.path.isfile(os.path.join(directory, n)))
 
     def list_after(self, prefix: str, after: str) -> list[str]:
         # Names are compared before anything is stat'ed: a log of 10,000 commits costs one listdir.
@@ -82,14 +91,19 @@ class LocalStore(Store):
         return [key for key in later if os.path.isfile(os.path.join(self.root, *key.split("/")))]
 
     def size(self, key: str) -> int:
-        return os.path.getsize(self._path(key))
+        path = self._path(key)
+        with storage_errors(self, f"read the size of {key}", path):
+            return os.path.getsize(path)
 
     def modified(self, key: str) -> float:
-        return os.path.getmtime(self._path(key))
+        path = self._path(key)
+        with storage_errors(self, f"read the time of {key}", path):
+            return os.path.getmtime(path)
 
     def delete(self, key: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._path(key))
+        path = self._path(key)
+        with storage_errors(self, f"delete {key}", path), contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
 
     def clean_temporaries(self, older_than: float) -> CleanupReport:
         removed = size = 0
@@ -104,10 +118,10 @@ class LocalStore(Store):
                     if now - info.st_mtime < older_than:
                         continue
                     os.unlink(path)
-                except OSError as exc:
-                    if exc.errno != errno.ENOENT:
-                        raise
+                except FileNotFoundError:
                     continue
+                except OSError as exc:
+                    raise StorageError.wrap(exc, f"remove the temporary {name}", repr(self), path) from exc
                 removed += 1
                 size += info.st_size
         return CleanupReport(removed, size)
@@ -122,3 +136,34 @@ def _size_of(data: Data | Writer) -> int | None:
     if isinstance(data, (bytes, bytearray, memoryview)):
         return memoryview(data).nbytes
     return None
+
+
+class _TranslatingReader:
+    """A file's reader whose OS failures (an I/O error on a read) reach callers as StorageError."""
+
+    def __init__(self, reader: Reader, store: LocalStore, key: str, path: str) -> None:
+        self._reader = reader
+        self._errors = (store, f"read {key}", path)
+
+    def size(self) -> int:
+        with storage_errors(*self._errors):
+            return self._reader.size()
+
+    def read(self, offset: int, size: int, what: str) -> bytes:
+        with storage_errors(*self._errors):
+            return self._reader.read(offset, size, what)
+
+    def read_into(self, offset: int, target: memoryview, what: str) -> None:
+        with storage_errors(*self._errors):
+            self._reader.read_into(offset, target, what)
+
+    def read_segments(self, *args: Any, **kwargs: Any) -> None:
+        with storage_errors(*self._errors):
+            self._reader.read_segments(*args, **kwargs)
+
+    def buffer(self) -> np.ndarray | None:
+        with storage_errors(*self._errors):
+            return self._reader.buffer()
+
+    def __getattr__(self, name: str) -> Any:  # anything else the file reader offers, unchanged
+        return getattr(self._reader, name)

@@ -7,10 +7,11 @@ repository's format, creating a format 2 repository where there is none.
 
 from __future__ import annotations
 
+import errno
 import json
 
 from mmpack import _json
-from mmpack.errors import RepositoryError
+from mmpack.errors import RepositoryError, RepositoryNotFoundError
 from mmpack.objects import ObjectStore
 from mmpack.repository.catalog.base import MARKER, MARKER_FORMAT, Catalog
 from mmpack.repository.catalog.format1 import Format1Catalog
@@ -45,14 +46,14 @@ def read_marker(content: bytes, store: Store) -> int:
     return version
 
 
-def open_catalog(store: Store, objects: ObjectStore, create: bool, missing: type[Exception] = RepositoryError) -> Catalog:
+def open_catalog(store: Store, objects: ObjectStore, create: bool) -> Catalog:
     """The catalog of the repository in ``store``; with ``create``, a new format 2 repository where
-    the store holds nothing (``missing`` is raised otherwise)."""
+    the store holds nothing (:class:`RepositoryNotFoundError` otherwise, and nothing is written)."""
     try:
         content = store.get(MARKER)  # one request when the repository exists
     except FileNotFoundError:
         if not create:
-            raise missing(f"no mmpack repository at {store!r}") from None
+            raise RepositoryNotFoundError(errno.ENOENT, f"no mmpack repository at {store!r}") from None
         content = _create(store)
     return FORMATS[read_marker(content, store)](store, objects)
 

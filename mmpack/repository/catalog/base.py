@@ -19,6 +19,7 @@ from mmpack.architecture import Architecture
 from mmpack.errors import RepositoryError, VersionNotFoundError
 from mmpack.objects import ObjectStore
 from mmpack.records import VersionRecord
+from mmpack.repository.cleanup import WriteLog
 from mmpack.repository.catalog.documents import check_version_id, is_version_id, version_number
 from mmpack.repository.catalog.state import TagMove
 from mmpack.store import Store
@@ -88,10 +89,12 @@ class Catalog(ABC):
     # -- writing -----------------------------------------------------------------------------
 
     @abstractmethod
-    def publish(self, build: Callable[[str, int], VersionRecord], architecture: Architecture) -> VersionRecord:
+    def publish(self, build: Callable[[str, int], VersionRecord], architecture: Architecture,
+                written: WriteLog | None = None) -> VersionRecord:
         """Publish the record ``build(vid, architecture_bytes)`` under the next free id, atomically.
         ``architecture`` is the version's: stored with it if the catalog lacks it, and
-        ``architecture_bytes`` says how many bytes that took (0 if it was there)."""
+        ``architecture_bytes`` says how many bytes that took (0 if it was there). ``written``: the
+        save's objects, kept if the publication's outcome cannot be known (cleanup.py)."""
 
     def move_tag(self, name: str, to: str | None, expected: str | None, message: str) -> TagMove:
         raise self._needs_format_2("tags")

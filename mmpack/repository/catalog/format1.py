@@ -17,6 +17,7 @@ from mmpack.architecture import Architecture
 from mmpack.errors import FormatError, MMPackError, RepositoryError, VersionNotFoundError
 from mmpack.records import VersionRecord
 from mmpack.repository.catalog.base import Catalog, sort_ids
+from mmpack.repository.cleanup import WriteLog, create_once
 from mmpack.repository.catalog.documents import (
     check_version_id,
     decode_manifest,
@@ -76,14 +77,15 @@ class Format1Catalog(Catalog):
             self._architectures[fingerprint] = found
         return found
 
-    def publish(self, build: Callable[[str, int], VersionRecord], architecture: Architecture) -> VersionRecord:
+    def publish(self, build: Callable[[str, int], VersionRecord], architecture: Architecture,
+                written: WriteLog | None = None) -> VersionRecord:
         architecture_bytes = self._store_architecture(architecture)
         for _ in range(_MAX_ID_ATTEMPTS):
             taken = [version_number(vid) for vid in self._manifest_ids()]
             vid = f"v{max(taken, default=0) + 1}"
             record = build(vid, architecture_bytes)
             content = encode_manifest(record)
-            if self.store.put_if_absent(manifest_key(vid), content):
+            if create_once(self.store, manifest_key(vid), content, written):
                 record = replace(record, manifest_bytes=len(content))
                 self._records[vid] = record
                 return record

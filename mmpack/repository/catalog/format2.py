@@ -30,6 +30,7 @@ from mmpack.repository.catalog import documents
 from mmpack.repository.catalog.base import Catalog
 from mmpack.repository.catalog.documents import Commit, check_version_id, decode_commit, encode_commit, now
 from mmpack.repository.catalog.state import CatalogState, TagMove, check_tag_name
+from mmpack.repository.cleanup import WriteLog, create_once
 
 LOG = "catalog/log/"
 CHECKPOINTS = "catalog/checkpoints/"
@@ -159,7 +160,8 @@ class Format2Catalog(Catalog):
 
     # -- writing -----------------------------------------------------------------------------
 
-    def publish(self, build: Callable[[str, int], VersionRecord], architecture: Architecture) -> VersionRecord:
+    def publish(self, build: Callable[[str, int], VersionRecord], architecture: Architecture,
+                written: WriteLog | None = None) -> VersionRecord:
         fingerprint = architecture.fingerprint()
 
         def entry(state: CatalogState, seq: int) -> dict:
@@ -170,7 +172,7 @@ class Format2Catalog(Catalog):
             return {"seq": seq, "time": now().isoformat(), "op": "version",
                     "record": documents.record_to_json(record), "architecture": arch_json}
 
-        state = self._commit(entry)
+        state = self._commit(entry, written)
         return state.records[f"v{state.next_version - 1}"]
 
     def move_tag(self, name: str, to: str | None, expected: str | None, message: str) -> TagMove:
@@ -203,7 +205,7 @@ class Format2Catalog(Catalog):
 
         self._commit(entry)
 
-    def _commit(self, make_entry: Callable[[CatalogState, int], dict]) -> CatalogState:
+    def _commit(self, make_entry: Callable[[CatalogState, int], dict], written: WriteLog | None = None) -> CatalogState:
         """Append the entry ``make_entry(state, seq)`` as commit ``seq = state.seq + 1``; on a race,
         catch up and build the entry again against the new state (which may refuse it)."""
         with self._lock:
@@ -219,7 +221,7 @@ class Format2Catalog(Catalog):
                 else:
                     checkpoint, entries = state.checkpoint, [*state.pending, entry]
                 content = encode_commit(seq, checkpoint, entries)
-                if self.store.put_if_absent(log_key(seq), content):
+                if create_once(self.store, log_key(seq), content, written):
                     after.checkpoint, after.pending = checkpoint, entries
                     self._state = after
                     self._put_head(content)
