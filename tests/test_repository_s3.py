@@ -72,10 +72,11 @@ def test_recovering_one_model_fetches_only_its_ranges(s3_server):
     log = instrument(reader.store)
     assert reader.recover(vid, indices=[123]).equal(ms.select([123]))
     per_model = ms.architecture.nbytes_per_model + 8 * len(ms.architecture)
-    # Three manifests, the architecture, the head of each of the three objects, then the model's
-    # rows and hashes: nearby rows share a range, and no request fetches a whole object.
+    # The catalog (HEAD, a listing of the commits after it, checkpoint 0), the head and tail of
+    # each object the model's pieces come from, then its rows: no request fetches a whole object.
     assert log.bytes_received < 3 * READ_AHEAD + 3 * 4096 + 2 * per_model + 7 * 2 * 65536
-    assert set(log.by_kind) == {"get_object"} and log.requests <= 25
+    assert set(log.by_kind) == {"get_object", "list_objects_v2"} and log.by_kind["list_objects_v2"] == 1
+    assert log.requests <= 25
     one = log.bytes_received
     log.reset()
     assert reader.recover(vid).equal(ms)
@@ -96,8 +97,9 @@ def test_a_save_costs_the_same_few_requests_whatever_the_number_of_models(s3_ser
         counts[n] = (update, dict(log.by_kind))
         assert repo.recover(v2).equal(retrain(ms, [1], [2]))
     assert counts[10] == counts[300]
-    # one listing of versions/, the data object, the manifest (a create-only PUT)
-    assert counts[10] == ({"list_objects_v2": 1, "put_object": 2},) * 2
+    # the data object, the commit (a create-only PUT) and HEAD; no listing: the writer tries the
+    # commit after the newest it knows, and lists only if another writer took that number
+    assert counts[10] == ({"put_object": 3},) * 2
 
 
 def test_verify_reports_damage_and_gc_removes_leftovers(s3_server):
@@ -123,9 +125,9 @@ def test_verify_reports_damage_and_gc_removes_leftovers(s3_server):
 
 
 LEASE = 1.0
-# Writes with conditional PUTs: the probe (2), marker, architecture, v1 object, v1 manifest, v2
-# object, v2 manifest. With claims, a claim comes before each key published once: claim, marker,
-# claim, architecture, v1 object, claim, v1 manifest, v2 object, claim, v2 manifest.
+# Writes with conditional PUTs: catalog checkpoint 0, the probe (2), marker, v1 object, v1 commit,
+# HEAD, v2 object, v2 commit, HEAD. With claims, a claim comes before each key published once:
+# checkpoint 0, claim, marker, v1 object, claim, v1 commit, HEAD, v2 object, claim, v2 commit, HEAD.
 CRASHES = [
     "crash:conditional:3:after", "crash:conditional:5:during", "crash:conditional:6:before",
     "crash:conditional:6:after", "crash:conditional:99:after",  # 99: no kill, both versions saved
@@ -177,12 +179,14 @@ def _assert_consistent(repo: Repository) -> list[str]:
 
 
 def _published(keys: list[str], phase: str) -> tuple[list[str], list[str]]:
-    """Versions that must exist, and those that may, when the last of ``keys`` was interrupted."""
-    done = [k for k in keys[:-1] if k.startswith("versions/")]
-    last = [keys[-1]] if keys and keys[-1].startswith("versions/") else []
+    """Versions that must exist, and those that may, when the last of ``keys`` was interrupted
+    (each commit of these saves publishes one version: commit n is version vn)."""
+    commit = lambda k: k.startswith("catalog/log/")  # noqa: E731
+    done = [k for k in keys[:-1] if commit(k)]
+    last = [keys[-1]] if keys and commit(keys[-1]) else []
     must = done + (last if phase == "after" else [])
     may = must + (last if phase == "during" else [])
-    names = lambda ks: [k[len("versions/") : -len(".json")] for k in ks]  # noqa: E731
+    names = lambda ks: [f"v{int(k[len('catalog/log/') : -len('.json')])}" for k in ks]  # noqa: E731
     return names(must), names(may)
 
 

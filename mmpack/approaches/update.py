@@ -8,6 +8,7 @@ the new version (what the next update diffs against).
 
 from __future__ import annotations
 
+import base64
 from dataclasses import replace
 
 import numpy as np
@@ -30,6 +31,21 @@ from mmpack.records import Changes, ObjectRef, VersionRecord
 from mmpack.objects import ObjectStore
 
 
+MODELS_KEY = "mmpack.models"  # header metadata of an object of changed models: their ids in the set
+
+
+def encode_models(models: np.ndarray) -> str:
+    return base64.b64encode(np.ascontiguousarray(models, dtype="<u4").tobytes()).decode()
+
+
+def decode_models(text: str | None) -> np.ndarray | None:
+    """The model ids an object of changed models states (None if it states none, or garbage)."""
+    try:
+        return np.frombuffer(base64.b64decode(text or "", validate=True), dtype="<u4").astype(np.int64) if text else None
+    except ValueError:
+        return None
+
+
 class Update(Approach):
     """Deltas against a base version: little storage, recovery resolved across the chain."""
 
@@ -48,8 +64,9 @@ class Update(Approach):
             reference = fetch(changes.models)
             details["xor_base"] = reference_id
         if request.subset:  # an object of the changed models alone: its table grows with the change
+            # The object says which models of the set it holds: its header checksum binds them.
             image, header = encode_rows(request.models.select(changes.models), changes.masks, hashes[changes.models],
-                                        None, request.compression, reference)
+                                        {MODELS_KEY: encode_models(changes.models)}, request.compression, reference)
         else:
             image, header = encode_rows(request.models, changed, hashes, None, request.compression, reference)
         key = objects.new_key()
@@ -96,6 +113,8 @@ class Update(Approach):
         if not whole and header.n_models != len(changes.models):
             raise RepositoryError(f"{record.describe()} names an object of {header.n_models} models")
         super().check_object(replace(record, n_models=header.n_models), header, tail)
+        if not whole and not np.array_equal(decode_models(header.metadata.get(MODELS_KEY)), changes.models):
+            raise RepositoryError(f"the object of {record.describe()} holds other models than its change list names")
         for j, ids in enumerate(tail.row_index):
             expected = changes.models[changes.masks[:, j]] if whole else np.flatnonzero(changes.masks[:, j])
             if not np.array_equal(ids, expected):

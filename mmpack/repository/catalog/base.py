@@ -79,7 +79,9 @@ class Catalog(ABC):
                 found = self.tags().get(ref)
             if found is not None:
                 return found
-            raise VersionNotFoundError(f"no version or tag {ref!r} in {self.store!r}")
+            raise VersionNotFoundError(
+                f"no version or tag {ref!r} in {self.store!r}: version ids look like 'v1', 'v42', tags like 'production'"
+            )
         return check_version_id(ref)
 
     def newest(self) -> VersionRecord | None:

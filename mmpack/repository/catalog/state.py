@@ -276,7 +276,7 @@ class CatalogState:
         changes = _decode_changes(columns["changes"], columns, state.architectures, n)
         for k in range(n):
             base = columns["base"][k]
-            body = {
+            fields = {
                 "id": f"v{ids[k]}",
                 "approach": columns["approach"][k],
                 "base": f"v{base}" if type(base) is int and base > 0 else (None if base is None else base),
@@ -291,7 +291,7 @@ class CatalogState:
                 "details": columns["details"][k],
             }
             size = _json.integer(columns["entry_bytes"][k], "entry_bytes")
-            record = documents.record_from_json(body, None, size, state.n_tensors, pins="optional",
+            record = documents.record_from_json(fields, None, size, state.n_tensors, pins="optional",
                                                 changes_for_baselines=True, changes=changes[k])
             if record.changes is not None and (record.changes.models.size and record.changes.models[-1] >= record.n_models):
                 raise _json.Malformed(f"the change list of {record.id} names models beyond its {record.n_models}")
