@@ -41,7 +41,9 @@ def encode_models(models: np.ndarray) -> str:
 def decode_models(text: str | None) -> np.ndarray | None:
     """The model ids an object of changed models states (None if it states none, or garbage)."""
     try:
-        return np.frombuffer(base64.b64decode(text or "", validate=True), dtype="<u4").astype(np.int64) if text else None
+        if text is None:
+            return None
+        return np.frombuffer(base64.b64decode(text, validate=True), dtype="<u4").astype(np.int64)
     except ValueError:
         return None
 

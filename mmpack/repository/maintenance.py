@@ -20,7 +20,7 @@ import numpy as np
 
 from mmpack.approaches import APPROACHES, DefaultPool, SaveRequest
 from mmpack.compression import Compression
-from mmpack.errors import InvalidArgumentError, MMPackError, RepositoryError
+from mmpack.errors import InvalidArgumentError, MMPackError, RepositoryError, VersionNotFoundError
 from mmpack.modelset import ModelSet
 from mmpack.objects import ObjectStore
 from mmpack.records import Changes, VersionRecord
@@ -276,7 +276,7 @@ def _plan_prune(tables: Tables, kept: set[str], may_retrain: bool):
     records = {r.id: r for r in catalog.versions()}
     unknown = sorted(kept - set(records), key=version_number)
     if unknown:
-        raise RepositoryError(f"cannot keep {', '.join(unknown)}: no such live version")
+        raise VersionNotFoundError(f"cannot keep {', '.join(unknown)}: no such live version")
     if not kept:
         raise InvalidArgumentError("prune would delete every version: name what to keep (keep_last=, newer_than=, keep=)")
     dependencies: list[str] = []

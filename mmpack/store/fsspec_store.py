@@ -204,6 +204,17 @@ class FsspecStore(Store):
         keys = (info["name"][start:] for info in self._list_files(base))
         return sorted(k for k in keys if not k.rsplit("/", 1)[-1].startswith("."))
 
+    def list_after(self, prefix: str, after: str) -> list[str]:
+        if self._s3 is None:
+            return super().list_after(prefix, after)
+        # S3 starts a listing at a key: a catalog lists the few commits after the one it knows,
+        # in one request however long the log.
+        folder = prefix.strip("/")
+        check_key(folder)
+        base = f"{self.root}/{folder}/"
+        with self._errors("list", base):
+            return self._s3.keys_after(base, f"{self.root}/{check_key(after)}", len(self.root) + 1)
+
     def size(self, key: str) -> int:
         return int(self._file_info(key)["size"])
 
@@ -536,6 +547,20 @@ class _S3:
 
     def get(self, path: str) -> bytes:
         return self.fs.cat_file(path, max_concurrency=1)  # no HEAD first, no parallel parts: one GET
+
+    def keys_after(self, folder: str, after: str, strip: int) -> list[str]:
+        """Keys directly in ``folder`` (a path ending in '/') that sort after the path ``after``."""
+        bucket, prefix, _ = self.fs.split_path(folder)
+        _, start, _ = self.fs.split_path(after)
+        prefix = prefix.rstrip("/") + "/"
+        keys, token = [], None
+        while True:
+            page = self.call("list_objects_v2", Bucket=bucket, Prefix=prefix, StartAfter=start, Delimiter="/",
+                             **({"ContinuationToken": token} if token else {}))
+            keys += [f"{bucket}/{item['Key']}"[strip:] for item in page.get("Contents", [])]
+            token = page.get("NextContinuationToken")
+            if not token:
+                return sorted(k for k in keys if not k.rsplit("/", 1)[-1].startswith("."))
 
     def call(self, method: str, **kwargs: Any) -> Any:
         """One S3 request, through s3fs's ``_call_s3`` (where retries and error translation live)."""
