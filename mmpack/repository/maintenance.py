@@ -85,9 +85,13 @@ class PruneReport:
     dry_run: bool
 
     def __str__(self) -> str:
-        verb = "would delete" if self.dry_run else "deleted"
-        text = (f"{verb} {len(self.deleted)} version(s), kept {len(self.kept)}, rewrote {len(self.rewritten)}; "
-                f"{self.freed_bytes / 1e6:.2f} MB to free with gc, {self.written_bytes / 1e6:.2f} MB written")
+        if self.dry_run:
+            text = (f"would delete {len(self.deleted)} version(s), keep {len(self.kept)} and rewrite "
+                    f"{len(self.rewritten)}; gc would then free {self.freed_bytes / 1e6:.2f} MB, the rewrites "
+                    f"take about {self.written_bytes / 1e6:.2f} MB")
+        else:
+            text = (f"deleted {len(self.deleted)} version(s), kept {len(self.kept)}, rewrote {len(self.rewritten)}; "
+                    f"gc frees {self.freed_bytes / 1e6:.2f} MB, the rewrites took {self.written_bytes / 1e6:.2f} MB")
         if self.dependencies:
             text += f"; kept {', '.join(self.dependencies)} for the provenance versions that need them"
         return text
