@@ -33,7 +33,20 @@ _KEYS = {STACKED: _COMMON_KEYS, ROWS: _COMMON_KEYS | {"row_index"}}
 
 
 class Reader(Protocol):
-    """Random access to the bytes of one stored object (a file, or a store's range reads)."""
+    """Random access to the bytes of one stored object (a file, or a store's range reads).
+
+    ``read`` and ``read_into`` raise :class:`IntegrityError` for bytes beyond
+    the object's end, before allocating anything for them. ``read_segments``
+    reads segment k (``lengths[k]`` bytes at ``offsets[k]``, or with ``counts``
+    ``counts[k]`` rows of ``lengths[k]`` bytes back to back) into
+    ``dst[dst_index[k]]`` at ``dst_offsets[k]``, storing the XXH3-64 of every
+    segment (every row) into ``hashes`` when given. ``descriptor`` gives
+    ``(file descriptor, position of byte 0)`` when the object is a local file
+    that positioned reads may read directly (several objects then move in one
+    native call), else None. Readers never memory-map: a file changed under a
+    reader gives a typed error or bytes that fail their checksums, never a
+    crash.
+    """
 
     def size(self) -> int: ...
 
@@ -49,11 +62,10 @@ class Reader(Protocol):
         dst_index: np.ndarray,
         dst_offsets: np.ndarray,
         hashes: np.ndarray | None = None,
+        counts: np.ndarray | None = None,
     ) -> None: ...
 
-    def buffer(self) -> np.ndarray | None:
-        """The whole object as bytes in memory (a mapping), or None if it cannot be had cheaply."""
-        ...
+    def descriptor(self) -> tuple[int, int] | None: ...
 
 
 def align(offset: int) -> int:
