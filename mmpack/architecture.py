@@ -19,7 +19,13 @@ from mmpack import _native
 from mmpack.dtypes import dtype_from_name, dtype_name
 from mmpack.errors import ArchitectureMismatchError, FormatError
 
-__all__ = ["Architecture", "TensorSpec"]
+__all__ = ["MAX_TENSORS", "Architecture", "TensorSpec"]
+
+#: Tensors one architecture may hold (docs/FORMAT.md). Reading a model set costs
+#: about 1.3 KB of bookkeeping per tensor (its spec, its torch tensor) whatever
+#: the file's size, so the count, not the header's 16 MiB, bounds that memory:
+#: at most about 90 MB. Real models have hundreds to a few thousand tensors.
+MAX_TENSORS = 65_536
 
 TensorKind = Literal["parameter", "buffer"]
 _KINDS = ("parameter", "buffer")
@@ -64,6 +70,11 @@ class Architecture:
     module: str | None = None
 
     def __post_init__(self) -> None:
+        if len(self.tensors) > MAX_TENSORS:
+            raise FormatError(
+                f"an architecture holds at most {MAX_TENSORS:,} tensors (docs/FORMAT.md); this one has "
+                f"{len(self.tensors):,}: merge small tensors into larger ones"
+            )
         names = [t.name for t in self.tensors]
         if len(set(names)) != len(names):
             duplicate = next(n for n in names if names.count(n) > 1)
@@ -132,6 +143,8 @@ class Architecture:
         module = data.get("module")
         if module is not None and not isinstance(module, str):
             raise FormatError("architecture 'module' must be a string or null")
+        if len(data["tensors"]) > MAX_TENSORS:  # before a spec is built for any of them
+            raise FormatError(f"architecture lists {len(data['tensors']):,} tensors, above the limit of {MAX_TENSORS:,}")
         specs = []
         for i, item in enumerate(data["tensors"]):
             if not isinstance(item, dict):

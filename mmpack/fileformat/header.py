@@ -222,9 +222,17 @@ def read_header(source: Reader) -> Header:
         raise IntegrityError("header checksum mismatch: the file is corrupt")
     if padding != ZEROS[: len(padding)]:
         raise IntegrityError("non-zero padding after the header: the file is corrupt")
-    architecture, n_models, layout, metadata = _parse_header(body, version)
+    parse = _parse_header if len(body) <= _CACHED_HEADER_BYTES else _parse_header.__wrapped__
+    architecture, n_models, layout, metadata = parse(body, version)
     metadata = dict(metadata)  # the parse is cached and shared: hand out a copy of the mutable part
     return Header(architecture, n_models, layout, data_start, metadata, header_hash)
+
+
+# Headers up to this size are cached by their bytes (a 5,000-model FFNN-48 header is
+# about 1 KB, a compressed one 10 KB): the cache then holds at most 256 MiB of keys
+# plus their parses, whatever objects a repository holds; larger headers are parsed
+# each time.
+_CACHED_HEADER_BYTES = 1 << 20
 
 
 @functools.lru_cache(maxsize=256)
