@@ -75,8 +75,7 @@ def test_readers_survive_a_process_changing_their_files_in_a_loop(template, tmp_
         assert tally["verified"] + tally["typed"] > 0, pair
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("MMPACK_SLOW_TESTS"), reason="about 6 minutes: set MMPACK_SLOW_TESTS=1")
+@pytest.mark.slow  # about 6 minutes: pytest -m slow
 @pytest.mark.parametrize("pair", LOOPS)
 def test_readers_survive_a_process_changing_their_files_for_long(template, tmp_path, pair):
     report = _child("loop", template, str(tmp_path), "8", pair)[pair]
