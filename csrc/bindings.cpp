@@ -4,12 +4,14 @@
 #include <Python.h>
 #include <pybind11/pybind11.h>
 
+#include <climits>
 #include <cstring>
 #include <string>
 #include <vector>
 
 #include "mmpack/copy.hpp"
 #include "mmpack/parallel.hpp"
+#include "mmpack/read.hpp"
 #include "mmpack/transform.hpp"
 #include "mmpack/xxh3.hpp"
 
@@ -211,6 +213,90 @@ void py_copy_segments(const py::sequence& src, const py::handle& src_index, cons
     run_segments(segments, out, xor_into ? mmpack::SegmentOp::xor_into : mmpack::SegmentOp::copy);
 }
 
+// _native.ShortReadError (an EOFError): a file ended before a read did. Its
+// args are (message, file index, position where the file ended, wanted end).
+PyObject* g_short_read_error = nullptr;
+
+std::uint64_t checked_product(std::uint64_t a, std::uint64_t b, std::size_t run, const char* what) {
+    if (a != 0 && b > UINT64_MAX / a) {
+        throw py::value_error("run " + std::to_string(run) + ": " + what + " overflows 64 bits");
+    }
+    return a * b;
+}
+
+void py_read_rows(const py::sequence& fds, const py::handle& fd_index, const py::handle& offsets,
+                  const py::handle& row_bytes, const py::handle& counts, const py::sequence& dst,
+                  const py::handle& dst_index, const py::handle& dst_offsets, const py::object& hashes,
+                  bool xor_into) {
+    const U64Array f_index(fd_index, false, "fd_index");
+    const U64Array offset(offsets, false, "offsets");
+    const U64Array size(row_bytes, false, "row_bytes");
+    const U64Array count(counts, false, "counts");
+    const U64Array d_index(dst_index, false, "dst_index");
+    const U64Array d_offset(dst_offsets, false, "dst_offsets");
+    const std::size_t n = count.size();
+    require_same_length(n, f_index, "fd_index");
+    require_same_length(n, offset, "offsets");
+    require_same_length(n, size, "row_bytes");
+    require_same_length(n, d_index, "dst_index");
+    require_same_length(n, d_offset, "dst_offsets");
+    std::vector<int> descriptors;
+    for (std::size_t i = 0; i < py::len(fds); ++i) {
+        const long long fd = py::cast<long long>(fds[i]);
+        if (fd < 0 || fd > INT_MAX) throw py::value_error("fds[" + std::to_string(i) + "] is not a file descriptor");
+        descriptors.push_back(static_cast<int>(fd));
+    }
+    const std::vector<Buffer> dsts = hold_buffers(dst, true, "dst");
+    std::vector<mmpack::FileRun> runs(n);
+    std::uint64_t total_rows = 0;
+    constexpr std::uint64_t kMaxPosition = static_cast<std::uint64_t>(INT64_MAX);  // off_t
+    for (std::size_t k = 0; k < n; ++k) {
+        if (f_index[k] >= descriptors.size()) {
+            throw py::value_error("run " + std::to_string(k) + ": file index " + std::to_string(f_index[k]) +
+                                  " out of range (" + std::to_string(descriptors.size()) + " files)");
+        }
+        const std::uint64_t bytes = checked_product(size[k], count[k], k, "row_bytes * counts");
+        if (offset[k] > kMaxPosition || bytes > kMaxPosition - offset[k]) {
+            throw py::value_error("run " + std::to_string(k) + ": file range [" + std::to_string(offset[k]) + ", +" +
+                                  std::to_string(bytes) + ") lies beyond any file position");
+        }
+        if (count[k] > UINT64_MAX - total_rows) throw py::value_error("the counts sum above 64 bits");
+        total_rows += count[k];
+        runs[k] = mmpack::FileRun{descriptors[f_index[k]], offset[k],
+                                  locate(dsts, d_index[k], d_offset[k], bytes, k, "destination"), size[k], count[k]};
+    }
+    std::vector<U64Array> hash_holder;
+    std::uint64_t* out = nullptr;
+    if (!hashes.is_none()) {
+        hash_holder.emplace_back(hashes, true, "hashes");
+        if (hash_holder.back().size() != total_rows) {
+            throw py::value_error("hashes has " + std::to_string(hash_holder.back().size()) +
+                                  " entries; the runs hold " + std::to_string(total_rows) + " rows");
+        }
+        out = hash_holder.back().data();
+    }
+    mmpack::ReadOutcome outcome;
+    {
+        py::gil_scoped_release release;
+        outcome = mmpack::read_runs(runs.data(), runs.size(), out,
+                                    xor_into ? mmpack::SegmentOp::xor_into : mmpack::SegmentOp::copy);
+    }
+    if (outcome.status == mmpack::ReadOutcome::Status::ok) return;
+    const std::uint64_t file = f_index[outcome.run];
+    if (outcome.status == mmpack::ReadOutcome::Status::end_of_file) {
+        const std::string message = "file #" + std::to_string(file) + " ends at byte " +
+                                    std::to_string(outcome.position) + "; a read of run " +
+                                    std::to_string(outcome.run) + " wanted bytes up to " +
+                                    std::to_string(outcome.wanted_end);
+        PyErr_SetObject(g_short_read_error, py::make_tuple(message, file, outcome.position, outcome.wanted_end).ptr());
+        throw py::error_already_set();
+    }
+    const std::string message = std::string(std::strerror(outcome.error)) + " (reading file #" + std::to_string(file) +
+                                " at byte " + std::to_string(outcome.position) + ")";
+    PyErr_SetObject(PyExc_OSError, py::make_tuple(outcome.error, message).ptr());
+    throw py::error_already_set();
+}
+
 // Checks shared by both directions of the byte-plane transform.
 void py_byte_planes(const py::handle& src, const py::handle& dst, std::size_t width, bool split) {
     if (width < 1 || width > mmpack::kMaxPlaneWidth) {
@@ -292,6 +378,19 @@ PYBIND11_MODULE(_native, m) {
           py::arg("hashes") = py::none(), py::kw_only(), py::arg("xor") = false,
           "Copy segment k between buffers, both ends bounds-checked; optional XXH3-64 per segment\n"
           "(of the destination after the copy). With xor=True the source is XORed into the destination.");
+    m.def("read_rows", &py_read_rows, py::arg("fds"), py::arg("fd_index"), py::arg("offsets"), py::arg("row_bytes"),
+          py::arg("counts"), py::arg("dst"), py::arg("dst_index"), py::arg("dst_offsets"),
+          py::arg("hashes") = py::none(), py::kw_only(), py::arg("xor") = false,
+          "Run k: counts[k] rows of row_bytes[k] bytes at file position offsets[k] of fds[fd_index[k]],\n"
+          "read with pread(2) into dst[dst_index[k]] at dst_offsets[k] (XORed into it with xor=True).\n"
+          "hashes[i] receives the XXH3-64 of row i, rows numbered in run order. Every range is checked\n"
+          "before any byte moves; a file that ends early raises ShortReadError, a failed read OSError.");
+    g_short_read_error = PyErr_NewExceptionWithDoc(
+        "mmpack._native.ShortReadError",
+        "A file ended before a read of read_rows did; args: (message, file index, position, wanted end).",
+        PyExc_EOFError, nullptr);
+    if (g_short_read_error == nullptr) throw py::error_already_set();
+    m.attr("ShortReadError") = py::handle(g_short_read_error);
     m.def(
         "split_byte_planes",
         [](const py::handle& src, const py::handle& dst, std::size_t width) { py_byte_planes(src, dst, width, true); },

@@ -15,7 +15,9 @@ namespace {
 // keeps every thread busy.
 constexpr std::size_t kSplitBytes = std::size_t{1} << 20;
 
-void xor_into(std::byte* dst, const std::byte* src, std::size_t size) {
+}  // namespace
+
+void xor_bytes(std::byte* dst, const std::byte* src, std::size_t size) {
     std::size_t i = 0;
     // Eight bytes at a time through memcpy: no alignment is assumed and the
     // compiler vectorises the loop.
@@ -30,6 +32,8 @@ void xor_into(std::byte* dst, const std::byte* src, std::size_t size) {
     for (; i < size; ++i) dst[i] ^= src[i];
 }
 
+namespace {
+
 void copy_range(const Segment* segments, std::size_t begin, std::size_t end, std::uint64_t* hashes, SegmentOp op) {
     for (std::size_t k = begin; k < end; ++k) {
         const Segment& s = segments[k];
@@ -37,7 +41,7 @@ void copy_range(const Segment* segments, std::size_t begin, std::size_t end, std
             if (op == SegmentOp::copy) {
                 std::memcpy(s.dst, s.src, s.size);
             } else {
-                xor_into(s.dst, s.src, s.size);
+                xor_bytes(s.dst, s.src, s.size);
             }
         }
         if (hashes != nullptr) hashes[k] = xxh3_64(s.dst, s.size);

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import mmap
 import os
 import secrets
 import stat
@@ -41,25 +40,98 @@ def read_exact_into(f: BinaryIO, offset: int, target: memoryview, what: str) -> 
         filled += n
 
 
-def read_exact(f: BinaryIO, offset: int, size: int, what: str) -> bytes:
-    """``size`` bytes of ``f`` at ``offset``."""
-    buffer = bytearray(size)
-    read_exact_into(f, offset, memoryview(buffer), what)
-    return bytes(buffer)
+def read_file_rows(
+    fds: Sequence[int],
+    fd_index: np.ndarray,
+    offsets: np.ndarray,
+    row_bytes: np.ndarray,
+    counts: np.ndarray,
+    dst: Sequence[np.ndarray],
+    dst_index: np.ndarray,
+    dst_offsets: np.ndarray,
+    hashes: np.ndarray | None = None,
+    *,
+    names: Sequence[str] = (),
+) -> None:
+    """Read runs of rows from open files with the native kernel (``_native.read_rows``); a file
+    that ends before a read does is an :class:`IntegrityError` naming it (``names[i]`` for
+    ``fds[i]``) and the position where it ends.
+
+    Example::
+
+        read_file_rows([fd], zeros, offsets, row_bytes, counts, [dst], zeros, dst_offsets, hashes)
+    """
+    try:
+        _native.read_rows(fds, fd_index, offsets, row_bytes, counts, dst, dst_index, dst_offsets, hashes)
+    except _native.ShortReadError as exc:
+        message, file, position, wanted = exc.args
+        name = names[file] if file < len(names) else f"file #{file}"
+        raise IntegrityError(
+            f"file is truncated: {name} ends at byte {position}, a read needs bytes up to {wanted} "
+            "(it changed or shrank while being read)"
+        ) from None
+
+
+def copy_runs(
+    src: Sequence[np.ndarray],
+    src_index: np.ndarray,
+    src_offsets: np.ndarray,
+    row_bytes: np.ndarray,
+    counts: np.ndarray,
+    dst: Sequence[np.ndarray],
+    dst_index: np.ndarray,
+    dst_offsets: np.ndarray,
+    hashes: np.ndarray | None = None,
+) -> None:
+    """``_native.copy_segments`` for runs of rows: run k is ``counts[k]`` rows of ``row_bytes[k]``
+    bytes, back to back in the source and in the destination; ``hashes`` gets one entry per row
+    (in run order). Single-row runs are copied and hashed in one native call, longer runs copied
+    whole and hashed row by row in place: no per-row tables are built.
+
+    Example::
+
+        copy_runs([blob], zeros, offsets, row_bytes, counts, [dst], zeros, dst_offsets, hashes)
+    """
+    spans = row_bytes * counts
+    if hashes is None:
+        _native.copy_segments(src, src_index, src_offsets, dst, dst_index, dst_offsets, spans)
+        return
+    multi = counts != 1
+    first_hash = (np.cumsum(counts) - counts).astype(np.int64)
+    single = ~multi
+    out = np.empty(int(single.sum()), np.uint64)
+    _native.copy_segments(src, src_index[single], src_offsets[single], dst, dst_index[single],
+                          dst_offsets[single], spans[single], out)
+    hashes[first_hash[single]] = out
+    if multi.any():
+        _native.copy_segments(src, src_index[multi], src_offsets[multi], dst, dst_index[multi],
+                              dst_offsets[multi], spans[multi])
+        for k in np.flatnonzero(multi).tolist():
+            at, span, rows = int(dst_offsets[k]), int(spans[k]), int(counts[k])
+            view = dst[int(dst_index[k])][at : at + span]
+            _native.hash_rows(view, int(row_bytes[k]), hashes[first_hash[k] : first_hash[k] + rows])
 
 
 class FileReader:
     """Random access to an object stored in a seekable stream, from its current position on.
 
     The format code reads through this interface (``size``, ``read``,
-    ``read_into``, ``read_segments``) so that other byte sources, such as a
-    store's range reads, can stand in for a file. Regular files are memory-
-    mapped for ``read_segments``: copying thousands of scattered rows out of
-    the page cache is then a ``memcpy`` each instead of a system call each
-    (measured 4x faster for 1 KB rows). Objects are never written in place,
-    so a mapping cannot change under the reader. Other streams
-    (``io.BytesIO``...) are read with ``seek`` and ``readinto``.
-    Use as a context manager, or call :meth:`close`, to release the mapping.
+    ``read_into``, ``read_segments``, ``descriptor``: the ``Reader`` protocol
+    of ``mmpack.fileformat``) so that other byte sources, such as a store's
+    range reads, can stand in for a file. Regular files are read with
+    positioned reads (``pread``/``preadv`` in the native kernel, the GIL
+    released), never memory-mapped: another process may truncate or rewrite
+    a file while it is read, and a mapping would then kill the process with
+    SIGBUS, while a read only comes back short (an :class:`IntegrityError`)
+    or with other bytes (which fail their checksums). Other streams
+    (``io.BytesIO``...) are read with ``seek`` and ``readinto``. The stream
+    stays the caller's: :meth:`close` (or leaving a ``with`` block) keeps it
+    open.
+
+    Example::
+
+        with open("cells.mmpack", "rb", buffering=0) as f, FileReader(f) as reader:
+            header = mmpack.fileformat.read_header(reader)
     """
 
     def __init__(self, f: BinaryIO) -> None:
@@ -68,8 +140,8 @@ class FileReader:
         self._f = f
         self._base = f.tell()
         self._fd = _regular_file_descriptor(f)
-        self._map: mmap.mmap | None = None
-        self._mapped: np.ndarray | None = None
+        name = getattr(f, "name", None)
+        self._name = name if isinstance(name, str) else "the file"
         self._lock = threading.Lock()  # seek-then-read must not interleave between threads
 
     def __enter__(self) -> FileReader:
@@ -79,28 +151,49 @@ class FileReader:
         self.close()
 
     def close(self) -> None:
-        """Release the memory mapping, if one was made (the stream stays open)."""
-        self._mapped = None
-        if self._map is not None:
-            with contextlib.suppress(BufferError):  # a view still alive elsewhere: unmapped when it dies
-                self._map.close()
-            self._map = None
+        """Nothing to release: the reader holds no mapping, and the stream is the caller's."""
 
     def size(self) -> int:
         """Bytes from the starting position to the end of the stream."""
         if self._fd is not None:
             return os.fstat(self._fd).st_size - self._base
-        return self._f.seek(0, os.SEEK_END) - self._base
+        with self._lock:
+            return self._f.seek(0, os.SEEK_END) - self._base
+
+    def descriptor(self) -> tuple[int, int] | None:
+        """``(file descriptor, file position of the object's byte 0)`` for reads straight from a
+        regular file (``read_rows_many`` reads many objects in one native call), else None."""
+        return None if self._fd is None else (self._fd, self._base)
 
     def read_into(self, offset: int, target: memoryview, what: str) -> None:
-        """Fill ``target`` with the bytes at ``offset``."""
-        with self._lock:
-            read_exact_into(self._f, self._base + offset, target, what)
+        """Fill ``target`` with the bytes at ``offset``; bytes beyond the end are an IntegrityError."""
+        if target.format != "B" or target.ndim != 1:
+            target = target.cast("B")
+        if self._fd is None:
+            with self._lock:
+                read_exact_into(self._f, self._base + offset, target, what)
+            return
+        if target.nbytes:
+            one = np.ones(1, np.uint64)
+            try:
+                self._read_runs(np.array([offset], np.uint64), np.array([target.nbytes], np.uint64), one,
+                                [np.frombuffer(target, np.uint8)], np.zeros(1, np.uint64), np.zeros(1, np.uint64))
+            except IntegrityError:
+                raise IntegrityError(
+                    f"file ends inside {what}: needed {target.nbytes} bytes at offset {offset}, "
+                    f"the file has {self.size()}"
+                ) from None
 
     def read(self, offset: int, size: int, what: str) -> bytes:
-        """``size`` bytes at ``offset``."""
-        with self._lock:
-            return read_exact(self._f, self._base + offset, size, what)
+        """``size`` bytes at ``offset``; checked against the file's size before anything is allocated."""
+        available = self.size()
+        if offset + size > available:
+            raise IntegrityError(
+                f"file ends inside {what}: needed {size} bytes at offset {offset}, the file has {available}"
+            )
+        buffer = bytearray(size)
+        self.read_into(offset, memoryview(buffer), what)
+        return bytes(buffer)
 
     def read_segments(
         self,
@@ -110,68 +203,73 @@ class FileReader:
         dst_index: np.ndarray,
         dst_offsets: np.ndarray,
         hashes: np.ndarray | None = None,
+        counts: np.ndarray | None = None,
     ) -> None:
         """Read segment k (``lengths[k]`` bytes at ``offsets[k]``) into ``dst[dst_index[k]]`` at
         ``dst_offsets[k]``; with ``hashes``, store each segment's XXH3-64 there.
 
-        A file that ends early raises :class:`IntegrityError`.
+        With ``counts``, segment k is ``counts[k]`` rows of ``lengths[k]`` bytes, back to back
+        in the file and in ``dst``, and ``hashes`` holds one entry per row, in order. A file that
+        ends early raises :class:`IntegrityError`.
         """
-        offsets = np.asarray(offsets, dtype=np.uint64) + np.uint64(self._base)
+        offsets = np.asarray(offsets, dtype=np.uint64)
         lengths = np.asarray(lengths, dtype=np.uint64)
-        mapped = self._mapping()
-        if mapped is not None:
-            ends = offsets + lengths
-            if len(ends) and int(ends.max()) > len(mapped):
-                raise IntegrityError(f"file is truncated: {len(mapped)} bytes, a read reaches {int(ends.max())}")
-            zeros = np.zeros(len(lengths), dtype=np.uint64)
-            _native.copy_segments([mapped], zeros, offsets, dst, dst_index, dst_offsets, lengths, hashes)
-            return
-        self._read_segments_by_stream(offsets, lengths, dst, dst_index, dst_offsets, hashes)
+        counts = np.ones(len(lengths), np.uint64) if counts is None else np.asarray(counts, dtype=np.uint64)
+        dst_index = np.asarray(dst_index, dtype=np.uint64)
+        dst_offsets = np.asarray(dst_offsets, dtype=np.uint64)
+        if self._fd is not None:
+            self._read_runs(offsets, lengths, counts, dst, dst_index, dst_offsets, hashes)
+        else:
+            self._read_segments_by_stream(offsets, lengths, counts, dst, dst_index, dst_offsets, hashes)
 
-    def buffer(self) -> np.ndarray | None:
-        """The object's bytes, memory-mapped (regular files only; None otherwise)."""
-        mapped = self._mapping()
-        if mapped is None:
-            return None
-        return mapped[self._base :]
-
-    def _mapping(self) -> np.ndarray | None:
-        with self._lock:
-            if self._mapped is None and self._fd is not None and os.fstat(self._fd).st_size > 0:
-                self._map = mmap.mmap(self._fd, 0, access=mmap.ACCESS_READ)
-                self._mapped = np.frombuffer(self._map, dtype=np.uint8)
-            return self._mapped
+    def _read_runs(
+        self,
+        offsets: np.ndarray,
+        lengths: np.ndarray,
+        counts: np.ndarray,
+        dst: Sequence[np.ndarray],
+        dst_index: np.ndarray,
+        dst_offsets: np.ndarray,
+        hashes: np.ndarray | None = None,
+    ) -> None:
+        assert self._fd is not None
+        read_file_rows(
+            [self._fd], np.zeros(len(lengths), np.uint64), offsets + np.uint64(self._base), lengths, counts,
+            dst, dst_index, dst_offsets, hashes, names=[self._name],
+        )
 
     def _read_segments_by_stream(
         self,
         offsets: np.ndarray,
         lengths: np.ndarray,
+        counts: np.ndarray,
         dst: Sequence[np.ndarray],
         dst_index: np.ndarray,
         dst_offsets: np.ndarray,
         hashes: np.ndarray | None,
     ) -> None:
-        # One read per run of segments contiguous in the file and in memory.
-        dst_index = np.asarray(dst_index, dtype=np.uint64)
-        dst_offsets = np.asarray(dst_offsets, dtype=np.uint64)
+        # One read per stretch of runs contiguous in the file and in memory, then each run's rows hashed.
+        spans = lengths * counts
         continues = (
-            (offsets[1:] == offsets[:-1] + lengths[:-1])
+            (offsets[1:] == offsets[:-1] + spans[:-1])
             & (dst_index[1:] == dst_index[:-1])
-            & (dst_offsets[1:] == dst_offsets[:-1] + lengths[:-1])
+            & (dst_offsets[1:] == dst_offsets[:-1] + spans[:-1])
         )
         bounds = [0, *(np.flatnonzero(~continues) + 1).tolist(), len(lengths)]
+        first_hash = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         for first, end in zip(bounds[:-1], bounds[1:]):
             if first == end:
                 continue
             start = int(dst_offsets[first])
-            size = int(dst_offsets[end - 1] + lengths[end - 1]) - start
-            view = memoryview(dst[int(dst_index[first])])[start : start + size]
+            size = int(dst_offsets[end - 1] + spans[end - 1]) - start
+            view = memoryview(dst[int(dst_index[first])]).cast("B")[start : start + size]
             with self._lock:
-                read_exact_into(self._f, int(offsets[first]), view, f"segments {first}..{end - 1}")
+                read_exact_into(self._f, self._base + int(offsets[first]), view, f"segments {first}..{end - 1}")
             if hashes is not None:
                 for k in range(first, end):
                     piece = int(dst_offsets[k]) - start
-                    hashes[k] = _native.xxh3_64(view[piece : piece + int(lengths[k])])
+                    rows = view[piece : piece + int(spans[k])]
+                    _native.hash_rows(rows, int(lengths[k]), hashes[first_hash[k] : first_hash[k + 1]])
 
 
 def _regular_file_descriptor(f: BinaryIO) -> int | None:

@@ -36,6 +36,22 @@ def copy_segments(
     *,
     xor: bool = False,
 ) -> None: ...
+def read_rows(
+    fds: Sequence[int],
+    fd_index: np.ndarray,
+    offsets: np.ndarray,
+    row_bytes: np.ndarray,
+    counts: np.ndarray,
+    dst: Sequence[Buffer],
+    dst_index: np.ndarray,
+    dst_offsets: np.ndarray,
+    hashes: np.ndarray | None = None,
+    *,
+    xor: bool = False,
+) -> None: ...
+
+class ShortReadError(EOFError): ...
+
 def split_byte_planes(src: Buffer, dst: Buffer, width: int) -> None: ...
 def merge_byte_planes(src: Buffer, dst: Buffer, width: int) -> None: ...
 def merge_byte_planes_from(planes: Sequence[Buffer], dst: Buffer, width: int) -> None: ...

@@ -20,7 +20,13 @@ from mmpack import _json, _native
 from mmpack.dtypes import dtype_from_name, dtype_name
 from mmpack.errors import ArchitectureMismatchError, FormatError
 
-__all__ = ["Architecture", "TensorSpec"]
+__all__ = ["MAX_TENSORS", "Architecture", "TensorSpec"]
+
+#: Tensors one architecture may hold (docs/FORMAT.md). Reading a model set costs
+#: about 1.3 KB of bookkeeping per tensor (its spec, its torch tensor) whatever
+#: the file's size, so the count, not the header's 16 MiB, bounds that memory:
+#: at most about 90 MB. Real models have hundreds to a few thousand tensors.
+MAX_TENSORS = 65_536
 
 TensorKind = Literal["parameter", "buffer"]
 _KINDS = ("parameter", "buffer")
@@ -68,6 +74,11 @@ class Architecture:
     module: str | None = None
 
     def __post_init__(self) -> None:
+        if len(self.tensors) > MAX_TENSORS:
+            raise FormatError(
+                f"an architecture holds at most {MAX_TENSORS:,} tensors (docs/FORMAT.md); this one has "
+                f"{len(self.tensors):,}: merge small tensors into larger ones"
+            )
         for spec in self.tensors:
             problem = problem_with_name(spec.name)
             if problem is not None:
@@ -143,6 +154,8 @@ class Architecture:
                 raise _json.Malformed(f"architecture 'module' must be null or a valid name, not {module!r:.80}")
             if not isinstance(data["tensors"], list):
                 raise _json.Malformed("architecture 'tensors' must be an array")
+            if len(data["tensors"]) > MAX_TENSORS:  # before a spec is built for any of them
+                raise _json.Malformed(f"it lists {len(data['tensors']):,} tensors, above the limit of {MAX_TENSORS:,}")
             specs = []
             for i, item in enumerate(data["tensors"]):
                 item = _json.fields(item, ("name", "kind", "dtype", "shape"), what=f"architecture tensor {i}")

@@ -146,11 +146,21 @@ def _compressor(level: int) -> Any:
     return found
 
 
-def _decompressor() -> Any:
-    found = getattr(_local, "decompressor", None)
+def _decompressor(window_log: int) -> Any:
+    # One per thread and window bound: a context caps the window a frame may ask for.
+    cache = getattr(_local, "decompressors", None)
+    if cache is None:
+        cache = _local.decompressors = {}
+    found = cache.get(window_log)
     if found is None:
-        found = _local.decompressor = _zstd().ZstdDecompressor()
+        found = cache[window_log] = _zstd().ZstdDecompressor(max_window_size=1 << window_log)
     return found
+
+
+# A frame that omits its content size is decoded by streaming through a window
+# the frame declares; allow what zstd's levels up to 19 use without a known size
+# (8 MiB), or the plane's own size if larger, and nothing above.
+_MIN_WINDOW_LOG = 23
 
 
 _pool_lock = threading.Lock()
@@ -199,7 +209,11 @@ def decode_chunk(stored: np.ndarray | memoryview, plane_lengths: Sequence[int], 
     """Decode one chunk (its stored planes, back to back) into ``out``, its raw row bytes.
 
     Raw planes are merged straight from ``stored`` and zstd frames from the
-    decoder's output: no plane is copied before the merge.
+    decoder's output: no plane is copied before the merge. Every frame is
+    decoded into at most its plane's size (``len(out) // width``, which the
+    validated header gives): a frame that declares another content size is
+    rejected before anything is allocated, one that omits it is decoded with
+    that bound, and bytes after the frame are rejected.
     """
     n = len(out) // width
     planes: list[Any] = []
@@ -207,17 +221,29 @@ def decode_chunk(stored: np.ndarray | memoryview, plane_lengths: Sequence[int], 
     for length in plane_lengths:
         piece = stored[position : position + length]
         position += length
-        if length == n:
-            planes.append(piece)
-            continue
-        try:
-            decoded = _decompressor().decompress(piece)
-        except _zstd().ZstdError as exc:
-            raise IntegrityError(f"a compressed chunk does not decode ({exc}): the data is corrupt") from None
-        if len(decoded) != n:
-            raise IntegrityError(f"a compressed plane decodes to {len(decoded)} bytes, not {n}: the data is corrupt")
-        planes.append(decoded)
+        planes.append(piece if length == n else _decode_plane(piece, n))
     _native.merge_byte_planes_from(planes, out, width)
+
+
+def _decode_plane(frame: np.ndarray | memoryview, n: int) -> bytes:
+    """One stored Zstandard frame that must decode to exactly ``n`` bytes."""
+    zstandard = _zstd()
+    try:
+        declared = zstandard.get_frame_parameters(frame).content_size
+    except zstandard.ZstdError as exc:
+        raise IntegrityError(f"a compressed plane has no valid frame header ({exc}): the data is corrupt") from None
+    if declared != zstandard.CONTENTSIZE_UNKNOWN and declared != n:
+        raise IntegrityError(
+            f"a compressed plane's frame declares {declared} bytes, its header gives {n}: the data is corrupt"
+        )
+    window_log = min(31, max(_MIN_WINDOW_LOG, (n - 1).bit_length()))
+    try:
+        decoded = _decompressor(window_log).decompress(frame, max_output_size=n, allow_extra_data=False)
+    except zstandard.ZstdError as exc:
+        raise IntegrityError(f"a compressed plane does not decode to {n} bytes ({exc}): the data is corrupt") from None
+    if len(decoded) != n:
+        raise IntegrityError(f"a compressed plane decodes to {len(decoded)} bytes, not {n}: the data is corrupt")
+    return decoded
 
 
 @dataclass(frozen=True)

@@ -281,7 +281,7 @@ def model_sets(draw):
     rng = np.random.default_rng(seed)
     tensors = {}
     for spec in specs:
-        raw = rng.integers(0, 256, n * spec.nbytes, dtype=np.uint8)
+        raw = rng.integers(0, 2 if spec.dtype == torch.bool else 256, n * spec.nbytes, dtype=np.uint8)
         tensors[spec.name] = torch.from_numpy(raw).view(spec.dtype).reshape(n, *spec.shape) if raw.size else torch.empty((n, *spec.shape), dtype=spec.dtype)
     return ModelSet(arch, tensors)
 

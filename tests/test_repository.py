@@ -201,7 +201,7 @@ def test_a_directory_of_other_files_is_not_taken_over(tmp_path):
 
 
 class CountingStore(LocalStore):
-    """A local store whose readers count the bytes they return and offer no memory mapping."""
+    """A local store whose readers count the bytes they return and offer no file descriptor."""
 
     def __init__(self, root):
         super().__init__(root, fsync=False)
@@ -225,7 +225,7 @@ class _Counting:
     def size(self):
         return self._inner.size()
 
-    def buffer(self):
+    def descriptor(self):
         return None
 
     def read(self, offset, size, what):
@@ -236,11 +236,10 @@ class _Counting:
         self._store.bytes_read += target.nbytes
         return self._inner.read_into(offset, target, what)
 
-    def read_segments(self, offsets, lengths, dst, dst_index, dst_offsets, hashes=None):
-        self._store.bytes_read += int(np.sum(lengths))
-        return self._inner._read_segments_by_stream(
-            np.asarray(offsets, np.uint64), np.asarray(lengths, np.uint64), dst, dst_index, dst_offsets, hashes
-        )
+    def read_segments(self, offsets, lengths, dst, dst_index, dst_offsets, hashes=None, counts=None):
+        counts = np.ones(len(lengths), np.uint64) if counts is None else counts
+        self._store.bytes_read += int(np.sum(np.asarray(lengths, np.uint64) * counts))
+        return self._inner.read_segments(offsets, lengths, dst, dst_index, dst_offsets, hashes, counts)
 
 
 def test_recovering_a_few_models_reads_only_their_bytes(tmp_path):

@@ -34,7 +34,20 @@ _KEYS = {STACKED: _COMMON_KEYS, ROWS: _COMMON_KEYS | {"row_index"}}
 
 
 class Reader(Protocol):
-    """Random access to the bytes of one stored object (a file, or a store's range reads)."""
+    """Random access to the bytes of one stored object (a file, or a store's range reads).
+
+    ``read`` and ``read_into`` raise :class:`IntegrityError` for bytes beyond
+    the object's end, before allocating anything for them. ``read_segments``
+    reads segment k (``lengths[k]`` bytes at ``offsets[k]``, or with ``counts``
+    ``counts[k]`` rows of ``lengths[k]`` bytes back to back) into
+    ``dst[dst_index[k]]`` at ``dst_offsets[k]``, storing the XXH3-64 of every
+    segment (every row) into ``hashes`` when given. ``descriptor`` gives
+    ``(file descriptor, position of byte 0)`` when the object is a local file
+    that positioned reads may read directly (several objects then move in one
+    native call), else None. Readers never memory-map: a file changed under a
+    reader gives a typed error or bytes that fail their checksums, never a
+    crash.
+    """
 
     def size(self) -> int: ...
 
@@ -50,11 +63,10 @@ class Reader(Protocol):
         dst_index: np.ndarray,
         dst_offsets: np.ndarray,
         hashes: np.ndarray | None = None,
+        counts: np.ndarray | None = None,
     ) -> None: ...
 
-    def buffer(self) -> np.ndarray | None:
-        """The whole object as bytes in memory (a mapping), or None if it cannot be had cheaply."""
-        ...
+    def descriptor(self) -> tuple[int, int] | None: ...
 
 
 def align(offset: int) -> int:
@@ -217,9 +229,17 @@ def read_header(source: Reader) -> Header:
         raise IntegrityError("header checksum mismatch: the file is corrupt")
     if padding != ZEROS[: len(padding)]:
         raise IntegrityError("non-zero padding after the header: the file is corrupt")
-    architecture, n_models, layout, metadata = _parse_header(body, version)
+    parse = _parse_header if len(body) <= _CACHED_HEADER_BYTES else _parse_header.__wrapped__
+    architecture, n_models, layout, metadata = parse(body, version)
     metadata = dict(metadata)  # the parse is cached and shared: hand out a copy of the mutable part
     return Header(architecture, n_models, layout, data_start, metadata, header_hash)
+
+
+# Headers up to this size are cached by their bytes (a 5,000-model FFNN-48 header is
+# about 1 KB, a compressed one 10 KB): the cache then holds at most 256 MiB of keys
+# plus their parses, whatever objects a repository holds; larger headers are parsed
+# each time.
+_CACHED_HEADER_BYTES = 1 << 20
 
 
 @functools.lru_cache(maxsize=256)

@@ -10,10 +10,11 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import BinaryIO
 
 import numpy as np
+import torch
 
 from mmpack import _io, _native, compression, packing
 from mmpack.errors import FormatError, IntegrityError
@@ -32,14 +33,23 @@ def check_size(source: Reader, header: Header) -> None:
 
 
 def check_padding(source: Reader, header: Header) -> None:
-    """Every byte between sections must be zero (full reads check it)."""
-    position = 0
+    """Every byte between sections must be zero (full reads check it): all gaps in one read."""
+    offsets, lengths, position = [], [], 0
     for offset, length in header.layout.sections():
         if offset > position:
-            gap = source.read(header.data_start + position, offset - position, "padding")
-            if gap != ZEROS[: len(gap)]:
-                raise IntegrityError(f"non-zero padding at data offset {position}: the file is corrupt")
+            offsets.append(header.data_start + position)
+            lengths.append(offset - position)
         position = offset + length
+    if not offsets:
+        return
+    gaps = np.empty(sum(lengths), np.uint8)
+    starts = np.cumsum([0, *lengths[:-1]]).astype(U64)
+    source.read_segments(np.array(offsets, U64), np.array(lengths, U64), [gaps], np.zeros(len(offsets), U64), starts)
+    if gaps.any():
+        first = int(np.flatnonzero(gaps)[0])
+        k = int(np.searchsorted(starts, first, side="right")) - 1
+        at = offsets[k] - header.data_start + first - int(starts[k])
+        raise IntegrityError(f"non-zero padding at data offset {at}: the file is corrupt")
 
 
 @dataclass
@@ -50,6 +60,10 @@ class RowRequest:
     ``xor``: XOR the decoded rows into the destination rows instead of
     overwriting them; how XOR-delta objects are applied to the reference
     rows already in place (the hashes are then those of the results).
+    ``counts``: entry k stands for ``counts[k]`` consecutive rows (stored
+    rows from ``stored_rows[k]`` on, into destination rows from
+    ``dst_rows[k]`` on); None means one row each. Runs keep the bookkeeping
+    of a full read at a few numbers per tensor instead of per (model, tensor).
     """
 
     source: Reader
@@ -58,80 +72,156 @@ class RowRequest:
     stored_rows: np.ndarray
     dst_rows: np.ndarray
     xor: bool = False
+    counts: np.ndarray | None = None
 
-    def segments(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """(object offsets, lengths, destination index, destination offsets) of every row."""
+    def as_runs(self) -> RowRequest:
+        """The same rows with ``counts`` set: neighbours consecutive in the object and in the
+        destination merged into one run."""
+        if self.counts is not None:
+            return self
+        t, stored, dst = (np.asarray(a, np.int64) for a in (self.tensors, self.stored_rows, self.dst_rows))
+        if len(t) == 0:
+            return replace(self, tensors=t, stored_rows=stored, dst_rows=dst, counts=np.zeros(0, U64))
+        breaks = (t[1:] != t[:-1]) | (stored[1:] != stored[:-1] + 1) | (dst[1:] != dst[:-1] + 1)
+        starts = np.flatnonzero(np.concatenate([[True], breaks]))
+        counts = np.diff(np.append(starts, len(t))).astype(U64)
+        return replace(self, tensors=t[starts], stored_rows=stored[starts], dst_rows=dst[starts], counts=counts)
+
+    def n_rows(self) -> int:
+        """Rows requested (hashes returned)."""
+        return len(self.tensors) if self.counts is None else int(self.counts.sum())
+
+    def segments(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(object offsets, row lengths, row counts, destination index, destination offsets) of every run."""
         h = self.header
+        counts = np.ones(len(self.tensors), U64) if self.counts is None else self.counts.astype(U64)
         row_bytes = np.array([s.nbytes for s in h.architecture.tensors], dtype=U64)
         starts = np.array(h.layout.tensor_offsets, dtype=U64) + U64(h.data_start)
-        t = self.tensors.astype(np.intp)
+        t = np.asarray(self.tensors).astype(np.intp)
         lengths = row_bytes[t]
-        return starts[t] + self.stored_rows.astype(U64) * lengths, lengths, t.astype(U64), self.dst_rows.astype(U64) * lengths
+        offsets = starts[t] + np.asarray(self.stored_rows).astype(U64) * lengths
+        return offsets, lengths, counts, t.astype(U64), np.asarray(self.dst_rows).astype(U64) * lengths
 
 
 def read_rows_many(requests: Sequence[RowRequest], destinations: list[np.ndarray]) -> list[np.ndarray]:
     """Read the rows of several objects into stacked destinations (byte views, one per tensor);
-    return each request's row hashes (XXH3-64, in the order given).
+    return each request's row hashes (XXH3-64, one per row, in the order given).
 
-    When every object is memory-mapped, all rows of all objects move in one
-    native call (one thread split, no per-object overhead); otherwise each
-    object is read with ``read_segments``. Give each request's rows in file
-    order (tensor by tensor, ascending rows): neighbours then merge into
-    large reads and memory is walked sequentially.
+    When every object is a local file, all rows of all objects move in one
+    native call of positioned reads (one thread split, no per-object
+    overhead); otherwise each object is read with ``read_segments``. Give
+    each request's rows in file order (tensor by tensor, ascending rows):
+    neighbours then merge into runs and large reads, and memory is walked
+    sequentially. Rows of ``bool`` tensors must hold 0 or 1
+    (:class:`IntegrityError` otherwise), whatever their hashes say.
 
     Compressed objects decode only the chunks holding the requested rows,
     chunk by chunk on the kernels' threads. Requests are applied in order,
     so an ``xor`` request placed after the request that copies its reference
     rows finds them in place.
     """
+    requests = [r.as_runs() for r in requests]
+    for request in requests:
+        check_size(request.source, request.header)
     if any(r.header.layout.chunking is not None or r.xor for r in requests):
-        return [_read_one(r, destinations) for r in requests]
-    parts = [r.segments() for r in requests]
-    buffers = [r.source.buffer() for r in requests]
-    if requests and all(b is not None for b in buffers):
-        for request, buffer in zip(requests, buffers):
-            if len(buffer) != request.header.file_size:
-                raise IntegrityError(f"object is {len(buffer)} bytes, its header describes {request.header.file_size}")
-        source_index = np.concatenate([np.full(len(p[0]), i, U64) for i, p in enumerate(parts)])
-        offsets, lengths, dst_index, dst_offsets = (np.concatenate(c) for c in zip(*parts))
-        order = None
-        if len(requests) > 1:
-            # Copy in destination order: each thread then fills one contiguous part of the fresh
-            # result (sequential first-touch faults, no two threads faulting the same pages), and
-            # the sources, already mapped and cached, take the scattered reads. Each request is
-            # already in file order, so the stable sort only merges sorted runs. 20-update chain
-            # of 5,000 FFNN-48 models: 21 -> 17 ms. (The key only orders the work; the hashes are put
-            # back through the same permutation whatever it is.)
-            order = np.argsort((dst_index << U64(40)) | dst_offsets, kind="stable")
-            source_index, offsets, lengths, dst_index, dst_offsets = (
-                a[order] for a in (source_index, offsets, lengths, dst_index, dst_offsets))
-        hashes = np.empty(len(lengths), U64)
-        _native.copy_segments(buffers, source_index, offsets, destinations, dst_index, dst_offsets, lengths, hashes)
-        if order is not None:
-            unsorted = np.empty_like(hashes)
-            unsorted[order] = hashes
-            hashes = unsorted
-        return np.split(hashes, np.cumsum([len(p[0]) for p in parts])[:-1])
+        hashes = [_read_one(r, destinations) for r in requests]
+    elif requests and all(r.source.descriptor() is not None for r in requests):
+        hashes = _read_files(requests, destinations)
+    else:
+        hashes = _read_by_readers(requests, destinations)
+    _check_bools(requests, destinations)
+    return hashes
 
-    def read(request: RowRequest, part: tuple[np.ndarray, ...]) -> np.ndarray:
-        offsets, lengths, dst_index, dst_offsets = part
-        hashes = np.empty(len(lengths), U64)
-        request.source.read_segments(offsets, lengths, destinations, dst_index, dst_offsets, hashes)
+
+def _read_files(requests: Sequence[RowRequest], destinations: list[np.ndarray]) -> list[np.ndarray]:
+    """All runs of all requests in one native call of positioned reads."""
+    fds: list[int] = []
+    names: list[str] = []
+    fd_position: dict[int, int] = {}
+    parts, fd_index = [], []
+    for request in requests:
+        fd, base = request.source.descriptor()
+        if fd not in fd_position:
+            fd_position[fd] = len(fds)
+            fds.append(fd)
+            names.append(getattr(request.source, "name", "an object"))
+        offsets, lengths, counts, dst_index, dst_offsets = request.segments()
+        parts.append((offsets + U64(base), lengths, counts, dst_index, dst_offsets))
+        fd_index.append(np.full(len(offsets), fd_position[fd], U64))
+    fd_index_all = np.concatenate(fd_index)
+    offsets, lengths, counts, dst_index, dst_offsets = (np.concatenate(c) for c in zip(*parts))
+    total = int(counts.sum())
+    order = None
+    if len(requests) > 1:
+        # Split the work in destination order: each kernel thread then fills one contiguous
+        # part of the fresh result (no two threads faulting the same pages), and reads its
+        # share in file order (the kernel sorts it), so neighbouring rows of one object still
+        # merge into one read. Each request is already in file order, so the stable sort only
+        # merges sorted runs. (The key only orders the work; the hashes are put back through
+        # the same permutation whatever it is.)
+        order = np.argsort((dst_index << U64(40)) | dst_offsets, kind="stable")
+        fd_index_all, offsets, lengths, counts, dst_index, dst_offsets = (
+            a[order] for a in (fd_index_all, offsets, lengths, counts, dst_index, dst_offsets))
+    hashes = np.empty(total, U64)
+    _io.read_file_rows(fds, fd_index_all, offsets, lengths, counts, destinations, dst_index, dst_offsets, hashes,
+                       names=names)
+    if order is not None:
+        # Row i of sorted run p belongs at the unsorted start of run order[p], plus i.
+        original_counts = np.empty_like(counts)
+        original_counts[order] = counts
+        unsorted_starts = (np.cumsum(original_counts) - original_counts).astype(np.int64)[order]
+        shift = unsorted_starts - (np.cumsum(counts) - counts).astype(np.int64)
+        unsorted = np.empty_like(hashes)
+        unsorted[np.arange(total, dtype=np.int64) + np.repeat(shift, counts.astype(np.int64))] = hashes
+        hashes = unsorted
+    return np.split(hashes, np.cumsum([r.n_rows() for r in requests])[:-1])
+
+
+def _read_by_readers(requests: Sequence[RowRequest], destinations: list[np.ndarray]) -> list[np.ndarray]:
+    def read(request: RowRequest) -> np.ndarray:
+        offsets, lengths, counts, dst_index, dst_offsets = request.segments()
+        hashes = np.empty(request.n_rows(), U64)
+        request.source.read_segments(offsets, lengths, destinations, dst_index, dst_offsets, hashes, counts)
         return hashes
 
     if len(requests) < 2 or not all(getattr(r.source, "remote", False) for r in requests):
-        return [read(r, p) for r, p in zip(requests, parts)]
+        return [read(r) for r in requests]
     # Remote objects are read in threads: each read waits mostly on the network, and the
     # requests write disjoint rows of the destinations.
     with ThreadPoolExecutor(min(len(requests), 16)) as pool:
-        return list(pool.map(read, requests, parts))
+        return list(pool.map(read, requests))
+
+
+def _check_bools(requests: Sequence[RowRequest], destinations: list[np.ndarray]) -> None:
+    """Every row written to a bool tensor holds only bytes 0 and 1 (torch gives other bytes no meaning)."""
+    if not requests:
+        return
+    specs = requests[0].header.architecture.tensors
+    for j in (j for j, s in enumerate(specs) if s.dtype == torch.bool and s.nbytes):
+        size = specs[j].nbytes
+        starts = np.concatenate([r.dst_rows[r.tensors == j] for r in requests]).astype(np.int64)
+        counts = np.concatenate([r.counts[r.tensors == j] for r in requests]).astype(np.int64)
+        if not len(starts):
+            continue
+        rows = destinations[j].reshape(-1, size)
+        order = np.argsort(starts, kind="stable")
+        starts, counts = starts[order], counts[order]
+        if starts[0] == 0 and np.array_equal(starts[1:], np.cumsum(counts)[:-1]) and counts.sum() == len(rows):
+            written = rows  # every row, as in full reads: no copy
+        else:
+            written = rows[np.repeat(starts - np.cumsum(counts) + counts, counts) + np.arange(counts.sum())]
+        if written.size and int(written.max()) > 1:
+            raise IntegrityError(
+                f"bool tensor {specs[j].name!r} holds a byte other than 0 and 1: FORMAT.md stores bool as 0 or 1; "
+                "the data is corrupt"
+            )
 
 
 def _read_one(request: RowRequest, destinations: list[np.ndarray]) -> np.ndarray:
     if request.header.layout.chunking is None:
         if request.xor:
             raise FormatError("only compressed objects hold XOR deltas")
-        return read_rows_many([request], destinations)[0]
+        return _read_by_readers([request], destinations)[0]
     return _read_compressed(request, destinations)
 
 
@@ -140,61 +230,66 @@ def _read_compressed(request: RowRequest, destinations: list[np.ndarray]) -> np.
     header, source = request.header, request.source
     layout, arch = header.layout, header.architecture
     chunking = layout.chunking
-    tensors = request.tensors.astype(np.int64)
-    stored = request.stored_rows.astype(np.int64)
-    hashes = np.empty(len(tensors), U64)
-    if len(tensors) == 0:
+    assert chunking is not None and request.counts is not None
+    hashes = np.empty(request.n_rows(), U64)
+    if len(hashes) == 0:
         return hashes
-    if np.any(stored >= np.array(layout.rows, np.int64)[tensors]) or np.any(stored < 0):
+    t = request.tensors.astype(np.int64)
+    first, counts, dst = request.stored_rows.astype(np.int64), request.counts.astype(np.int64), request.dst_rows.astype(np.int64)
+    if np.any(first < 0) or np.any(first + counts > np.array(layout.rows, np.int64)[t]):
         raise FormatError("a requested row lies outside the object's stored rows")
-    chunk = stored // np.array(chunking.chunk_rows, np.int64)[tensors]
-    key = tensors * (int(chunk.max()) + 1) + chunk
+    # Cut the runs at chunk boundaries: piece k is rows [begin, end) of one chunk of tensor t.
+    per_chunk = np.array(chunking.chunk_rows, np.int64)[t]
+    first_chunk, last_chunk = first // per_chunk, (first + counts - 1) // per_chunk
+    n_pieces = np.where(counts > 0, last_chunk - first_chunk + 1, 0)
+    run = np.repeat(np.arange(len(t)), n_pieces)
+    chunk = first_chunk[run] + np.arange(len(run)) - np.repeat(np.cumsum(n_pieces) - n_pieces, n_pieces)
+    begin = np.maximum(first[run], chunk * per_chunk[run])
+    end = np.minimum(first[run] + counts[run], (chunk + 1) * per_chunk[run])
+    hash_at = (np.cumsum(counts) - counts)[run] + begin - first[run]
+    target = dst[run] + begin - first[run]
+    tensor = t[run]
+    key = tensor * (int(chunk.max()) + 1) + chunk
     order = np.argsort(key, kind="stable")
-    bounds = np.flatnonzero(np.diff(key[order])) + 1
-    groups = np.split(order, bounds)
-    mapped = source.buffer()
-    if mapped is not None and len(mapped) != header.file_size:
-        raise IntegrityError(f"object is {len(mapped)} bytes, its header describes {header.file_size}")
+    groups = np.split(order, np.flatnonzero(np.diff(key[order])) + 1)
     row_bytes = [s.nbytes for s in arch.tensors]
 
     def decode(group: np.ndarray) -> None:
-        j, c = int(tensors[group[0]]), int(chunk[group[0]])
-        per_chunk, width = chunking.chunk_rows[j], chunking.widths[j]
-        start, end = (int(x) for x in chunking.starts[j][c : c + 2])
-        at = header.data_start + layout.tensor_offsets[j] + start
-        payload = mapped[at : at + end - start] if mapped is not None else source.read(at, end - start, "a chunk")
-        first = c * per_chunk
-        count = min(first + per_chunk, layout.rows[j]) - first
+        j, c = int(tensor[group[0]]), int(chunk[group[0]])
+        rows_per_chunk, width = chunking.chunk_rows[j], chunking.widths[j]
+        start, stop = (int(x) for x in chunking.starts[j][c : c + 2])
+        payload = source.read(header.data_start + layout.tensor_offsets[j] + start, stop - start, "a chunk")
+        chunk_first = c * rows_per_chunk
+        count = min(chunk_first + rows_per_chunk, layout.rows[j]) - chunk_first
         plane_lengths = chunking.lengths[j][c * width : (c + 1) * width]
-        n = len(group)
-        size = U64(row_bytes[j])
-        out = np.empty(n, U64)
-        rows, targets = stored[group], request.dst_rows[group]
-        if not request.xor and n == count and rows[0] == first and _consecutive(rows) and _consecutive(targets):
+        size = row_bytes[j]
+        if not request.xor and len(group) == 1 and begin[group[0]] == chunk_first and end[group[0]] - chunk_first == count:
             # The whole chunk lands on consecutive rows (full reads of stacked objects): decode
             # in place and hash the rows there, sparing a copy through a scratch buffer.
-            at = int(targets[0]) * row_bytes[j]
-            into = destinations[j][at : at + count * row_bytes[j]]
+            k = group[0]
+            at = int(target[k]) * size
+            into = destinations[j][at : at + count * size]
             compression.decode_chunk(payload, plane_lengths, width, into)
-            _native.hash_rows(into, row_bytes[j], out)
-            hashes[group] = out
+            _native.hash_rows(into, size, hashes[hash_at[k] : hash_at[k] + count])
             return
-        raw = np.empty(count * row_bytes[j], np.uint8)
+        raw = np.empty(count * size, np.uint8)
         compression.decode_chunk(payload, plane_lengths, width, raw)
+        # One segment per row (at most the chunk's rows), each hashed as it lands.
+        n = (end[group] - begin[group]).astype(np.int64)
+        within = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
+        rows_from = np.repeat(begin[group] - chunk_first, n) + within
+        rows_to = np.repeat(target[group], n) + within
+        out = np.empty(len(rows_from), U64)
         _native.copy_segments(
-            [raw], np.zeros(n, U64), (stored[group] - first).astype(U64) * size, destinations,
-            np.full(n, j, U64), request.dst_rows[group].astype(U64) * size, np.full(n, size, U64), out,
+            [raw], np.zeros(len(out), U64), rows_from.astype(U64) * U64(size), destinations,
+            np.full(len(out), j, U64), rows_to.astype(U64) * U64(size), np.full(len(out), size, U64), out,
             xor=request.xor,
         )
-        hashes[group] = out
+        hashes[np.repeat(hash_at[group], n) + within] = out
 
-    total = sum(len(g) * row_bytes[int(tensors[g[0]])] for g in groups)
+    total = sum(int((end[g] - begin[g]).sum()) * row_bytes[int(tensor[g[0]])] for g in groups)
     compression.parallel_map(decode, groups, total)
     return hashes
-
-
-def _consecutive(values: np.ndarray) -> bool:
-    return len(values) < 2 or bool(np.all(np.diff(values) == 1))
 
 
 def read_rows(
@@ -221,14 +316,26 @@ def verify_rows(models: np.ndarray, tensors: np.ndarray, computed: np.ndarray, e
         )
 
 
-def runs(sorted_unique: np.ndarray) -> list[tuple[int, int, int]]:
-    """Consecutive index runs as (position in the array, first index, length)."""
-    if len(sorted_unique) == 0:
-        return []
-    breaks = np.flatnonzero(np.diff(sorted_unique) != 1) + 1
-    starts = np.concatenate([[0], breaks])
-    ends = np.concatenate([breaks, [len(sorted_unique)]])
-    return [(int(s), int(sorted_unique[s]), int(e - s)) for s, e in zip(starts, ends)]
+def _verify_columns(models: np.ndarray, computed: np.ndarray, stored: np.ndarray, what: str) -> None:
+    """verify_rows for computed hashes ``[n_tensors, len(models)]`` against a stored table
+    ``[len(models), n_tensors]``, without building per-(model, tensor) index arrays."""
+    bad = np.flatnonzero(computed != stored.T)
+    if len(bad):
+        j, p = divmod(int(bad[0]), len(models))
+        raise IntegrityError(
+            f"{len(bad)} tensor slice(s) of {what} fail their checksum, first: model {int(models[p])} "
+            f"tensor #{j}; the data is corrupt"
+        )
+
+
+def runs(sorted_unique: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Consecutive index runs of a sorted unique array: (position in the array, first index,
+    length) of each, as arrays."""
+    values = np.asarray(sorted_unique, np.int64)
+    if len(values) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
+    starts = np.flatnonzero(np.concatenate([[True], np.diff(values) != 1]))
+    return starts, values[starts], np.diff(np.append(starts, len(values)))
 
 
 def read_hash_rows(source: Reader, header: Header, models: np.ndarray) -> np.ndarray:
@@ -236,15 +343,12 @@ def read_hash_rows(source: Reader, header: Header, models: np.ndarray) -> np.nda
     width = len(header.architecture)
     table = np.empty((len(models), width), dtype="<u8")
     row_bytes = width * 8
-    pieces = runs(models)
-    if pieces:
-        start = header.data_start + header.layout.hashes_offset
+    positions, firsts, counts = (a.astype(U64) for a in runs(models))
+    if len(counts) and row_bytes:
+        start = U64(header.data_start + header.layout.hashes_offset)
         source.read_segments(
-            np.array([start + first * row_bytes for _, first, _ in pieces], U64),
-            np.array([count * row_bytes for _, _, count in pieces], U64),
-            [table.reshape(-1).view(np.uint8)],
-            np.zeros(len(pieces), U64),
-            np.array([at * row_bytes for at, _, _ in pieces], U64),
+            start + firsts * U64(row_bytes), counts * U64(row_bytes), [table.reshape(-1).view(np.uint8)],
+            np.zeros(len(counts), U64), positions * U64(row_bytes),
         )
     return table.astype(U64, copy=False)
 
@@ -327,14 +431,18 @@ def read_modelset(
         unique, inverse = np.unique(wanted, return_inverse=True)
     tensors = {s.name: packing.empty_stacked(len(unique), s) for s in arch.tensors}
     width = len(arch)
-    positions = np.tile(np.arange(len(unique)), width)
-    columns = np.repeat(np.arange(width), len(unique))
-    computed = read_rows(
-        source, header, columns, unique[positions], [packing.byte_view(tensors[s.name]) for s in arch.tensors], positions
+    # One run per tensor and run of consecutive models: a full read is `width` runs, whatever
+    # the number of models.
+    positions, firsts, counts = runs(unique)
+    request = RowRequest(
+        source, header, np.repeat(np.arange(width), len(counts)), np.tile(firsts, width), np.tile(positions, width),
+        counts=np.tile(counts, width).astype(U64),
     )
+    destinations = [packing.byte_view(tensors[s.name]) for s in arch.tensors]
+    computed = read_rows_many([request], destinations)[0].reshape(width, len(unique))
     stored = read_hash_rows(source, header, unique)
     if verify:
-        verify_rows(unique[positions], columns, computed, stored[positions, columns], "the file")
+        _verify_columns(unique, computed, stored, "the file")
     loaded = ModelSet._trusted(arch, tensors, len(unique))
     if inverse is None or np.array_equal(unique, wanted):
         return loaded, stored

@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from mmpack import _native
+from mmpack import _io, _native
 from mmpack.errors import IntegrityError, MissingDependencyError, MMPackError, RepositoryError, StorageError
 from mmpack.store.base import CleanupReport, Data, SizedWriter, Store, Writer, check_key, storage_errors
 
@@ -431,8 +431,8 @@ class RemoteReader:
             self._size = int(self._store._info(self._path)["size"])
         return self._size
 
-    def buffer(self) -> None:
-        """Remote objects are never mapped: readers fetch ranges."""
+    def descriptor(self) -> None:
+        """Remote objects are no local files: readers fetch ranges."""
         return None
 
     def read(self, offset: int, size: int, what: str) -> bytes:
@@ -463,26 +463,30 @@ class RemoteReader:
         dst_index: np.ndarray,
         dst_offsets: np.ndarray,
         hashes: np.ndarray | None = None,
+        counts: np.ndarray | None = None,
     ) -> None:
-        """Read segment k (``lengths[k]`` bytes at ``offsets[k]``) into ``dst[dst_index[k]]`` at
-        ``dst_offsets[k]``, hashing each into ``hashes`` if given; a short object raises IntegrityError."""
+        """Read segment k (``lengths[k]`` bytes at ``offsets[k]``; with ``counts``, ``counts[k]``
+        rows of that length) into ``dst[dst_index[k]]`` at ``dst_offsets[k]``, hashing each
+        segment (row) into ``hashes`` if given; a short object raises IntegrityError."""
         offsets = np.asarray(offsets, dtype=U64)
         lengths = np.asarray(lengths, dtype=U64)
+        counts = np.ones(len(lengths), U64) if counts is None else np.asarray(counts, dtype=U64)
         if len(lengths) == 0:
             return
+        spans = lengths * counts
         head = self._head
-        if head is not None and int((offsets + lengths).max()) <= len(head):
+        if head is not None and int((offsets + spans).max()) <= len(head):
             sources, owner, starts = [np.frombuffer(head, np.uint8)], np.zeros(len(offsets), U64), np.zeros(1, U64)
         else:
-            starts, ends, owner = plan_ranges(offsets, lengths)
+            starts, ends, owner = plan_ranges(offsets, spans)
             blobs = self._store._read_ranges(self._path, starts.tolist(), ends.tolist())
             for s, e, blob in zip(starts.tolist(), ends.tolist(), blobs):
                 if len(blob) != e - s:
                     raise IntegrityError(f"object is truncated: bytes {s}..{e} were asked for, {len(blob)} came")
             sources = [np.frombuffer(blob, np.uint8) for blob in blobs]
-        _native.copy_segments(
-            sources, owner, offsets - starts[owner.astype(np.intp)], dst,
-            np.asarray(dst_index, U64), np.asarray(dst_offsets, U64), lengths, hashes,
+        _io.copy_runs(
+            sources, owner, offsets - starts[owner.astype(np.intp)], lengths, counts, dst,
+            np.asarray(dst_index, U64), np.asarray(dst_offsets, U64), hashes,
         )
 
     def _load_head(self) -> bytes:

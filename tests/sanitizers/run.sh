@@ -26,4 +26,6 @@ ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
 PYTHONPATH="$stage" \
   python -m pytest -c "$root/pyproject.toml" --rootdir "$root" -p no:cacheprovider -q \
-    "$root/tests/test_native.py" "$root/tests/test_transform.py" "$root/tests/test_compression.py" "$root/tests/test_fileformat.py" "$root/tests/test_modelset.py" "$@"
+    "$root/tests/test_native.py" "$root/tests/test_transform.py" "$root/tests/test_compression.py" "$root/tests/test_fileformat.py" "$root/tests/test_modelset.py" \
+    "$root/tests/test_read_kernel.py" "$root/tests/test_compression_frames.py" "$root/tests/test_bool_rows.py" \
+    "$root/tests/test_changing_files.py" "$root/tests/test_golden.py" "$@"

@@ -27,6 +27,9 @@ enum class SegmentOp { copy, xor_into };
 void copy_segments(const Segment* segments, std::size_t n_segments, std::uint64_t* hashes,
                    SegmentOp op = SegmentOp::copy);
 
+// dst[i] ^= src[i] for i < size (no alignment assumed; the ranges must not overlap).
+void xor_bytes(std::byte* dst, const std::byte* src, std::size_t size);
+
 // out[r] = XXH3-64 of bytes [r * row_bytes, (r + 1) * row_bytes) of `data`,
 // for r < n_rows. data.size must be n_rows * row_bytes (checked by callers).
 void hash_rows(ConstBytes data, std::size_t row_bytes, std::size_t n_rows, std::uint64_t* out);
