@@ -286,7 +286,7 @@ LISTED_FAILURES = [
     (["demo", "--cycles", "-1", "--models", "3", "--dir", "{tmp}/demo"], 2, "argument --cycles: must be at least 0"),
     (["log", "s3://"], 1, "'s3://' names no bucket"),
     (["log", "s3://bucket/x", "--storage-options", '{"client_kwargs": {"endpoint_url": "http://127.0.0.1:9"}}'], 1,
-     "cannot read repository.json in FsspecStore('s3://bucket/x'): Unable to locate credentials"),
+     "cannot read catalog/HEAD.json in FsspecStore('s3://bucket/x'): Unable to locate credentials"),
     (["gc", "{tmp}/repo", "--grace", "nan"], 2, "argument --grace: must be a finite number"),
     (["log", "memory://x"], 1, "no mmpack repository at FsspecStore('memory://x')"),
     (["recover", "{tmp}/repo", "v1", "--models", "12345678901234567890123", "--out", "{tmp}/o.mmpack"], 1,

@@ -192,13 +192,13 @@ def test_a_manifest_link_that_fails_removes_the_objects(history, tmp_path, monke
 
 
 def test_lost_s3_responses_neither_lose_a_version_nor_leave_debris(s3_server, monkeypatch):
-    from mmpack.store import fsspec_store
+    from mmpack.store import s3
 
     url = s3_server.url("lost")
     repo = Repository(url, storage_options=s3_server.storage_options)
     sets = [ModelSet.from_modules(ffnn_models(6))]
     repo.save(sets[0])
-    real_put = fsspec_store._S3.put
+    real_put = s3.S3Client.put
     mode = {}
 
     def lossy(self, path, content, *, create, token):
@@ -209,7 +209,7 @@ def test_lost_s3_responses_neither_lose_a_version_nor_leave_debris(s3_server, mo
             raise ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")
         return real_put(self, path, content, create=create, token=token)
 
-    monkeypatch.setattr(fsspec_store._S3, "put", lossy)
+    monkeypatch.setattr(s3.S3Client, "put", lossy)
     keys = lambda: set(repo.store.list("objects/")) | set(repo.store.list("catalog/log/"))  # noqa: E731
     before = keys()
     for failing in ({"object": "before"}, {"object": "after"}, {"manifest": "before"}):

@@ -16,7 +16,8 @@ import pytest
 
 from mmpack import ModelSet, Repository
 from mmpack.store import FsspecStore
-from mmpack.store.fsspec_store import INTERNAL_PREFIX, READ_AHEAD
+from mmpack.store.publication import INTERNAL_PREFIX
+from mmpack.store.remote_reader import READ_AHEAD
 from mmpack.store.instrumented import instrument
 
 from helpers import ffnn_models, mixed_models, randomized_cnns
@@ -134,6 +135,10 @@ CRASHES = [
     f"crash:claims={LEASE}:6:after", f"crash:claims={LEASE}:7:after",  # a stale claim, with and without its key
 ]
 SAVERS = [f"save:conditional:{seed}:3" for seed in range(3)]
+# The maintenance after a history of five versions (crash_driver.py maintain): writes and deletes
+# of two tag moves, a prune and a gc, killed at some of them (the local test kills at every one).
+MAINTENANCE = [f"maintain:conditional:{n}:{phase}" for n, phase in
+               ((1, "after"), (2, "during"), (4, "after"), (5, "before"), (7, "after"), (9, "after"), (12, "before"))]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -145,7 +150,7 @@ def forked(s3_server):
     _repository(s3_server, f"{url}/shared").save(models_for(99, 0))  # v1, the savers' shared base
     env = dict(os.environ, MMPACK_TEST_STORAGE_OPTIONS=json.dumps(s3_server.storage_options))
     process = subprocess.Popen(
-        [sys.executable, DRIVER, "remote", url, *CRASHES, *SAVERS],
+        [sys.executable, DRIVER, "remote", url, *CRASHES, *SAVERS, *MAINTENANCE],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )
     found: dict[str, dict] = {}
@@ -158,7 +163,7 @@ def forked(s3_server):
                 outcome = json.loads(line)
                 assert outcome["status"] == 0, (outcome, err[-3000:])
                 found[outcome["task"]] = outcome
-            assert list(found) == CRASHES + SAVERS
+            assert list(found) == CRASHES + SAVERS + MAINTENANCE
         return found
 
     yield url, outcomes
@@ -199,7 +204,7 @@ def test_a_save_killed_at_any_write_leaves_a_consistent_repository(s3_server, fo
         _, mode, n, phase = task.split(":")
         keys = outcome["lines"]
         assert outcome["signal"] == (signal.SIGKILL if int(n) <= len(keys) else 0), outcome
-        location = f"{url}/{mode.replace('=', '')}-{n}-{phase}"
+        location = f"{url}/crash-{mode.replace('=', '')}-{n}-{phase}"
         if mode == "conditional":
             repo = _repository(s3_server, location)
         else:
@@ -241,3 +246,19 @@ def test_concurrent_writers_with_claims_all_succeed_with_distinct_versions(s3_se
     repo = _repository(s3_server, url, conditional_writes=False)
     for vid, seed in saved:
         assert repo.recover(vid).equal(retrain(ms, [seed], []))
+
+
+def test_tag_prune_and_gc_killed_on_s3_leave_every_kept_version(s3_server, forked):
+    url, outcomes = forked
+    found = outcomes()
+    for task in MAINTENANCE:
+        outcome = found[task]
+        assert outcome["signal"] == signal.SIGKILL, outcome
+        _, mode, n, phase = task.split(":")
+        repo = _repository(s3_server, f"{url}/maintain-{mode.replace('=', '')}-{n}-{phase}")
+        ids = [r.id for r in repo.versions()]
+        assert ids in (["v1", "v2", "v3", "v4", "v5"], ["v4", "v5"]), (task, ids)
+        for vid in ids:
+            assert repo.recover(vid).equal(models_for(0, int(vid[1:]) - 1)), (task, vid)
+        assert repo.tags() in ({"production": "v3"}, {"production": "v5"}, {"production": "v5", "canary": "v4"})
+        assert _assert_consistent(repo) == ids

@@ -175,7 +175,7 @@ def test_s3_without_a_bucket_or_credentials_is_one_line(s3_server, monkeypatch):
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
     monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
     store = FsspecStore(s3_server.url("nocreds"), {"client_kwargs": {"endpoint_url": s3_server.endpoint}})
-    with pytest.raises(StorageError, match=r"cannot read repository.json in .*Unable to locate credentials \[EIO\]"):
+    with pytest.raises(StorageError, match=r"cannot read catalog/HEAD.json in .*Unable to locate credentials \[EIO\]"):
         mmpack.Repository(store=store)
 
 

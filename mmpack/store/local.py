@@ -12,8 +12,7 @@ import numpy as np
 
 from mmpack import _io
 from mmpack.errors import StorageError
-from mmpack.fileformat import Reader
-from mmpack.store.base import CleanupReport, Data, SizedWriter, Store, Writer, as_writer, check_key, storage_errors
+from mmpack.store.base import CleanupReport, Data, Reader, SizedWriter, Store, Writer, as_writer, check_key, storage_errors
 
 
 class LocalStore(Store):
@@ -160,10 +159,6 @@ class _TranslatingReader:
     def read_segments(self, *args: Any, **kwargs: Any) -> None:
         with storage_errors(*self._errors):
             self._reader.read_segments(*args, **kwargs)
-
-    def buffer(self) -> np.ndarray | None:
-        with storage_errors(*self._errors):
-            return self._reader.buffer()
 
     def __getattr__(self, name: str) -> Any:  # anything else the file reader offers, unchanged
         return getattr(self._reader, name)

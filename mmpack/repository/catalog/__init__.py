@@ -19,7 +19,7 @@ from mmpack.repository.catalog.format2 import Format2Catalog, checkpoint_key
 from mmpack.repository.catalog.state import CatalogState, TagMove
 from mmpack.store import Store
 
-__all__ = ["Catalog", "Format1Catalog", "Format2Catalog", "TagMove", "open_catalog", "upgrade"]
+__all__ = ["Catalog", "Format1Catalog", "Format2Catalog", "TagMove", "create", "open_catalog", "upgrade"]
 
 FORMATS = {1: Format1Catalog, 2: Format2Catalog}
 NEWEST = 2
@@ -49,6 +49,9 @@ def read_marker(content: bytes, store: Store) -> int:
 def open_catalog(store: Store, objects: ObjectStore, create: bool) -> Catalog:
     """The catalog of the repository in ``store``; with ``create``, a new format 2 repository where
     the store holds nothing (:class:`RepositoryNotFoundError` otherwise, and nothing is written)."""
+    head = Format2Catalog.read_head(store)
+    if head is not None:  # a format 2 repository with commits: HEAD says so, the marker need not be read
+        return Format2Catalog(store, objects, head=head)
     try:
         content = store.get(MARKER)  # one request when the repository exists
     except FileNotFoundError:
@@ -73,8 +76,17 @@ def _create(store: Store) -> bytes:
             return store.get(MARKER)
         except FileNotFoundError:
             raise RepositoryError(f"{store!r} holds files but is not an mmpack repository") from None
-    content = marker(NEWEST)
-    if not store.exists(checkpoint_key(0)):
+    return create(store, NEWEST)
+
+
+def create(store: Store, version: int = NEWEST) -> bytes:
+    """Make an empty repository of format ``version`` in ``store`` (unless another creator just
+    did); the marker that now exists. Format 1 is for writing repositories that mmpack 0.1 reads,
+    and for comparing the formats (bench/catalog.py)."""
+    if version not in FORMATS:
+        raise RepositoryError(f"no repository format {version!r}; formats are {sorted(FORMATS)}")
+    content = marker(version)
+    if version >= 2 and not store.exists(checkpoint_key(0)):
         store.put(checkpoint_key(0), Format2Catalog.initial_checkpoint())
     if store.put_if_absent(MARKER, content):
         return content

@@ -30,6 +30,7 @@ MAX_MODELS = 2**32  # the rows layout indexes models with 32-bit ids
 MAX_VERSION = 10**18
 _VERSION_ID = re.compile(r"v[1-9][0-9]{0,17}")
 _CHECKSUM_LINE = re.compile(rb"xxh3-64:([0-9a-f]{16})\n")
+OBJECT_KEY = re.compile(r"objects/[0-9a-f]{20}\.(mmpack|provenance\.json)")  # what ObjectStore.new_key makes
 RECORD_KEYS = ("id", "approach", "base", "n_models", "architecture", "architecture_bytes", "created", "message",
                "reason", "objects", "changes", "details")
 # details: what each documented note may hold (docs/REPOSITORY.md, "Details").
@@ -192,12 +193,8 @@ def _ref_from_json(entry: Any, pinned: bool | str) -> ObjectRef:
     entry = _json.fields(entry, required, optional, what="an object")
     pinned = "pin" in entry
     key = _json.string(entry["key"], "an object's key")
-    try:
-        check_key(key)
-    except Exception:
-        raise _json.Malformed(f"object key {key!r} is not a store key") from None
-    if not key.startswith(ObjectStore.PREFIX):
-        raise _json.Malformed(f"object key {key!r} is not under {ObjectStore.PREFIX}")
+    if not OBJECT_KEY.fullmatch(key):
+        raise _json.Malformed(f"object key {key!r:.80} is not objects/<20 hex digits>.mmpack (or .provenance.json)")
     return ObjectRef(
         key,
         _json.integer(entry["bytes"], "an object's bytes"),

@@ -58,10 +58,19 @@ class Format2Catalog(Catalog):
 
     format_version = 2
 
-    def __init__(self, store, objects) -> None:
+    def __init__(self, store, objects, head: Commit | None = None) -> None:
         super().__init__(store, objects)
         self._state = CatalogState()
         self._loaded = False
+        self._known_head = head  # HEAD as the opener read it: the first refresh need not read it again
+
+    @staticmethod
+    def read_head(store) -> Commit | None:
+        """The newest commit as HEAD has it, or None (absent or unreadable: HEAD is only a hint)."""
+        try:
+            return decode_commit(store.get(HEAD))
+        except (FileNotFoundError, RepositoryError):
+            return None
 
     @classmethod
     def initial_checkpoint(cls, state: CatalogState | None = None) -> bytes:
@@ -115,11 +124,8 @@ class Format2Catalog(Catalog):
         self._state = state
 
     def _head(self) -> Commit | None:
-        """The newest commit as HEAD has it, or None (absent or unreadable: HEAD is only a hint)."""
-        try:
-            return decode_commit(self.store.get(HEAD))
-        except (FileNotFoundError, RepositoryError):
-            return None
+        head, self._known_head = self._known_head, None
+        return head if head is not None else self.read_head(self.store)
 
     def _checkpoint(self, seq: int) -> CatalogState:
         try:
