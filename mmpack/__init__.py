@@ -1,8 +1,7 @@
 """mmpack: save, version and recover sets of thousands of same-architecture PyTorch models."""
 
-from mmpack.approaches.advisor import Estimate, FastestRecovery, Policy, SmallestUnder, Throughputs
-from mmpack.architecture import Architecture, TensorSpec
-from mmpack.compression import Compression
+import importlib
+
 from mmpack.errors import (
     ArchitectureMismatchError,
     CompressionError,
@@ -18,23 +17,64 @@ from mmpack.errors import (
     RepositoryError,
     RepositoryNotFoundError,
     StorageError,
+    TagConflictError,
     UnsupportedFormatVersionError,
     VersionNotFoundError,
 )
-from mmpack.fileformat import load, save
-from mmpack.functional import vmap_call
-from mmpack.modelset import ModelSet
-from mmpack.provenance import DatasetRef, Provenance
-from mmpack.repository import GcReport, Repository, SnapshotPolicy, VerifyReport, VersionRecord
+
+# Everything else is imported on first use (PEP 562): importing a lower layer, say
+# ``mmpack.store`` (which needs no torch), must not import torch through this package.
+_LAZY = {
+    "Estimate": "mmpack.approaches.advisor",
+    "FastestRecovery": "mmpack.approaches.advisor",
+    "Policy": "mmpack.approaches.advisor",
+    "SmallestUnder": "mmpack.approaches.advisor",
+    "Throughputs": "mmpack.approaches.advisor",
+    "Architecture": "mmpack.architecture",
+    "TensorSpec": "mmpack.architecture",
+    "Compression": "mmpack.compression",
+    "load": "mmpack.fileformat",
+    "save": "mmpack.fileformat",
+    "vmap_call": "mmpack.functional",
+    "ModelSet": "mmpack.modelset",
+    "DatasetRef": "mmpack.provenance",
+    "Provenance": "mmpack.provenance",
+    "Change": "mmpack.repository",
+    "Diff": "mmpack.repository",
+    "GcReport": "mmpack.repository",
+    "PruneReport": "mmpack.repository",
+    "RecoveryPlan": "mmpack.repository",
+    "Repository": "mmpack.repository",
+    "SnapshotPolicy": "mmpack.repository",
+    "TagMove": "mmpack.repository",
+    "VerifyReport": "mmpack.repository",
+    "VersionRecord": "mmpack.repository",
+}
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'mmpack' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # the next lookup is a plain attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Architecture",
     "ArchitectureMismatchError",
+    "Change",
     "Compression",
     "CompressionError",
     "DatasetRef",
+    "Diff",
     "Estimate",
     "FastestRecovery",
     "FormatError",
@@ -48,11 +88,15 @@ __all__ = [
     "ObjectNotFoundError",
     "Policy",
     "Provenance",
+    "PruneReport",
+    "RecoveryPlan",
     "ProvenanceError",
     "ProvenanceMismatchError",
     "Repository",
     "RepositoryError",
     "RepositoryNotFoundError",
+    "TagConflictError",
+    "TagMove",
     "SmallestUnder",
     "SnapshotPolicy",
     "StorageError",

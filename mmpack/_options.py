@@ -80,3 +80,23 @@ def one_line(message: str) -> str:
     """``message`` on one line (client libraries' messages span several)."""
     return "; ".join(line.strip() for line in message.splitlines() if line.strip())
 
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def moment(text: str):
+    """A point in time: ISO 8601 with a UTC offset (``2026-01-31T00:00:00+00:00``), or an age
+    before now such as ``90d``, ``12h``, ``2w`` (``--newer-than`` of ``mmpack prune``)."""
+    from datetime import datetime, timedelta, timezone
+
+    text = text.strip()
+    if text[:-1].isdigit() and text[-1:] in _UNITS:
+        return datetime.now(timezone.utc) - timedelta(seconds=int(text[:-1]) * _UNITS[text[-1]])
+    try:
+        found = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a time: {text!r} (an ISO 8601 time with a UTC offset, or an age like 90d)") from None
+    if found.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"{text!r} has no UTC offset: add one (+00:00) or give an age like 90d")
+    return found

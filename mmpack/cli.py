@@ -22,12 +22,11 @@ from collections.abc import Sequence
 import torch
 
 from mmpack import _io
-from mmpack._options import Parser, non_negative_int, one_line, positive_int, seconds
+from mmpack._options import Parser, moment, non_negative_int, one_line, positive_int, seconds
 from mmpack._progress import progress
 from mmpack.errors import MMPackError, ModelIndexError
 from mmpack.records import VersionRecord
 from mmpack.repository import Repository
-from mmpack.repository.recovery import chain_of
 
 EXPORT_FORMATS = ("mmpack", "torch", "safetensors")
 
@@ -114,12 +113,72 @@ def _table(headers: list[str], rows: list[list[str]]) -> None:
 
 def cmd_log(args: argparse.Namespace) -> int:
     repo = _open(args)
+    if args.tags:
+        moves = repo.tag_log()
+        _table(["time (UTC)", "tag", "from", "to", "message"],
+               [[m.time.strftime("%Y-%m-%d %H:%M:%S"), m.name, m.before or "-", m.after or "-", m.message] for m in moves])
+        return 0
+    if args.model is not None:
+        changes = repo.history(args.model)
+        _table(["id", "created (UTC)", "approach", "tensors changed", "message"],
+               [[c.version, c.created.strftime("%Y-%m-%d %H:%M:%S"), c.approach, ", ".join(c.tensors), c.message]
+                for c in changes])
+        return 0
+    tags: dict[str, list[str]] = defaultdict(list)
+    for name, vid in (repo.tags().items() if repo.format_version >= 2 else ()):
+        tags[vid].append(name)
     rows = [
         [r.id, r.approach, r.base or "-", str(r.n_models), _bytes(r.stored_bytes),
-         r.created.strftime("%Y-%m-%d %H:%M:%S"), r.message]
+         r.created.strftime("%Y-%m-%d %H:%M:%S"), ", ".join(sorted(tags.get(r.id, []))) or "-", r.message]
         for r in repo.versions()
     ]
-    _table(["id", "approach", "base", "models", "stored", "created (UTC)", "message"], rows)
+    _table(["id", "approach", "base", "models", "stored", "created (UTC)", "tags", "message"], rows)
+    return 0
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    repo = _open(args)
+    diff = repo.diff(args.a, args.b)
+    print(f"{len(diff)} models, {diff.pairs} (model, tensor) pairs differ between {args.a} and {args.b}")
+    if len(diff):
+        _table(["model", "tensors"], [[str(m), ", ".join(t)] for m, t in zip(diff.models.tolist(), diff.tensors)])
+    return 0
+
+
+def cmd_tag(args: argparse.Namespace) -> int:
+    repo = _open(args)
+    if args.delete:
+        if args.vid is not None:
+            raise UsageError("tag --delete NAME takes no version")
+        move = repo.untag(args.name, expected=args.expected, message=args.message)
+    else:
+        if args.vid is None:
+            raise UsageError("tag NAME VERSION: give the version (or --delete)")
+        move = repo.tag(args.name, args.vid, expected=args.expected, message=args.message)
+    print(f"{move.name}: {move.before or '-'} -> {move.after or '-'}")
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    if args.keep_last is None and args.newer_than is None and not args.keep:
+        raise UsageError("prune needs what to keep: --keep-last N, --newer-than TIME or --keep VERSION")
+    repo = _open(args)
+    report = repo.prune(keep_last=args.keep_last, newer_than=args.newer_than, keep_tagged=not args.untagged,
+                        keep=args.keep, dry_run=args.dry_run, message=args.message, allow_import=args.allow_import)
+    print(report)
+    if report.deleted:
+        print(("would delete: " if report.dry_run else "deleted: ") + ", ".join(report.deleted))
+    if report.rewritten:
+        print(("would rewrite: " if report.dry_run else "rewrote: ") + ", ".join(report.rewritten))
+    return 0
+
+
+def cmd_upgrade(args: argparse.Namespace) -> int:
+    repo = _open(args)
+    if repo.upgrade():
+        print(f"upgraded {args.repo} to repository format 2 ({len(repo.versions())} versions)")
+    else:
+        print(f"{args.repo} is repository format {repo.format_version} already")
     return 0
 
 
@@ -127,7 +186,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     repo = _open(args)
     record = repo.version(args.vid)
     arch = repo.architecture(record.architecture)
-    chain = chain_of(repo, record.id)
+    chain = repo.chain(record.id)
     print(f"version      {record.id}")
     print(f"approach     {record.approach} ({record.reason})")
     print(f"base         {record.base or '-'}   chain depth {len(chain) - 1} (to full version {chain[-1].id})")
@@ -274,7 +333,8 @@ def _publish_directory(out: str, force: bool, write) -> None:
 def cmd_gc(args: argparse.Namespace) -> int:
     repo = _open(args)
     report = repo.gc(grace_seconds=args.grace)
-    print(f"removed {report.temporaries} temporary files and {report.objects} unreferenced objects ({_bytes(report.bytes)})")
+    print(f"removed {report.temporaries} temporary files, {report.objects} unreferenced objects and "
+          f"{report.catalog} old catalog documents ({_bytes(report.bytes)})")
     return 0
 
 
@@ -315,7 +375,28 @@ def build_parser() -> argparse.ArgumentParser:
                             '\'{"profile": "prod"}\' (default for URLs: $MMPACK_STORAGE_OPTIONS)')
         return p
 
-    repository_command("log", cmd_log, "list versions, oldest first")
+    p = repository_command("log", cmd_log, "list versions, oldest first (or a model's history, or the tag log)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--tags", action="store_true", help="every move of every tag, oldest first")
+    which.add_argument("--model", type=non_negative_int, metavar="N", help="the versions that changed model N")
+    p = repository_command("diff", cmd_diff, "the models and tensors that differ between two versions")
+    p.add_argument("a", help="a version id or tag")
+    p.add_argument("b", help="a version id or tag")
+    p = repository_command("tag", cmd_tag, "point a tag at a version (or remove it with --delete)")
+    p.add_argument("name")
+    p.add_argument("vid", nargs="?", help="the version (id or tag) the tag is to name")
+    p.add_argument("--delete", action="store_true", help="remove the tag")
+    p.add_argument("--expected", help="move only if the tag is on this version now (compare-and-swap)")
+    p.add_argument("--message", default="", help="why, for the tag log")
+    p = repository_command("prune", cmd_prune, "delete old versions; kept ones stay recoverable (gc frees the space)")
+    p.add_argument("--keep-last", type=non_negative_int, metavar="N", help="keep the newest N versions")
+    p.add_argument("--newer-than", type=moment, metavar="TIME", help="keep versions created since TIME (ISO 8601 or an age like 90d)")
+    p.add_argument("--keep", action="append", default=[], metavar="VERSION", help="keep this version (repeatable)")
+    p.add_argument("--untagged", action="store_true", help="also delete tagged versions not otherwise kept")
+    p.add_argument("--dry-run", action="store_true", help="show what would go and how many bytes that frees")
+    p.add_argument("--message", default="", help="why, for the catalog")
+    p.add_argument("--allow-import", action="store_true", help="retrain provenance versions that must be rewritten")
+    repository_command("upgrade", cmd_upgrade, "turn a format 1 repository into format 2 (no other writer meanwhile)")
     p = repository_command("show", cmd_show, "describe one version: architecture, approach, chain, bytes by kind")
     p.add_argument("vid")
     repository_command("du", cmd_du, "storage by approach and by kind, against full snapshots")

@@ -24,6 +24,7 @@ __all__ = [
     "RepositoryError",
     "RepositoryNotFoundError",
     "StorageError",
+    "TagConflictError",
     "UnsupportedFormatVersionError",
     "VersionNotFoundError",
 ]
@@ -140,6 +141,20 @@ class StorageError(MMPackError, OSError):
 class ObjectNotFoundError(StorageError, FileNotFoundError):
     """A key the store does not hold (a vanished object, or one never written); also ``FileNotFoundError``,
     which the store contract raises for absent keys."""
+
+
+class TagConflictError(MMPackError):
+    """A tag moved (or appeared, or went) between reading it and moving it: ``repo.tag(name, vid,
+    expected=...)`` found it on another version. Read the tag again and decide.
+
+    Example::
+
+        try:
+            repo.tag("production", "v9", expected="v7")
+        except mmpack.TagConflictError:
+            ...  # someone promoted another version meanwhile
+    """
+
 
 
 class ProvenanceError(MMPackError):

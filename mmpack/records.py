@@ -111,7 +111,10 @@ class VersionRecord:
     architecture record if this version introduced it. ``details`` holds
     notes such as ``compression`` (``"zstd-3"``), ``xor_base`` (the version
     XOR deltas are taken against) and, for ``approach="auto"`` saves,
-    ``policy`` and every approach's ``estimates``.
+    ``policy`` and every approach's ``estimates``. ``changes`` lists the
+    (model, tensor) pairs that differ from ``base``: what a delta version
+    stores; for a full version saved against a base (catalog format 2), what
+    changed; None for a full version without one.
     """
 
     id: str
@@ -127,6 +130,7 @@ class VersionRecord:
     details: dict[str, Any] = field(default_factory=dict)
     architecture_bytes: int = 0
     manifest_bytes: int = 0
+    delta: bool = False  # stored as what changed since ``base`` (its approach says; readers set it)
 
     @property
     def stored_bytes(self) -> int:
@@ -135,7 +139,7 @@ class VersionRecord:
     @property
     def is_full(self) -> bool:
         """True when the version's own objects hold every model (no base needed to recover it)."""
-        return self.changes is None
+        return not self.delta
 
     def describe(self) -> str:
         base = f" on {self.base}" if self.base else ""

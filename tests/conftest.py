@@ -1,3 +1,7 @@
+import pytest
+
+pytest.register_assert_rewrite("mmpack.testing")  # the shipped store suite reports its asserts like a test
+
 import logging
 import os
 import socket

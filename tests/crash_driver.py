@@ -18,6 +18,13 @@
                                                   save:MODE:SEED:COUNT (the save command on URL/shared).
                                                   MODE is 'conditional', or 'claims=LEASE' to publish
                                                   with claims
+    python crash_driver.py maintain DIR N PHASE  save v1-v5 and tag v3 'production' (unharmed), then
+                                                  move that tag, tag v4 'canary', prune to the last two
+                                                  and the tagged, and gc, SIGKILLing this process at
+                                                  store write or delete number N of those (PHASE as for
+                                                  crash); print 'calls K' if it was not killed. The
+                                                  remote TASK maintain:MODE:N:PHASE does the same in
+                                                  URL/maintain-MODE-N-PHASE
     python crash_driver.py open LOCATION N START CALL
                                                   open LOCATION (a fresh path, or a URL with storage
                                                   options as for 'remote') from N forked children at
@@ -80,6 +87,58 @@ def crash(directory: str, kill_at: int, phase: str) -> None:
     _two_saves(mmpack.Repository(directory))
 
 
+def maintain(directory: str, kill_at: int, phase: str) -> None:
+    repo = mmpack.Repository(directory)
+    _history(repo)
+    calls = 0
+    publish, delete = _io.publish_atomically, local.LocalStore.delete
+
+    def dying_publish(path, write, **kwargs):
+        nonlocal calls
+        calls += 1
+        if calls != kill_at:
+            return publish(path, write, **kwargs)
+        if phase == "before":
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        def half_then_die(f):
+            if phase == "during":
+                write(_Half(f))
+                os.kill(os.getpid(), signal.SIGKILL)
+            write(f)
+
+        publish(path, half_then_die, **kwargs)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def dying_delete(self, key):
+        nonlocal calls
+        calls += 1
+        if calls == kill_at and phase != "after":
+            os.kill(os.getpid(), signal.SIGKILL)
+        delete(self, key)
+        if calls == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    local._io = _PatchedIO(dying_publish)
+    local.LocalStore.delete = dying_delete
+    _maintenance(repo)
+    print("calls", calls, flush=True)
+
+
+def _history(repo: mmpack.Repository) -> None:
+    vid = repo.save(models_for(0, 0))
+    for step in range(1, 5):
+        vid = repo.save(models_for(0, step), approach="update", base=vid)
+    repo.tag("production", "v3")
+
+
+def _maintenance(repo: mmpack.Repository) -> None:
+    repo.tag("production", "v5", expected="v3", message="promoted")
+    repo.tag("canary", "v4")
+    repo.prune(keep_last=2)
+    repo.gc(grace_seconds=0)
+
+
 def _two_saves(repo: mmpack.Repository) -> None:
     v1 = repo.save(models_for(0, 0))
     repo.save(models_for(0, 1), approach="update", base=v1)
@@ -116,9 +175,9 @@ def remote(url: str, tasks: list[str]) -> None:
             report = os.fdopen(writing, "w", buffering=1)
             kind, mode, *args = task.split(":")
             try:
-                if kind == "crash":
-                    where = f"{url}/{mode.replace('=', '')}-{args[0]}-{args[1]}"
-                    _crash_remotely(where, mode, int(args[0]), args[1], report)
+                if kind in ("crash", "maintain"):
+                    where = f"{url}/{kind}-{mode.replace('=', '')}-{args[0]}-{args[1]}"
+                    _crash_remotely(where, mode, int(args[0]), args[1], report, kind == "maintain")
                 else:
                     save(f"{url}/shared", int(args[0]), int(args[1]), mode, report)
                 report.flush()
@@ -137,9 +196,11 @@ def remote(url: str, tasks: list[str]) -> None:
         print(json.dumps({"task": task, "signal": killed, "status": failed, "lines": lines}), flush=True)
 
 
-def _crash_remotely(location: str, mode: str, kill_at: int, phase: str, report) -> None:
+def _crash_remotely(location: str, mode: str, kill_at: int, phase: str, report, maintenance: bool = False) -> None:
     calls = 0
-    write = FsspecStore._write
+    write, remove = FsspecStore._write, FsspecStore._remove
+    if maintenance:  # the history is made unharmed; the kill comes during the maintenance
+        _history(open_repository(location, mode))
 
     def dying_write(self, path, content, **kwargs):
         nonlocal calls
@@ -156,8 +217,22 @@ def _crash_remotely(location: str, mode: str, kill_at: int, phase: str, report) 
         write(self, path, content, **kwargs)
         os.kill(os.getpid(), signal.SIGKILL)  # phase "after": written, the caller never learns it
 
+    def dying_remove(self, path):
+        nonlocal calls
+        calls += 1
+        report.write("delete " + path[len(self.root) + 1 :] + "\n")
+        if calls == kill_at and phase != "after":
+            os.kill(os.getpid(), signal.SIGKILL)
+        remove(self, path)
+        if calls == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+
     FsspecStore._write = dying_write
-    _two_saves(open_repository(location, mode))
+    if maintenance:
+        FsspecStore._remove = dying_remove
+        _maintenance(open_repository(location, mode))
+    else:
+        _two_saves(open_repository(location, mode))
 
 
 def open_concurrently(location: str, n: int, start: float, call: float) -> None:
@@ -272,6 +347,8 @@ if __name__ == "__main__":
         crash(directory, int(rest[0]), rest[1])
     elif command == "remote":
         remote(directory, rest)
+    elif command == "maintain":
+        maintain(directory, int(rest[0]), rest[1])
     elif command == "open":
         open_concurrently(directory, int(rest[0]), float(rest[1]), float(rest[2]))
     else:

@@ -9,6 +9,10 @@ The values are those of ``golden_sets`` (integer arithmetic), so the
 expected models can be rebuilt anywhere. Object keys and creation times are
 whatever the writer picked: the tests check the records' stable fields.
 
+Format 2 golden repositories also hold tags: ``production`` moved back and
+forth between v3 and v5 (:data:`TAG_MOVES` times, so the log passes its first
+checkpoint), and ``canary`` set on v4, then removed.
+
 Regenerate only when adding a new repository or manifest format version, with
 the mmpack release that writes it, into a new folder::
 
@@ -30,6 +34,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from golden_sets import golden_v1_modelset  # noqa: E402
 
 N_MODELS = 12
+TAG_MOVES = 30
 RETRAINED = (2, 7)  # the models the provenance version retrains
 
 
@@ -89,6 +94,11 @@ def write(folder: pathlib.Path) -> None:
     v4 = repo.save(sets[3], approach="provenance", base=v3, provenance=provenance, message="golden provenance")
     repo.save(sets[4], message="golden compressed baseline", compression="zstd")
     assert [v1, v2, v3, v4] == ["v1", "v2", "v3", "v4"]
+    if getattr(repo, "format_version", 1) >= 2:
+        for move in range(TAG_MOVES):
+            repo.tag("production", ("v3", "v5")[move % 2], message=f"move {move}")
+        repo.tag("canary", "v4")
+        repo.untag("canary", expected="v4", message="rolled back")
 
 
 if __name__ == "__main__":

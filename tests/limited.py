@@ -20,6 +20,7 @@ from dataclasses import dataclass
 _CHILD = """
 import json, resource, sys, traceback
 import mmpack
+import mmpack.fileformat, mmpack.repository  # everything a read may use, imported before the cap (mmpack loads lazily)
 from mmpack import MMPackError
 
 def address_space():

@@ -286,7 +286,7 @@ LISTED_FAILURES = [
     (["demo", "--cycles", "-1", "--models", "3", "--dir", "{tmp}/demo"], 2, "argument --cycles: must be at least 0"),
     (["log", "s3://"], 1, "'s3://' names no bucket"),
     (["log", "s3://bucket/x", "--storage-options", '{"client_kwargs": {"endpoint_url": "http://127.0.0.1:9"}}'], 1,
-     "cannot read repository.json in FsspecStore('s3://bucket/x'): Unable to locate credentials"),
+     "cannot read catalog/HEAD.json in FsspecStore('s3://bucket/x'): Unable to locate credentials"),
     (["gc", "{tmp}/repo", "--grace", "nan"], 2, "argument --grace: must be a finite number"),
     (["log", "memory://x"], 1, "no mmpack repository at FsspecStore('memory://x')"),
     (["recover", "{tmp}/repo", "v1", "--models", "12345678901234567890123", "--out", "{tmp}/o.mmpack"], 1,
@@ -442,3 +442,46 @@ def test_repository_commands_never_create_a_repository_on_object_storage(s3_serv
         assert status == 1 and f"no mmpack repository at FsspecStore({url!r})" in err, err
     bucket.fs.invalidate_cache()
     assert bucket.fs.find(f"{s3_server.bucket}/", withdirs=True) == before and os.listdir(tmp_path) == []
+
+
+def test_tags_history_diffs_prune_and_upgrade_on_the_command_line(tmp_path, capsys):
+    from golden_sets import GOLDEN_DIR
+
+    from mmpack.cli import main
+
+    def mmpack_cli(*args: str) -> subprocess.CompletedProcess:  # in-process: twenty commands
+        try:
+            code = main(list(args))
+        except SystemExit as exc:
+            code = exc.code
+        found = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, found.out, found.err)
+
+    root = tmp_path / "repo"
+    shutil.copytree(GOLDEN_DIR / "repo_format1", root)
+    refused = mmpack_cli("tag", str(root), "production", "v2")
+    assert refused.returncode == 1 and "upgrade" in refused.stderr
+    assert "upgraded" in mmpack_cli("upgrade", str(root)).stdout
+    assert "format 2 already" in mmpack_cli("upgrade", str(root)).stdout
+    assert mmpack_cli("tag", str(root), "production", "v2", "--message", "first").returncode == 0
+    moved = mmpack_cli("tag", str(root), "production", "v3", "--expected", "v1")
+    assert moved.returncode == 1 and "not on v1" in moved.stderr
+    assert mmpack_cli("tag", str(root), "production", "v3", "--expected", "v2").stdout.strip() == "production: v2 -> v3"
+    log = mmpack_cli("log", str(root)).stdout
+    assert "production" in next(line for line in log.splitlines() if line.startswith("v3"))
+    moves = mmpack_cli("log", str(root), "--tags").stdout.splitlines()[2:]
+    assert [line.split()[2:5] for line in moves] == [["production", "-", "v2"], ["production", "v2", "v3"]]
+    history = mmpack_cli("log", str(root), "--model", "4").stdout.splitlines()[2:]
+    assert [line.split()[0] for line in history] == ["v1", "v2", "v3", "v5"]
+    diff = mmpack_cli("diff", str(root), "v1", "production")
+    assert diff.returncode == 0 and diff.stdout.startswith("5 models")
+    before = sorted(os.listdir(root / "objects"))
+    dry = mmpack_cli("prune", str(root), "--keep-last", "1", "--dry-run")
+    assert "would delete: v1, v2, v4" in dry.stdout and sorted(os.listdir(root / "objects")) == before
+    assert mmpack_cli("prune", str(root)).returncode == 2  # nothing named to keep: refused
+    done = mmpack_cli("prune", str(root), "--keep-last", "1", "--allow-import")
+    assert done.returncode == 0 and "deleted: v1, v2, v4" in done.stdout, done.stderr
+    assert mmpack_cli("gc", str(root), "--grace", "0").returncode == 0
+    assert [line.split()[0] for line in mmpack_cli("log", str(root)).stdout.splitlines()[2:]] == ["v3", "v5"]
+    verify = mmpack_cli("verify", str(root))
+    assert verify.returncode == 0, verify.stdout + verify.stderr

@@ -10,11 +10,11 @@ import pytest
 import mmpack
 from mmpack import Repository
 
-from golden_repositories import N_MODELS, RETRAINED, golden_history, golden_train
+from golden_repositories import N_MODELS, RETRAINED, TAG_MOVES, golden_history, golden_train
 from golden_sets import GOLDEN_DIR
 
 TRAINING = {"golden_repositories:golden_train": golden_train}
-FORMATS = ["repo_format1"]
+FORMATS = ["repo_format1", "repo_format2"]
 RECORDS = [  # id, approach, base, message
     ("v1", "baseline", None, "golden baseline"),
     ("v2", "update", "v1", "golden update"),
@@ -70,3 +70,18 @@ def test_the_golden_repository_still_reads_after_a_save(golden):
     assert golden.recover(vid).equal(golden_history()[4])
     assert Repository(golden.store.root).recover("v3").equal(golden_history()[2])
     assert isinstance(golden.version("v1"), mmpack.VersionRecord)
+
+
+def test_the_format_2_golden_repository_reads_its_tags_and_their_log(tmp_path):
+    repo = Repository(GOLDEN_DIR / "repo_format2", create=False)
+    assert repo.format_version == 2
+    assert repo.tags() == {"production": "v5" if TAG_MOVES % 2 == 0 else "v3"}
+    log = repo.tag_log()
+    assert len(log) == TAG_MOVES + 2
+    assert [(m.name, m.before, m.after, m.message) for m in log[:2]] == [
+        ("production", None, "v3", "move 0"), ("production", "v3", "v5", "move 1")]
+    assert [(m.name, m.before, m.after, m.message) for m in log[-2:]] == [
+        ("canary", None, "v4", ""), ("canary", "v4", None, "rolled back")]
+    assert repo.catalog.state.checkpoint == 32  # read through a checkpoint past the first
+    assert [c.version for c in repo.history(2)] == ["v1", "v4", "v5"]
+    assert repo.diff("v1", "v2").models.tolist() == [1, 4, 9]

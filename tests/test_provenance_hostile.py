@@ -30,8 +30,9 @@ from hypothesis import strategies as st
 import mmpack
 from mmpack import ProvenanceError, Repository, RepositoryError
 from mmpack.provenance import DatasetRef
-from mmpack.repository.manifest import encode_manifest, manifest_key
 from mmpack.workloads.battery import BatteryFleet, TrainingConfig
+
+from forgery import read_record, write_record
 
 WORKER = os.path.join(os.path.dirname(__file__), "provenance_worker.py")
 DEADLINE = 20.0  # seconds per request; each takes well under one when the checks are bounded
@@ -238,8 +239,9 @@ def test_a_provenance_document_that_disagrees_with_its_manifest_is_a_typed_error
     content = json.dumps(_mutate(document, mutation, n_tensors, record.n_models)).encode()
     # A consistent forgery: the document's size and checksum in the manifest, the manifest's own checksum.
     repo.store.put(ref.key, content)
-    forged = dataclasses.replace(ref, bytes=len(content), checksum=xxhash.xxh3_64_intdigest(content))
-    repo.store.put(manifest_key(record.id), encode_manifest(dataclasses.replace(record, objects=(forged,))))
+    body = read_record(root, record.id)
+    body["objects"][0].update(bytes=len(content), xxh3=f"{xxhash.xxh3_64_intdigest(content):016x}")
+    write_record(root, record.id, body)
     fresh = Repository(root, create=False)
     for read in (lambda: fresh.hashes(record.id), lambda: fresh.recover(record.id, allow_import=True)):
         with pytest.raises(RepositoryError, match=f"provenance (object )?of {record.id}|{record.id} changed model"):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mmpack import Compression, CompressionError, ModelSet, Repository, RepositoryError, SnapshotPolicy
-from mmpack.repository import recovery
+from mmpack.repository import planner
 
 from helpers import ffnn_models, mixed_models, randomized_cnns
 
@@ -128,10 +128,10 @@ def test_a_model_updated_in_every_cycle_still_decodes_from_two_reads(tmp_path):
 def test_an_xor_base_other_than_the_full_version_is_refused(tmp_path):
     repo = Repository(tmp_path / "r", fsync=False, compression="zstd")
     ids, _ = _chain(repo, ModelSet.from_modules(ffnn_models(20)), cycles=2)
-    chain = recovery.chain_of(repo, ids[-1])
+    chain = repo.chain(ids[-1])
     forged = dataclasses.replace(chain[0], details={**chain[0].details, "xor_base": ids[1]})
     with pytest.raises(RepositoryError, match="not its chain's full version"):
-        recovery._xor_base(forged, [forged, *chain[1:]])
+        planner.xor_base(forged, [forged, *chain[1:]])
 
 
 def test_a_damaged_compressed_object_is_reported_by_verify(tmp_path):

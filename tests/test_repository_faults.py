@@ -31,6 +31,7 @@ from helpers import ffnn_models, mixed_models
 from test_repository import retrain
 
 DRIVER = os.path.join(os.path.dirname(__file__), "full_disk_driver.py")
+HEAD = "catalog/HEAD.json"
 
 
 @pytest.fixture(scope="module")
@@ -98,19 +99,22 @@ def _check_one_save(root: str, sets: list[ModelSet], scenario: str, fault: Fault
         vid, failure = None, exc
     store.arm(None)
     after = _snapshot(root)
-    # Nothing that existed was changed or removed: earlier versions keep every object.
-    assert {k: after.get(k) for k in before} == before
-    added = set(after) - set(before)
+    # Nothing that existed was changed or removed: earlier versions keep every object. (The
+    # catalog's HEAD is a hint that every commit rewrites.)
+    assert {k: after.get(k) for k in before if k != HEAD} == {k: v for k, v in before.items() if k != HEAD}
+    added = set(after) - set(before) - {HEAD}
     clean = Repository(root, fsync=False, create=False)
     if vid is not None:
         record = clean.version(vid)
         assert clean.recover(vid).equal(models)
-        assert added <= {f"versions/{vid}.json", *(ref.key for ref in record.objects), _architecture_key(models)}
+        published = {k for k in added if k.startswith(("catalog/log/", "catalog/checkpoints/"))}
+        assert len([k for k in published if k.startswith("catalog/log/")]) == 1
+        assert added <= {*published, *(ref.key for ref in record.objects)}
     else:
         written = {key for method, key, _ in store.log if method == "put"}
         deletes_failed = {key for method, key, outcome in store.log if method == "delete" and outcome == "before"}
         unsure = _read_back_failed(store.log)
-        allowed = deletes_failed | {_architecture_key(models)}
+        allowed = set(deletes_failed)
         if unsure:  # the manifest's fate could not be read back: its objects stay for gc
             allowed |= written | {key for method, key, _ in store.log if method == "put_if_absent"}
         assert added <= allowed, (failure, store.log)
@@ -127,15 +131,12 @@ def _read_back_failed(log: list[tuple[str, str, str]]) -> bool:
     """Whether a manifest's create-only write failed and reading that manifest back failed too."""
     failed_publications = set()
     for method, key, outcome in log:
-        if method == "put_if_absent" and key.startswith("versions/") and outcome != "ok":
+        if method == "put_if_absent" and key.startswith("catalog/log/") and outcome != "ok":
             failed_publications.add(key)
         elif method == "get" and key in failed_publications and outcome != "ok":
             return True
     return False
 
-
-def _architecture_key(models: ModelSet) -> str:
-    return f"architectures/{models.architecture.fingerprint()}.json"
 
 
 def test_faults_reach_every_step_of_a_save(history, tmp_path):
@@ -162,7 +163,7 @@ def test_a_manifest_linked_before_an_error_is_a_published_version(history, tmp_p
 
     def link_then_fail(src, dst, *args, **kwargs):
         real_link(src, dst, *args, **kwargs)
-        if f"{os.sep}versions{os.sep}" in os.fspath(dst):
+        if f"{os.sep}catalog{os.sep}log{os.sep}" in os.fspath(dst):
             raise OSError(errno.EIO, "Input/output error")
 
     monkeypatch.setattr(os, "link", link_then_fail)
@@ -183,7 +184,7 @@ def test_a_manifest_link_that_fails_removes_the_objects(history, tmp_path, monke
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "link", refuse)
-    with pytest.raises(StorageError, match=r"cannot write versions/v3.json .*\[ENOSPC\]") as info:
+    with pytest.raises(StorageError, match=r"cannot write catalog/log/0+3.json .*\[ENOSPC\]") as info:
         repo.save(retrain(sets[1], [6], []), approach="update", base="v2", compression="zstd")
     assert info.value.errno == errno.ENOSPC
     monkeypatch.undo()
@@ -191,25 +192,25 @@ def test_a_manifest_link_that_fails_removes_the_objects(history, tmp_path, monke
 
 
 def test_lost_s3_responses_neither_lose_a_version_nor_leave_debris(s3_server, monkeypatch):
-    from mmpack.store import fsspec_store
+    from mmpack.store import s3
 
     url = s3_server.url("lost")
     repo = Repository(url, storage_options=s3_server.storage_options)
     sets = [ModelSet.from_modules(ffnn_models(6))]
     repo.save(sets[0])
-    real_put = fsspec_store._S3.put
+    real_put = s3.S3Client.put
     mode = {}
 
     def lossy(self, path, content, *, create, token):
-        kind = "manifest" if "/versions/" in path else "object" if "/objects/" in path else "other"
+        kind = "manifest" if "/catalog/log/" in path else "object" if "/objects/" in path else "other"
         if mode.get(kind) == "after":
             real_put(self, path, content, create=create, token=token)
         if mode.get(kind) in ("before", "after"):
             raise ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")
         return real_put(self, path, content, create=create, token=token)
 
-    monkeypatch.setattr(fsspec_store._S3, "put", lossy)
-    keys = lambda: set(repo.store.list("objects/")) | set(repo.store.list("versions/"))  # noqa: E731
+    monkeypatch.setattr(s3.S3Client, "put", lossy)
+    keys = lambda: set(repo.store.list("objects/")) | set(repo.store.list("catalog/log/"))  # noqa: E731
     before = keys()
     for failing in ({"object": "before"}, {"object": "after"}, {"manifest": "before"}):
         mode.clear()

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from mmpack import ModelSet, Repository
-from mmpack.store import objects as object_store
+from mmpack import objects as object_store
 
 from helpers import ffnn_models
 
@@ -74,9 +74,9 @@ def test_a_chain_deeper_than_the_recursion_limit_recovers_both_ways(tmp_path, le
 
 def test_a_recovery_holds_more_objects_than_one_native_read(tmp_path, monkeypatch):
     """Batches of open objects: a chain longer than the batch still moves every row once."""
-    from mmpack.repository import recovery
+    from mmpack.repository import executor
 
-    monkeypatch.setattr(recovery, "MAX_OPEN_OBJECTS", 3)
+    monkeypatch.setattr(executor, "MAX_OPEN_OBJECTS", 3)
     repo, sets = chain(tmp_path, 10, compression="zstd")
     assert Repository(repo.store.root).recover("v11").equal(sets[-1])
 

@@ -16,7 +16,8 @@ import pytest
 
 from mmpack import ModelSet, Repository
 from mmpack.store import FsspecStore
-from mmpack.store.fsspec_store import INTERNAL_PREFIX, READ_AHEAD
+from mmpack.store.publication import INTERNAL_PREFIX
+from mmpack.store.remote_reader import READ_AHEAD
 from mmpack.store.instrumented import instrument
 
 from helpers import ffnn_models, mixed_models, randomized_cnns
@@ -72,10 +73,11 @@ def test_recovering_one_model_fetches_only_its_ranges(s3_server):
     log = instrument(reader.store)
     assert reader.recover(vid, indices=[123]).equal(ms.select([123]))
     per_model = ms.architecture.nbytes_per_model + 8 * len(ms.architecture)
-    # Three manifests, the architecture, the head of each of the three objects, then the model's
-    # rows and hashes: nearby rows share a range, and no request fetches a whole object.
+    # The catalog (HEAD, a listing of the commits after it, checkpoint 0), the head and tail of
+    # each object the model's pieces come from, then its rows: no request fetches a whole object.
     assert log.bytes_received < 3 * READ_AHEAD + 3 * 4096 + 2 * per_model + 7 * 2 * 65536
-    assert set(log.by_kind) == {"get_object"} and log.requests <= 25
+    assert set(log.by_kind) == {"get_object", "list_objects_v2"} and log.by_kind["list_objects_v2"] == 1
+    assert log.requests <= 25
     one = log.bytes_received
     log.reset()
     assert reader.recover(vid).equal(ms)
@@ -96,8 +98,9 @@ def test_a_save_costs_the_same_few_requests_whatever_the_number_of_models(s3_ser
         counts[n] = (update, dict(log.by_kind))
         assert repo.recover(v2).equal(retrain(ms, [1], [2]))
     assert counts[10] == counts[300]
-    # one listing of versions/, the data object, the manifest (a create-only PUT)
-    assert counts[10] == ({"list_objects_v2": 1, "put_object": 2},) * 2
+    # the data object, the commit (a create-only PUT) and HEAD; no listing: the writer tries the
+    # commit after the newest it knows, and lists only if another writer took that number
+    assert counts[10] == ({"put_object": 3},) * 2
 
 
 def test_verify_reports_damage_and_gc_removes_leftovers(s3_server):
@@ -123,15 +126,19 @@ def test_verify_reports_damage_and_gc_removes_leftovers(s3_server):
 
 
 LEASE = 1.0
-# Writes with conditional PUTs: the probe (2), marker, architecture, v1 object, v1 manifest, v2
-# object, v2 manifest. With claims, a claim comes before each key published once: claim, marker,
-# claim, architecture, v1 object, claim, v1 manifest, v2 object, claim, v2 manifest.
+# Writes with conditional PUTs: catalog checkpoint 0, the probe (2), marker, v1 object, v1 commit,
+# HEAD, v2 object, v2 commit, HEAD. With claims, a claim comes before each key published once:
+# checkpoint 0, claim, marker, v1 object, claim, v1 commit, HEAD, v2 object, claim, v2 commit, HEAD.
 CRASHES = [
     "crash:conditional:3:after", "crash:conditional:5:during", "crash:conditional:6:before",
     "crash:conditional:6:after", "crash:conditional:99:after",  # 99: no kill, both versions saved
     f"crash:claims={LEASE}:6:after", f"crash:claims={LEASE}:7:after",  # a stale claim, with and without its key
 ]
 SAVERS = [f"save:conditional:{seed}:3" for seed in range(3)]
+# The maintenance after a history of five versions (crash_driver.py maintain): writes and deletes
+# of two tag moves, a prune and a gc, killed at some of them (the local test kills at every one).
+MAINTENANCE = [f"maintain:conditional:{n}:{phase}" for n, phase in
+               ((1, "after"), (2, "during"), (4, "after"), (5, "before"), (7, "after"), (9, "after"), (12, "before"))]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -143,7 +150,7 @@ def forked(s3_server):
     _repository(s3_server, f"{url}/shared").save(models_for(99, 0))  # v1, the savers' shared base
     env = dict(os.environ, MMPACK_TEST_STORAGE_OPTIONS=json.dumps(s3_server.storage_options))
     process = subprocess.Popen(
-        [sys.executable, DRIVER, "remote", url, *CRASHES, *SAVERS],
+        [sys.executable, DRIVER, "remote", url, *CRASHES, *SAVERS, *MAINTENANCE],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )
     found: dict[str, dict] = {}
@@ -156,7 +163,7 @@ def forked(s3_server):
                 outcome = json.loads(line)
                 assert outcome["status"] == 0, (outcome, err[-3000:])
                 found[outcome["task"]] = outcome
-            assert list(found) == CRASHES + SAVERS
+            assert list(found) == CRASHES + SAVERS + MAINTENANCE
         return found
 
     yield url, outcomes
@@ -177,12 +184,14 @@ def _assert_consistent(repo: Repository) -> list[str]:
 
 
 def _published(keys: list[str], phase: str) -> tuple[list[str], list[str]]:
-    """Versions that must exist, and those that may, when the last of ``keys`` was interrupted."""
-    done = [k for k in keys[:-1] if k.startswith("versions/")]
-    last = [keys[-1]] if keys and keys[-1].startswith("versions/") else []
+    """Versions that must exist, and those that may, when the last of ``keys`` was interrupted
+    (each commit of these saves publishes one version: commit n is version vn)."""
+    commit = lambda k: k.startswith("catalog/log/")  # noqa: E731
+    done = [k for k in keys[:-1] if commit(k)]
+    last = [keys[-1]] if keys and commit(keys[-1]) else []
     must = done + (last if phase == "after" else [])
     may = must + (last if phase == "during" else [])
-    names = lambda ks: [k[len("versions/") : -len(".json")] for k in ks]  # noqa: E731
+    names = lambda ks: [f"v{int(k[len('catalog/log/') : -len('.json')])}" for k in ks]  # noqa: E731
     return names(must), names(may)
 
 
@@ -195,7 +204,7 @@ def test_a_save_killed_at_any_write_leaves_a_consistent_repository(s3_server, fo
         _, mode, n, phase = task.split(":")
         keys = outcome["lines"]
         assert outcome["signal"] == (signal.SIGKILL if int(n) <= len(keys) else 0), outcome
-        location = f"{url}/{mode.replace('=', '')}-{n}-{phase}"
+        location = f"{url}/crash-{mode.replace('=', '')}-{n}-{phase}"
         if mode == "conditional":
             repo = _repository(s3_server, location)
         else:
@@ -237,3 +246,19 @@ def test_concurrent_writers_with_claims_all_succeed_with_distinct_versions(s3_se
     repo = _repository(s3_server, url, conditional_writes=False)
     for vid, seed in saved:
         assert repo.recover(vid).equal(retrain(ms, [seed], []))
+
+
+def test_tag_prune_and_gc_killed_on_s3_leave_every_kept_version(s3_server, forked):
+    url, outcomes = forked
+    found = outcomes()
+    for task in MAINTENANCE:
+        outcome = found[task]
+        assert outcome["signal"] == signal.SIGKILL, outcome
+        _, mode, n, phase = task.split(":")
+        repo = _repository(s3_server, f"{url}/maintain-{mode.replace('=', '')}-{n}-{phase}")
+        ids = [r.id for r in repo.versions()]
+        assert ids in (["v1", "v2", "v3", "v4", "v5"], ["v4", "v5"]), (task, ids)
+        for vid in ids:
+            assert repo.recover(vid).equal(models_for(0, int(vid[1:]) - 1)), (task, vid)
+        assert repo.tags() in ({"production": "v3"}, {"production": "v5"}, {"production": "v5", "canary": "v4"})
+        assert _assert_consistent(repo) == ids

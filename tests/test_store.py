@@ -17,16 +17,17 @@ import mmpack
 from mmpack import MissingDependencyError, MMPackError, Repository
 from mmpack.store import FsspecStore, LocalStore, open_store
 from mmpack.store.urls import protocol_of
-from mmpack.store.fsspec_store import INTERNAL_PREFIX, plan_ranges
+from mmpack.store.publication import INTERNAL_PREFIX
+from mmpack.store.remote_reader import plan_ranges
 from mmpack.store.instrumented import instrument
 
 from helpers import ffnn_models
-from store_conformance import StoreConformance
+from mmpack.testing import StoreTests
 
 fsspec = pytest.importorskip("fsspec")
 
 
-class TestLocalStore(StoreConformance):
+class TestLocalStore(StoreTests):
     @pytest.fixture
     def store(self, tmp_path):
         return LocalStore(tmp_path / "store", fsync=False)
@@ -50,7 +51,7 @@ def memory_store():
         fs.rm(store.root, recursive=True)
 
 
-class TestMemoryFsspecStore(StoreConformance):
+class TestMemoryFsspecStore(StoreTests):
     """The fsspec backend on fsspec's in-memory file system, which has no conditional writes:
     put_if_absent goes through claims."""
 

@@ -158,10 +158,11 @@ def test_a_repository_reports_a_full_disk_with_the_path(tmp_path, monkeypatch):
     repo = mmpack.Repository(tmp_path / "repo", fsync=True)
     ms = mmpack.ModelSet.from_modules(ffnn_models(3))
     monkeypatch.setattr(os, "fsync", _failing(errno.ENOSPC))
-    with pytest.raises(StorageError, match=r"cannot write architectures/.*No space left on device \[ENOSPC\]") as info:
+    with pytest.raises(StorageError, match=r"cannot write objects/.*No space left on device \[ENOSPC\]") as info:
         repo.save(ms)
     assert info.value.errno == errno.ENOSPC and info.value.filename.startswith(str(tmp_path / "repo"))
-    assert repo.store.list("") == ["repository.json"] and repo.store.list("architectures/") == []
+    assert repo.store.list("") == ["repository.json"] and repo.store.list("objects/") == []
+    assert repo.store.list("catalog/log/") == []
 
 
 def test_s3_without_a_bucket_or_credentials_is_one_line(s3_server, monkeypatch):
@@ -174,7 +175,7 @@ def test_s3_without_a_bucket_or_credentials_is_one_line(s3_server, monkeypatch):
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
     monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
     store = FsspecStore(s3_server.url("nocreds"), {"client_kwargs": {"endpoint_url": s3_server.endpoint}})
-    with pytest.raises(StorageError, match=r"cannot read repository.json in .*Unable to locate credentials \[EIO\]"):
+    with pytest.raises(StorageError, match=r"cannot read catalog/HEAD.json in .*Unable to locate credentials \[EIO\]"):
         mmpack.Repository(store=store)
 
 

@@ -8,15 +8,15 @@ import secrets
 import pytest
 
 from mmpack.store import FsspecStore
-from mmpack.store import fsspec_store
+from mmpack.store import s3
 from mmpack.store.instrumented import instrument
 
-from store_conformance import StoreConformance
+from mmpack.testing import StoreTests
 
 pytest.importorskip("s3fs")
 
 
-class TestS3Store(StoreConformance):
+class TestS3Store(StoreTests):
     """Conditional PUTs (``If-None-Match: *``), found by the store's probe."""
 
     @pytest.fixture
@@ -26,7 +26,7 @@ class TestS3Store(StoreConformance):
         return store
 
 
-class TestS3StoreWithClaims(StoreConformance):
+class TestS3StoreWithClaims(StoreTests):
     """The fallback for servers without conditional writes, on the same S3 server."""
 
     @pytest.fixture
@@ -35,12 +35,12 @@ class TestS3StoreWithClaims(StoreConformance):
 
 
 def test_a_server_that_ignores_conditions_is_detected(s3_server, monkeypatch):
-    real_put = fsspec_store._S3.put
+    real_put = s3.S3Client.put
 
     def ignoring(self, path, content, *, create, token):
         return real_put(self, path, content, create=False, token=token)
 
-    monkeypatch.setattr(fsspec_store._S3, "put", ignoring)
+    monkeypatch.setattr(s3.S3Client, "put", ignoring)
     store = FsspecStore(s3_server.url(), s3_server.storage_options)
     assert not store.conditional_writes  # a second create-only PUT succeeded: claims instead
     assert store.put_if_absent("versions/v1.json", b"a") and not store.put_if_absent("versions/v1.json", b"b")
@@ -93,7 +93,7 @@ def test_a_conflicting_conditional_put_is_retried(s3_server, monkeypatch):
     from botocore.exceptions import ClientError
     from s3fs.errors import translate_boto_error
 
-    real_put = fsspec_store._S3.put
+    real_put = s3.S3Client.put
     calls = []
 
     def conflicted_once(self, path, content, *, create, token):
@@ -104,6 +104,6 @@ def test_a_conflicting_conditional_put_is_retried(s3_server, monkeypatch):
         return real_put(self, path, content, create=create, token=token)
 
     store = FsspecStore(s3_server.url(), s3_server.storage_options, conditional_writes=True)
-    monkeypatch.setattr(fsspec_store._S3, "put", conflicted_once)
+    monkeypatch.setattr(s3.S3Client, "put", conflicted_once)
     assert store.put_if_absent("versions/v1.json", b"m") and len(calls) == 2
     assert store.get("versions/v1.json") == b"m"

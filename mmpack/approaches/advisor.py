@@ -215,7 +215,7 @@ class CostModel:
 
 def raw_bytes_of(record: VersionRecord, full_raw_bytes: int, row_bytes: np.ndarray) -> int:
     """Raw tensor bytes a version's own objects hold (its changed rows, or a full set)."""
-    if record.changes is None:
+    if record.is_full:
         return full_raw_bytes
     return int(record.changes.masks.sum(axis=0) @ row_bytes)
 

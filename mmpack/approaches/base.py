@@ -10,14 +10,16 @@ import numpy as np
 
 from mmpack.approaches.request import SaveRequest, Stored
 from mmpack.errors import RepositoryError
+from mmpack.records import ObjectRef
 
-__all__ = ["Approach", "SaveRequest", "Stored"]
+__all__ = ["Approach", "SaveRequest", "Stored", "table_object"]
 
 if TYPE_CHECKING:
     from mmpack.approaches.advisor import CostModel, Estimate
     from mmpack.fileformat import Header, Reader, Tail
+    from mmpack.modelset import ModelSet
     from mmpack.records import VersionRecord
-    from mmpack.store import ObjectStore
+    from mmpack.objects import ObjectStore
 
 
 class Approach(ABC):
@@ -48,17 +50,11 @@ class Approach(ABC):
         """Write the version's objects; do not publish anything."""
 
     @abstractmethod
-    def locate(
-        self,
-        objects: ObjectStore,
-        record: VersionRecord,
-        opened: tuple[Reader, Header],
-        models: np.ndarray,
-        tensors: np.ndarray,
-    ) -> np.ndarray:
-        """Where the version's data object (open as ``opened``) stores each (``models[k]``,
-        ``tensors[k]``): the row of that tensor's section. Only pairs the version owns are asked
-        for: every pair of a full version, the pairs in its change list otherwise."""
+    def locate(self, record: VersionRecord, models: np.ndarray, tensors: np.ndarray) -> np.ndarray:
+        """Where the version's data object stores each (``models[k]``, ``tensors[k]``): the row of
+        that tensor's section, from the record alone (recovery plans are made before any object
+        is opened). Only pairs the version owns are asked for: every pair of a full version, the
+        pairs in its change list otherwise."""
 
     def check_object(self, record: VersionRecord, header: Header, tail: Tail) -> None:
         """Raise :class:`~mmpack.RepositoryError` unless the version's (opened, pinned) object holds
@@ -78,10 +74,20 @@ class Approach(ABC):
     def check(self, objects: ObjectStore, record: VersionRecord) -> None:
         """Read the version's objects whole and check every checksum; raise on the first problem."""
 
-    def hash_table(self, objects: ObjectStore, record: VersionRecord, base_table: Callable[[], np.ndarray]) -> np.ndarray:
-        """The version's XXH3-64 of every (model, tensor); stored-row approaches keep it in their object."""
-        return objects.hash_rows(record.objects[0], np.arange(record.n_models))
+    def own_hashes(self, objects: ObjectStore, record: VersionRecord, tail: Tail | None) -> tuple[np.ndarray, np.ndarray]:
+        """``(models, rows)``: the hash-table rows the version's own object states, ``rows[k]``
+        being model ``models[k]``'s (ascending). ``tail`` is the object's checked tail (None for
+        document objects). A full version states every model; the default reads the tail."""
+        return np.arange(record.n_models), tail.table
 
-    def stores_table(self, record: VersionRecord) -> bool:
-        """Whether the version's own object holds its whole hash table (so rows can be range-read)."""
-        return True
+
+def table_object(objects: ObjectStore, models: ModelSet, table: np.ndarray) -> ObjectRef:
+    """Write a *table object* (docs/REPOSITORY.md): a model-set object in the rows layout that holds
+    no rows, only the whole set's hash table; a delta version carries one now and then so that its
+    table never takes more than a few deltas to derive."""
+    from mmpack.fileformat import encode_rows, image_pin
+
+    image, header = encode_rows(models, np.zeros(table.shape, dtype=bool), table)
+    key = objects.new_key()
+    objects.put(key, image)
+    return ObjectRef(key, header.file_size, header.header_hash, image_pin(image, header))

@@ -21,7 +21,8 @@ from mmpack.fileformat import (
     write_body,
 )
 from mmpack.records import ObjectRef, VersionRecord
-from mmpack.store import ObjectStore, SizedWriter
+from mmpack.objects import ObjectStore
+from mmpack.store import SizedWriter
 
 
 class Baseline(Approach):
@@ -47,14 +48,7 @@ class Baseline(Approach):
         decoded = model.full_raw_bytes if request.compression is not None else 0
         return Estimate(model.stored_bytes(model.full_raw_bytes) + model.table_bytes, model.recover_seconds(1, decoded))
 
-    def locate(
-        self,
-        objects: ObjectStore,
-        record: VersionRecord,
-        opened: tuple[Reader, Header],
-        models: np.ndarray,
-        tensors: np.ndarray,
-    ) -> np.ndarray:
+    def locate(self, record: VersionRecord, models: np.ndarray, tensors: np.ndarray) -> np.ndarray:
         return models  # stacked layout: row i of every tensor is model i
 
     def check_object(self, record: VersionRecord, header: Header, tail: Tail) -> None:

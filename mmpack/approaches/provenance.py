@@ -29,14 +29,14 @@ import torch
 import xxhash
 
 from mmpack.approaches.advisor import CostModel, Estimate
-from mmpack.approaches.base import Approach, SaveRequest, Stored
+from mmpack.approaches.base import Approach, SaveRequest, Stored, table_object
 from mmpack.architecture import Architecture
 from mmpack.errors import IntegrityError, MMPackError, ProvenanceError, ProvenanceMismatchError, RepositoryError
-from mmpack.fileformat import Header, Reader
+from mmpack.fileformat import Header, Reader, Tail
 from mmpack.modelset import ModelSet
 from mmpack.provenance import Provenance, TrainingFunction, resolve_function, source_hash
 from mmpack.records import Changes, ObjectRef, VersionRecord
-from mmpack.store import ObjectStore
+from mmpack.objects import ObjectStore
 
 _DOCUMENT = "mmpack-provenance"
 # Below this many models, retraining runs in this process: starting worker
@@ -100,15 +100,13 @@ class ProvenanceApproach(Approach):
         key = objects.new_key().replace(".mmpack", ".provenance.json")
         objects.put(key, content)
         changes = Changes.from_mask(changed)
-        ref = ObjectRef(key, len(content), xxhash.xxh3_64_intdigest(content))
-        return Stored([ref], changes, {"retrained": len(recorded), "function": provenance.function})
+        refs = [ObjectRef(key, len(content), xxhash.xxh3_64_intdigest(content))]
+        if request.table_object:
+            refs.append(table_object(objects, request.models, hashes))
+        return Stored(refs, changes, {"retrained": len(recorded), "function": provenance.function})
 
-    def locate(self, objects: ObjectStore, record: VersionRecord, opened: tuple[Reader, Header],
-               models: np.ndarray, tensors: np.ndarray) -> np.ndarray:
+    def locate(self, record: VersionRecord, models: np.ndarray, tensors: np.ndarray) -> np.ndarray:
         raise RepositoryError("provenance versions store no rows; their pieces are rebuilt by retraining")
-
-    def stores_table(self, record: VersionRecord) -> bool:
-        return False
 
     def check(self, objects: ObjectStore, record: VersionRecord) -> None:
         provenance, _ = read_document(objects, record)
@@ -117,11 +115,9 @@ class ProvenanceApproach(Approach):
         if problems:
             raise ProvenanceMismatchError(f"{len(problems)} dataset(s) of {record.id} unusable, first: {problems[0]}")
 
-    def hash_table(self, objects: ObjectStore, record: VersionRecord, base_table: Callable[[], np.ndarray]) -> np.ndarray:
+    def own_hashes(self, objects: ObjectStore, record: VersionRecord, tail: Tail | None) -> tuple[np.ndarray, np.ndarray]:
         provenance, stored = read_document(objects, record)
-        table = base_table().copy()
-        table[provenance.models()] = stored
-        return table
+        return provenance.models(), stored
 
     def rebuild(self, context: RebuildContext, record: VersionRecord, models: np.ndarray) -> ModelSet:
         """The full state of ``models`` (sorted, unique, all with provenance entries) at this version."""

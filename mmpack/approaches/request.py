@@ -19,7 +19,8 @@ class SaveRequest:
     """Everything an approach may use to store one version.
 
     ``compression``: how to compress the version's objects (None: raw).
-    ``xor_reference``: for delta approaches, ``(version id, fetch)`` where
+    ``subset`` and ``table_object``: how a delta stores hash tables (see the
+    fields). ``xor_reference``: for delta approaches, ``(version id, fetch)`` where
     ``fetch(models)`` returns that version's values of sorted ``models`` (a
     ModelSet); the repository offers the chain's full version, so XOR
     deltas stay one level deep (docs/DESIGN-NOTES.md).
@@ -32,6 +33,10 @@ class SaveRequest:
     provenance: Any = None
     compression: Compression | None = None
     xor_reference: tuple[str, Callable[[np.ndarray], ModelSet]] | None = None
+    #: Delta objects hold only the changed models (catalog format 2); else the whole set's table.
+    subset: bool = True
+    #: A delta also stores the whole hash table in an object of its own (bounds table derivation).
+    table_object: bool = False
 
     def resolved_hashes(self) -> np.ndarray:
         return self.hashes.result() if isinstance(self.hashes, Future) else self.hashes

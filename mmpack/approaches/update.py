@@ -8,10 +8,13 @@ the new version (what the next update diffs against).
 
 from __future__ import annotations
 
+import base64
+from dataclasses import replace
+
 import numpy as np
 
 from mmpack.approaches.advisor import CostModel, Estimate
-from mmpack.approaches.base import Approach, SaveRequest, Stored
+from mmpack.approaches.base import Approach, SaveRequest, Stored, table_object
 from mmpack.errors import IntegrityError, RepositoryError
 from mmpack.fileformat import (
     ROWS,
@@ -25,7 +28,24 @@ from mmpack.fileformat import (
     verify_rows,
 )
 from mmpack.records import Changes, ObjectRef, VersionRecord
-from mmpack.store import ObjectStore
+from mmpack.objects import ObjectStore
+
+
+MODELS_KEY = "mmpack.models"  # header metadata of an object of changed models: their ids in the set
+
+
+def encode_models(models: np.ndarray) -> str:
+    return base64.b64encode(np.ascontiguousarray(models, dtype="<u4").tobytes()).decode()
+
+
+def decode_models(text: str | None) -> np.ndarray | None:
+    """The model ids an object of changed models states (None if it states none, or garbage)."""
+    try:
+        if text is None:
+            return None
+        return np.frombuffer(base64.b64decode(text, validate=True), dtype="<u4").astype(np.int64)
+    except ValueError:
+        return None
 
 
 class Update(Approach):
@@ -45,10 +65,18 @@ class Update(Approach):
             reference_id, fetch = request.xor_reference
             reference = fetch(changes.models)
             details["xor_base"] = reference_id
-        image, header = encode_rows(request.models, changed, hashes, None, request.compression, reference)
+        if request.subset:  # an object of the changed models alone: its table grows with the change
+            # The object says which models of the set it holds: its header checksum binds them.
+            image, header = encode_rows(request.models.select(changes.models), changes.masks, hashes[changes.models],
+                                        {MODELS_KEY: encode_models(changes.models)}, request.compression, reference)
+        else:
+            image, header = encode_rows(request.models, changed, hashes, None, request.compression, reference)
         key = objects.new_key()
         objects.put(key, image)
-        return Stored([ObjectRef(key, header.file_size, header.header_hash, image_pin(image, header))], changes, details)
+        refs = [ObjectRef(key, header.file_size, header.header_hash, image_pin(image, header))]
+        if request.table_object:
+            refs.append(table_object(objects, request.models, hashes))
+        return Stored(refs, changes, details)
 
     def estimate(self, request: SaveRequest, model: CostModel) -> Estimate | None:
         if request.base is None:
@@ -61,14 +89,7 @@ class Update(Approach):
         decoded = model.chain_decoded_bytes() + (raw if request.compression is not None else 0)
         return Estimate(stored, model.recover_seconds(len(model.chain) + 1, decoded))
 
-    def locate(
-        self,
-        objects: ObjectStore,
-        record: VersionRecord,
-        opened: tuple[Reader, Header],
-        models: np.ndarray,
-        tensors: np.ndarray,
-    ) -> np.ndarray:
+    def locate(self, record: VersionRecord, models: np.ndarray, tensors: np.ndarray) -> np.ndarray:
         # The object stores, per tensor, the rows of the changed models in ascending model
         # order: exactly the manifest's change list, so its ranks give the rows without
         # reading the object's own row index (``repo.verify`` checks that both agree).
@@ -85,15 +106,28 @@ class Update(Approach):
         return ranks[at, tensors]
 
     def check_object(self, record: VersionRecord, header: Header, tail: Tail) -> None:
+        # Two shapes: the changed models alone (their own ids 0..count-1 in the row index), or,
+        # as format 1 wrote them, the whole set (model ids in the row index, the whole table).
         if header.layout.kind != ROWS:
             raise RepositoryError(f"{record.describe()} names an object that holds a full set, not its changes")
-        super().check_object(record, header, tail)
         changes = record.changes
+        whole = header.n_models == record.n_models
+        if not whole and header.n_models != len(changes.models):
+            raise RepositoryError(f"{record.describe()} names an object of {header.n_models} models")
+        super().check_object(replace(record, n_models=header.n_models), header, tail)
+        if not whole and not np.array_equal(decode_models(header.metadata.get(MODELS_KEY)), changes.models):
+            raise RepositoryError(f"the object of {record.describe()} holds other models than its change list names")
         for j, ids in enumerate(tail.row_index):
-            if not np.array_equal(ids, changes.models[changes.masks[:, j]]):
+            expected = changes.models[changes.masks[:, j]] if whole else np.flatnonzero(changes.masks[:, j])
+            if not np.array_equal(ids, expected):
                 raise RepositoryError(
                     f"the object of {record.describe()} holds other rows of tensor #{j} than its manifest lists"
                 )
+
+    def own_hashes(self, objects: ObjectStore, record: VersionRecord, tail: Tail | None) -> tuple[np.ndarray, np.ndarray]:
+        if len(tail.table) == record.n_models:  # the whole set's table (format 1)
+            return np.arange(record.n_models), tail.table
+        return record.changes.models, tail.table
 
     def check(self, objects: ObjectStore, record: VersionRecord) -> None:
         ref = record.objects[0]

@@ -8,7 +8,7 @@ import struct
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
@@ -16,6 +16,7 @@ from mmpack import _json, _native
 from mmpack.architecture import Architecture
 from mmpack.compression import Chunking, element_width
 from mmpack.errors import FormatError, IntegrityError, MMPackError, UnsupportedFormatVersionError
+from mmpack.store.base import Reader
 
 MAGIC = b"\x89MMPACK\n"
 FORMAT_VERSION = 1  # what uncompressed objects are written as
@@ -31,42 +32,6 @@ PREAMBLE = struct.Struct("<8sIIQQ")
 ZEROS = bytes(ALIGNMENT)
 _COMMON_KEYS = {"n_models", "architecture", "layout", "alignment", "tensors", "hashes", "data_length", "metadata"}
 _KEYS = {STACKED: _COMMON_KEYS, ROWS: _COMMON_KEYS | {"row_index"}}
-
-
-class Reader(Protocol):
-    """Random access to the bytes of one stored object (a file, or a store's range reads).
-
-    ``read`` and ``read_into`` raise :class:`IntegrityError` for bytes beyond
-    the object's end, before allocating anything for them. ``read_segments``
-    reads segment k (``lengths[k]`` bytes at ``offsets[k]``, or with ``counts``
-    ``counts[k]`` rows of ``lengths[k]`` bytes back to back) into
-    ``dst[dst_index[k]]`` at ``dst_offsets[k]``, storing the XXH3-64 of every
-    segment (every row) into ``hashes`` when given. ``descriptor`` gives
-    ``(file descriptor, position of byte 0)`` when the object is a local file
-    that positioned reads may read directly (several objects then move in one
-    native call), else None. Readers never memory-map: a file changed under a
-    reader gives a typed error or bytes that fail their checksums, never a
-    crash.
-    """
-
-    def size(self) -> int: ...
-
-    def read(self, offset: int, size: int, what: str) -> bytes: ...
-
-    def read_into(self, offset: int, target: memoryview, what: str) -> None: ...
-
-    def read_segments(
-        self,
-        offsets: np.ndarray,
-        lengths: np.ndarray,
-        dst: Sequence[np.ndarray],
-        dst_index: np.ndarray,
-        dst_offsets: np.ndarray,
-        hashes: np.ndarray | None = None,
-        counts: np.ndarray | None = None,
-    ) -> None: ...
-
-    def descriptor(self) -> tuple[int, int] | None: ...
 
 
 def align(offset: int) -> int:

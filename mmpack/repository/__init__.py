@@ -1,6 +1,12 @@
 """Versioned repositories of model sets."""
 
 from mmpack.records import VersionRecord
-from mmpack.repository.repo import GcReport, Repository, SnapshotPolicy, VerifyReport
+from mmpack.repository.catalog import TagMove
+from mmpack.repository.catalog.tables import Change, Diff
+from mmpack.repository.maintenance import GcReport, PruneReport, VerifyReport
+from mmpack.repository.planner import RecoveryPlan
+from mmpack.repository.repo import Repository
+from mmpack.repository.saving import SnapshotPolicy
 
-__all__ = ["GcReport", "Repository", "SnapshotPolicy", "VerifyReport", "VersionRecord"]
+__all__ = ["Change", "Diff", "GcReport", "PruneReport", "RecoveryPlan", "Repository", "SnapshotPolicy", "TagMove",
+           "VerifyReport", "VersionRecord"]

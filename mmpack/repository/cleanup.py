@@ -1,13 +1,13 @@
 """What a failed save leaves behind: nothing it wrote, unless its version was published after all.
 
 A save writes fresh data objects (keys of 80 random bits no other writer
-picks), then publishes a manifest naming them. When any step fails, the
+picks), then publishes them in the catalog (one create-only write). When any step fails, the
 objects it wrote are deleted again, so a full disk or a lost connection
 leaves the store as it was. The one hard case is a publication whose
 request failed although the store applied it: S3 lost the response, or a
 local ``link(2)`` succeeded and a later step of the same call failed. The
-manifest then exists and names the objects, which must stay. So before
-deleting anything, the save reads the manifest key back: its own bytes
+catalog entry then exists and names the objects, which must stay. So before
+deleting anything, the save reads the key it created back: its own bytes
 there mean the version exists, and the save succeeds; an absent key (or
 another writer's manifest) means it does not; a read that fails too means
 nobody can tell yet, and the objects are kept for ``gc`` to judge once
@@ -20,7 +20,8 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
-from mmpack.store import ObjectStore, Store
+from mmpack.objects import ObjectStore
+from mmpack.store import Store
 from mmpack.store.base import Data, Writer
 
 
@@ -77,6 +78,20 @@ class WriteLog:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._objects, name)
+
+
+def create_once(store: Store, key: str, content: bytes, written: WriteLog | None) -> bool:
+    """``store.put_if_absent(key, content)``, where a failed request that the store applied anyway
+    counts as created; when nobody can tell, the objects ``written`` are kept for ``gc``."""
+    try:
+        return store.put_if_absent(key, content)
+    except BaseException:
+        outcome = published(store, key, content)
+        if outcome:
+            return True
+        if outcome is None and written is not None:
+            written.keep()
+        raise
 
 
 def published(store: Store, key: str, content: bytes) -> bool | None:

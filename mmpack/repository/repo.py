@@ -1,113 +1,45 @@
-"""Repository: a versioned store of model sets."""
+"""Repository: a versioned store of model sets, as one object (a thin facade).
+
+The work happens in the layers below, data flowing one way:
+:mod:`~mmpack.repository.catalog` (all metadata), :mod:`~mmpack.repository.planner`
+(what a recovery reads), :mod:`~mmpack.repository.executor` (reading and
+verifying it), :mod:`~mmpack.repository.saving` and
+:mod:`~mmpack.repository.maintenance` (verify, gc, prune).
+"""
 
 from __future__ import annotations
 
-import errno
-import json
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import numpy as np
 from torch import nn
 
-from mmpack.approaches import APPROACHES, DefaultPool, SaveRequest
-from mmpack.approaches.advisor import CostModel, Policy, SmallestUnder, Throughputs, check_policy as _check_policy
-from mmpack import _json
-from mmpack._cache import LRU
-from mmpack.approaches.advisor import measured_throughputs
+from mmpack.approaches import APPROACHES, DefaultPool
+from mmpack.approaches.advisor import Policy, SmallestUnder, Throughputs, check_policy
 from mmpack.architecture import Architecture
 from mmpack.compression import Compression
 from mmpack.compression import resolve as resolve_compression
-from mmpack.errors import (
-    ArchitectureMismatchError,
-    FormatError,
-    InvalidArgumentError,
-    MMPackError,
-    RepositoryError,
-    RepositoryNotFoundError,
-    VersionNotFoundError,
-)
-from mmpack.fileformat import modelset_and_hashes
+from mmpack.errors import InvalidArgumentError, MMPackError, RepositoryError
 from mmpack.modelset import ModelSet
+from mmpack.objects import ObjectStore
 from mmpack.provenance import TrainingFunction
 from mmpack.records import VersionRecord
-from mmpack.repository import recovery
-from mmpack.repository.cleanup import WriteLog, published
-from mmpack.repository.manifest import (
-    check_version_id,
-    decode_manifest,
-    encode_manifest,
-    manifest_key,
-    now,
-    version_number,
-)
-from mmpack.store import ObjectStore, Store, open_store
+from mmpack.repository import catalog as catalogs
+from mmpack.repository import executor as execution
+from mmpack.repository import maintenance, saving
+from mmpack.repository.catalog import TagMove
+from mmpack.repository.catalog.tables import Change, Diff, Tables, VersionObjects
+from mmpack.repository.maintenance import GcReport, PruneReport, VerifyReport
+from mmpack.repository.planner import RecoveryPlan, plan_recovery
+from mmpack.repository.saving import SnapshotPolicy
+from mmpack.store import Store, open_store
 
-_MARKER = "repository.json"
-_MARKER_CONTENT = {"format": "mmpack-repository", "format_version": 1}
-_HASH_TABLE_CACHE = 8
-_TABLE_BYTES = 64 << 20
-_MAX_ID_ATTEMPTS = 1000
 _REPOSITORY_DEFAULT = object()  # compression= not given: use the repository's
-
-
-@dataclass(frozen=True)
-class SnapshotPolicy:
-    """When an ``approach="update"`` save stores a full version instead of a delta.
-
-    ``every``: after this many deltas in a row. ``max_chain_ratio``: once the
-    deltas since the last full version add up to this fraction of a full
-    version's bytes. Either bound (or both) may be set.
-
-    The trade-off: a snapshot costs a full set of storage and makes the next
-    chain start afresh. Recovery is already bounded without snapshots (each
-    piece is read once), but its cost grows slowly with the chain: one more
-    manifest per delta, and the pieces of the result scatter over more
-    objects and smaller reads. ``max_chain_ratio=1.0`` caps the chain's extra
-    storage at one full set.
-    """
-
-    every: int | None = None
-    max_chain_ratio: float | None = None
-
-    def __post_init__(self) -> None:
-        if self.every is not None and self.every < 1:
-            raise ValueError("SnapshotPolicy.every must be at least 1")
-        if self.max_chain_ratio is not None and self.max_chain_ratio <= 0:
-            raise ValueError("SnapshotPolicy.max_chain_ratio must be positive")
-
-
-@dataclass
-class VerifyReport:
-    """What ``repo.verify()`` checked and every problem it found (empty when all is well)."""
-
-    versions: list[str] = field(default_factory=list)
-    objects: int = 0
-    problems: list[str] = field(default_factory=list)
-    not_retrained: list[str] = field(default_factory=list)  # provenance versions checked without retraining
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-    def __str__(self) -> str:
-        head = f"checked {len(self.versions)} versions and {self.objects} objects"
-        if self.not_retrained:
-            head += f" ({', '.join(self.not_retrained)} not retrained: records and datasets checked only)"
-        return head + (": all good" if self.ok else ":\n" + "\n".join(f"  - {p}" for p in self.problems))
-
-
-@dataclass(frozen=True)
-class GcReport:
-    """What ``repo.gc()`` removed."""
-
-    temporaries: int
-    objects: int
-    bytes: int
 
 
 class Repository:
@@ -118,30 +50,38 @@ class Repository:
     Baseline, Update or Provenance approach (or chosen per version by
     ``approach="auto"``). A local directory (created if missing; with
     ``create=False`` a location without a repository raises
-    :class:`~mmpack.RepositoryNotFoundError` and nothing is written) is the
-    embedded default; an fsspec URL (``"s3://bucket/prefix"``, with
-    ``storage_options`` for its file system; needs ``pip install
-    "mmpack[s3]"`` for S3) keeps the repository in object storage, and any
-    :class:`~mmpack.store.Store` can be passed instead. ``compression``
-    ("zstd" or a :class:`~mmpack.Compression`) is the default for every
-    save; ``policy`` the default of ``approach="auto"`` saves
-    (:class:`~mmpack.SmallestUnder` ``(math.inf)``: smallest storage), whose
-    time estimates use ``throughputs`` (measured on this machine if None).
-    A version exists once its manifest is published, which happens after all
-    its data is written, atomically: a crash at any moment leaves only
-    complete versions, and a save that fails removes what it wrote (see
-    :meth:`save`). Several processes may create, open and save into one
-    repository at once. Failures of the store reach callers as
-    :class:`~mmpack.StorageError` (an ``OSError`` keeping its errno).
+    :class:`~mmpack.RepositoryNotFoundError` and nothing is written) is the embedded
+    default; an fsspec URL (``"s3://bucket/prefix"``, with ``storage_options``
+    for its file system; needs ``pip install "mmpack[s3]"`` for S3) keeps the
+    repository in object storage, and any :class:`~mmpack.store.Store` can be
+    passed instead. ``compression`` ("zstd" or a :class:`~mmpack.Compression`)
+    is the default for every save; ``policy`` the default of
+    ``approach="auto"`` saves (:class:`~mmpack.SmallestUnder` ``(math.inf)``:
+    smallest storage), whose time estimates use ``throughputs`` (measured on
+    this machine if None).
+
+    A version exists once the catalog publishes it, which happens after all
+    its data is written, in one atomic write: a crash at any moment leaves
+    only complete versions, and a save that fails removes what it wrote
+    (see :meth:`save`). Several processes may create, open and save into one
+    repository at once; many threads may share one ``Repository`` to read.
+    Failures of the store reach callers as :class:`~mmpack.StorageError` (an
+    ``OSError`` keeping its errno). Wherever a
+    version id is taken, a tag (:meth:`tag`) may stand instead.
+
+    New repositories are format 2 (docs/REPOSITORY.md): opening one and
+    finding a version costs a few requests whatever the history. Format 1
+    repositories (mmpack 0.1) are read and written as they are; tags and
+    prune need :meth:`upgrade`.
 
     Example::
 
         repo = mmpack.Repository("cells.repo")
         v1 = repo.save(models)                                   # full set
         v2 = repo.save(models, approach="update", base=v1)       # changed tensors only
-        two = repo.recover(v2, indices=[3, 17])                  # reads only their bytes
+        repo.tag("production", v2)
+        two = repo.recover("production", indices=[3, 17])        # reads only their bytes
         remote = mmpack.Repository("s3://fleet/cells", storage_options={"profile": "prod"})
-        existing = mmpack.Repository("cells.repo", create=False)  # never creates one
     """
 
     def __init__(
@@ -161,25 +101,35 @@ class Repository:
             raise TypeError("pass a path or a store, not both")
         if store is not None and storage_options is not None:
             raise TypeError("storage_options configure the store a path or URL opens; a store is already configured")
-        self.compression = resolve_compression(compression)
-        self.policy = _check_policy(policy) if policy is not None else SmallestUnder(math.inf)
-        self._throughputs = throughputs
+        self.settings = saving.Settings(
+            resolve_compression(compression),
+            check_policy(policy) if policy is not None else SmallestUnder(math.inf),
+            snapshots or SnapshotPolicy(),
+            throughputs,
+        )
         self.store = store if store is not None else open_store(path, storage_options, fsync=fsync)
         self.objects = ObjectStore(self.store)
-        self.snapshots = snapshots or SnapshotPolicy()
-        self._records: dict[str, VersionRecord] = {}
-        self._architectures: dict[str, Architecture] = {}
-        self._tables: LRU[str, np.ndarray] = LRU(_HASH_TABLE_CACHE, _TABLE_BYTES, lambda t: t.nbytes)
-        self._owner_maps: LRU[str, np.ndarray] = LRU(_HASH_TABLE_CACHE, _TABLE_BYTES, lambda t: t.nbytes)
-        #: (version id, object key) pairs whose object was checked against the version's manifest.
-        self.checked_objects: set[tuple[str, str]] = set()
-        self._open_or_create(create)
+        self._open(create)
+
+    def _open(self, create: bool) -> None:
+        self.catalog = catalogs.open_catalog(self.store, self.objects, create)
+        self.tables = Tables(self.catalog, VersionObjects(self.objects, self.store.remote))
 
     def __repr__(self) -> str:
         return f"Repository({self.store!r})"
 
+    @property
+    def compression(self) -> Compression | None:
+        """The default compression of saves."""
+        return self.settings.compression
+
+    @property
+    def format_version(self) -> int:
+        """The repository's format (docs/REPOSITORY.md): 1 (mmpack 0.1) or 2."""
+        return self.catalog.format_version
+
     def close(self) -> None:
-        """Release open data objects (memory mappings, file handles). The repository stays usable."""
+        """Release open data objects (file handles). The repository stays usable."""
         self.objects.close()
 
     def __enter__(self) -> Repository:
@@ -187,36 +137,6 @@ class Repository:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
-
-    def _open_or_create(self, create: bool) -> None:
-        marker = json.dumps(_MARKER_CONTENT).encode()
-        try:
-            content = self.store.get(_MARKER)  # one request when the repository exists (remote stores)
-        except FileNotFoundError:
-            if not create:
-                raise RepositoryNotFoundError(errno.ENOENT, f"no mmpack repository at {self.store!r}") from None
-            content = self._create(marker)
-            if content is None:
-                return
-        _check_marker(content, self.store)
-
-    def _create(self, marker: bytes) -> bytes | None:
-        """Create the repository unless another opener just did; the marker found (None: ours).
-
-        The marker is the first thing any writer creates and nothing ever
-        removes it, so a location that lists files but has no marker, read
-        *after* the listing, is not a repository. Reading it only before the
-        listing would count as foreign the marker that a concurrent opener
-        published in between.
-        """
-        if self.store.list("") or self.store.list("versions/"):
-            try:
-                return self.store.get(_MARKER)
-            except FileNotFoundError:
-                raise RepositoryError(f"{self.store!r} holds files but is not an mmpack repository") from None
-        if self.store.put_if_absent(_MARKER, marker):
-            return None
-        return self.store.get(_MARKER)
 
     # -- saving -------------------------------------------------------------
 
@@ -236,25 +156,24 @@ class Repository:
         Store a model set (a :class:`ModelSet` or a list of modules) as a new
         version and return its id (``"v1"``, ``"v2"``...). ``"baseline"``
         stores the full set; ``"update"`` stores only the tensors whose hashes
-        differ from ``base`` (reading the base's hashes, never its
-        parameters); ``"provenance"`` stores how the changed models were
-        trained (``provenance=Provenance.of(...)``, an entry for every model
-        that differs from ``base``) and their hashes. Without a base, or when
-        the snapshot policy asks, the full set is stored instead. ``"auto"``
-        lets ``policy`` (default: the repository's) pick among the approaches
-        that can store this version, from each one's estimate of bytes stored
-        and time to recover. ``compression`` overrides the repository's
-        default (None: raw). ``repo.versions()`` records which approach was
-        used and why.
+        differ from ``base`` (a version id or a tag; the base's hashes are
+        read, never its parameters); ``"provenance"`` stores how the changed
+        models were trained (``provenance=Provenance.of(...)``, an entry for
+        every model that differs from ``base``) and their hashes. Without a
+        base, or when the snapshot policy asks, the full set is stored instead.
+        ``"auto"`` lets ``policy`` (default: the repository's) pick among the
+        approaches that can store this version, from each one's estimate of
+        bytes stored and time to recover. ``compression`` overrides the
+        repository's default (None: raw). ``repo.versions()`` records which
+        approach was used and why.
 
         A save that fails (a full disk, a lost connection; the error is a
         :class:`~mmpack.StorageError` when the store failed) removes the
-        objects it wrote, so the store holds what it held before, except the
-        few hundred bytes of an architecture record it introduced (shared:
-        a concurrent save of the same architecture may already rely on it).
-        A manifest write whose request failed although the store applied it
-        is detected by reading the manifest back, and the save then succeeds;
-        if even that read fails, the objects are kept for :meth:`gc`.
+        objects it wrote, so the store holds what it held before (format 1:
+        except the few hundred bytes of an architecture record it
+        introduced). A publication whose request failed although the store
+        applied it is detected by reading it back, and the save then
+        succeeds; if even that read fails, the objects are kept for :meth:`gc`.
 
         Example::
 
@@ -267,147 +186,13 @@ class Repository:
             raise MMPackError(f"approach {approach!r} takes no provenance")
         if not isinstance(message, str):
             raise TypeError("message must be a string")
-        setting = self.compression if compression is _REPOSITORY_DEFAULT else resolve_compression(compression)
+        setting = self.settings.compression if compression is _REPOSITORY_DEFAULT else resolve_compression(compression)
         base_record = self.version(base) if base is not None else None
-        modelset, hashes = modelset_and_hashes(models)
-        if base_record is not None:
-            self._check_compatible(modelset, base_record)
-        request = SaveRequest(
-            modelset,
-            hashes,
-            base_record,
-            (lambda: self.hashes(base_record.id)) if base_record is not None else _no_base,
-            provenance,
-            setting,
-            self._xor_reference(base_record) if setting is not None and setting.xor else None,
+        record = saving.save(
+            self.tables, self.objects, self.settings, models, approach, base_record, provenance, message, setting,
+            policy, lambda vid, wanted: self.recover(vid, wanted),
         )
-        details: dict = {}
-        if approach == "auto":
-            approach, auto_reason, details = self._advise(request, policy)
-        chosen, reason = self._choose(approach, base_record)
-        if details:
-            reason = auto_reason if chosen == approach else f"{auto_reason}; then {reason}"
-        architecture_bytes = self._store_architecture(modelset.architecture)
-        written = WriteLog(self.objects)
-        with written.undone_on_failure():
-            stored = APPROACHES[chosen].save(written, request)
-        record = self._publish(
-            lambda vid: VersionRecord(
-                id=vid,
-                approach=chosen,
-                base=base_record.id if base_record is not None else None,
-                n_models=len(modelset),
-                created=now(),
-                message=message,
-                reason=reason,
-                architecture=modelset.architecture.fingerprint(),
-                objects=tuple(stored.objects),
-                changes=stored.changes,
-                details={**details, **stored.details},
-                architecture_bytes=architecture_bytes,
-            ),
-            written,
-        )
-        self._remember_table(record.id, request.resolved_hashes())
         return record.id
-
-    def _xor_reference(self, base: VersionRecord | None) -> tuple[str, object] | None:
-        """The chain's full version, which XOR deltas are taken against, and how to fetch its rows."""
-        if base is None:
-            return None
-        root = recovery.chain_of(self, base.id)[-1]
-        return root.id, lambda models: self.recover(root.id, models)
-
-    def _advise(self, request: SaveRequest, policy: Policy | None) -> tuple[str, str, dict]:
-        """Pick an approach for ``approach="auto"``: every registered approach estimates what it
-        would cost (None: it cannot store this version), then the policy picks."""
-        policy = _check_policy(policy) if policy is not None else self.policy
-        chain = recovery.chain_of(self, request.base.id) if request.base is not None else []
-        model = CostModel(request, chain, self._throughputs or measured_throughputs())
-        estimates = {name: approach.estimate(request, model) for name, approach in APPROACHES.items()}
-        available = {name: e for name, e in estimates.items() if e is not None}
-        if not available:
-            raise MMPackError("no approach can store this version")
-        chosen, why = policy.choose(available)
-        described = "; ".join(
-            f"{name} {e.stored_bytes / 1e6:.3f} MB, recover ~{e.recover_seconds:.3f} s" if e is not None
-            else f"{name} unavailable" for name, e in estimates.items()
-        )
-        details = {
-            "policy": policy.describe(),
-            "estimates": {name: e.to_json() for name, e in available.items()},
-        }
-        return chosen, f"auto ({policy.describe()}): {why} [{described}]", details
-
-    def _check_compatible(self, models: ModelSet, base: VersionRecord) -> None:
-        difference = models.architecture.difference(self.architecture(base.architecture))
-        if difference is not None:
-            raise ArchitectureMismatchError(f"models differ from base {base.id}: {difference}")
-        if len(models) != base.n_models:
-            raise ArchitectureMismatchError(
-                f"{len(models)} models cannot be stored on base {base.id} of {base.n_models} models"
-            )
-
-    def _choose(self, approach: str, base: VersionRecord | None) -> tuple[str, str]:
-        if approach == "baseline":
-            return approach, "requested"
-        if base is None:
-            return "baseline", f"{approach} without a base stores the full set"
-        chain = recovery.chain_of(self, base.id)
-        deltas = len(chain) - 1
-        policy = self.snapshots
-        if policy.every is not None and deltas + 1 > policy.every:
-            return "baseline", f"snapshot: {deltas} updates since the last full version ({chain[-1].id})"
-        if policy.max_chain_ratio is not None:
-            full_bytes = sum(o.bytes for o in chain[-1].objects)
-            delta_bytes = sum(o.bytes for r in chain[:-1] for o in r.objects)
-            if delta_bytes >= policy.max_chain_ratio * full_bytes:
-                return "baseline", (
-                    f"snapshot: deltas since {chain[-1].id} hold {delta_bytes / full_bytes:.0%} of a full version"
-                )
-        return approach, "requested"
-
-    def _store_architecture(self, architecture: Architecture) -> int:
-        """Write the architecture record once per repository; the bytes written (0 if it existed)."""
-        fingerprint = architecture.fingerprint()
-        key = f"architectures/{fingerprint}.json"
-        if fingerprint not in self._architectures and not self.store.exists(key):
-            content = json.dumps(architecture.to_json(), sort_keys=True).encode()
-            if self.store.put_if_absent(key, content):
-                self._architectures[fingerprint] = architecture
-                return len(content)
-        difference = self.architecture(fingerprint).difference(architecture)
-        if difference is not None:
-            raise RepositoryError(f"architecture record {fingerprint} collides with another architecture")
-        return 0
-
-    def _publish(self, make_record, written: WriteLog) -> VersionRecord:
-        """Publish a manifest under the next free id; concurrent writers each get their own. If none
-        is published, the objects ``written`` are removed."""
-        with written.undone_on_failure():
-            for _ in range(_MAX_ID_ATTEMPTS):
-                taken = [version_number(k[len("versions/") : -len(".json")]) for k in self._manifest_keys()]
-                vid = f"v{max(taken, default=0) + 1}"
-                record = make_record(vid)
-                content = encode_manifest(record)
-                if self._put_manifest(manifest_key(vid), content, written):
-                    record = _with_manifest_bytes(record, len(content))
-                    self._records[vid] = record
-                    return record
-            raise RepositoryError("could not allocate a version id: too many concurrent writers")
-
-    def _put_manifest(self, key: str, content: bytes, written: WriteLog) -> bool:
-        """Create ``key`` unless it exists; a failed request that the store applied anyway counts as
-        created (cleanup.py: the version then exists, and its objects must stay)."""
-        try:
-            return self.store.put_if_absent(key, content)
-        except BaseException:
-            outcome = published(self.store, key, content)
-            if outcome:
-                return True
-            if outcome is None:
-                written.keep()
-            raise
 
     # -- reading ------------------------------------------------------------
 
@@ -424,11 +209,12 @@ class Repository:
     ) -> ModelSet:
         """repo.recover(vid, indices=None) -> ModelSet
 
-        The models of version ``vid``, bit-exact, every piece checked against
-        the version's hashes. With ``indices``, only those models' bytes are
-        read. Deltas are resolved from the manifests, so each piece is read
-        once however long the chain of updates (``strategy="recursive"``
-        replays the chain as the paper does, for comparison).
+        The models of version ``vid`` (an id or a tag), bit-exact, every piece
+        checked against the hash its object states. With ``indices``, only
+        those models' bytes are read. Deltas are resolved from the catalog, so
+        each piece is read once however long the chain of updates
+        (``strategy="recursive"`` replays the chain as the paper does, for
+        comparison).
 
         Pieces stored as provenance are retrained: the training function
         comes from ``training`` (``{"pkg.mod:fn": fn}``) or, with
@@ -441,15 +227,31 @@ class Repository:
         Example::
 
             ms = repo.recover("v7", indices=[3, 17])
-            ms = repo.recover("v9", allow_import=True, executor=ProcessPoolExecutor(4))
+            ms = repo.recover("production", allow_import=True, executor=ProcessPoolExecutor(4))
         """
+        vid = self.catalog.resolve(vid)
         pool = DefaultPool() if executor is None else None
-        options = recovery.RebuildOptions(executor or pool, training, allow_import)
+        options = _options(executor or pool, training, allow_import)
         try:
-            return recovery.recover(self, check_version_id(vid), indices, strategy=strategy, verify=verify, options=options)
+            if strategy == "recursive":
+                full = execution.recover_recursive(self.tables, vid, verify=verify, options=options)
+                return full if indices is None else full.select(indices)
+            if strategy != "resolve":
+                raise InvalidArgumentError(f"unknown recovery strategy {strategy!r}; use 'resolve' or 'recursive'")
+            return execution.recover(self.tables, vid, indices, verify=verify, options=options)
         finally:
             if pool is not None:
                 pool.shutdown()
+
+    def plan(self, vid: str, indices: Iterable[int] | None = None) -> RecoveryPlan:
+        """repo.plan(vid, indices=None) -> RecoveryPlan: what :meth:`recover` would read, from the
+        catalog alone (no object is opened).
+
+        Example::
+
+            print(repo.plan("v7", [17]))   # RecoveryPlan(v7, 1 models: 7 pieces from v7 (2), v1 (5))
+        """
+        return plan_recovery(self.tables, self.catalog.resolve(vid), indices)
 
     def versions(self) -> list[VersionRecord]:
         """repo.versions() -> list of VersionRecord, oldest first.
@@ -457,89 +259,95 @@ class Repository:
         Each record has ``.id .approach .base .n_models .stored_bytes .created
         .message`` and ``.reason`` (why the approach was used).
         """
-        return [self.version(vid) for vid in self._version_ids()]
+        return self.catalog.versions()
 
     def version(self, vid: str) -> VersionRecord:
-        """The record of one version; :class:`VersionNotFoundError` if there is none."""
-        check_version_id(vid)
-        record = self._records.get(vid)
-        if record is None:
-            try:
-                raw = self.store.get(manifest_key(vid))
-            except FileNotFoundError:
-                raise VersionNotFoundError(f"no version {vid!r} in {self.store!r}") from None
-            record = decode_manifest(raw, vid, lambda fingerprint: len(self.architecture(fingerprint)))
-            self._records[vid] = record
-        return record
+        """The record of one version (an id or a tag); :class:`VersionNotFoundError` if there is none."""
+        return self.catalog.record(self.catalog.resolve(vid))
 
     def storage_bytes(self, vid: str) -> int:
-        """Bytes version ``vid`` added to the store: data objects, manifest, architecture if new."""
+        """Bytes version ``vid`` added to the store: data objects, its catalog entry, architecture if new."""
         return self.version(vid).stored_bytes
 
     def architecture(self, fingerprint: str) -> Architecture:
-        """The architecture record with this fingerprint."""
-        found = self._architectures.get(fingerprint)
-        if found is None:
-            try:
-                raw = self.store.get(f"architectures/{fingerprint}.json")
-            except (FileNotFoundError, MMPackError):
-                raise RepositoryError(f"architecture record {fingerprint!r} is missing") from None
-            try:
-                found = Architecture.from_json(_json.loads(raw))
-            except (_json.Malformed, FormatError) as exc:
-                raise RepositoryError(f"architecture record {fingerprint} is malformed: {exc}") from None
-            if found.fingerprint() != fingerprint:
-                raise RepositoryError(f"architecture record {fingerprint} does not match its fingerprint")
-            self._architectures[fingerprint] = found
-        return found
+        """The architecture with this fingerprint."""
+        return self.catalog.architecture(fingerprint)
 
     def hashes(self, vid: str) -> np.ndarray:
-        """Version ``vid``'s XXH3-64 of every (model, tensor), ``[n_models, n_tensors]``; no parameters are read.
+        """Version ``vid``'s XXH3-64 of every (model, tensor), ``[n_models, n_tensors]``; no parameters are read."""
+        return self.tables.table(self.catalog.resolve(vid))
 
-        Tables come from the pinned tails of data objects; a version that stores
-        none (provenance) derives its table from its base's, down the chain.
+    def chain(self, vid: str) -> list[VersionRecord]:
+        """``vid`` and its bases, newest first, down to the full version it builds on."""
+        return self.tables.chain(self.catalog.resolve(vid))
+
+    # -- tags, history, diffs ----------------------------------------------------------------
+
+    def tag(self, name: str, vid: str, expected: str | None = None, message: str = "") -> TagMove:
+        """repo.tag(name, vid, expected=None, message="") -> TagMove
+
+        Point tag ``name`` at version ``vid`` (created or moved), atomically;
+        every move is kept in :meth:`tag_log`. With ``expected`` (a version
+        id), the move is a compare-and-swap: it happens only if the tag is on
+        ``expected`` now, else :class:`~mmpack.TagConflictError`. Versions
+        themselves never change. Needs repository format 2.
+
+        Example::
+
+            repo.tag("production", "v42", expected="v41", message="promoted after the A/B test")
         """
-        derived: list[VersionRecord] = []
-        record = self.version(vid)
-        while (table := self._tables.get(record.id)) is None:
-            if APPROACHES[record.approach].stores_table(record):
-                table = self._remember_table(record.id, recovery.checked_tail(self, record).table)
-                break
-            derived.append(record)
-            record = self.version(record.base)  # a loop, not a recursion: chains may be long
-        for record in reversed(derived):
-            table = self._remember_table(
-                record.id, APPROACHES[record.approach].hash_table(self.objects, record, lambda t=table: t)
-            )
-        return table
+        return self.catalog.move_tag(name, self.catalog.resolve(vid), _expected(self.catalog, expected), _message(message))
 
-    def hash_rows(self, vid: str, models: np.ndarray) -> np.ndarray:
-        """Rows of :meth:`hashes` for sorted unique ``models``."""
-        table = self._tables.get(vid)
-        if table is not None:
-            return table[models]
-        record = self.version(vid)
-        if not APPROACHES[record.approach].stores_table(record):
-            return self.hashes(vid)[models]
-        return recovery.checked_tail(self, record).table[models]
+    def untag(self, name: str, expected: str | None = None, message: str = "") -> TagMove:
+        """Remove tag ``name`` (recorded in the tag log; with ``expected``, only if it is on that version).
 
-    def owner_map(self, vid: str, chain: list[VersionRecord]) -> np.ndarray:
-        """For every (model, tensor) of ``vid``, the position in ``chain`` (``vid`` and its bases) of
-        the version that holds it; derived from manifests, immutable, kept for the next recovery."""
-        return self._owner_maps.get_or_compute(
-            vid, lambda: recovery.owners(chain, np.arange(chain[0].n_models), len(self.architecture(chain[0].architecture)))
-        )
+        Example::
 
-    def _remember_table(self, vid: str, table: np.ndarray) -> np.ndarray:
-        return self._tables.put(vid, table)
+            repo.untag("canary")
+        """
+        return self.catalog.move_tag(name, None, _expected(self.catalog, expected), _message(message))
 
-    def _version_ids(self) -> list[str]:
-        """Ids of the published versions, oldest first (manifests are not parsed)."""
-        return sorted((k[len("versions/") : -len(".json")] for k in self._manifest_keys()), key=version_number)
+    def tags(self) -> dict[str, str]:
+        """Tag name -> version id, as they are now.
 
-    def _manifest_keys(self) -> list[str]:
-        keys = self.store.list("versions/")
-        return [k for k in keys if k.endswith(".json") and _is_version_id(k[len("versions/") : -len(".json")])]
+        Example::
+
+            repo.tags()   # {"production": "v42", "canary": "v43"}
+        """
+        return self.catalog.tags()
+
+    def tag_log(self) -> list[TagMove]:
+        """Every tag move, oldest first: ``.time .name .before .after .message`` (None: absent).
+
+        Example::
+
+            for move in repo.tag_log(): print(move.time, move.name, move.before, "->", move.after)
+        """
+        return self.catalog.tag_log()
+
+    def history(self, model: int) -> list[Change]:
+        """repo.history(model) -> list of Change, oldest first
+
+        The versions that changed ``model``, each with the tensors it changed
+        and when, answered from the catalog (no parameter bytes are read).
+
+        Example::
+
+            for change in repo.history(17): print(change.version, change.created, change.tensors)
+        """
+        if isinstance(model, bool) or not isinstance(model, (int, np.integer)) or model < 0:
+            raise InvalidArgumentError(f"a model is a non-negative integer index, not {model!r}")
+        return self.tables.history(int(model))
+
+    def diff(self, a: str, b: str) -> Diff:
+        """repo.diff(a, b) -> Diff: the models (``.models``) and tensors (``.tensors``) that differ
+        between versions ``a`` and ``b``, from their hashes.
+
+        Example::
+
+            changed = repo.diff("v40", "production").models
+        """
+        return self.tables.diff(self.catalog.resolve(a), self.catalog.resolve(b))
 
     # -- maintenance ----------------------------------------------------------
 
@@ -565,119 +373,101 @@ class Repository:
             report = repo.verify()
             assert report.ok, str(report)
         """
-        report = VerifyReport()
-        if vid is not None:
-            ids = [check_version_id(vid)]
-        else:
-            try:
-                ids = self._version_ids()
-            except Exception as exc:  # noqa: BLE001 - verify reports, it does not raise
-                report.problems.append(f"cannot list the versions: {_described(exc)}")
-                return report
-        may_retrain = bool(training) or allow_import
+        target = self.catalog.resolve(vid) if vid is not None else None
         pool = DefaultPool() if executor is None else None
-        options = recovery.RebuildOptions(executor or pool, training, allow_import)
-        owners: dict[str, str] = {}  # object key -> the version that names it
         try:
-            for version_id in ids:
-                report.versions.append(version_id)
-                try:
-                    record = self.version(version_id)
-                    shared = [(ref.key, owners[ref.key]) for ref in record.objects if ref.key in owners]
-                    if shared:
-                        raise RepositoryError(f"names object {shared[0][0]}, which belongs to {shared[0][1]}")
-                    owners.update((ref.key, version_id) for ref in record.objects)
-                    APPROACHES[record.approach].check(self.objects, record)
-                    if not may_retrain and self._needs_retraining(record):
-                        report.not_retrained.append(version_id)
-                        continue
-                    recovery.recover(self, version_id, None, verify=True, options=options)
-                except Exception as exc:  # noqa: BLE001 - every problem is collected, none raised
-                    report.problems.append(f"{version_id}: {_described(exc)}")
+            return maintenance.verify(self.tables, target, _options(executor or pool, training, allow_import),
+                                      bool(training) or allow_import)
         finally:
             if pool is not None:
                 pool.shutdown()
-        report.objects = len(owners)
-        return report
-
-    def _needs_retraining(self, record: VersionRecord) -> bool:
-        return any(not APPROACHES[r.approach].stores_rows for r in recovery.chain_of(self, record.id))
 
     def gc(self, *, grace_seconds: float = 3600.0) -> GcReport:
         """repo.gc(grace_seconds=3600) -> GcReport
 
-        Remove what interrupted saves left behind: temporary files and data
-        objects no manifest references, once older than ``grace_seconds``
-        (a save still running in another process is never disturbed). Nothing
-        is removed if any manifest cannot be read.
-
-        ``grace_seconds`` must be a finite number of seconds, zero or more
-        (:class:`~mmpack.InvalidArgumentError` otherwise: a NaN would compare
-        as older than any cut-off and remove fresh files).
+        Remove what nothing reaches: data objects no live version names (left
+        by interrupted saves, or by versions a prune deleted), temporaries, and
+        catalog documents older than the last two checkpoints, once older than
+        ``grace_seconds`` (a save still running in another process is never
+        disturbed). ``grace_seconds`` must be finite and at least 0.
 
         Example::
 
             repo.gc(grace_seconds=0)  # no other process is saving
         """
-        if isinstance(grace_seconds, bool) or not isinstance(grace_seconds, (int, float, np.integer, np.floating)):
-            raise InvalidArgumentError(f"grace_seconds must be a number of seconds, not {type(grace_seconds).__name__}")
-        if not math.isfinite(grace_seconds) or grace_seconds < 0:
-            raise InvalidArgumentError(f"grace_seconds must be finite and at least 0, got {grace_seconds!r}")
-        referenced = {ref.key for record in self.versions() for ref in record.objects}
-        cleaned = self.store.clean_temporaries(grace_seconds)
-        removed = size = 0
-        cutoff = now().timestamp() - grace_seconds
-        for key in self.store.list(ObjectStore.PREFIX):
-            if key in referenced:
-                continue
-            try:
-                if self.store.modified(key) > cutoff:
-                    continue
-                object_size = self.store.size(key)
-            except FileNotFoundError:
-                continue
-            self.store.delete(key)
-            removed += 1
-            size += object_size
-        return GcReport(cleaned.removed, removed, cleaned.bytes + size)
+        return maintenance.gc(self.tables, grace_seconds)
+
+    def prune(
+        self,
+        *,
+        keep_last: int | None = None,
+        newer_than: datetime | None = None,
+        keep_tagged: bool = True,
+        keep: Iterable[str] = (),
+        dry_run: bool = False,
+        message: str = "",
+        executor: Executor | None = None,
+        training: Mapping[str, TrainingFunction] | None = None,
+        allow_import: bool = False,
+    ) -> PruneReport:
+        """repo.prune(*, keep_last=None, newer_than=None, keep_tagged=True, keep=(), dry_run=False) -> PruneReport
+
+        Keep the last ``keep_last`` versions, those created at or after
+        ``newer_than``, the tagged ones (unless ``keep_tagged=False``) and
+        those in ``keep`` (ids or tags); delete the rest from the catalog in
+        one atomic commit. Kept versions stay recoverable bit-exactly: a kept
+        delta whose chain would lose a version is first stored anew, as a delta
+        on its nearest kept ancestor, or as a full version. A kept provenance
+        version is rewritten only if retraining is allowed (``training=`` or
+        ``allow_import=True``); otherwise the versions it needs are kept too.
+        ``dry_run=True`` only reports. :meth:`gc` then frees the space. A prune
+        killed at any moment leaves every version recoverable. Needs
+        repository format 2.
+
+        Example::
+
+            print(repo.prune(keep_last=30, dry_run=True))
+            repo.prune(newer_than=datetime.now(timezone.utc) - timedelta(days=365))
+            repo.gc()
+        """
+        self.catalog.refresh()
+        kept = maintenance.select_kept(self.catalog.versions(), self.catalog.tags(), keep_last, newer_than,
+                                       keep_tagged, [self.catalog.resolve(k) for k in keep])
+        pool = DefaultPool() if executor is None else None
+        try:
+            return maintenance.prune(self.tables, self.objects, kept, dry_run=dry_run, message=_message(message),
+                                     options=_options(executor or pool, training, allow_import),
+                                     may_retrain=bool(training) or allow_import)
+        finally:
+            if pool is not None:
+                pool.shutdown()
+
+    def upgrade(self) -> bool:
+        """Turn a format 1 repository into format 2 in place (versions, ids and objects stay); False if
+        it is format 2 already. Run it when no other process writes to the repository.
+
+        Example::
+
+            mmpack.Repository("cells.repo").upgrade()
+        """
+        changed = catalogs.upgrade(self.store, self.objects)
+        if changed:
+            self._open(create=False)
+        return changed
 
 
-def _check_marker(content: bytes, store: Store) -> None:
-    """The marker must be exactly ``{"format": "mmpack-repository", "format_version": 1}``
-    (docs/REPOSITORY.md), read strictly."""
-    try:
-        found = _json.fields(_json.loads(content), ("format", "format_version"), what=_MARKER)
-    except _json.Malformed as exc:
-        raise RepositoryError(f"{store!r} is not an mmpack repository (bad {_MARKER}: {exc})") from None
-    if found["format"] != _MARKER_CONTENT["format"]:
-        raise RepositoryError(f"{store!r} is not an mmpack repository (bad {_MARKER})")
-    if not _json.same(found["format_version"], _MARKER_CONTENT["format_version"]):
-        raise RepositoryError(
-            f"repository format version {found['format_version']!r} is not supported; this mmpack reads version "
-            f"{_MARKER_CONTENT['format_version']} (a newer mmpack may read it)"
-        )
+def _options(pool, training, allow_import) -> execution.RebuildOptions:
+    return execution.RebuildOptions(pool, training, allow_import)
 
 
-def _described(exc: Exception) -> str:
-    """An error in a report's words: its message, and its type when it is not one of mmpack's own."""
-    if isinstance(exc, (MMPackError, OSError)):
-        return str(exc)
-    return f"unexpected {type(exc).__name__}: {exc}"
+def _expected(catalog, expected: str | None) -> str | None:
+    return None if expected is None else catalog.resolve(expected)
 
 
-def _no_base() -> np.ndarray:
-    raise MMPackError("this save has no base version")
+def _message(message: object) -> str:
+    if not isinstance(message, str):
+        raise TypeError("message must be a string")
+    return message
 
 
-def _is_version_id(name: str) -> bool:
-    try:
-        check_version_id(name)
-    except VersionNotFoundError:
-        return False
-    return True
-
-
-def _with_manifest_bytes(record: VersionRecord, size: int) -> VersionRecord:
-    from dataclasses import replace
-
-    return replace(record, manifest_bytes=size)
+__all__ = ["GcReport", "PruneReport", "Repository", "RepositoryError", "SnapshotPolicy", "VerifyReport"]

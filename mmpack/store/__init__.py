@@ -3,7 +3,6 @@
 from mmpack.store.base import CleanupReport, SizedWriter, Store, check_key
 from mmpack.store.fsspec_store import FsspecStore
 from mmpack.store.local import LocalStore
-from mmpack.store.objects import ObjectStore
-from mmpack.store.urls import open_store
+from mmpack.store.urls import open_store, register_scheme
 
-__all__ = ["CleanupReport", "FsspecStore", "LocalStore", "ObjectStore", "SizedWriter", "Store", "check_key", "open_store"]
+__all__ = ["CleanupReport", "FsspecStore", "LocalStore", "SizedWriter", "Store", "check_key", "open_store", "register_scheme"]

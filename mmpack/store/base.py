@@ -11,14 +11,49 @@ from __future__ import annotations
 import contextlib
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 import numpy as np
 
 from mmpack.errors import MMPackError, StorageError
-from mmpack.fileformat import Reader
+
+class Reader(Protocol):
+    """Random access to the bytes of one stored object (a file, or a store's range reads).
+
+    ``read`` and ``read_into`` raise :class:`IntegrityError` for bytes beyond
+    the object's end, before allocating anything for them. ``read_segments``
+    reads segment k (``lengths[k]`` bytes at ``offsets[k]``, or with ``counts``
+    ``counts[k]`` rows of ``lengths[k]`` bytes back to back) into
+    ``dst[dst_index[k]]`` at ``dst_offsets[k]``, storing the XXH3-64 of every
+    segment (every row) into ``hashes`` when given. ``descriptor`` gives
+    ``(file descriptor, position of byte 0)`` when the object is a local file
+    that positioned reads may read directly (several objects then move in one
+    native call), else None. Readers never memory-map: a file changed under a
+    reader gives a typed error or bytes that fail their checksums, never a
+    crash.
+    """
+
+    def size(self) -> int: ...
+
+    def read(self, offset: int, size: int, what: str) -> bytes: ...
+
+    def read_into(self, offset: int, target: memoryview, what: str) -> None: ...
+
+    def read_segments(
+        self,
+        offsets: np.ndarray,
+        lengths: np.ndarray,
+        dst: Sequence[np.ndarray],
+        dst_index: np.ndarray,
+        dst_offsets: np.ndarray,
+        hashes: np.ndarray | None = None,
+        counts: np.ndarray | None = None,
+    ) -> None: ...
+
+    def descriptor(self) -> tuple[int, int] | None: ...
+
 
 Data = bytes | bytearray | memoryview | np.ndarray
 Writer = Callable[[BinaryIO], None]
@@ -79,6 +114,12 @@ class Store(ABC):
     @abstractmethod
     def list(self, prefix: str) -> list[str]:
         """Keys directly under the folder ``prefix`` (e.g. ``"versions/"``), sorted, temporaries excluded."""
+
+    def list_after(self, prefix: str, after: str) -> list[str]:
+        """Keys directly under ``prefix`` that sort after the key ``after``, sorted. Stores that can
+        start a listing at a key (S3's ``StartAfter``) override it: a catalog lists only the few
+        commits after the one it knows, however long the log."""
+        return [key for key in self.list(prefix) if key > after]
 
     @abstractmethod
     def size(self, key: str) -> int:

@@ -2,11 +2,12 @@
 
     python tests/fuzz/fuzz_repository.py -max_total_time=300 tests/fuzz/corpus-repository
 
-Each input replaces one document of a small repository (a manifest, the
-architecture record, the provenance document or the marker): its first byte
-picks the document, the rest is the new content. Manifests are re-signed
-(their checksum line recomputed), so mutations reach the field checks
-rather than stopping at the checksum. Then the repository is opened, listed,
+Each input replaces one document of a small repository of format 2 (a
+catalog commit, a checkpoint, HEAD, the provenance document or the marker):
+its first byte picks the document, the rest is the new content. Signed
+documents (commits, checkpoints, HEAD) are re-signed (their checksum line
+recomputed), so mutations reach the field checks rather than stopping at the
+checksum. Then the repository is opened, listed,
 every version recovered (whole, one model, recursively) and hashed, and
 verified. Any exception other than an MMPackError, and any exception at all
 from ``verify``, is a bug; so is a crash or a hang.
@@ -55,9 +56,13 @@ def seed_corpus() -> None:
         return
     for k, name in enumerate(DOCUMENTS):
         content = PRISTINE[name]
-        if name.startswith("versions/"):
+        if _signed(name):
             content = content.partition(b"\n")[0]
         (CORPUS / f"{k:02d}-{name.replace('/', '_')}").write_bytes(bytes([k]) + content)
+
+
+def _signed(name: str) -> bool:
+    return name.startswith(("versions/", "catalog/"))
 
 
 def signed(line: bytes) -> bytes:
@@ -69,7 +74,7 @@ def exercise() -> None:
         repo = mmpack.Repository(WORK)
         ids = [r.id for r in repo.versions()]
     except MMPackError:
-        ids = [f"v{n}" for n in range(1, 6)]
+        ids = [f"v{n}" for n in range(1, 6)]  # what the pristine repository holds
         try:
             repo = mmpack.Repository(WORK)
         except MMPackError:
@@ -81,6 +86,8 @@ def exercise() -> None:
             lambda: repo.recover(vid, strategy="recursive", training=TRAINING),
             lambda: repo.hashes(vid),
             lambda: repo.version(vid).describe(),
+            lambda: repo.history(2),
+            lambda: repo.tag_log(),
         ):
             try:
                 read()
@@ -95,7 +102,7 @@ def test_one_input(data: bytes) -> None:
         return
     name = DOCUMENTS[data[0] % len(DOCUMENTS)]
     content = data[1:]
-    if name.startswith("versions/"):
+    if _signed(name):
         content = signed(content)
     (WORK / name).write_bytes(content)
     try:

@@ -1,5 +1,19 @@
-"""What every Store backend must do. A backend's test class subclasses StoreConformance and
-provides a ``store`` fixture that yields an empty store."""
+"""What every Store backend must do, as a pytest suite a backend's own tests subclass.
+
+Example (a third-party backend's test module)::
+
+    import pytest
+    from mmpack.testing import StoreTests
+
+    class TestVaultStore(StoreTests):
+        @pytest.fixture
+        def store(self, tmp_path):
+            yield VaultStore(f"vault://{tmp_path}")   # an empty store
+
+Every test then runs against the backend: missing keys, atomic and
+create-only writes, listings, range reads and their errors, temporaries,
+concurrent create-only writers. Needs pytest (``pip install "mmpack[test]"``).
+"""
 
 from __future__ import annotations
 
@@ -17,7 +31,7 @@ from mmpack.store import CleanupReport, SizedWriter, Store
 U64 = np.uint64
 
 
-class StoreConformance:
+class StoreTests:
     """The store contract of ``mmpack/store/base.py``, backend-independent."""
 
     @pytest.fixture

@@ -1,0 +1,458 @@
+"""What a format 2 catalog's log says: the state after a commit, and how each entry changes it.
+
+The state is the live versions (their records, in id order), the
+architectures they use, the tags and every tag move ever made. It is built
+from the newest checkpoint (the state after commit ``C``, compacted) plus
+the entries since, and each entry is checked against the state before it is
+applied: a log that names a missing base, moves a tag it does not hold, or
+skips a version number is reported, never half-applied.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+
+from mmpack import _json
+from mmpack.architecture import Architecture
+from mmpack.errors import FormatError, RepositoryError
+from mmpack.records import Changes, ObjectRef, VersionRecord
+from mmpack.repository.catalog import documents
+from mmpack.repository.catalog.documents import check_version_id, is_version_id, version_number
+
+_TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+
+
+def check_tag_name(name: object) -> str:
+    """Tag names: 1 to 128 letters, digits, ``.``, ``_`` or ``-``, not starting with ``.`` or ``-``,
+    and not shaped like a version id (``v12`` names a version, never a tag)."""
+    if not isinstance(name, str) or not _TAG.fullmatch(name) or is_version_id(name):
+        raise _json.Malformed(
+            f"tag name {name!r} must be 1-128 letters, digits, '.', '_' or '-' (not starting with '.' or '-') "
+            "and must not look like a version id such as 'v12'"
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class TagMove:
+    """One move of a tag, as ``repo.tag_log()`` lists it: ``before`` None for a new tag, ``after``
+    None for a tag removed."""
+
+    seq: int
+    time: datetime
+    name: str
+    before: str | None
+    after: str | None
+    message: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"seq": self.seq, "time": self.time.isoformat(), "name": self.name, "from": self.before,
+                "to": self.after, "message": self.message}
+
+
+@dataclass
+class CatalogState:
+    """The catalog after commit ``seq``; ``checkpoint`` is the newest checkpoint at or below it,
+    and ``pending`` the raw entries since that checkpoint (what the next commit repeats)."""
+
+    seq: int = 0
+    checkpoint: int = 0
+    next_version: int = 1
+    records: dict[str, VersionRecord] = field(default_factory=dict)
+    architectures: dict[str, Architecture] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+    tag_log: list[TagMove] = field(default_factory=list)
+    pending: list[dict[str, Any]] = field(default_factory=list)
+
+    def copy(self) -> CatalogState:
+        return CatalogState(self.seq, self.checkpoint, self.next_version, dict(self.records),
+                            dict(self.architectures), dict(self.tags), list(self.tag_log), list(self.pending))
+
+    def n_tensors(self, fingerprint: str) -> int:
+        found = self.architectures.get(fingerprint)
+        if found is None:
+            raise _json.Malformed(f"architecture {fingerprint} is not in the catalog")
+        return len(found)
+
+    # -- entries ---------------------------------------------------------------------------
+
+    def apply(self, entry: dict[str, Any]) -> None:
+        """Check ``entry`` (the log's next) against this state and apply it; RepositoryError if the
+        log is damaged. The state is unchanged when it raises."""
+        seq = self.seq + 1
+        try:
+            if not isinstance(entry, dict):
+                raise _json.Malformed("an entry must be an object")
+            op = entry.get("op")
+            if op == "version":
+                change = self._version(entry, seq)
+            elif op == "tag":
+                change = self._tag(entry, seq)
+            elif op == "prune":
+                change = self._prune(entry, seq)
+            else:
+                raise _json.Malformed(f"unknown operation {op!r}")
+        except _json.Malformed as exc:
+            raise RepositoryError(f"catalog entry {seq} is malformed: {exc}") from None
+        except FormatError as exc:
+            raise RepositoryError(f"catalog entry {seq} is malformed: {exc}") from None
+        change()
+        self.seq = seq
+        self.pending.append(entry)
+
+    def _version(self, entry: dict[str, Any], seq: int):
+        _json.fields(entry, ("seq", "time", "op", "record", "architecture"), what="a version entry")
+        _entry_time(entry)
+        new_architecture = None
+        if entry["architecture"] is not None:
+            new_architecture = Architecture.from_json(entry["architecture"])
+        architectures = dict(self.architectures)
+        if new_architecture is not None:
+            architectures[new_architecture.fingerprint()] = new_architecture
+        size = len(json.dumps(entry, separators=(",", ":")))
+        record = documents.record_from_json(
+            entry["record"], None, size, lambda fp: _n_tensors(architectures, fp), pins=True, changes_for_baselines=True
+        )
+        if record.id != f"v{self.next_version}":
+            raise _json.Malformed(f"version {record.id} where v{self.next_version} comes next")
+        if (new_architecture is None) == (record.architecture not in self.architectures):
+            raise _json.Malformed(f"{record.id} must carry its architecture exactly when the catalog lacks it")
+        if new_architecture is not None and new_architecture.fingerprint() != record.architecture:
+            raise _json.Malformed(f"{record.id} carries an architecture other than the one it names")
+        self._check_base(record)
+
+        def change() -> None:
+            self.architectures = architectures
+            self.records[record.id] = record
+            self.next_version += 1
+
+        return change
+
+    def _tag(self, entry: dict[str, Any], seq: int):
+        _json.fields(entry, ("seq", "time", "op", "name", "from", "to", "message"), what="a tag entry")
+        name = check_tag_name(entry["name"])
+        before, after = entry["from"], entry["to"]
+        if before != self.tags.get(name):
+            raise _json.Malformed(f"tag {name!r} moves from {before!r}, but it is on {self.tags.get(name)!r}")
+        if after is not None and check_version_id(after) not in self.records:
+            raise _json.Malformed(f"tag {name!r} moves to {after!r}, which is not a live version")
+        if before is None and after is None:
+            raise _json.Malformed(f"tag {name!r} neither exists nor is created")
+        move = TagMove(seq, _entry_time(entry), name, before, after, _json.string(entry["message"], "message"))
+
+        def change() -> None:
+            if after is None:
+                del self.tags[name]
+            else:
+                self.tags[name] = after
+            self.tag_log.append(move)
+
+        return change
+
+    def _prune(self, entry: dict[str, Any], seq: int):
+        _json.fields(entry, ("seq", "time", "op", "deleted", "replaced", "message"), what="a prune entry")
+        time = _entry_time(entry)
+        message = _json.string(entry["message"], "message")
+        deleted = entry["deleted"]
+        if not isinstance(deleted, list) or not all(is_version_id(v) and v in self.records for v in deleted):
+            raise _json.Malformed(f"prune deletes {deleted!r:.80}, not a list of live versions")
+        if len(set(deleted)) != len(deleted):
+            raise _json.Malformed("prune deletes a version twice")
+        if not isinstance(entry["replaced"], list):
+            raise _json.Malformed("prune's replaced records must be a list")
+        records = {k: v for k, v in self.records.items() if k not in set(deleted)}
+        for body in entry["replaced"]:
+            replacement = documents.record_from_json(
+                body, None, 0, lambda fp: self.n_tensors(fp), pins=True, changes_for_baselines=True
+            )
+            old = records.get(replacement.id)
+            if old is None:
+                raise _json.Malformed(f"prune replaces {replacement.id}, which is not a kept version")
+            if (replacement.n_models, replacement.architecture) != (old.n_models, old.architecture):
+                raise _json.Malformed(f"prune replaces {replacement.id} with a set of another shape")
+            records[replacement.id] = _with_bytes(replacement, old.manifest_bytes)
+        for record in records.values():
+            if record.base is not None and record.base not in records and record.delta:
+                raise _json.Malformed(f"after the prune, {record.id} is a delta on {record.base}, which is gone")
+        untag = sorted(name for name, vid in self.tags.items() if vid not in records)
+        moves = [TagMove(seq, time, name, self.tags[name], None, message or "pruned") for name in untag]
+
+        def change() -> None:
+            self.records = records
+            for name in untag:
+                del self.tags[name]
+            self.tag_log.extend(moves)
+
+        return change
+
+    def _check_base(self, record: VersionRecord) -> None:
+        if record.base is None:
+            return
+        base = self.records.get(record.base)
+        if base is None:
+            raise _json.Malformed(f"{record.id} names base {record.base}, which is not a live version")
+        if (base.n_models, base.architecture) != (record.n_models, record.architecture):
+            raise _json.Malformed(f"{record.id} is saved against {record.base}, a set of another shape")
+
+    # -- checkpoints -----------------------------------------------------------------------
+
+    def encode_checkpoint(self) -> bytes:
+        """The state as a checkpoint document (docs/REPOSITORY.md): every field of the records as a
+        column (one array per field, objects and details too), so reading 10,000 versions parses a
+        few long arrays instead of 10,000 objects. The same state always gives the same bytes."""
+        records = list(self.records.values())
+        changed = [r.changes for r in records]
+        present = sorted({key for r in records for key in r.details})
+        versions = {
+            "id": [version_number(r.id) for r in records],
+            "approach": [r.approach for r in records],
+            "base": [version_number(r.base) if r.base is not None else None for r in records],
+            "n_models": [r.n_models for r in records],
+            "architecture": [r.architecture for r in records],
+            "architecture_bytes": [r.architecture_bytes for r in records],
+            "entry_bytes": [r.manifest_bytes for r in records],
+            "created": [r.created.isoformat() for r in records],
+            "message": [r.message for r in records],
+            "reason": [r.reason for r in records],
+            "objects": {
+                "key": [[o.key for o in r.objects] for r in records],
+                "bytes": [[o.bytes for o in r.objects] for r in records],
+                "xxh3": [[f"{o.checksum:016x}" for o in r.objects] for r in records],
+                "pin": [[f"{o.pin:016x}" if o.pin is not None else None for o in r.objects] for r in records],
+            },
+            "details": {key: [r.details.get(key) for r in records] for key in present},
+            "changes": {
+                "count": [len(c.models) if c is not None else None for c in changed],
+                "models": documents.pack_u32(np.concatenate([c.models for c in changed if c is not None] or [np.empty(0)])),
+                "masks": base64.b64encode(b"".join(
+                    np.packbits(c.masks, axis=1).tobytes() for c in changed if c is not None)).decode(),
+            },
+        }
+        return documents.signed({
+            "format": documents.CHECKPOINT_FORMAT,
+            "format_version": documents.CATALOG_VERSION,
+            "seq": self.seq,
+            "next_version": self.next_version,
+            "architectures": {fp: a.to_json() for fp, a in sorted(self.architectures.items())},
+            "versions": versions,
+            "tags": dict(sorted(self.tags.items())),
+            "tag_log": [m.to_json() for m in self.tag_log],
+        })
+
+    @classmethod
+    def decode_checkpoint(cls, raw: bytes, seq: int) -> CatalogState:
+        what = f"catalog checkpoint {seq}"
+        body = documents.check_format(
+            documents.unsigned(raw, what), documents.CHECKPOINT_FORMAT, (documents.CATALOG_VERSION,),
+            ("seq", "next_version", "architectures", "versions", "tags", "tag_log"), what,
+        )
+        try:
+            return cls._from_checkpoint(body, seq)
+        except (_json.Malformed, FormatError) as exc:
+            raise RepositoryError(f"{what} is malformed: {exc}") from None
+
+    @classmethod
+    def _from_checkpoint(cls, body: dict[str, Any], seq: int) -> CatalogState:
+        if not _json.same(body["seq"], seq):
+            raise _json.Malformed(f"it says it is checkpoint {body['seq']!r}")
+        state = cls(seq=seq, checkpoint=seq)
+        state.next_version = _json.integer(body["next_version"], "next_version", 1, documents.MAX_VERSION)
+        architectures = body["architectures"]
+        if not isinstance(architectures, dict):
+            raise _json.Malformed("architectures must be an object")
+        for fp, data in architectures.items():
+            found = Architecture.from_json(data)
+            if found.fingerprint() != fp:
+                raise _json.Malformed(f"architecture {fp} does not match its fingerprint")
+            state.architectures[fp] = found
+        for record in _records_from_columns(body["versions"], state):
+            state.records[record.id] = record
+        tags = body["tags"]
+        if not isinstance(tags, dict):
+            raise _json.Malformed("tags must be an object")
+        for name, vid in tags.items():
+            check_tag_name(name)
+            if vid not in state.records:
+                raise _json.Malformed(f"tag {name!r} is on {vid!r}, which is not a live version")
+            state.tags[name] = vid
+        if not isinstance(body["tag_log"], list):
+            raise _json.Malformed("tag_log must be an array")
+        for move in body["tag_log"]:
+            move = _json.fields(move, ("seq", "time", "name", "from", "to", "message"), what="a tag move")
+            state.tag_log.append(TagMove(
+                _json.integer(move["seq"], "tag move seq", 1, seq + 1), documents._created(move["time"]),
+                check_tag_name(move["name"]), _optional_id(move["from"]), _optional_id(move["to"]),
+                _json.string(move["message"], "tag move message"),
+            ))
+        return state
+
+
+_COLUMNS = ("id", "approach", "base", "n_models", "architecture", "architecture_bytes", "entry_bytes", "created",
+            "message", "reason", "objects", "details", "changes")
+_OBJECT_COLUMNS = ("key", "bytes", "xxh3", "pin")
+_HEX64 = re.compile(r"[0-9a-f]{16}")
+
+
+def _records_from_columns(data: Any, state: CatalogState) -> list[VersionRecord]:
+    """The checkpoint's version records, each column checked as a whole (the rules of
+    ``documents.record_from_json``, applied per column), then the records built."""
+    from mmpack.approaches import APPROACHES
+
+    columns = _json.fields(data, _COLUMNS, what="versions")
+    ids = columns["id"]
+    n = len(ids) if isinstance(ids, list) else -1
+    for name in _COLUMNS:
+        if name not in ("objects", "details", "changes") and (not isinstance(columns[name], list) or len(columns[name]) != n):
+            raise _json.Malformed(f"versions.{name} must list one value per version")
+    if not all(type(i) is int and 0 < i < state.next_version for i in ids) or any(a >= b for a, b in zip(ids, ids[1:])):
+        raise _json.Malformed("version ids must be ascending and below next_version")
+    approaches = [APPROACHES.get(a) if isinstance(a, str) else None for a in columns["approach"]]
+    if None in approaches:
+        raise _json.Malformed(f"versions.approach names an unknown approach; known: {sorted(APPROACHES)}")
+    bases = columns["base"]
+    if not all(b is None or (type(b) is int and 0 < b < i) for b, i in zip(bases, ids)):
+        raise _json.Malformed("every base must be an earlier version number, or null")
+    if any(a.delta and b is None for a, b in zip(approaches, bases)):
+        raise _json.Malformed("a delta version needs a base")
+    n_models = columns["n_models"]
+    if not all(type(m) is int and 0 <= m < documents.MAX_MODELS for m in n_models):
+        raise _json.Malformed("versions.n_models must be integers from 0 to 2**32 - 1")
+    if not set(columns["architecture"]) <= set(state.architectures):
+        raise _json.Malformed("a version names an architecture the checkpoint does not hold")
+    for name in ("architecture_bytes", "entry_bytes"):
+        if not all(type(v) is int and v >= 0 for v in columns[name]):
+            raise _json.Malformed(f"versions.{name} must be non-negative integers")
+    for name in ("message", "reason"):
+        if not all(isinstance(v, str) for v in columns[name]):
+            raise _json.Malformed(f"versions.{name} must be strings")
+    created = [documents._created(v) for v in columns["created"]]
+    objects = _objects_from_columns(columns["objects"], approaches, n)
+    details = _details_from_columns(columns["details"], n)
+    changes = _decode_changes(columns["changes"], columns, state.architectures, n)
+    records = []
+    for k in range(n):
+        approach, change = approaches[k], changes[k]
+        if (change is None) if approach.delta else (change is not None and bases[k] is None):
+            raise _json.Malformed(f"version {ids[k]}: a delta needs a change list, a version without a base has none")
+        if change is not None and len(change.models) and change.models[-1] >= n_models[k]:
+            raise _json.Malformed(f"the change list of version {ids[k]} names models beyond its {n_models[k]}")
+        records.append(VersionRecord(
+            id=f"v{ids[k]}", approach=approach.name, base=f"v{bases[k]}" if bases[k] is not None else None,
+            n_models=n_models[k], created=created[k], message=columns["message"][k], reason=columns["reason"][k],
+            architecture=columns["architecture"][k], objects=objects[k], changes=change, details=details[k],
+            architecture_bytes=columns["architecture_bytes"][k], manifest_bytes=columns["entry_bytes"][k],
+            delta=approach.delta,
+        ))
+    live = {r.id for r in records}
+    for record in records:
+        if record.delta and record.base not in live:
+            raise _json.Malformed(f"{record.id} is a delta on {record.base}, which is not a live version")
+    return records
+
+
+def _objects_from_columns(data: Any, approaches: list, n: int) -> list[tuple[ObjectRef, ...]]:
+    columns = _json.fields(data, _OBJECT_COLUMNS, what="versions.objects")
+    if not all(isinstance(columns[c], list) and len(columns[c]) == n for c in _OBJECT_COLUMNS):
+        raise _json.Malformed("versions.objects must list the objects of every version")
+    out = []
+    for k, (keys, sizes, digests, pins) in enumerate(zip(*(columns[c] for c in _OBJECT_COLUMNS))):
+        approach = approaches[k]
+        if not (isinstance(keys, list) and 1 <= len(keys) <= 1 + approach.delta
+                and all(isinstance(c, list) and len(c) == len(keys) for c in (sizes, digests, pins))):
+            raise _json.Malformed(f"version {k + 1} of the checkpoint lists its objects wrongly")
+        refs = []
+        for j, (key, size, digest, pin) in enumerate(zip(keys, sizes, digests, pins)):
+            document = j == 0 and approach.object_kind == "document"
+            if not (isinstance(key, str) and documents.OBJECT_KEY.fullmatch(key) and type(size) is int and size >= 0
+                    and isinstance(digest, str) and _HEX64.fullmatch(digest)
+                    and (pin is None or (not document and isinstance(pin, str) and _HEX64.fullmatch(pin)))):
+                raise _json.Malformed(f"object {key!r:.60} of a version in the checkpoint is malformed")
+            refs.append(ObjectRef(key, size, int(digest, 16), int(pin, 16) if pin is not None else None))
+        out.append(tuple(refs))
+    return out
+
+
+def _details_from_columns(data: Any, n: int) -> list[dict[str, Any]]:
+    columns = _json.fields(data, (), documents._DETAILS, what="versions.details")
+    out: list[dict[str, Any]] = [{} for _ in range(n)]
+    for key, values in columns.items():
+        kind = documents._DETAILS[key]
+        if not isinstance(values, list) or len(values) != n or not all(v is None or type(v) is kind for v in values):
+            raise _json.Malformed(f"versions.details.{key} must give a {kind.__name__} or null per version")
+        for k, value in enumerate(values):
+            if value is not None:
+                if key == "xor_base":
+                    check_version_id(value)
+                out[k][key] = value
+    return out
+
+
+def _decode_changes(data: Any, columns: dict[str, Any], architectures: dict[str, Architecture], n: int) -> list:
+    """The checkpoint's change lists, all decoded in one pass: one array of model ids, one of packed
+    masks, sliced per version (views, no copies)."""
+    data = _json.fields(data, ("count", "models", "masks"), what="versions.changes")
+    counts = data["count"]
+    if not isinstance(counts, list) or len(counts) != n or not all(
+        c is None or (type(c) is int and c >= 0) for c in counts
+    ):
+        raise _json.Malformed("versions.changes.count must give a count (or null) per version")
+    models = documents.unpack_u32(data["models"], "versions.changes.models")
+    try:
+        masks = np.frombuffer(base64.b64decode(_json.string(data["masks"], "versions.changes.masks"), validate=True),
+                              dtype=np.uint8)
+    except ValueError:
+        raise _json.Malformed("versions.changes.masks is not base64") from None
+    out: list[Changes | None] = []
+    at_model = at_mask = 0
+    for k, count in enumerate(counts):
+        if count is None:
+            out.append(None)
+            continue
+        fingerprint = columns["architecture"][k]
+        if fingerprint not in architectures:
+            raise _json.Malformed(f"version {columns['id'][k]!r} names an unknown architecture")
+        width = len(architectures[fingerprint])
+        row = (width + 7) // 8
+        ids = models[at_model : at_model + count]
+        packed = masks[at_mask : at_mask + count * row]
+        if len(ids) != count or len(packed) != count * row:
+            raise _json.Malformed("versions.changes holds fewer changes than its counts")
+        if count and (np.any(np.diff(ids) <= 0)):
+            raise _json.Malformed(f"the change list of version {columns['id'][k]!r} is not ascending")
+        bits = np.unpackbits(packed.reshape(count, row), axis=1, count=width).astype(bool)
+        out.append(Changes(ids, bits))
+        at_model += count
+        at_mask += count * row
+    if at_model != len(models) or at_mask != len(masks):
+        raise _json.Malformed("versions.changes holds more changes than its counts")
+    return out
+
+
+def _n_tensors(architectures: dict[str, Architecture], fingerprint: str) -> int:
+    found = architectures.get(fingerprint)
+    if found is None:
+        raise _json.Malformed(f"architecture {fingerprint} is not in the catalog")
+    return len(found)
+
+
+def _entry_time(entry: dict[str, Any]) -> datetime:
+    return documents._created(entry["time"])
+
+
+def _optional_id(value: Any) -> str | None:
+    return None if value is None else check_version_id(value)
+
+
+def _with_bytes(record: VersionRecord, size: int) -> VersionRecord:
+    from dataclasses import replace
+
+    return replace(record, manifest_bytes=size)
+
+

@@ -1,0 +1,165 @@
+"""Carrying out recovery plans: open, check and read the objects a plan names, and verify every piece.
+
+Each piece is verified against the hash its own object states (the object's
+pinned tail), as it lands: recovering a version needs no whole hash table,
+only the objects the pieces come from. Pieces rebuilt by retraining are
+checked by their approach against its stored hashes.
+
+Also here: the paper's recursive recovery (the full version, then every delta
+of the chain applied in turn), kept as a reference.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from mmpack import packing
+from mmpack.approaches import APPROACHES, RebuildContext
+from mmpack.architecture import Architecture
+from mmpack.errors import IntegrityError
+from mmpack.fileformat import RowRequest, read_rows_many, verify_rows
+from mmpack.modelset import ModelSet
+from mmpack.provenance import TrainingFunction
+from mmpack.records import VersionRecord
+from mmpack.repository.catalog.tables import Tables
+from mmpack.repository.planner import Read, RecoveryPlan, plan_recovery, xor_base
+
+U64 = np.uint64
+
+# Objects one native read call holds open at once: a chain of any length is read in batches of
+# this many, so a long history never runs into the process's limit on open files.
+MAX_OPEN_OBJECTS = 256
+
+
+@dataclass(frozen=True)
+class RebuildOptions:
+    """How pieces that must be retrained are retrained (see ``Repository.recover``)."""
+
+    executor: Executor | None = None
+    training: Mapping[str, TrainingFunction] | None = None
+    allow_import: bool = False
+
+
+def recover(tables: Tables, vid: str, indices=None, *, verify: bool = True,
+            options: RebuildOptions = RebuildOptions()) -> ModelSet:
+    """Plan and carry out the recovery of ``vid`` (or only ``indices``)."""
+    return execute(tables, plan_recovery(tables, vid, indices), verify=verify, options=options)
+
+
+def execute(tables: Tables, plan: RecoveryPlan, *, verify: bool = True, options: RebuildOptions = RebuildOptions()) -> ModelSet:
+    """The models ``plan`` recovers, bit-exact; every piece checked unless ``verify=False``."""
+    catalog, objects = tables.catalog, tables.objects
+    records = {r.version: catalog.record(r.version) for r in plan.reads}
+    root = catalog.record(plan.root)
+    architecture = catalog.architecture(root.architecture)
+    # The root's object states, in a header it is pinned to, how many models the chain holds: it
+    # is checked against the records before anything is allocated from their sizes. On a remote
+    # store, every object's header and tail travel at once (a round trip each otherwise).
+    if objects.remote:
+        wanted = list({root.id: root, **records}.values())
+        with ThreadPoolExecutor(min(16, len(wanted))) as pool:
+            list(pool.map(objects.tail, wanted))
+    else:
+        objects.tail(root)
+    models = plan.models
+    tensors = {s.name: packing.empty_stacked(len(models), s) for s in architecture.tensors}
+    destinations = [packing.byte_view(tensors[s.name]) for s in architecture.tensors]
+    if plan.rebuilds:
+        context = RebuildContext(
+            lambda base, wanted: recover(tables, base, wanted, verify=verify, options=options),
+            objects.objects, options.training, options.allow_import, options.executor,
+        )
+        for rebuild in plan.rebuilds:
+            _rebuild_pieces(context, catalog.record(rebuild.version), models, rebuild.rows, rebuild.columns,
+                            architecture, tensors)
+    # Batches in order: XOR reads come after the reads of the reference rows they apply to.
+    for first in range(0, len(plan.reads), MAX_OPEN_OBJECTS):
+        batch = plan.reads[first : first + MAX_OPEN_OBJECTS]
+        with contextlib.ExitStack() as stack:
+            requests = []
+            for read in batch:
+                opened = stack.enter_context(objects.open(records[read.version]))
+                requests.append(RowRequest(*opened, read.tensors, read.stored_rows, read.dst_rows, xor=read.xor))
+            computed = read_rows_many(requests, destinations)
+        if verify:
+            for read, hashes in zip(batch, computed):
+                verify_rows(read.models, read.tensors, hashes, _expected(tables, records[read.version], read),
+                            f"version {plan.version} (pieces of {read.version})")
+    result = ModelSet._trusted(architecture, tensors, len(models))
+    return result if plan.order is None else result.select(plan.order)
+
+
+def _expected(tables: Tables, record: VersionRecord, read: Read) -> np.ndarray:
+    """The hashes ``record``'s own object states for the pieces of ``read``."""
+    ids, rows = tables.objects.own_hashes(record)
+    at = np.searchsorted(ids, read.models)
+    if len(at) and (at.max() >= len(ids) or np.any(ids[np.minimum(at, len(ids) - 1)] != read.models)):
+        raise IntegrityError(f"the object of {record.describe()} states no hash for a piece it holds")
+    return rows[at, read.tensors]
+
+
+def _rebuild_pieces(context: RebuildContext, record: VersionRecord, models: np.ndarray, rows: np.ndarray,
+                    columns: np.ndarray, architecture: Architecture, tensors: dict[str, torch.Tensor]) -> np.ndarray:
+    """Retrain the models owning pieces ``(rows, columns)`` and put those pieces in place; their hashes
+    (the approach has checked them against the ones it stored)."""
+    needed = np.unique(rows)
+    state = APPROACHES[record.approach].rebuild(context, record, models[needed])
+    position = np.searchsorted(needed, rows)
+    for j in np.unique(columns):
+        name = architecture.tensors[j].name
+        pick = columns == j
+        tensors[name][torch.from_numpy(rows[pick])] = state.tensors[name][torch.from_numpy(position[pick])]
+    return state.hashes()[position, columns]
+
+
+def recover_recursive(tables: Tables, vid: str, *, verify: bool = True,
+                      options: RebuildOptions = RebuildOptions()) -> ModelSet:
+    """The paper's recovery: the full version, then every delta of the chain applied in turn (a loop,
+    not a recursion: chains may be thousands of versions long). Each level is checked against that
+    version's whole hash table."""
+    catalog, objects = tables.catalog, tables.objects
+    chain = tables.chain(vid)
+    root = chain[-1]
+    architecture = catalog.architecture(root.architecture)
+    objects.tail(root)  # sizes checked before the allocation
+    result = ModelSet._trusted(
+        architecture, {s.name: packing.empty_stacked(root.n_models, s) for s in architecture.tensors}, root.n_models
+    )
+    for record in reversed(chain):
+        if record is root:
+            written = np.ones((record.n_models, len(architecture)), dtype=bool)
+        else:
+            written = record.changes.dense(record.n_models)
+        columns, rows = np.nonzero(written.T)  # file order: tensor by tensor
+        approach = APPROACHES[record.approach]
+        if approach.stores_rows:
+            destinations = [packing.byte_view(result.tensors[s.name]) for s in architecture.tensors]
+            xor = record is not root and xor_base(record, chain) is not None
+            with contextlib.ExitStack() as stack:
+                requests = []
+                if xor:  # the deltas apply to the full version's values, not the base's
+                    opened_root = stack.enter_context(objects.open(root))
+                    located = APPROACHES[root.approach].locate(root, rows, columns)
+                    requests.append(RowRequest(*opened_root, columns, located, rows))
+                opened = stack.enter_context(objects.open(record))
+                stored = approach.locate(record, rows, columns)
+                requests.append(RowRequest(*opened, columns, stored, rows, xor=xor))
+                computed = read_rows_many(requests, destinations)[-1]
+        else:
+            base = result  # the whole base set is at hand: retrain from it, as the paper does
+            context = RebuildContext(
+                lambda _, wanted, base=base: base.select(wanted), objects.objects, options.training,
+                options.allow_import, options.executor,
+            )
+            result = ModelSet._trusted(architecture, {n: t.clone() for n, t in base.tensors.items()}, record.n_models)
+            computed = _rebuild_pieces(context, record, np.arange(record.n_models), rows, columns, architecture,
+                                       dict(result.tensors))
+        if verify:
+            verify_rows(rows, columns, computed, tables.table(record.id)[rows, columns], f"version {record.id}")
+    return result
