@@ -10,6 +10,10 @@ Keys (docs/REPOSITORY.md, "Format 2"):
 * ``catalog/HEAD.json``: a copy of the newest commit, overwritten after each
   commit. Only a hint: a reader lists the log after it to find newer ones.
 
+The writer that starts a new checkpoint also removes the catalog documents
+no reader needs any more (everything before the previous checkpoint), so the
+catalog holds two checkpoints and at most 64 commits whatever the history.
+
 Every commit repeats the entries since the checkpoint it builds on, so a
 reader needs three requests whatever the history: HEAD, a listing of the
 commits after it, and that checkpoint (plus the newest commit, if HEAD is
@@ -231,6 +235,8 @@ class Format2Catalog(Catalog):
                     after.checkpoint, after.pending = checkpoint, entries
                     self._state = after
                     self._put_head(content)
+                    if checkpoint != state.checkpoint:
+                        self._compact(below=state.checkpoint)
                     return after
                 self.refresh()
                 state = self._state
@@ -240,6 +246,19 @@ class Format2Catalog(Catalog):
         key = checkpoint_key(state.seq)
         if not self.store.exists(key):
             self.store.put(key, state.encode_checkpoint())
+
+    def _compact(self, below: int) -> None:
+        """Remove what no reader needs once commits build on a newer checkpoint: the checkpoints
+        before ``below`` (the previous one stays, for readers that started from it) and the commits
+        up to it. Best effort: ``gc`` removes whatever is left (a failed delete, a killed writer)."""
+        try:
+            for prefix, last in ((LOG, below), (CHECKPOINTS, below - 1)):
+                for key in self.store.list(prefix):
+                    seq = _seq_of(key, prefix)
+                    if seq is not None and seq <= last:
+                        self.store.delete(key)
+        except (OSError, MMPackError):
+            pass
 
     def _put_head(self, content: bytes) -> None:
         try:

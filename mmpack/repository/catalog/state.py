@@ -10,21 +10,19 @@ skips a version number is reported, never half-applied.
 
 from __future__ import annotations
 
-import base64
 import json
 import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-import numpy as np
 
 from mmpack import _json
 from mmpack.architecture import Architecture
 from mmpack.errors import FormatError, RepositoryError
-from mmpack.records import Changes, ObjectRef, VersionRecord
-from mmpack.repository.catalog import documents
-from mmpack.repository.catalog.documents import check_version_id, is_version_id, version_number
+from mmpack.records import VersionRecord
+from mmpack.repository.catalog import columns, documents
+from mmpack.repository.catalog.documents import check_version_id, is_version_id
 
 _TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 
@@ -204,44 +202,20 @@ class CatalogState:
     # -- checkpoints -----------------------------------------------------------------------
 
     def encode_checkpoint(self) -> bytes:
-        """The state as a checkpoint document (docs/REPOSITORY.md): every field of the records as a
-        column (one array per field, objects and details too), so reading 10,000 versions parses a
-        few long arrays instead of 10,000 objects. The same state always gives the same bytes."""
-        records = list(self.records.values())
-        changed = [r.changes for r in records]
-        present = sorted({key for r in records for key in r.details})
-        versions = {
-            "id": [version_number(r.id) for r in records],
-            "approach": [r.approach for r in records],
-            "base": [version_number(r.base) if r.base is not None else None for r in records],
-            "n_models": [r.n_models for r in records],
-            "architecture": [r.architecture for r in records],
-            "architecture_bytes": [r.architecture_bytes for r in records],
-            "entry_bytes": [r.manifest_bytes for r in records],
-            "created": [r.created.isoformat() for r in records],
-            "message": [r.message for r in records],
-            "reason": [r.reason for r in records],
-            "objects": {
-                "key": [[o.key for o in r.objects] for r in records],
-                "bytes": [[o.bytes for o in r.objects] for r in records],
-                "xxh3": [[f"{o.checksum:016x}" for o in r.objects] for r in records],
-                "pin": [[f"{o.pin:016x}" if o.pin is not None else None for o in r.objects] for r in records],
-            },
-            "details": {key: [r.details.get(key) for r in records] for key in present},
-            "changes": {
-                "count": [len(c.models) if c is not None else None for c in changed],
-                "models": documents.pack_u32(np.concatenate([c.models for c in changed if c is not None] or [np.empty(0)])),
-                "masks": base64.b64encode(b"".join(
-                    np.packbits(c.masks, axis=1).tobytes() for c in changed if c is not None)).decode(),
-            },
-        }
+        """The state as a checkpoint document (docs/REPOSITORY.md), its records as columns
+        (:mod:`~mmpack.repository.catalog.columns`). The same state always gives the same bytes."""
+        from mmpack.approaches import APPROACHES
+
+        fingerprints = sorted(self.architectures)
+        approaches = list(APPROACHES)
         return documents.signed({
             "format": documents.CHECKPOINT_FORMAT,
             "format_version": documents.CATALOG_VERSION,
             "seq": self.seq,
             "next_version": self.next_version,
-            "architectures": {fp: a.to_json() for fp, a in sorted(self.architectures.items())},
-            "versions": versions,
+            "architectures": {fp: self.architectures[fp].to_json() for fp in fingerprints},
+            "approaches": approaches,
+            "versions": columns.encode(list(self.records.values()), approaches, fingerprints),
             "tags": dict(sorted(self.tags.items())),
             "tag_log": [m.to_json() for m in self.tag_log],
         })
@@ -251,7 +225,7 @@ class CatalogState:
         what = f"catalog checkpoint {seq}"
         body = documents.check_format(
             documents.unsigned(raw, what), documents.CHECKPOINT_FORMAT, (documents.CATALOG_VERSION,),
-            ("seq", "next_version", "architectures", "versions", "tags", "tag_log"), what,
+            ("seq", "next_version", "architectures", "approaches", "versions", "tags", "tag_log"), what,
         )
         try:
             return cls._from_checkpoint(body, seq)
@@ -272,7 +246,12 @@ class CatalogState:
             if found.fingerprint() != fp:
                 raise _json.Malformed(f"architecture {fp} does not match its fingerprint")
             state.architectures[fp] = found
-        for record in _records_from_columns(body["versions"], state):
+        records = columns.decode(body["versions"], body["approaches"], list(architectures), state.architectures,
+                                 state.next_version)
+        live = {r.id for r in records}
+        for record in records:
+            if record.delta and record.base not in live:
+                raise _json.Malformed(f"{record.id} is a delta on {record.base}, which is not a live version")
             state.records[record.id] = record
         tags = body["tags"]
         if not isinstance(tags, dict):
@@ -292,147 +271,6 @@ class CatalogState:
                 _json.string(move["message"], "tag move message"),
             ))
         return state
-
-
-_COLUMNS = ("id", "approach", "base", "n_models", "architecture", "architecture_bytes", "entry_bytes", "created",
-            "message", "reason", "objects", "details", "changes")
-_OBJECT_COLUMNS = ("key", "bytes", "xxh3", "pin")
-_HEX64 = re.compile(r"[0-9a-f]{16}")
-
-
-def _records_from_columns(data: Any, state: CatalogState) -> list[VersionRecord]:
-    """The checkpoint's version records, each column checked as a whole (the rules of
-    ``documents.record_from_json``, applied per column), then the records built."""
-    from mmpack.approaches import APPROACHES
-
-    columns = _json.fields(data, _COLUMNS, what="versions")
-    ids = columns["id"]
-    n = len(ids) if isinstance(ids, list) else -1
-    for name in _COLUMNS:
-        if name not in ("objects", "details", "changes") and (not isinstance(columns[name], list) or len(columns[name]) != n):
-            raise _json.Malformed(f"versions.{name} must list one value per version")
-    if not all(type(i) is int and 0 < i < state.next_version for i in ids) or any(a >= b for a, b in zip(ids, ids[1:])):
-        raise _json.Malformed("version ids must be ascending and below next_version")
-    approaches = [APPROACHES.get(a) if isinstance(a, str) else None for a in columns["approach"]]
-    if None in approaches:
-        raise _json.Malformed(f"versions.approach names an unknown approach; known: {sorted(APPROACHES)}")
-    bases = columns["base"]
-    if not all(b is None or (type(b) is int and 0 < b < i) for b, i in zip(bases, ids)):
-        raise _json.Malformed("every base must be an earlier version number, or null")
-    if any(a.delta and b is None for a, b in zip(approaches, bases)):
-        raise _json.Malformed("a delta version needs a base")
-    n_models = columns["n_models"]
-    if not all(type(m) is int and 0 <= m < documents.MAX_MODELS for m in n_models):
-        raise _json.Malformed("versions.n_models must be integers from 0 to 2**32 - 1")
-    if not set(columns["architecture"]) <= set(state.architectures):
-        raise _json.Malformed("a version names an architecture the checkpoint does not hold")
-    for name in ("architecture_bytes", "entry_bytes"):
-        if not all(type(v) is int and v >= 0 for v in columns[name]):
-            raise _json.Malformed(f"versions.{name} must be non-negative integers")
-    for name in ("message", "reason"):
-        if not all(isinstance(v, str) for v in columns[name]):
-            raise _json.Malformed(f"versions.{name} must be strings")
-    created = [documents._created(v) for v in columns["created"]]
-    objects = _objects_from_columns(columns["objects"], approaches, n)
-    details = _details_from_columns(columns["details"], n)
-    changes = _decode_changes(columns["changes"], columns, state.architectures, n)
-    records = []
-    for k in range(n):
-        approach, change = approaches[k], changes[k]
-        if (change is None) if approach.delta else (change is not None and bases[k] is None):
-            raise _json.Malformed(f"version {ids[k]}: a delta needs a change list, a version without a base has none")
-        if change is not None and len(change.models) and change.models[-1] >= n_models[k]:
-            raise _json.Malformed(f"the change list of version {ids[k]} names models beyond its {n_models[k]}")
-        records.append(VersionRecord(
-            id=f"v{ids[k]}", approach=approach.name, base=f"v{bases[k]}" if bases[k] is not None else None,
-            n_models=n_models[k], created=created[k], message=columns["message"][k], reason=columns["reason"][k],
-            architecture=columns["architecture"][k], objects=objects[k], changes=change, details=details[k],
-            architecture_bytes=columns["architecture_bytes"][k], manifest_bytes=columns["entry_bytes"][k],
-            delta=approach.delta,
-        ))
-    live = {r.id for r in records}
-    for record in records:
-        if record.delta and record.base not in live:
-            raise _json.Malformed(f"{record.id} is a delta on {record.base}, which is not a live version")
-    return records
-
-
-def _objects_from_columns(data: Any, approaches: list, n: int) -> list[tuple[ObjectRef, ...]]:
-    columns = _json.fields(data, _OBJECT_COLUMNS, what="versions.objects")
-    if not all(isinstance(columns[c], list) and len(columns[c]) == n for c in _OBJECT_COLUMNS):
-        raise _json.Malformed("versions.objects must list the objects of every version")
-    out = []
-    for k, (keys, sizes, digests, pins) in enumerate(zip(*(columns[c] for c in _OBJECT_COLUMNS))):
-        approach = approaches[k]
-        if not (isinstance(keys, list) and 1 <= len(keys) <= 1 + approach.delta
-                and all(isinstance(c, list) and len(c) == len(keys) for c in (sizes, digests, pins))):
-            raise _json.Malformed(f"version {k + 1} of the checkpoint lists its objects wrongly")
-        refs = []
-        for j, (key, size, digest, pin) in enumerate(zip(keys, sizes, digests, pins)):
-            document = j == 0 and approach.object_kind == "document"
-            if not (isinstance(key, str) and documents.OBJECT_KEY.fullmatch(key) and type(size) is int and size >= 0
-                    and isinstance(digest, str) and _HEX64.fullmatch(digest)
-                    and (pin is None or (not document and isinstance(pin, str) and _HEX64.fullmatch(pin)))):
-                raise _json.Malformed(f"object {key!r:.60} of a version in the checkpoint is malformed")
-            refs.append(ObjectRef(key, size, int(digest, 16), int(pin, 16) if pin is not None else None))
-        out.append(tuple(refs))
-    return out
-
-
-def _details_from_columns(data: Any, n: int) -> list[dict[str, Any]]:
-    columns = _json.fields(data, (), documents._DETAILS, what="versions.details")
-    out: list[dict[str, Any]] = [{} for _ in range(n)]
-    for key, values in columns.items():
-        kind = documents._DETAILS[key]
-        if not isinstance(values, list) or len(values) != n or not all(v is None or type(v) is kind for v in values):
-            raise _json.Malformed(f"versions.details.{key} must give a {kind.__name__} or null per version")
-        for k, value in enumerate(values):
-            if value is not None:
-                if key == "xor_base":
-                    check_version_id(value)
-                out[k][key] = value
-    return out
-
-
-def _decode_changes(data: Any, columns: dict[str, Any], architectures: dict[str, Architecture], n: int) -> list:
-    """The checkpoint's change lists, all decoded in one pass: one array of model ids, one of packed
-    masks, sliced per version (views, no copies)."""
-    data = _json.fields(data, ("count", "models", "masks"), what="versions.changes")
-    counts = data["count"]
-    if not isinstance(counts, list) or len(counts) != n or not all(
-        c is None or (type(c) is int and c >= 0) for c in counts
-    ):
-        raise _json.Malformed("versions.changes.count must give a count (or null) per version")
-    models = documents.unpack_u32(data["models"], "versions.changes.models")
-    try:
-        masks = np.frombuffer(base64.b64decode(_json.string(data["masks"], "versions.changes.masks"), validate=True),
-                              dtype=np.uint8)
-    except ValueError:
-        raise _json.Malformed("versions.changes.masks is not base64") from None
-    out: list[Changes | None] = []
-    at_model = at_mask = 0
-    for k, count in enumerate(counts):
-        if count is None:
-            out.append(None)
-            continue
-        fingerprint = columns["architecture"][k]
-        if fingerprint not in architectures:
-            raise _json.Malformed(f"version {columns['id'][k]!r} names an unknown architecture")
-        width = len(architectures[fingerprint])
-        row = (width + 7) // 8
-        ids = models[at_model : at_model + count]
-        packed = masks[at_mask : at_mask + count * row]
-        if len(ids) != count or len(packed) != count * row:
-            raise _json.Malformed("versions.changes holds fewer changes than its counts")
-        if count and (np.any(np.diff(ids) <= 0)):
-            raise _json.Malformed(f"the change list of version {columns['id'][k]!r} is not ascending")
-        bits = np.unpackbits(packed.reshape(count, row), axis=1, count=width).astype(bool)
-        out.append(Changes(ids, bits))
-        at_model += count
-        at_mask += count * row
-    if at_model != len(models) or at_mask != len(masks):
-        raise _json.Malformed("versions.changes holds more changes than its counts")
-    return out
 
 
 def _n_tensors(architectures: dict[str, Architecture], fingerprint: str) -> int:
