@@ -7,6 +7,7 @@ against a fixed schema, and dtypes come from a fixed table.
 from mmpack.fileformat.header import (
     ALIGNMENT,
     COMPRESSED_FORMAT_VERSION,
+    RANS_FORMAT_VERSION,
     FORMAT_VERSION,
     MAGIC,
     MAX_HEADER_BYTES,
@@ -38,6 +39,7 @@ from mmpack.fileformat.writing import encode, encode_image, encode_rows, image_p
 __all__ = [
     "ALIGNMENT",
     "COMPRESSED_FORMAT_VERSION",
+    "RANS_FORMAT_VERSION",
     "FORMAT_VERSION",
     "MAGIC",
     "MAX_HEADER_BYTES",

@@ -1,0 +1,158 @@
+#include "mmpack/rans.hpp"
+
+#include <atomic>
+#include <cstring>
+
+#include "rans_internal.hpp"
+
+namespace mmpack::rans {
+
+void build_decode_table(const std::uint16_t* freqs, unsigned n, DecodeTable& table) noexcept {
+    std::uint32_t start = 0;
+    for (unsigned s = 0; s < n; ++s) {
+        const std::uint32_t f = freqs[s];
+        for (std::uint32_t k = 0; k < f; ++k) table.slot[start + k] = f | (k << 12) | (s << 24);
+        start += f;
+    }
+}
+
+void build_encode_symbols(const std::uint16_t* freqs, unsigned n, EncodeSymbol* out) noexcept {
+    std::uint32_t start = 0;
+    for (unsigned s = 0; s < n; ++s) {
+        const std::uint32_t f = freqs[s];
+        EncodeSymbol& e = out[s];
+        e.x_max = f << (32 - kScaleBits);  // ((kLow >> kScaleBits) << 16) * f
+        e.cmpl_freq = static_cast<std::uint16_t>(kScale - f);
+        if (f < 2) {
+            // x / 1 = x: q = x - 1 from the all-ones reciprocal, and the bias makes up the rest.
+            e.rcp = ~0u;
+            e.shift = 0;
+            e.bias = start + kScale - 1;
+        } else {
+            std::uint32_t shift = 0;
+            while (f > (1u << shift)) ++shift;
+            e.rcp = static_cast<std::uint32_t>(((std::uint64_t{1} << (shift + 31)) + f - 1) / f);
+            e.shift = static_cast<std::uint16_t>(shift - 1);
+            e.bias = start;
+        }
+        start += f;
+    }
+}
+
+namespace {
+
+inline void encode_one(std::uint32_t& x, const EncodeSymbol& s, std::uint8_t*& p) noexcept {
+    if (x >= s.x_max) {
+        p -= 2;
+        p[0] = static_cast<std::uint8_t>(x);
+        p[1] = static_cast<std::uint8_t>(x >> 8);
+        x >>= 16;
+    }
+    const std::uint32_t q = static_cast<std::uint32_t>((static_cast<std::uint64_t>(x) * s.rcp) >> 32) >> s.shift;
+    x += s.bias + q * s.cmpl_freq;
+}
+
+}  // namespace
+
+void encode(const std::uint8_t* symbols, std::size_t count, const EncodeSymbol* table, std::vector<std::uint8_t>& out) {
+    if (count == 0) return;
+    // Words are produced last symbol first, so they are written backwards from the end of
+    // a scratch buffer: at most one word per symbol, then the states in front.
+    std::vector<std::uint8_t> scratch(2 * count + kStateBytes);
+    std::uint8_t* const end = scratch.data() + scratch.size();
+    std::uint8_t* p = end;
+    std::uint32_t x[kLanes];
+    for (auto& v : x) v = kLow;
+    std::size_t i = count;
+    // The last, partial group first (its symbols sit on lanes 0..r-1), then whole groups.
+    for (std::size_t r = count % kLanes; r > 0; --r) {
+        --i;
+        encode_one(x[r - 1], table[symbols[i]], p);
+    }
+    while (i > 0) {
+        i -= kLanes;
+        const std::uint8_t* group = symbols + i;
+        for (unsigned lane = kLanes; lane-- > 0;) encode_one(x[lane], table[group[lane]], p);
+    }
+    p -= kStateBytes;
+    for (unsigned lane = 0; lane < kLanes; ++lane) {
+        for (unsigned b = 0; b < 4; ++b) p[4 * lane + b] = static_cast<std::uint8_t>(x[lane] >> (8 * b));
+    }
+    out.insert(out.end(), p, end);
+}
+
+bool Decoder::start(ConstBytes stream) noexcept {
+    const auto* bytes = reinterpret_cast<const std::uint8_t*>(stream.data);
+    if (stream.size < kStateBytes || stream.size % 2 != 0) return false;
+    for (unsigned lane = 0; lane < kLanes; ++lane) {
+        std::uint32_t v = 0;
+        for (unsigned b = 0; b < 4; ++b) v |= static_cast<std::uint32_t>(bytes[4 * lane + b]) << (8 * b);
+        if (v < kLow) return false;
+        x[lane] = v;
+    }
+    next = bytes + kStateBytes;
+    end = bytes + stream.size;
+    lane = 0;
+    return true;
+}
+
+bool Decoder::decode(const DecodeTable& table, std::size_t count, std::uint8_t* out) noexcept {
+    std::size_t i = 0;
+    while (i < count && lane != 0) {
+        if (!decode_step(*this, table, out[i])) return false;
+        ++i;
+    }
+    if (have_avx2()) i += kLanes * decode_groups_avx2(*this, table, (count - i) / kLanes, out + i);
+    for (; i < count; ++i) {
+        if (!decode_step(*this, table, out[i])) return false;
+    }
+    return true;
+}
+
+bool Decoder::finished() const noexcept {
+    for (const std::uint32_t v : x) {
+        if (v != kLow) return false;
+    }
+    return next == end;
+}
+
+namespace {
+
+std::atomic<bool> g_simd_enabled{true};
+
+bool cpu_has_avx2() noexcept {
+#if defined(MMPACK_HAVE_AVX2_TU)
+    static const bool supported = [] {
+        __builtin_cpu_init();
+        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("bmi2");
+    }();
+    return supported;
+#else
+    return false;
+#endif
+}
+
+}  // namespace
+
+bool have_avx2() noexcept { return cpu_has_avx2() && g_simd_enabled.load(std::memory_order_relaxed); }
+
+void set_simd_enabled(bool enabled) noexcept { g_simd_enabled.store(enabled); }
+
+const char* simd_path() noexcept { return have_avx2() ? "avx2" : "scalar"; }
+
+#if !defined(MMPACK_HAVE_AVX2_TU)
+// No AVX2 translation unit on this architecture: have_avx2() is false, so these never run.
+std::size_t decode_groups_avx2(Decoder&, const DecodeTable&, std::size_t, std::uint8_t*) noexcept { return 0; }
+std::size_t decode_float32_groups_avx2(Decoder&, const FusedHead&, bits::Reader&, const std::uint8_t*,
+                                       const std::uint8_t*, const std::uint8_t*, std::size_t, std::uint32_t*,
+                                       bool&) noexcept {
+    return 0;
+}
+std::size_t decode_float16_groups_avx2(Decoder&, const FusedHead&, bits::Reader&, const std::uint8_t*, bool,
+                                       std::size_t, std::uint16_t*, bool&) noexcept {
+    return 0;
+}
+#endif
+
+
+}  // namespace mmpack::rans
