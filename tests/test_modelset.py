@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import torch
 import xxhash
+from helpers import Mixed, ffnn_models, mixed_models, randomized_cnns, state_equal
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
@@ -9,8 +10,6 @@ from torch import nn
 import mmpack
 from mmpack import ArchitectureMismatchError, MMPackError, ModelIndexError, ModelSet
 from mmpack.workloads import FFNN, ffnn48, small_cnn
-
-from helpers import Mixed, ffnn_models, mixed_models, randomized_cnns, state_equal
 
 
 @pytest.mark.parametrize(
@@ -122,7 +121,9 @@ def test_any_integer_index_is_checked_and_named(indices, form):
 
 def test_mismatched_shapes_name_model_and_tensor():
     models = ffnn_models(20) + [FFNN(40)]
-    with pytest.raises(ArchitectureMismatchError, match=r"model 20 has parameter 'fc1.weight' of shape \(40, 5\).*\(48, 5\)"):
+    with pytest.raises(
+        ArchitectureMismatchError, match=r"model 20 has parameter 'fc1.weight' of shape \(40, 5\).*\(48, 5\)"
+    ):
         ModelSet.from_modules(models)
 
 

@@ -19,7 +19,7 @@ import torch
 from mmpack import _io, _native, packing
 from mmpack.errors import FormatError, IntegrityError
 from mmpack.fileformat import compressed
-from mmpack.fileformat.header import ROWS, STACKED, ZEROS, Header, Reader, read_header
+from mmpack.fileformat.header import ROWS, STACKED, Header, Reader, read_header
 from mmpack.modelset import ModelSet, normalize_indices
 
 U64 = np.uint64
@@ -390,7 +390,9 @@ def read_modelset(
     return loaded.select(inverse), stored[inverse]
 
 
-def load(f: str | os.PathLike[str] | BinaryIO, indices: Iterable[int] | None = None, *, verify: bool = True) -> ModelSet:
+def load(
+    f: str | os.PathLike[str] | BinaryIO, indices: Iterable[int] | None = None, *, verify: bool = True
+) -> ModelSet:
     """load(f, indices=None, *, verify=True) -> ModelSet
 
     Read a model-set file (path or seekable binary file object). With

@@ -13,10 +13,9 @@ from torch import nn
 
 from mmpack import _io, _native, packing, rans
 from mmpack.compression import CODEC as ZSTD
-from mmpack.compression import DELTA_NONE, DELTA_XOR, Chunking, Compression, element_width
+from mmpack.compression import DELTA_NONE, DELTA_XOR, Chunking, Compression, element_width, rows_per_chunk
 from mmpack.compression import encode_rows as encode_chunks
 from mmpack.compression import resolve as resolve_compression
-from mmpack.compression import rows_per_chunk
 from mmpack.fileformat.header import ZEROS, Header, Layout, check_host, encode_header
 from mmpack.modelset import ModelSet
 
@@ -211,7 +210,9 @@ def _build_image(
 
 def _put_table(image: np.ndarray, header: Header, table: np.ndarray) -> None:
     start = header.data_start + header.layout.hashes_offset
-    image[start : start + header.layout.hashes_length] = np.ascontiguousarray(table, dtype="<u8").reshape(-1).view(np.uint8)
+    image[start : start + header.layout.hashes_length] = (
+        np.ascontiguousarray(table, dtype="<u8").reshape(-1).view(np.uint8)
+    )
 
 
 def image_pin(image: np.ndarray, header: Header) -> int:

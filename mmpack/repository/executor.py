@@ -52,7 +52,9 @@ def recover(tables: Tables, vid: str, indices=None, *, verify: bool = True,
     return execute(tables, plan_recovery(tables, vid, indices), verify=verify, options=options)
 
 
-def execute(tables: Tables, plan: RecoveryPlan, *, verify: bool = True, options: RebuildOptions = RebuildOptions()) -> ModelSet:
+def execute(
+    tables: Tables, plan: RecoveryPlan, *, verify: bool = True, options: RebuildOptions = RebuildOptions()
+) -> ModelSet:
     """The models ``plan`` recovers, bit-exact; every piece checked unless ``verify=False``."""
     catalog, objects = tables.catalog, tables.objects
     records = {r.version: catalog.record(r.version) for r in plan.reads}
