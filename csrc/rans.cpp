@@ -22,24 +22,27 @@ void build_encode_symbols(const std::uint16_t* freqs, unsigned n, EncodeSymbol* 
         const std::uint32_t f = freqs[s];
         EncodeSymbol& e = out[s];
         e.x_max = f << (32 - kScaleBits);  // ((kLow >> kScaleBits) << 16) * f
-        e.cmpl_freq = static_cast<std::uint16_t>(kScale - f);
-        if (f < 2) {
-            // x / 1 = x: q = x - 1 from the all-ones reciprocal, and the bias makes up the rest.
-            e.rcp = ~0u;
-            e.shift = 0;
-            e.bias = start + kScale - 1;
-        } else {
-            std::uint32_t shift = 0;
-            while (f > (1u << shift)) ++shift;
-            e.rcp = static_cast<std::uint32_t>(((std::uint64_t{1} << (shift + 31)) + f - 1) / f);
-            e.shift = static_cast<std::uint16_t>(shift - 1);
-            e.bias = start;
-        }
+        e.freq = static_cast<std::uint16_t>(f);
+        e.start = static_cast<std::uint16_t>(start);
+        // x / f = (x * rcp) >> (32 + shift), exact for every x < 2^32 (a 33-bit reciprocal
+        // rounded up; the 32-bit one of rans_byte.h is exact only below 2^31, and states
+        // here reach 2^32 - 1).
+        std::uint32_t shift = 0;
+        while ((std::uint32_t{1} << shift) < f) ++shift;
+        e.shift = static_cast<std::uint16_t>(shift);
+        e.rcp = ((std::uint64_t{1} << (32 + shift)) + f - 1) / f;
         start += f;
     }
 }
 
 namespace {
+
+// (x * rcp) >> 32 for a 32-bit x and a reciprocal of up to 45 bits, without 128-bit integers.
+inline std::uint64_t mul_high(std::uint32_t x, std::uint64_t rcp) noexcept {
+    const std::uint64_t low = static_cast<std::uint64_t>(x) * static_cast<std::uint32_t>(rcp);
+    const std::uint64_t high = static_cast<std::uint64_t>(x) * (rcp >> 32);
+    return high + (low >> 32);
+}
 
 inline void encode_one(std::uint32_t& x, const EncodeSymbol& s, std::uint8_t*& p) noexcept {
     if (x >= s.x_max) {
@@ -48,8 +51,8 @@ inline void encode_one(std::uint32_t& x, const EncodeSymbol& s, std::uint8_t*& p
         p[1] = static_cast<std::uint8_t>(x >> 8);
         x >>= 16;
     }
-    const std::uint32_t q = static_cast<std::uint32_t>((static_cast<std::uint64_t>(x) * s.rcp) >> 32) >> s.shift;
-    x += s.bias + q * s.cmpl_freq;
+    const auto q = static_cast<std::uint32_t>(mul_high(x, s.rcp) >> s.shift);
+    x = (q << kScaleBits) + (x - q * s.freq) + s.start;
 }
 
 }  // namespace

@@ -60,7 +60,7 @@ class Compression:
     tables per tensor; smaller and faster both ways) or ``"zstd"`` (format
     version 2: byte planes and Zstandard frames, for readers of mmpack
     before version 3). ``level``: the Zstandard level (1-22, default 3) of
-    the zstd codec; the rans codec has no levels. ``xor``: Update versions
+    the zstd codec; the rans codec has no levels (``level`` stays None). ``xor``: Update versions
     store each changed row XORed with its value in the chain's full
     version, which fine-tuned weights share sign, exponent and high mantissa
     bits with (see docs/DESIGN-NOTES.md). ``chunk_bytes``: raw bytes per
@@ -80,6 +80,8 @@ class Compression:
     def __post_init__(self) -> None:
         if self.codec not in CODECS:
             raise CompressionError(f"unknown codec {self.codec!r}; mmpack compresses with 'rans' or 'zstd'")
+        if self.codec == CODEC and self.level is None:
+            object.__setattr__(self, "level", DEFAULT_ZSTD_LEVEL)  # so that equal settings compare equal
         if self.level is not None:
             if self.codec != CODEC:
                 raise CompressionError(

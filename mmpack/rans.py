@@ -35,7 +35,7 @@ _MAX_TABLE_BYTES_PER_FIELD = 1 + 2 + 4 * 256
 JOB_COLUMNS = 9
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def layout_code(dtype: torch.dtype) -> int:
     """The element layout of ``dtype`` for the kernels: width in bytes | family << 8.
 

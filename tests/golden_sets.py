@@ -85,7 +85,7 @@ def golden_v2_images() -> dict[str, bytes]:
     """The version 2 golden files' bytes, as this mmpack writes them."""
     from mmpack import Compression, fileformat
 
-    setting = Compression(chunk_bytes=GOLDEN_V2_CHUNK_BYTES)
+    setting = Compression(codec="zstd", chunk_bytes=GOLDEN_V2_CHUNK_BYTES)
     stacked = fileformat.encode(golden_v1_modelset(GOLDEN_V2_MODELS), GOLDEN_V2_METADATA, setting).tobytes()
     new, changed, reference = golden_v2_update()
     rows, _ = fileformat.encode_rows(new, changed, new.hashes(), GOLDEN_V2_METADATA, setting, reference)

@@ -7,10 +7,10 @@ against a fixed schema, and dtypes come from a fixed table.
 from mmpack.fileformat.header import (
     ALIGNMENT,
     COMPRESSED_FORMAT_VERSION,
-    RANS_FORMAT_VERSION,
     FORMAT_VERSION,
     MAGIC,
     MAX_HEADER_BYTES,
+    RANS_FORMAT_VERSION,
     ROWS,
     STACKED,
     Header,

@@ -200,5 +200,7 @@ def _read_zstd(source: Reader, header: Header, pieces: Pieces, destinations: lis
         _copy_rows(raw, [_scatter_rows(pieces, group, 0, chunk_first, size, j)], np.array(row_bytes, np.int64),
                    destinations, xor, hashes)
 
-    total = sum(int((pieces.end[g] - pieces.begin[g]).sum()) * row_bytes[int(pieces.tensor[g[0]])] for g in pieces.groups)
+    total = sum(
+        int((pieces.end[g] - pieces.begin[g]).sum()) * row_bytes[int(pieces.tensor[g[0]])] for g in pieces.groups
+    )
     compression.parallel_map(decode, pieces.groups, total)

@@ -13,8 +13,8 @@ from typing import Any
 from mmpack import _json, _native
 from mmpack.architecture import Architecture
 from mmpack.compression import Chunking, element_width
-from mmpack.rans import RansChunking
 from mmpack.errors import FormatError, IntegrityError, MMPackError, UnsupportedFormatVersionError
+from mmpack.rans import RansChunking
 from mmpack.store.base import Reader
 
 MAGIC = b"\x89MMPACK\n"
@@ -67,12 +67,18 @@ class Layout:
     chunking: Chunking | RansChunking | None = None
 
     @classmethod
-    def stacked(cls, architecture: Architecture, n_models: int, chunking: Chunking | RansChunking | None = None) -> Layout:
+    def stacked(
+        cls, architecture: Architecture, n_models: int, chunking: Chunking | RansChunking | None = None
+    ) -> Layout:
         return cls._build(STACKED, architecture, n_models, (n_models,) * len(architecture), chunking)
 
     @classmethod
     def of_rows(
-        cls, architecture: Architecture, n_models: int, rows: Sequence[int], chunking: Chunking | RansChunking | None = None
+        cls,
+        architecture: Architecture,
+        n_models: int,
+        rows: Sequence[int],
+        chunking: Chunking | RansChunking | None = None,
     ) -> Layout:
         return cls._build(ROWS, architecture, n_models, tuple(rows), chunking)
 
@@ -247,9 +253,11 @@ def _parse_header(body: bytes, version: int) -> tuple[Architecture, int, Layout,
             document["compression"], [element_width(s.dtype) for s in specs], [s.nbytes for s in specs], rows
         )
     elif version == RANS_FORMAT_VERSION:
-        chunking = RansChunking.from_json(document["compression"], [s.dtype for s in specs], [s.nbytes for s in specs], rows)
-        if kind == STACKED and chunking.delta != "none":
-            raise FormatError("only rows-layout objects may hold XOR deltas")
+        chunking = RansChunking.from_json(
+            document["compression"], [s.dtype for s in specs], [s.nbytes for s in specs], rows
+        )
+    if chunking is not None and kind == STACKED and chunking.delta != "none":
+        raise FormatError("only rows-layout objects may hold XOR deltas")
     layout = Layout._build(kind, architecture, n_models, tuple(rows), chunking)
     expected_tensors = [{"offset": o, "length": n} for o, n in zip(layout.tensor_offsets, layout.tensor_lengths)]
     if kind == ROWS:

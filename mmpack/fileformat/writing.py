@@ -147,7 +147,8 @@ def _compressed_image(
             )
             pieces.append(encoded)
             lengths.append(tuple(stored_lengths))
-        chunking = Chunking(delta, tuple(chunk_rows), tuple(lengths), tuple(element_width(s.dtype) for s in arch.tensors))
+        widths = tuple(element_width(s.dtype) for s in arch.tensors)
+        chunking = Chunking(delta, tuple(chunk_rows), tuple(lengths), widths)
     else:
         sections = [rans.encode_rows(rows_data, n_rows, spec.nbytes, spec.dtype, per_chunk)
                     for spec, n_rows, rows_data, per_chunk in zip(arch.tensors, rows, data, chunk_rows)]

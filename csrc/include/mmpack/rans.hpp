@@ -29,13 +29,13 @@ struct DecodeTable {
 // freqs[0..n) >= 1 summing to kScale, 2 <= n <= kMaxSymbols (callers validate).
 void build_decode_table(const std::uint16_t* freqs, unsigned n, DecodeTable& table) noexcept;
 
-// Division-free encoding of one symbol (reciprocal multiplication, as in
-// Fabian Giesen's rans_byte.h).
+// Division-free encoding of one symbol: x / freq as a multiplication by a
+// reciprocal, exact for every 32-bit state.
 struct EncodeSymbol {
-    std::uint32_t x_max = 0;
-    std::uint32_t rcp = 0;
-    std::uint32_t bias = 0;
-    std::uint16_t cmpl_freq = 0;
+    std::uint32_t x_max = 0;  // states at or above it emit a word first
+    std::uint64_t rcp = 0;
+    std::uint16_t freq = 0;
+    std::uint16_t start = 0;
     std::uint16_t shift = 0;
 };
 
