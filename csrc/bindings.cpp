@@ -455,6 +455,10 @@ void py_rans_decode(const py::sequence& tables, const py::handle& layouts, const
     }
     if (jobs.size() % kJobColumns != 0) throw py::value_error("jobs must hold 9 numbers per job");
     const std::size_t n_jobs = jobs.size() / kJobColumns;
+    std::vector<mmpack::fields::Layout> table_layouts;
+    for (std::size_t t = 0; t < layout_codes.size(); ++t) {
+        table_layouts.push_back(layout_from_code(layout_codes[t], "layouts[" + std::to_string(t) + "]"));
+    }
     const std::vector<Buffer> table_buffers = hold_buffers(tables, false, "tables");
     const std::vector<Buffer> payload_buffers = hold_buffers(payloads, false, "payloads");
     const std::vector<Buffer> dsts = hold_buffers(dst, true, "dst");
@@ -489,8 +493,7 @@ void py_rans_decode(const py::sequence& tables, const py::handle& layouts, const
         job.out_length = static_cast<std::size_t>(j[6]);
         job.row_bytes = static_cast<std::size_t>(j[7]);
         job.hashes = nullptr;
-        const auto width = static_cast<std::size_t>(layout_codes[job.table] & 0xFF);
-        if (job.out_length % std::max<std::size_t>(width, 1) != 0) {
+        if (job.out_length % table_layouts[job.table].width != 0) {
             throw py::value_error("job " + std::to_string(k) + ": output is not whole elements");
         }
         if (job.row_bytes != 0) {
@@ -508,7 +511,7 @@ void py_rans_decode(const py::sequence& tables, const py::handle& layouts, const
     std::vector<std::unique_ptr<mmpack::fields::Decoder>> decoders(table_buffers.size());
     for (std::size_t t = 0; t < table_buffers.size(); ++t) {
         if (!used[t]) continue;
-        const mmpack::fields::Layout layout = layout_from_code(layout_codes[t], "layouts[" + std::to_string(t) + "]");
+        const mmpack::fields::Layout layout = table_layouts[t];
         mmpack::fields::Model model;
         const char* problem = nullptr;
         {

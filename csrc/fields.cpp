@@ -934,6 +934,7 @@ const char* Decoder::decode(ConstBytes chunk, MutableBytes out) const noexcept {
     auto* dst = reinterpret_cast<uint8_t*>(out.data);
     const char* const corrupt = "a chunk's streams do not decode to its elements";
     bool fused = false;
+    size_t nonzero_total = n;  // values of fields 1 and up
     if (m.fast_float32 && readers[1].raw.size == bits::packed_bytes(n, 4) && readers[2].raw.size == n &&
         readers[3].raw.size == n) {
         if (!decode_fused_float32(readers, m.coded[0], n, dst)) return corrupt;
@@ -952,6 +953,7 @@ const char* Decoder::decode(ConstBytes chunk, MutableBytes out) const noexcept {
             if (!field_values(readers[0], model.fields[0], m.coded[0], layout.bits(0), b, symbols, head, zero)) return corrupt;
             size_t nonzero = b;
             for (size_t i = 0; i < b; ++i) nonzero -= zero[i];
+            nonzero_total -= b - nonzero;
             for (unsigned f = 1; f < w; ++f) {
                 if (!field_values(readers[f], model.fields[f], m.coded[f], layout.bits(f), nonzero, symbols, tails[f - 1],
                                   static_cast<uint8_t*>(nullptr))) {
@@ -968,7 +970,10 @@ const char* Decoder::decode(ConstBytes chunk, MutableBytes out) const noexcept {
     for (unsigned f = 0; f < w; ++f) {
         const FieldReader& r = readers[f];
         if (r.mode == Mode::raw && !r.raw.finished(layout.bits(f))) return corrupt;
-        if (r.mode == Mode::rans && ((r.started && !r.stream.finished()) || !r.low_bits.finished())) return corrupt;
+        if (r.mode != Mode::rans) continue;
+        // A field without values has an empty stream; one with values ends where it began.
+        const bool has_values = (f == 0 ? n : nonzero_total) > 0;
+        if (r.started != has_values || (r.started && !r.stream.finished()) || !r.low_bits.finished()) return corrupt;
     }
     return nullptr;
 }

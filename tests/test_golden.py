@@ -127,3 +127,90 @@ def test_version_2_writer_still_produces_the_golden_bytes_with_the_same_zstd():
         pytest.skip(f"zstd {zstd_library_version()} may encode differently from {recorded}; reading is tested above")
     for name, blob in golden_v2_images().items():
         assert blob == (GOLDEN_DIR / name).read_bytes(), name
+
+
+def test_version_3_golden_file_loads_to_the_expected_values():
+    from golden_sets import GOLDEN_V2_MODELS, golden_v1_modelset
+
+    expected = golden_v1_modelset(GOLDEN_V2_MODELS)
+    path = GOLDEN_DIR / "v3_stacked_rans.mmpack"
+    assert mmpack.load(path).equal(expected)
+    assert mmpack.load(path, indices=[47, 3, 20]).equal(expected.select([47, 3, 20]))
+    with open(path, "rb") as f:
+        header = fileformat.read_header(mmpack._io.FileReader(f))
+    assert struct.unpack_from("<I", path.read_bytes(), 8)[0] == 3
+    chunking = header.layout.chunking
+    assert chunking.delta == "none" and chunking.chunk_rows == (10, 32, 25, 85, 32, 64, 85)
+
+
+def test_version_3_xor_rows_golden_file_decodes_against_its_reference():
+    from mmpack._io import FileReader
+
+    from golden_sets import golden_v2_update
+
+    new, changed, reference = golden_v2_update()
+    with open(GOLDEN_DIR / "v3_rows_xor_rans.mmpack", "rb") as f, FileReader(f) as source:
+        header = fileformat.read_header(source)
+        assert header.layout.chunking.delta == "xor" and struct.unpack_from("<I", f.read(12), 8)[0] == 3
+        index = fileformat.read_row_index(source, header)
+        assert [ids.tolist() for ids in index] == [np.flatnonzero(changed[:, j]).tolist() for j in range(7)]
+        holders = np.flatnonzero(changed.any(axis=1))
+        out = {s.name: torch.zeros((len(new), *s.shape), dtype=s.dtype) for s in new.architecture.tensors}
+        for spec in new.architecture.tensors:
+            out[spec.name][torch.from_numpy(holders)] = reference.tensors[spec.name]
+        views = [out[s.name].view(-1).view(torch.uint8).numpy() for s in new.architecture.tensors]
+        columns = np.concatenate([np.full(len(ids), j) for j, ids in enumerate(index)])
+        stored = np.concatenate([np.arange(len(ids)) for ids in index])
+        models = np.concatenate(index)
+        request = fileformat.RowRequest(source, header, columns, stored, models, xor=True)
+        hashes = fileformat.read_rows_many([request], views)[0]
+        assert np.array_equal(hashes, new.hashes()[models, columns])
+    for j, spec in enumerate(new.architecture.tensors):
+        for i in np.flatnonzero(changed[:, j]):
+            got, want = out[spec.name][i].reshape(-1), new.tensors[spec.name][i].reshape(-1)
+            assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+
+
+def test_version_3_writer_still_produces_the_golden_bytes():
+    # mmpack's own encoder, integer decisions only: the bytes do not depend on a library version.
+    from golden_sets import golden_v3_images
+
+    for name, blob in golden_v3_images().items():
+        assert blob == (GOLDEN_DIR / name).read_bytes(), name
+
+
+def test_the_spec_decoder_reads_the_version_3_golden_files_and_they_use_every_code():
+    import rans_reference
+
+    from mmpack import dtypes
+    from mmpack._io import FileReader
+
+    seen = set()
+    for name in ("v3_stacked_rans.mmpack", "v3_rows_xor_rans.mmpack"):
+        blob = (GOLDEN_DIR / name).read_bytes()
+        header = fileformat.read_header(FileReader(io.BytesIO(blob)))
+        chunking, layout = header.layout.chunking, header.layout
+        decoded = {}
+        for j, spec in enumerate(header.architecture.tensors):
+            start = header.data_start + layout.tensor_offsets[j]
+            family, e = rans_reference.layout_of(dtypes.dtype_name(spec.dtype))
+            table = rans_reference.parse_table_block(blob[start : start + chunking.tables[j]],
+                                                     rans_reference.field_widths(family, e))
+            for field in table:
+                seen.add(field["mode"])
+                seen.update("zero symbol" for s in field.get("symbols", []) if s["zero"])
+                seen.update("raw bits" for s in field.get("symbols", []) if not s["zero"] and s["r"])
+            pieces, at = [], start + chunking.tables[j]
+            for c, length in enumerate(chunking.lengths[j]):
+                rows = min(chunking.chunk_rows[j], layout.rows[j] - c * chunking.chunk_rows[j])
+                pieces.append(rans_reference.decode_chunk(blob[at : at + length], table, family, e,
+                                                          rows * spec.nbytes // e))
+                at += length
+            decoded[spec.name] = b"".join(pieces)
+        if name.startswith("v3_stacked"):
+            from golden_sets import GOLDEN_V2_MODELS, golden_v1_modelset
+
+            expected = golden_v1_modelset(GOLDEN_V2_MODELS)
+            for spec in header.architecture.tensors:
+                assert decoded[spec.name] == expected.tensors[spec.name].contiguous().view(torch.uint8).numpy().tobytes()
+    assert seen == {"raw", "constant", "rans", "zero symbol", "raw bits"}
