@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cmath>
 #include <cstring>
 #include <limits>
 #include <mutex>
@@ -310,32 +311,100 @@ Candidate choose_field(const std::vector<uint64_t>& hist, unsigned bits, uint64_
 
 struct Histograms {
     std::vector<std::vector<uint64_t>> fields;  // per field, over every element
-    uint64_t zeros = 0;                          // elements whose every bit is zero
+    std::vector<char> noise;  // per field: a sample found its values uniform, so it is not counted (coded raw)
+    uint64_t zeros = 0;       // elements whose every bit is zero
 };
 
 Histograms empty_histograms(const Layout& layout) {
     Histograms h;
     for (unsigned f = 0; f < layout.width; ++f) h.fields.emplace_back(size_t{1} << layout.bits(f), 0);
+    h.noise.assign(layout.width, 0);
     return h;
 }
 
+// Counts elements [begin, end): zeros and field 0 always, the other fields unless noise.
+// The head goes to four interleaved counters per value, so that runs of one exponent do
+// not wait on their own increments; they are summed at the end.
 template <unsigned W, Family F>
-void count_fields(const uint8_t* bytes, size_t begin, size_t end, Histograms& h) {
+void count_fields(const uint8_t* bytes, size_t begin, size_t end, const std::vector<char>& noise, Histograms& h) {
     const Layout layout{W, F};
+    const size_t values = h.fields[0].size();
+    std::vector<uint32_t> head(4 * values, 0);
     uint64_t zeros = 0;
-    for (size_t i = begin; i < end; ++i) {
-        const uint64_t v = load_element(bytes + i * W, W);
-        zeros += v == 0;
-        for (unsigned f = 0; f < W; ++f) ++h.fields[f][field_of(layout, v, f)];
+    bool any_tail = false;
+    for (unsigned f = 1; f < W; ++f) any_tail = any_tail || !noise[f];
+    for (size_t start = begin; start < end; start += size_t{1} << 30) {  // 32-bit counters
+        const size_t stop = std::min(end, start + (size_t{1} << 30));
+        size_t i = start;
+        for (; i + 4 <= stop; i += 4) {
+            for (unsigned k = 0; k < 4; ++k) {
+                const uint64_t v = load_element(bytes + (i + k) * W, W);
+                zeros += v == 0;
+                ++head[k * values + field_of(layout, v, 0)];
+            }
+        }
+        for (; i < stop; ++i) {
+            const uint64_t v = load_element(bytes + i * W, W);
+            zeros += v == 0;
+            ++head[field_of(layout, v, 0)];
+        }
+        for (size_t k = 0; k < values; ++k) {
+            h.fields[0][k] += uint64_t{head[k]} + head[values + k] + head[2 * values + k] + head[3 * values + k];
+        }
+        std::fill(head.begin(), head.end(), 0);
+    }
+    if (any_tail) {
+        for (size_t i = begin; i < end; ++i) {
+            const uint64_t v = load_element(bytes + i * W, W);
+            for (unsigned f = 1; f < W; ++f) {
+                if (!noise[f]) ++h.fields[f][field_of(layout, v, f)];
+            }
+        }
     }
     h.zeros += zeros;
 }
 
-void count_fields(const Layout& layout, const uint8_t* bytes, size_t begin, size_t end, Histograms& h) {
+void count_fields(const Layout& layout, const uint8_t* bytes, size_t begin, size_t end, const std::vector<char>& noise,
+                  Histograms& h) {
     dispatch_layout(layout, [&](auto w, auto family) {
-        count_fields<decltype(w)::value, decltype(family)::value>(bytes, begin, end, h);
+        count_fields<decltype(w)::value, decltype(family)::value>(bytes, begin, end, noise, h);
         return 0;
     });
+}
+
+// Empirical entropy of a histogram, in bits per value (a decision aid only: the choice of
+// raw over rANS for a field never depends on it alone being exact).
+double entropy_bits(const std::vector<uint64_t>& hist) {
+    uint64_t total = 0;
+    for (const uint64_t c : hist) total += c;
+    if (total == 0) return 0;
+    const double log_total = static_cast<double>(log2_q16(total));
+    double sum = 0;
+    for (const uint64_t c : hist) {
+        if (c) sum += static_cast<double>(c) * (log_total - static_cast<double>(log2_q16(c)));
+    }
+    return sum / static_cast<double>(total) / 65536.0;
+}
+
+// Fields 1 and up whose values a sample (every 16th run of 256 elements) finds uniform to
+// within the sample's own bias: the low mantissa bytes of trained weights. They are coded
+// raw without being counted, which spares most of the counting pass on float data.
+std::vector<char> noise_fields(const Layout& layout, const uint8_t* bytes, size_t n) {
+    std::vector<char> noise(layout.width, 0);
+    constexpr size_t kRun = 256, kEvery = 16;
+    if (n < 16 * kRun * kEvery) return noise;  // small tensors: count everything
+    Histograms sample = empty_histograms(layout);
+    for (size_t begin = 0; begin < n; begin += kRun * kEvery) {
+        count_fields(layout, bytes, begin, std::min(n, begin + kRun), noise, sample);
+    }
+    uint64_t sampled = 0;
+    for (const uint64_t c : sample.fields[0]) sampled += c;
+    for (unsigned f = 1; f < layout.width; ++f) {
+        const double k = layout.bits(f);
+        const double bias = (std::exp2(k) - 1) / (2.0 * static_cast<double>(sampled) * 0.6931471805599453);
+        noise[f] = entropy_bits(sample.fields[f]) > k - std::max(0.02, 2 * bias);
+    }
+    return noise;
 }
 
 Histograms histograms(ConstBytes data, const Layout& layout) {
@@ -345,12 +414,13 @@ Histograms histograms(ConstBytes data, const Layout& layout) {
     constexpr size_t kPiece = 1 << 16;
     const size_t pieces = (n + kPiece - 1) / kPiece;
     Histograms total = empty_histograms(layout);
+    total.noise = noise_fields(layout, bytes, n);
     std::mutex lock;
     parallel_by_weight(
         pieces, [&](size_t p) { return static_cast<uint64_t>(std::min(p * kPiece, n)) * w; },
         [&](size_t first, size_t last) {
             Histograms h = empty_histograms(layout);
-            count_fields(layout, bytes, first * kPiece, std::min(n, last * kPiece), h);
+            count_fields(layout, bytes, first * kPiece, std::min(n, last * kPiece), total.noise, h);
             const std::lock_guard<std::mutex> guard(lock);  // sums: the order does not matter
             total.zeros += h.zeros;
             for (unsigned f = 0; f < w; ++f) {
@@ -391,8 +461,13 @@ Model choose_model(ConstBytes data, Layout layout, size_t chunk_elements) {
     // Without a zero symbol: every field codes every element.
     double plain_cost = 0;
     std::vector<Field> plain;
+    const auto raw_field = [&](size_t count, unsigned f) {
+        Candidate c;
+        c.cost_bits = 8 + static_cast<double>(count) * layout.bits(f) + 32.0 * static_cast<double>(chunks);
+        return c;
+    };
     for (unsigned f = 0; f < w; ++f) {
-        Candidate c = choose_field(h.fields[f], layout.bits(f), 0, chunks);
+        Candidate c = h.noise[f] ? raw_field(n, f) : choose_field(h.fields[f], layout.bits(f), 0, chunks);
         plain_cost += c.cost_bits;
         plain.push_back(std::move(c.field));
     }
@@ -402,6 +477,12 @@ Model choose_model(ConstBytes data, Layout layout, size_t chunk_elements) {
     double zero_cost = 0;
     std::vector<Field> with_zero;
     for (unsigned f = 0; f < w; ++f) {
+        if (h.noise[f]) {
+            Candidate c = raw_field(n - h.zeros, f);
+            zero_cost += c.cost_bits;
+            with_zero.push_back(std::move(c.field));
+            continue;
+        }
         std::vector<uint64_t> nonzero = h.fields[f];
         nonzero[0] -= h.zeros;  // a zero element has every field 0
         Candidate c = choose_field(nonzero, layout.bits(f), f == 0 ? h.zeros : 0, chunks);
@@ -589,12 +670,78 @@ void pack(const T* values, size_t count, unsigned bits, std::vector<uint8_t>& ou
 
 }  // namespace
 
+namespace {
+
+// The common case in one pass: the head rANS-coded without the zero symbol, every other
+// field raw (trained floating-point weights). Symbols, raw bits and the raw fields' streams
+// come out of the same loop over the elements.
+template <unsigned W, Family F>
+const char* encode_head_only(const uint8_t* bytes, size_t n, const Field& head, const std::uint16_t* symbol_of,
+                             const rans::EncodeSymbol* table, std::vector<uint8_t>& out) {
+    const Layout layout{W, F};
+    std::vector<uint8_t> symbols(n), raw_bits;
+    bits::Writer writer(raw_bits);
+    size_t tail_length[8] = {};
+    size_t tail_start[8] = {};
+    size_t tails = 0;
+    for (unsigned f = 1; f < W; ++f) {
+        tail_start[f] = tails;
+        tail_length[f] = bits::packed_bytes(n, layout.bits(f));
+        tails += tail_length[f];
+    }
+    std::vector<uint8_t> tail(tails, 0);
+    for (size_t i = 0; i < n; ++i) {
+        const uint64_t v = load_element(bytes + i * W, W);
+        const unsigned value = field_of(layout, v, 0);
+        const unsigned s = symbol_of[value];
+        if (s == kNoSymbol) return "data does not fit the model (a value no symbol covers)";
+        symbols[i] = static_cast<uint8_t>(s);
+        if (head.symbols[s].raw_bits) writer.write(head.symbols[s].raw_bits, value - head.symbols[s].value);
+        for (unsigned f = 1; f < W; ++f) {
+            const unsigned t = field_of(layout, v, f);
+            if (layout.bits(f) == 4) {
+                tail[tail_start[f] + (i >> 1)] |= static_cast<uint8_t>(t << ((i & 1) * 4));
+            } else {
+                tail[tail_start[f] + i] = static_cast<uint8_t>(t);
+            }
+        }
+    }
+    writer.flush();
+    std::vector<uint8_t> stream;
+    stream.reserve(2 * n + rans::kStateBytes);
+    rans::encode(symbols.data(), n, table, stream);
+    const size_t sizes[] = {stream.size(), raw_bits.size()};
+    for (const size_t length : sizes) {
+        if (length > std::numeric_limits<uint32_t>::max()) return "a chunk's stream exceeds 4 GiB";
+        put32(out, length);
+    }
+    for (unsigned f = 1; f < W; ++f) {
+        if (tail_length[f] > std::numeric_limits<uint32_t>::max()) return "a chunk's stream exceeds 4 GiB";
+        put32(out, tail_length[f]);
+    }
+    out.insert(out.end(), stream.begin(), stream.end());
+    out.insert(out.end(), raw_bits.begin(), raw_bits.end());
+    out.insert(out.end(), tail.begin(), tail.end());
+    return nullptr;
+}
+
+}  // namespace
+
 const char* Encoder::encode(ConstBytes data, std::vector<uint8_t>& out) const {
     const Model& model = impl_->model;
     const Layout& layout = model.layout;
     const unsigned w = layout.width;
     const size_t n = data.size / w;
     const bool zero = model.has_zero();
+    bool head_only = model.fields[0].mode == Mode::rans && !zero;
+    for (unsigned f = 1; f < w; ++f) head_only = head_only && model.fields[f].mode == Mode::raw;
+    if (head_only) {
+        const Impl::Coded& c = impl_->coded[0];
+        return dispatch_layout(layout, [&](auto width, auto family) {
+            return encode_head_only<decltype(width)::value, decltype(family)::value>(
+                reinterpret_cast<const uint8_t*>(data.data), n, model.fields[0], c.symbol_of.data(), c.table.data(), out);
+        });
+    }
     std::vector<uint16_t> head(n);
     std::vector<uint8_t> tails((w - 1) * n);
     std::vector<uint8_t> is_zero(zero ? n : 0);
