@@ -529,21 +529,28 @@ void py_rans_decode(const py::sequence& tables, const py::handle& layouts, const
     std::vector<const char*> errors(n_jobs, nullptr);
     {
         py::gil_scoped_release release;
+        // By decoded bytes; a thread is worth starting for 4 MiB of them (a few milliseconds of
+        // decoding): reading one model of a set decodes a chunk per tensor on the calling thread.
         std::vector<std::uint64_t> prefix(n_jobs + 1, 0);
-        for (std::size_t k = 0; k < n_jobs; ++k) prefix[k + 1] = prefix[k] + work[k].out_length + work[k].length;
+        for (std::size_t k = 0; k < n_jobs; ++k) prefix[k + 1] = prefix[k] + work[k].out_length;
         mmpack::parallel_by_weight(
             n_jobs, [&](std::size_t k) { return prefix[k]; },
             [&](std::size_t first, std::size_t last) {
-                for (std::size_t k = first; k < last; ++k) {
+                const auto hash = [&](std::size_t k) {
                     const Job& job = work[k];
-                    errors[k] = decoders[job.table]->decode(mmpack::ConstBytes{job.payload, job.length},
-                                                            mmpack::MutableBytes{job.out, job.out_length});
                     if (errors[k] == nullptr && job.hashes != nullptr) {
                         mmpack::hash_rows(mmpack::ConstBytes{job.out, job.out_length}, job.row_bytes,
                                           job.out_length / job.row_bytes, job.hashes);
                     }
+                };
+                for (std::size_t k = first; k < last; ++k) {
+                    const Job& job = work[k];
+                    errors[k] = decoders[job.table]->decode(mmpack::ConstBytes{job.payload, job.length},
+                                                            mmpack::MutableBytes{job.out, job.out_length});
+                    hash(k);
                 }
-            });
+            },
+            std::uint64_t{4} << 20);
     }
     for (std::size_t k = 0; k < n_jobs; ++k) {
         if (errors[k] != nullptr) raise_decode_error(errors[k], k);

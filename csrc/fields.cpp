@@ -6,6 +6,7 @@
 #include <cstring>
 #include <limits>
 #include <mutex>
+#include <new>
 #include <type_traits>
 
 #include "bits.hpp"
@@ -22,7 +23,6 @@ using std::uint32_t;
 using std::uint64_t;
 using std::uint8_t;
 
-constexpr unsigned kHeadBitsFloat = 12;
 constexpr unsigned kNoSymbol = 0xFFFF;
 constexpr size_t kBlock = 2048;  // elements decoded per round: the scratch stays in L1
 
@@ -179,7 +179,8 @@ public:
                 count_[r][i] = c;
                 // A block with raw bits also pays kRawBitsPenalty per element: decoders take a
                 // slower path for its symbols, so only rare values should share a symbol.
-                const double per_element = log_total - static_cast<double>(log2_q16(std::max<uint64_t>(c, 1))) +
+                if (c == 0) continue;  // (cost 0) most nodes of a small or peaked histogram are empty
+                const double per_element = log_total - static_cast<double>(log2_q16(c)) +
                                            (r == 0 ? 0.0 : static_cast<double>(r) * 65536.0 + kRawBitsPenalty);
                 cost_[r][i] = static_cast<double>(c) * per_element;
             }
@@ -431,15 +432,6 @@ Histograms histograms(ConstBytes data, const Layout& layout) {
 }
 
 }  // namespace
-
-unsigned Layout::bits(unsigned field) const noexcept {
-    if (family == Family::half) return 8;
-    if (family == Family::floating) {
-        if (field == 0) return kHeadBitsFloat;
-        if (field == 1) return 4;
-    }
-    return 8;
-}
 
 bool valid_layout(unsigned width, Family family) noexcept {
     if (family == Family::half) return width == 2;
@@ -852,6 +844,8 @@ struct RawCursor {
     }
 };
 
+const char* const kCorrupt = "a chunk's streams do not decode to its elements";
+
 struct FieldReader {
     Mode mode = Mode::raw;
     RawCursor raw;
@@ -901,14 +895,9 @@ Decoder::Decoder(const Model& model) : impl_(std::make_unique<Impl>()) {
             }
         }
     }
-    const auto raw_tail = [&] {
-        for (size_t f = 1; f < model.fields.size(); ++f) {
-            if (model.fields[f].mode != Mode::raw) return false;
-        }
-        return true;
-    };
-    const bool fusable = layout.family != Family::integer && model.fields[0].mode == Mode::rans && !model.has_zero() &&
-                         raw_tail();
+    // The fused loops need every other field as plain bytes or nibbles: raw fields are read in
+    // place, the others decoded to scratch first.
+    const bool fusable = layout.family != Family::integer && model.fields[0].mode == Mode::rans && !model.has_zero();
     m.fast_float32 = fusable && layout.width == 4;
     m.fast_float16 = fusable && layout.width == 2;
 }
@@ -955,55 +944,12 @@ bool field_values(FieldReader& r, const Field& field, const Coded& c, unsigned b
     return false;
 }
 
-// float32 without the zero symbol, head rANS-coded, other fields raw: one fused loop.
-bool decode_fused_float32(FieldReader* readers, const Coded& head, size_t n, uint8_t* out) noexcept {
-    rans::FusedHead fused{head.table.get(), head.fused.data(), head.raw_bits.data(), 19};
-    const uint8_t* nibbles = readers[1].raw.data;
-    const uint8_t* hi = readers[2].raw.data;
-    const uint8_t* lo = readers[3].raw.data;
+// The scalar tail of a fused run (and the whole run without AVX2): elements [i, n).
+bool fused_scalar(FieldReader* readers, const Coded& head, const uint8_t* const* tails, const Layout& layout,
+                  size_t i, size_t n, uint8_t* out) noexcept {
     rans::Decoder& d = readers[0].stream;
     bits::Reader& raw = readers[0].low_bits;
-    size_t i = 0;
-    if (n > 0 && !readers[0].started) return false;
-    if (rans::have_avx2() && n >= rans::kLanes) {
-        bool ok = true;
-        i = rans::kLanes * rans::decode_float32_groups_avx2(d, fused, raw, nibbles, hi, lo, n / rans::kLanes,
-                                                             reinterpret_cast<uint32_t*>(out), ok);
-        if (!ok) return false;
-    }
-    for (; i < n; ++i) {
-        uint8_t s;
-        if (!rans::decode_step(d, *head.table, s)) return false;
-        uint32_t v = head.fused[s];
-        if (v >> 31) {
-            uint32_t low = 0;
-            if (!raw.read(head.raw_bits[s], low)) return false;
-            v = (v & 0x7FFFFFFFu) | (low << 19);
-        }
-        const unsigned q = (nibbles[i >> 1] >> ((i & 1) * 4)) & 0xF;
-        const uint32_t element = v | ((q & 7u) << 16) | (static_cast<uint32_t>(q >> 3) << 31) |
-                                 (static_cast<uint32_t>(hi[i]) << 8) | lo[i];
-        std::memcpy(out + 4 * i, &element, 4);  // any alignment: the AVX2 loop stores unaligned too
-    }
-    for (unsigned f = 1; f < 4; ++f) readers[f].raw.index = n;
-    return true;
-}
-
-// 16-bit floats the same way; the second field is the nibble (bfloat16) or a byte (float16).
-bool decode_fused_float16(FieldReader* readers, const Coded& head, bool half, size_t n, uint8_t* out) noexcept {
-    const unsigned shift = half ? 7 : 3;
-    rans::FusedHead fused{head.table.get(), head.fused.data(), head.raw_bits.data(), shift};
-    const uint8_t* tail = readers[1].raw.data;
-    rans::Decoder& d = readers[0].stream;
-    bits::Reader& raw = readers[0].low_bits;
-    size_t i = 0;
-    if (n > 0 && !readers[0].started) return false;
-    if (rans::have_avx2() && n >= rans::kLanes) {
-        bool ok = true;
-        i = rans::kLanes * rans::decode_float16_groups_avx2(d, fused, raw, tail, half, n / rans::kLanes,
-                                                             reinterpret_cast<uint16_t*>(out), ok);
-        if (!ok) return false;
-    }
+    const unsigned shift = layout.width == 4 ? 19 : layout.family == Family::half ? 7 : 3;
     for (; i < n; ++i) {
         uint8_t s;
         if (!rans::decode_step(d, *head.table, s)) return false;
@@ -1013,13 +959,68 @@ bool decode_fused_float16(FieldReader* readers, const Coded& head, bool half, si
             if (!raw.read(head.raw_bits[s], low)) return false;
             v = (v & 0x7FFFFFFFu) | (low << shift);
         }
-        const unsigned q = half ? tail[i] : (tail[i >> 1] >> ((i & 1) * 4)) & 0xF;
-        const unsigned rest = half ? (q & 0x7Fu) | ((q >> 7) << 15) : (q & 7u) | ((q >> 3) << 15);
-        const auto element = static_cast<uint16_t>(v | rest);
-        std::memcpy(out + 2 * i, &element, 2);
+        if (layout.width == 4) {
+            const unsigned q = (tails[1][i >> 1] >> ((i & 1) * 4)) & 0xF;
+            const uint32_t element = v | ((q & 7u) << 16) | (static_cast<uint32_t>(q >> 3) << 31) |
+                                     (static_cast<uint32_t>(tails[2][i]) << 8) | tails[3][i];
+            std::memcpy(out + 4 * i, &element, 4);  // any alignment: the AVX2 loop stores unaligned too
+        } else {
+            const bool half = layout.family == Family::half;
+            const unsigned q = half ? tails[1][i] : (tails[1][i >> 1] >> ((i & 1) * 4)) & 0xF;
+            const unsigned rest = half ? (q & 0x7Fu) | ((q >> 7) << 15) : (q & 7u) | ((q >> 3) << 15);
+            const auto element = static_cast<uint16_t>(v | rest);
+            std::memcpy(out + 2 * i, &element, 2);
+        }
     }
-    readers[1].raw.index = n;
     return true;
+}
+
+enum class Planes { ready, not_fusable, corrupt, no_memory };
+
+// Fields 1 and up of a chunk as the fused loops read them: raw fields in place, the others
+// decoded into this thread's scratch (nibble fields packed two to a byte). not_fusable when
+// a raw field's stream has the wrong length (the generic loop then reports the chunk corrupt);
+// nothing is consumed in that case.
+Planes tail_planes(FieldReader* readers, const Model& model, const std::vector<Coded>& coded, size_t n,
+                   const uint8_t** tails) noexcept {
+    thread_local std::vector<uint8_t> scratch[3];
+    thread_local std::vector<uint8_t> values;
+    const Layout& layout = model.layout;
+    for (unsigned f = 1; f < layout.width; ++f) {
+        if (readers[f].mode == Mode::raw && readers[f].raw.size != bits::packed_bytes(n, layout.bits(f))) {
+            return Planes::not_fusable;
+        }
+    }
+    for (unsigned f = 1; f < layout.width; ++f) {
+        FieldReader& r = readers[f];
+        const unsigned bits = layout.bits(f);
+        if (r.mode == Mode::raw) {
+            tails[f] = r.raw.data;
+            r.raw.index = n;
+            continue;
+        }
+        std::vector<uint8_t>& plane = scratch[f - 1];
+        try {
+            plane.resize(bits::packed_bytes(n, bits) + 16);
+            if (bits == 4) values.resize(n);
+        } catch (const std::bad_alloc&) {
+            return Planes::no_memory;
+        }
+        uint8_t* target = bits == 4 ? values.data() : plane.data();
+        uint8_t symbols[kBlock];
+        for (size_t done = 0; done < n; done += kBlock) {
+            const size_t b = std::min(kBlock, n - done);
+            if (!field_values(r, model.fields[f], coded[f], bits, b, symbols, target + done, static_cast<uint8_t*>(nullptr))) {
+                return Planes::corrupt;
+            }
+        }
+        if (bits == 4) {
+            std::fill(plane.begin(), plane.end(), uint8_t{0});
+            for (size_t i = 0; i < n; ++i) plane[i >> 1] |= static_cast<uint8_t>(values[i] << ((i & 1) * 4));
+        }
+        tails[f] = plane.data();
+    }
+    return Planes::ready;
 }
 
 template <unsigned W, Family F>
@@ -1039,20 +1040,32 @@ void assemble(const uint16_t* head, const uint8_t* zero, const uint8_t (*tails)[
 
 }  // namespace
 
-const char* Decoder::decode(ConstBytes chunk, MutableBytes out) const noexcept {
+// One chunk being decoded: its directory's streams, and how far the elements are done.
+struct Decoder::Chunk {
+    FieldReader readers[8];
+    const uint8_t* tails[4] = {};
+    rans::FusedHead fused;
+    size_t n = 0;
+    size_t done = 0;  // elements written by a fused loop
+    uint8_t* dst = nullptr;
+    bool is_fused = false;
+    bool failed = false;  // a fused loop stopped on corrupt raw bits
+};
+
+const char* Decoder::open(ConstBytes chunk, MutableBytes out, Chunk& c) const noexcept {
     const Impl& m = *impl_;
     const Model& model = m.model;
     const Layout& layout = model.layout;
     const unsigned w = layout.width;
     if (out.size % w != 0) return "a chunk's output is not whole elements";
-    const size_t n = out.size / w;
+    c.n = out.size / w;
+    c.dst = reinterpret_cast<uint8_t*>(out.data);
     const auto* bytes = reinterpret_cast<const uint8_t*>(chunk.data);
     // The directory, then every stream where it says.
     const size_t directory_bytes = 4 * static_cast<size_t>(m.directory_entries);
     if (chunk.size < directory_bytes) return "a chunk is shorter than its directory";
     size_t position = directory_bytes;
     size_t entry = 0;
-    FieldReader readers[8];
     auto next_stream = [&](size_t& start, size_t& length) {
         length = get32(bytes + 4 * entry++);
         start = position;
@@ -1061,7 +1074,7 @@ const char* Decoder::decode(ConstBytes chunk, MutableBytes out) const noexcept {
         return true;
     };
     for (unsigned f = 0; f < w; ++f) {
-        FieldReader& r = readers[f];
+        FieldReader& r = c.readers[f];
         r.mode = model.fields[f].mode;
         size_t start = 0, length = 0;
         if (r.mode == Mode::raw) {
@@ -1078,33 +1091,75 @@ const char* Decoder::decode(ConstBytes chunk, MutableBytes out) const noexcept {
         }
     }
     if (position != chunk.size) return "a chunk has bytes its directory does not account for";
-    auto* dst = reinterpret_cast<uint8_t*>(out.data);
-    const char* const corrupt = "a chunk's streams do not decode to its elements";
-    bool fused = false;
-    size_t nonzero_total = n;  // values of fields 1 and up
-    if (m.fast_float32 && readers[1].raw.size == bits::packed_bytes(n, 4) && readers[2].raw.size == n &&
-        readers[3].raw.size == n) {
-        if (!decode_fused_float32(readers, m.coded[0], n, dst)) return corrupt;
-        fused = true;
-    } else if (m.fast_float16 && readers[1].raw.size == bits::packed_bytes(n, layout.bits(1))) {
-        if (!decode_fused_float16(readers, m.coded[0], layout.family == Family::half, n, dst)) return corrupt;
-        fused = true;
+    if (m.fast_float32 || m.fast_float16) {
+        switch (tail_planes(c.readers, model, m.coded, c.n, c.tails)) {
+            case Planes::corrupt: return kCorrupt;
+            case Planes::no_memory: return "out of memory for a chunk's scratch";
+            case Planes::not_fusable: break;
+            case Planes::ready:
+                if (c.n > 0 && !c.readers[0].started) return kCorrupt;
+                c.is_fused = true;
+                const Coded& head = m.coded[0];
+                c.fused = rans::FusedHead{head.table.get(), head.fused.data(), head.raw_bits.data(),
+                                          layout.width == 4 ? 19u : layout.family == Family::half ? 7u : 3u};
+        }
     }
-    if (!fused) {
+    return nullptr;
+}
+
+// The AVX2 fused loop over a chunk's whole groups; marks the chunk failed on corrupt raw bits.
+void Decoder::run_fused(Chunk& c, const Layout& layout) noexcept {
+    if (!rans::have_avx2() || c.n < rans::kLanes) return;
+    const bool half = layout.family == Family::half;
+    rans::FusedStream s;
+    s.decoder = &c.readers[0].stream;
+    s.head = &c.fused;
+    s.raw = &c.readers[0].low_bits;
+    if (layout.width == 4) {
+        s.tails[0] = c.tails[1];
+        s.tails[1] = c.tails[2];
+        s.tails[2] = c.tails[3];
+    } else {
+        s.tails[0] = c.tails[1];
+    }
+    s.out = c.dst;
+    bool ok = true;
+    const size_t groups = c.n / rans::kLanes;
+    const size_t done = layout.width == 4 ? rans::decode_float32_groups_avx2(&s, 1, groups, ok)
+                                          : rans::decode_float16_groups_avx2(&s, 1, half, groups, ok);
+    c.failed = !ok;
+    c.done = done * rans::kLanes;
+}
+
+const char* Decoder::finish(Chunk& c) const noexcept {
+    const Impl& m = *impl_;
+    const Model& model = m.model;
+    const Layout& layout = model.layout;
+    const unsigned w = layout.width;
+    const size_t n = c.n;
+    FieldReader* readers = c.readers;
+    uint8_t* dst = c.dst;
+    size_t nonzero_total = n;  // values of fields 1 and up
+    if (c.is_fused) {
+        run_fused(c, layout);
+        if (c.failed || !fused_scalar(readers, m.coded[0], c.tails, layout, c.done, n, dst)) return kCorrupt;
+    } else {
         alignas(64) uint16_t head[kBlock];
         alignas(64) uint8_t zero[kBlock];
         alignas(64) uint8_t tails[7][kBlock];
         alignas(64) uint8_t symbols[kBlock];
         for (size_t done = 0; done < n;) {
             const size_t b = std::min(kBlock, n - done);
-            if (!field_values(readers[0], model.fields[0], m.coded[0], layout.bits(0), b, symbols, head, zero)) return corrupt;
+            if (!field_values(readers[0], model.fields[0], m.coded[0], layout.bits(0), b, symbols, head, zero)) {
+                return kCorrupt;
+            }
             size_t nonzero = b;
             for (size_t i = 0; i < b; ++i) nonzero -= zero[i];
             nonzero_total -= b - nonzero;
             for (unsigned f = 1; f < w; ++f) {
                 if (!field_values(readers[f], model.fields[f], m.coded[f], layout.bits(f), nonzero, symbols, tails[f - 1],
                                   static_cast<uint8_t*>(nullptr))) {
-                    return corrupt;
+                    return kCorrupt;
                 }
             }
             dispatch_layout(layout, [&](auto width, auto family) {
@@ -1116,13 +1171,19 @@ const char* Decoder::decode(ConstBytes chunk, MutableBytes out) const noexcept {
     }
     for (unsigned f = 0; f < w; ++f) {
         const FieldReader& r = readers[f];
-        if (r.mode == Mode::raw && !r.raw.finished(layout.bits(f))) return corrupt;
+        if (r.mode == Mode::raw && !r.raw.finished(layout.bits(f))) return kCorrupt;
         if (r.mode != Mode::rans) continue;
         // A field without values has an empty stream; one with values ends where it began.
         const bool has_values = (f == 0 ? n : nonzero_total) > 0;
-        if (r.started != has_values || (r.started && !r.stream.finished()) || !r.low_bits.finished()) return corrupt;
+        if (r.started != has_values || (r.started && !r.stream.finished()) || !r.low_bits.finished()) return kCorrupt;
     }
     return nullptr;
+}
+
+const char* Decoder::decode(ConstBytes chunk, MutableBytes out) const noexcept {
+    Chunk c;
+    const char* error = open(chunk, out, c);
+    return error != nullptr ? error : finish(c);
 }
 
 }  // namespace mmpack::fields

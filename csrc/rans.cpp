@@ -148,15 +148,8 @@ const char* simd_path() noexcept { return have_avx2() ? "avx2" : "scalar"; }
 #if !defined(MMPACK_HAVE_AVX2_TU)
 // No AVX2 translation unit on this architecture: have_avx2() is false, so these never run.
 std::size_t decode_groups_avx2(Decoder&, const DecodeTable&, std::size_t, std::uint8_t*) noexcept { return 0; }
-std::size_t decode_float32_groups_avx2(Decoder&, const FusedHead&, bits::Reader&, const std::uint8_t*,
-                                       const std::uint8_t*, const std::uint8_t*, std::size_t, std::uint32_t*,
-                                       bool&) noexcept {
-    return 0;
-}
-std::size_t decode_float16_groups_avx2(Decoder&, const FusedHead&, bits::Reader&, const std::uint8_t*, bool,
-                                       std::size_t, std::uint16_t*, bool&) noexcept {
-    return 0;
-}
+std::size_t decode_float32_groups_avx2(FusedStream*, unsigned, std::size_t, bool&) noexcept { return 0; }
+std::size_t decode_float16_groups_avx2(FusedStream*, unsigned, bool, std::size_t, bool&) noexcept { return 0; }
 #endif
 
 

@@ -118,70 +118,81 @@ std::size_t decode_groups_avx2(Decoder& d, const DecodeTable& table, std::size_t
     return g;
 }
 
-std::size_t decode_float32_groups_avx2(Decoder& d, const FusedHead& head, bits::Reader& raw,
-                                       const std::uint8_t* nibbles, const std::uint8_t* hi, const std::uint8_t* lo,
-                                       std::size_t groups, std::uint32_t* out, bool& ok) noexcept {
-    Lanes x = load_states(d);
-    const std::uint8_t* next = d.next;
-    const __m256i low3 = _mm256_set1_epi32(7);
+namespace {
+
+constexpr unsigned kMaxStreams = 2;
+
+// The loop shared by both element types: Emit(stream, group base, half, head values) writes
+// eight elements of one chunk. Every chunk's two vectors step once per group.
+template <typename Emit>
+std::size_t fused_groups(FusedStream* streams, unsigned count, std::size_t groups, bool& ok, Emit emit) noexcept {
+    Lanes x[kMaxStreams];
+    const std::uint8_t* next[kMaxStreams];
+    for (unsigned k = 0; k < count; ++k) {
+        x[k] = load_states(*streams[k].decoder);
+        next[k] = streams[k].decoder->next;
+    }
     std::size_t g = 0;
     ok = true;
-    for (; g < groups && d.end - next >= kGroupBytes; ++g) {
-        const std::size_t base = g * kLanes;
-        const __m128i nib = nibble_bytes(nibbles + base / 2);
+    for (; g < groups && ok; ++g) {
+        bool room = true;
+        for (unsigned k = 0; k < count; ++k) room = room && streams[k].decoder->end - next[k] >= kGroupBytes;
+        if (!room) break;
+        __m256i entry[kMaxStreams][2];
         for (unsigned half = 0; half < 2; ++half) {
-            const __m256i entry = step(half == 0 ? x.lo : x.hi, *head.table, next);
-            __m256i value;
-            if (!head_values(entry, head, raw, value)) {
-                ok = false;
-                store_states(d, x);
-                d.next = next;
-                return g;
+            for (unsigned k = 0; k < count; ++k) {
+                entry[k][half] = step(half == 0 ? x[k].lo : x[k].hi, *streams[k].head->table, next[k]);
             }
-            const std::size_t at = base + 8 * half;
-            const __m256i q = _mm256_cvtepu8_epi32(half == 0 ? nib : _mm_srli_si128(nib, 8));
-            const __m256i tail = _mm256_or_si256(
-                _mm256_or_si256(_mm256_slli_epi32(_mm256_and_si256(q, low3), 16), _mm256_slli_epi32(_mm256_srli_epi32(q, 3), 31)),
-                _mm256_or_si256(_mm256_slli_epi32(widen8(hi + at), 8), widen8(lo + at)));
-            _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + at), _mm256_or_si256(value, tail));
+        }
+        for (unsigned k = 0; k < count && ok; ++k) {
+            for (unsigned half = 0; half < 2; ++half) {
+                __m256i value;
+                if (!head_values(entry[k][half], *streams[k].head, *streams[k].raw, value)) {
+                    ok = false;
+                    break;
+                }
+                emit(streams[k], g * kLanes, half, value);
+            }
         }
     }
-    store_states(d, x);
-    d.next = next;
-    return g;
+    for (unsigned k = 0; k < count; ++k) {
+        store_states(*streams[k].decoder, x[k]);
+        streams[k].decoder->next = next[k];
+    }
+    return ok ? g : 0;
 }
 
-std::size_t decode_float16_groups_avx2(Decoder& d, const FusedHead& head, bits::Reader& raw, const std::uint8_t* tail,
-                                       bool half, std::size_t groups, std::uint16_t* out, bool& ok) noexcept {
-    Lanes x = load_states(d);
-    const std::uint8_t* next = d.next;
-    const __m256i low = _mm256_set1_epi32(half ? 0x7F : 7);
-    const int sign_shift = half ? 7 : 3;
-    std::size_t g = 0;
-    ok = true;
-    for (; g < groups && d.end - next >= kGroupBytes; ++g) {
-        const std::size_t base = g * kLanes;
-        const __m128i q16 = half ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(tail + base)) : nibble_bytes(tail + base / 2);
-        __m256i halves[2];
-        for (unsigned part = 0; part < 2; ++part) {
-            const __m256i entry = step(part == 0 ? x.lo : x.hi, *head.table, next);
-            __m256i value;
-            if (!head_values(entry, head, raw, value)) {
-                ok = false;
-                store_states(d, x);
-                d.next = next;
-                return g;
-            }
-            const __m256i q = _mm256_cvtepu8_epi32(part == 0 ? q16 : _mm_srli_si128(q16, 8));
-            const __m256i sign = _mm256_slli_epi32(_mm256_srl_epi32(q, _mm_cvtsi32_si128(sign_shift)), 15);
-            halves[part] = _mm256_or_si256(value, _mm256_or_si256(_mm256_and_si256(q, low), sign));
-        }
-        const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(halves[0], halves[1]), 0xD8);
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + base), packed);
-    }
-    store_states(d, x);
-    d.next = next;
-    return g;
+}  // namespace
+
+std::size_t decode_float32_groups_avx2(FusedStream* streams, unsigned count, std::size_t groups, bool& ok) noexcept {
+    const __m256i low3 = _mm256_set1_epi32(7);
+    return fused_groups(streams, count, groups, ok, [&](const FusedStream& s, std::size_t base, unsigned half,
+                                                          __m256i value) {
+        const std::size_t at = base + 8 * half;
+        const __m128i nib = nibble_bytes(s.tails[0] + base / 2);
+        const __m256i q = _mm256_cvtepu8_epi32(half == 0 ? nib : _mm_srli_si128(nib, 8));
+        const __m256i tail = _mm256_or_si256(
+            _mm256_or_si256(_mm256_slli_epi32(_mm256_and_si256(q, low3), 16), _mm256_slli_epi32(_mm256_srli_epi32(q, 3), 31)),
+            _mm256_or_si256(_mm256_slli_epi32(widen8(s.tails[1] + at), 8), widen8(s.tails[2] + at)));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(s.out + 4 * at), _mm256_or_si256(value, tail));
+    });
+}
+
+std::size_t decode_float16_groups_avx2(FusedStream* streams, unsigned count, bool half_layout, std::size_t groups,
+                                       bool& ok) noexcept {
+    const __m256i low = _mm256_set1_epi32(half_layout ? 0x7F : 7);
+    const __m128i sign_shift = _mm_cvtsi32_si128(half_layout ? 7 : 3);
+    return fused_groups(streams, count, groups, ok, [&](const FusedStream& s, std::size_t base, unsigned half,
+                                                          __m256i value) {
+        const __m128i q16 = half_layout ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(s.tails[0] + base))
+                                        : nibble_bytes(s.tails[0] + base / 2);
+        const __m256i q = _mm256_cvtepu8_epi32(half == 0 ? q16 : _mm_srli_si128(q16, 8));
+        const __m256i sign = _mm256_slli_epi32(_mm256_srl_epi32(q, sign_shift), 15);
+        const __m256i element = _mm256_or_si256(value, _mm256_or_si256(_mm256_and_si256(q, low), sign));
+        // Eight 16-bit elements: pack the lanes (values < 2^16) and store the low half.
+        const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(element, element), 0x08);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(s.out + 2 * (base + 8 * half)), _mm256_castsi256_si128(packed));
+    });
 }
 
 }  // namespace mmpack::rans

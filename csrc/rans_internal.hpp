@@ -27,18 +27,26 @@ struct FusedHead {
     unsigned shift = 0;
 };
 
-// float32 chunks whose head is rANS-coded and whose other fields are raw:
-// element i = head | nibble's low 3 bits << 16 | nibble's bit 3 << 31 |
-// hi[i] << 8 | lo[i]. `nibbles` holds 8 bytes per group, hi and lo 16.
-// Returns the groups decoded; ok becomes false when the raw bits run out.
-std::size_t decode_float32_groups_avx2(Decoder& d, const FusedHead& head, bits::Reader& raw,
-                                       const std::uint8_t* nibbles, const std::uint8_t* hi, const std::uint8_t* lo,
-                                       std::size_t groups, std::uint32_t* out, bool& ok) noexcept;
+// One chunk in a fused loop: its head's decoder and raw bits, its other fields as plain
+// bytes (nibbles packed two to a byte), and where its elements go (any alignment).
+struct FusedStream {
+    Decoder* decoder = nullptr;
+    const FusedHead* head = nullptr;
+    bits::Reader* raw = nullptr;
+    const std::uint8_t* tails[3] = {};  // fields 1, 2, 3
+    std::uint8_t* out = nullptr;
+};
 
-// 16-bit floats the same way. bfloat16 (half false): element i = head | nibble's low 3
-// bits | nibble's bit 3 << 15, 8 bytes of nibbles per group; float16 (half true): head |
-// tail's low 7 bits | tail's bit 7 << 15, 16 tail bytes per group.
-std::size_t decode_float16_groups_avx2(Decoder& d, const FusedHead& head, bits::Reader& raw, const std::uint8_t* tail,
-                                       bool half, std::size_t groups, std::uint16_t* out, bool& ok) noexcept;
+// float32 chunks whose head is rANS-coded: element i = head | nibble's low 3 bits << 16 |
+// nibble's bit 3 << 31 | tails[1][i] << 8 | tails[2][i]. `count` (1 or 2) chunks advance
+// together, group by group, so that two chunks' dependency chains overlap (the state update
+// waits on a gather). Returns the groups decoded (the same for every chunk); ok becomes false
+// when a chunk's raw bits run out.
+std::size_t decode_float32_groups_avx2(FusedStream* streams, unsigned count, std::size_t groups, bool& ok) noexcept;
+
+// 16-bit floats the same way. bfloat16 (half false): element i = head | nibble's low 3 bits |
+// nibble's bit 3 << 15; float16 (half true): head | tails[0][i]'s low 7 bits | its bit 7 << 15.
+std::size_t decode_float16_groups_avx2(FusedStream* streams, unsigned count, bool half, std::size_t groups,
+                                       bool& ok) noexcept;
 
 }  // namespace mmpack::rans

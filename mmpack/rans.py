@@ -90,6 +90,9 @@ class RansChunking:
     layouts: tuple[int, ...]
     # Start of every chunk within its tensor's section, plus the section's end.
     starts: tuple[np.ndarray, ...] = field(init=False, repr=False, compare=False)
+    # The same, all tensors in one array: tensor j's chunk c starts at flat_starts[flat_base[j] + c].
+    flat_starts: np.ndarray = field(init=False, repr=False, compare=False)
+    flat_base: np.ndarray = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         starts = []
@@ -97,6 +100,9 @@ class RansChunking:
             offsets = np.cumsum(np.asarray([table, *lengths], dtype=np.int64))
             starts.append(offsets)
         object.__setattr__(self, "starts", tuple(starts))
+        sizes = np.array([len(x) for x in starts], np.int64)
+        object.__setattr__(self, "flat_starts", np.concatenate(starts) if starts else np.zeros(0, np.int64))
+        object.__setattr__(self, "flat_base", np.cumsum(sizes) - sizes)
 
     def section_length(self, j: int) -> int:
         return int(self.starts[j][-1])

@@ -10,9 +10,14 @@ same bytes or all reject it (the kernels with ``DecodeError``, the spec
 decoder with ``Corrupt``). Anything else, a crash or a hang is a bug. The
 corpus starts from valid encodings of every layout, so mutations reach the
 table rules, the directory, the rANS states and words, the raw bits and the
-zero-element symbol. Run it under the sanitizer build for memory errors::
+zero-element symbol.
 
-    tests/sanitizers/run.sh --fuzz tests/fuzz/fuzz_rans.py -atheris_runs=100000 tests/fuzz/corpus_rans
+Under the sanitizer build libasan takes over the coverage hooks, so libFuzzer
+sees no coverage and shrinks the corpus to one byte; there, ``--mutations N``
+runs N plain random mutations of the seeds instead (bit flips, byte writes,
+cuts, insertions, copies), which still reach deep into valid streams::
+
+    tests/sanitizers/run.sh --fuzz tests/fuzz/fuzz_rans.py --mutations 200000
 """
 
 from __future__ import annotations
@@ -116,7 +121,41 @@ def test_one_input(data: bytes) -> None:
                                  f"spec {'accepts' if spec is not None else 'rejects'}")
 
 
+def mutate(data: bytes, rng: np.random.Generator) -> bytes:
+    out = bytearray(data)
+    for _ in range(int(rng.integers(1, 5))):
+        kind = int(rng.integers(0, 5))
+        at = int(rng.integers(0, max(len(out), 1)))
+        if kind == 0 and out:
+            out[at % len(out)] ^= 1 << int(rng.integers(0, 8))
+        elif kind == 1 and out:
+            out[at % len(out)] = int(rng.integers(0, 256))
+        elif kind == 2:
+            del out[at : at + int(rng.integers(1, 9))]
+        elif kind == 3:
+            out[at:at] = bytes(rng.integers(0, 256, int(rng.integers(1, 9)), dtype=np.uint8))
+        elif out:
+            width = int(rng.integers(1, 9))
+            source = int(rng.integers(0, len(out)))
+            out[at : at + width] = out[source : source + width]
+    return bytes(out)
+
+
+def random_mutations(count: int) -> None:
+    import time
+
+    seeds = [p.read_bytes() for p in sorted(CORPUS.iterdir())]
+    rng = np.random.default_rng(int(time.time()))
+    start = time.perf_counter()
+    for k in range(count):
+        test_one_input(mutate(seeds[k % len(seeds)], rng))
+    print(f"{count} mutated inputs of {len(seeds)} seeds in {time.perf_counter() - start:.0f} s: no failure")
+
+
 if __name__ == "__main__":
     seed_corpus()
-    atheris.Setup(sys.argv, test_one_input)
-    atheris.Fuzz()
+    if sys.argv[1:2] == ["--mutations"]:
+        random_mutations(int(sys.argv[2]))
+    else:
+        atheris.Setup(sys.argv, test_one_input)
+        atheris.Fuzz()

@@ -31,8 +31,12 @@ struct Layout {
     Family family = Family::integer;
 
     // One field per byte of the element: head, then nibble (floating) or planes.
-    unsigned n_fields() const noexcept { return width; }
-    unsigned bits(unsigned field) const noexcept;
+    constexpr unsigned n_fields() const noexcept { return width; }
+    // Width of a field in bits (inline: the kernels' loops ask for every element).
+    constexpr unsigned bits(unsigned field) const noexcept {
+        if (family == Family::floating) return field == 0 ? 12 : field == 1 ? 4 : 8;
+        return 8;
+    }
 };
 
 // Floating: widths 2, 4 and 8; integer: 1, 2, 4 and 8.
@@ -102,6 +106,10 @@ public:
 
 private:
     struct Impl;
+    struct Chunk;
+    const char* open(ConstBytes chunk, MutableBytes out, Chunk& c) const noexcept;
+    static void run_fused(Chunk& c, const Layout& layout) noexcept;
+    const char* finish(Chunk& c) const noexcept;
     std::unique_ptr<Impl> impl_;
 };
 
