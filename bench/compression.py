@@ -334,7 +334,8 @@ def main() -> None:
     args = parse_args()
     print(describe_machine())
     print(f"rANS decoding loop: {_native.rans_simd_path()}; zstd level {ZSTD_LEVEL}; chunks of {CHUNK // 1024} KiB "
-          f"of raw rows for zstd and v2, {RANS_CHUNK // 1024} KiB for v3 (each codec's default); throughputs are the best of {args.runs} runs; '1 thr' = one kernel/codec thread, "
+          f"of raw rows for zstd and v2, {RANS_CHUNK // 1024} KiB for v3 (each codec's default); throughputs are "
+          f"the best of {args.runs} runs; '1 thr' = one kernel/codec thread, "
           f"'thr' = default ({_native.max_threads()} threads)\n")
     prime_memory()
     zipnn_problem = zipnn_available()

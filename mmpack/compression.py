@@ -324,19 +324,8 @@ class Chunking:
     @classmethod
     def from_json(cls, data: object, widths: Sequence[int], row_bytes: Sequence[int], rows: Sequence[int]) -> Chunking:
         """Parse and check a header's ``compression`` object; ``rows[j]`` is tensor j's stored row count."""
-        keys = {"codec", "transform", "delta", "chunk_rows", "chunks"}
-        if not isinstance(data, dict) or set(data) != keys:
-            raise FormatError(f"compression must be an object with keys {sorted(keys)}")
-        if data["codec"] != CODEC or data["transform"] != TRANSFORM:
-            raise FormatError(f"unsupported codec {data['codec']!r} with transform {data['transform']!r}")
-        if data["delta"] not in (DELTA_NONE, DELTA_XOR):
-            raise FormatError(f"unsupported delta {data['delta']!r}")
-        chunk_rows, chunks = data["chunk_rows"], data["chunks"]
         n = len(widths)
-        if not (isinstance(chunk_rows, list) and len(chunk_rows) == n and all(_is_int(r, 1) for r in chunk_rows)):
-            raise FormatError(f"chunk_rows must list a positive row count for each of the {n} tensors")
-        if not (isinstance(chunks, list) and len(chunks) == n and all(isinstance(c, list) for c in chunks)):
-            raise FormatError(f"chunks must list the stored plane lengths of each of the {n} tensors")
+        chunk_rows, chunks = check_compression_object(data, set(), CODEC, TRANSFORM, n, "stored plane lengths")
         for j in range(n):
             stored, width = chunks[j], widths[j]
             n_chunks = -(-rows[j] // chunk_rows[j])
@@ -350,6 +339,27 @@ class Chunking:
                         f"tensor #{j}: stored plane {k} has length {length!r}, above its {plane} raw bytes"
                     )
         return cls(data["delta"], tuple(chunk_rows), tuple(tuple(c) for c in chunks), tuple(widths))
+
+
+def check_compression_object(
+    data: object, extra_keys: set[str], codec: str, transform: str, n: int, chunks_are: str
+) -> tuple[list, list]:
+    """Checks shared by the ``compression`` objects of both versions: exactly the version's keys,
+    its codec and transform, a known delta, and a positive ``chunk_rows`` and a ``chunks`` list per
+    tensor (``n`` of them). Returns ``(chunk_rows, chunks)``."""
+    keys = {"codec", "transform", "delta", "chunk_rows", "chunks"} | extra_keys
+    if not isinstance(data, dict) or set(data) != keys:
+        raise FormatError(f"compression must be an object with keys {sorted(keys)}")
+    if data["codec"] != codec or data["transform"] != transform:
+        raise FormatError(f"unsupported codec {data['codec']!r} with transform {data['transform']!r}")
+    if data["delta"] not in (DELTA_NONE, DELTA_XOR):
+        raise FormatError(f"unsupported delta {data['delta']!r}")
+    chunk_rows, chunks = data["chunk_rows"], data["chunks"]
+    if not (isinstance(chunk_rows, list) and len(chunk_rows) == n and all(_is_int(r, 1) for r in chunk_rows)):
+        raise FormatError(f"chunk_rows must list a positive row count for each of the {n} tensors")
+    if not (isinstance(chunks, list) and len(chunks) == n and all(isinstance(c, list) for c in chunks)):
+        raise FormatError(f"chunks must list the {chunks_are} of each of the {n} tensors")
+    return chunk_rows, chunks
 
 
 def _plane_bytes(chunk_rows: int, rows: int, row_bytes: int, width: int, chunk: int) -> int:

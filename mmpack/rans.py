@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from mmpack import _native
-from mmpack.compression import DELTA_NONE, DELTA_XOR
+from mmpack.compression import check_compression_object
 from mmpack.errors import FormatError, IntegrityError
 
 CODEC = "rans"
@@ -122,21 +122,11 @@ class RansChunking:
         cls, data: object, dtypes: Sequence[torch.dtype], row_bytes: Sequence[int], rows: Sequence[int]
     ) -> RansChunking:
         """Parse and check a version 3 header's ``compression`` object; ``rows[j]`` is tensor j's stored row count."""
-        keys = {"codec", "transform", "delta", "chunk_rows", "tables", "chunks"}
-        if not isinstance(data, dict) or set(data) != keys:
-            raise FormatError(f"compression must be an object with keys {sorted(keys)}")
-        if data["codec"] != CODEC or data["transform"] != TRANSFORM:
-            raise FormatError(f"unsupported codec {data['codec']!r} with transform {data['transform']!r}")
-        if data["delta"] not in (DELTA_NONE, DELTA_XOR):
-            raise FormatError(f"unsupported delta {data['delta']!r}")
-        chunk_rows, tables, chunks = data["chunk_rows"], data["tables"], data["chunks"]
         n = len(dtypes)
-        if not (isinstance(chunk_rows, list) and len(chunk_rows) == n and all(_is_int(r, 1) for r in chunk_rows)):
-            raise FormatError(f"chunk_rows must list a positive row count for each of the {n} tensors")
+        chunk_rows, chunks = check_compression_object(data, {"tables"}, CODEC, TRANSFORM, n, "stored chunk lengths")
+        tables = data["tables"]
         if not (isinstance(tables, list) and len(tables) == n and all(_is_int(t, 0) for t in tables)):
             raise FormatError(f"tables must list the table block length of each of the {n} tensors")
-        if not (isinstance(chunks, list) and len(chunks) == n and all(isinstance(c, list) for c in chunks)):
-            raise FormatError(f"chunks must list the stored chunk lengths of each of the {n} tensors")
         layouts = tuple(layout_code(d) for d in dtypes)
         for j in range(n):
             n_chunks = -(-rows[j] // chunk_rows[j])

@@ -30,7 +30,6 @@ from mmpack import (
 )
 from mmpack._io import FileReader
 
-
 CODECS = ["rans", "zstd"]
 
 

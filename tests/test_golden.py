@@ -90,15 +90,15 @@ def _planes(chunking, header, widths):
             yield length, min(chunking.chunk_rows[j], rows - c * chunking.chunk_rows[j]) * spec.nbytes // widths[j]
 
 
-def test_version_2_xor_rows_golden_file_decodes_against_its_reference():
+def _xor_rows_golden_file_decodes_against_its_reference(name: str, version: int) -> None:
     from golden_sets import golden_v2_update
 
     from mmpack._io import FileReader
 
     new, changed, reference = golden_v2_update()
-    with open(GOLDEN_DIR / "v2_rows_xor_zstd.mmpack", "rb") as f, FileReader(f) as source:
+    with open(GOLDEN_DIR / name, "rb") as f, FileReader(f) as source:
         header = fileformat.read_header(source)
-        assert header.layout.chunking.delta == "xor"
+        assert header.layout.chunking.delta == "xor" and header.layout.version == version
         index = fileformat.read_row_index(source, header)
         assert [ids.tolist() for ids in index] == [np.flatnonzero(changed[:, j]).tolist() for j in range(7)]
         assert np.array_equal(fileformat.read_hash_table(source, header), new.hashes())
@@ -117,6 +117,10 @@ def test_version_2_xor_rows_golden_file_decodes_against_its_reference():
         for i in np.flatnonzero(changed[:, j]):
             got, want = out[spec.name][i].reshape(-1), new.tensors[spec.name][i].reshape(-1)
             assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+
+
+def test_version_2_xor_rows_golden_file_decodes_against_its_reference():
+    _xor_rows_golden_file_decodes_against_its_reference("v2_rows_xor_zstd.mmpack", 2)
 
 
 def test_version_2_writer_still_produces_the_golden_bytes_with_the_same_zstd():
@@ -144,31 +148,7 @@ def test_version_3_golden_file_loads_to_the_expected_values():
 
 
 def test_version_3_xor_rows_golden_file_decodes_against_its_reference():
-    from mmpack._io import FileReader
-
-    from golden_sets import golden_v2_update
-
-    new, changed, reference = golden_v2_update()
-    with open(GOLDEN_DIR / "v3_rows_xor_rans.mmpack", "rb") as f, FileReader(f) as source:
-        header = fileformat.read_header(source)
-        assert header.layout.chunking.delta == "xor" and struct.unpack_from("<I", f.read(12), 8)[0] == 3
-        index = fileformat.read_row_index(source, header)
-        assert [ids.tolist() for ids in index] == [np.flatnonzero(changed[:, j]).tolist() for j in range(7)]
-        holders = np.flatnonzero(changed.any(axis=1))
-        out = {s.name: torch.zeros((len(new), *s.shape), dtype=s.dtype) for s in new.architecture.tensors}
-        for spec in new.architecture.tensors:
-            out[spec.name][torch.from_numpy(holders)] = reference.tensors[spec.name]
-        views = [out[s.name].view(-1).view(torch.uint8).numpy() for s in new.architecture.tensors]
-        columns = np.concatenate([np.full(len(ids), j) for j, ids in enumerate(index)])
-        stored = np.concatenate([np.arange(len(ids)) for ids in index])
-        models = np.concatenate(index)
-        request = fileformat.RowRequest(source, header, columns, stored, models, xor=True)
-        hashes = fileformat.read_rows_many([request], views)[0]
-        assert np.array_equal(hashes, new.hashes()[models, columns])
-    for j, spec in enumerate(new.architecture.tensors):
-        for i in np.flatnonzero(changed[:, j]):
-            got, want = out[spec.name][i].reshape(-1), new.tensors[spec.name][i].reshape(-1)
-            assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+    _xor_rows_golden_file_decodes_against_its_reference("v3_rows_xor_rans.mmpack", 3)
 
 
 def test_version_3_writer_still_produces_the_golden_bytes():
@@ -212,5 +192,6 @@ def test_the_spec_decoder_reads_the_version_3_golden_files_and_they_use_every_co
 
             expected = golden_v1_modelset(GOLDEN_V2_MODELS)
             for spec in header.architecture.tensors:
-                assert decoded[spec.name] == expected.tensors[spec.name].contiguous().view(torch.uint8).numpy().tobytes()
+                raw = expected.tensors[spec.name].contiguous().view(torch.uint8).numpy().tobytes()
+                assert decoded[spec.name] == raw
     assert seen == {"raw", "constant", "rans", "zero symbol", "raw bits"}

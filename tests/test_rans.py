@@ -79,7 +79,8 @@ def decode_native(encoded: rans.Encoded, raw_length: int, rows: int, chunk_rows:
     out = np.full(raw_length, 0xA5, np.uint8)
     starts = np.cumsum([encoded.table_length, *encoded.chunk_lengths])
     jobs = [(0, 0, int(starts[c]), length, 0, c * chunk_rows * row_bytes,
-             min(chunk_rows, rows - c * chunk_rows) * row_bytes, 0, 0) for c, length in enumerate(encoded.chunk_lengths)]
+             min(chunk_rows, rows - c * chunk_rows) * row_bytes, 0, 0)
+            for c, length in enumerate(encoded.chunk_lengths)]
     rans.decode([encoded.data[: encoded.table_length]], [rans.layout_code(dtype)], [encoded.data],
                 np.array(jobs, np.uint64), [out], None)
     return out
@@ -100,7 +101,8 @@ def decode_reference(encoded: rans.Encoded, raw_length: int, rows: int, chunk_ro
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @settings(max_examples=25, deadline=None)
-@given(seed=st.integers(0, 2**32 - 1), rows=st.integers(1, 12), per_row=st.integers(1, 40), chunk_rows=st.integers(1, 12))
+@given(seed=st.integers(0, 2**32 - 1), rows=st.integers(1, 12), per_row=st.integers(1, 40),
+       chunk_rows=st.integers(1, 12))
 def test_every_bit_of_every_dtype_round_trips(dtype, seed, rows, per_row, chunk_rows):
     rng = np.random.default_rng(seed)
     raw = mixed_bytes(dtype, rng, rows * per_row * (2 if dtype.is_complex else 1))
@@ -234,16 +236,20 @@ def test_decode_jobs_out_of_range_are_refused_before_anything_runs(change, messa
 def test_decode_arguments_of_the_wrong_kind_are_type_errors():
     raw, encoded = _small()
     table = encoded.data[: encoded.table_length]
+
+    def call(layouts, jobs, out):
+        _native.rans_decode([table], layouts, [encoded.data], jobs, [out])
+
     with pytest.raises(ValueError, match="layout"):
-        _native.rans_decode([table], np.array([3], np.uint64), [encoded.data], _jobs(encoded), [np.zeros(8192, np.uint8)])
+        call(np.array([3], np.uint64), _jobs(encoded), np.zeros(8192, np.uint8))
     with pytest.raises(ValueError, match="entries"):
-        _native.rans_decode([table], np.array([4, 4], np.uint64), [encoded.data], _jobs(encoded), [np.zeros(8192, np.uint8)])
+        call(np.array([4, 4], np.uint64), _jobs(encoded), np.zeros(8192, np.uint8))
     with pytest.raises(ValueError, match="9 numbers"):
-        _native.rans_decode([table], np.array([4], np.uint64), [encoded.data], _jobs(encoded)[:5], [np.zeros(8192, np.uint8)])
+        call(np.array([4], np.uint64), _jobs(encoded)[:5], np.zeros(8192, np.uint8))
     with pytest.raises(TypeError, match="writable"):
-        _native.rans_decode([table], np.array([4], np.uint64), [encoded.data], _jobs(encoded), [bytes(8192)])
+        call(np.array([4], np.uint64), _jobs(encoded), bytes(8192))
     with pytest.raises(TypeError, match="uint64"):
-        _native.rans_decode([table], np.array([4], np.int32), [encoded.data], _jobs(encoded), [np.zeros(8192, np.uint8)])
+        call(np.array([4], np.int32), _jobs(encoded), np.zeros(8192, np.uint8))
 
 
 def test_encode_arguments_are_checked():

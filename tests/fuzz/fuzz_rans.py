@@ -41,7 +41,8 @@ with atheris.instrument_imports():
 CORPUS = pathlib.Path(__file__).parent / "corpus_rans"
 # (kernel layout code, spec layout, element width): every layout of docs/FORMAT.md.
 LAYOUTS = [(4, "float", 4), (2, "float", 2), (8, "float", 8), (2 | 2 << 8, "half", 2),
-           (1 | 1 << 8, "integer", 1), (2 | 1 << 8, "integer", 2), (4 | 1 << 8, "integer", 4), (8 | 1 << 8, "integer", 8)]
+           (1 | 1 << 8, "integer", 1), (2 | 1 << 8, "integer", 2), (4 | 1 << 8, "integer", 4),
+           (8 | 1 << 8, "integer", 8)]
 MAX_ELEMENTS = 4096
 REFERENCE_ELEMENTS = 48  # the spec decoder is slow: only chunks this small
 
