@@ -672,7 +672,29 @@ const char* encode_head_only(const uint8_t* bytes, size_t n, const Field& head, 
                              const rans::EncodeSymbol* table, std::vector<uint8_t>& out) {
     const Layout layout{W, F};
     std::vector<uint8_t> symbols(n), raw_bits;
-    bits::Writer writer(raw_bits);
+    // The symbols first: a lookup per element, nothing else in the loop.
+    for (size_t i = 0; i < n; ++i) {
+        const unsigned s = symbol_of[field_of(layout, load_element(bytes + i * W, W), 0)];
+        if (s == kNoSymbol) return "data does not fit the model (a value no symbol covers)";
+        symbols[i] = static_cast<uint8_t>(s);
+    }
+    uint8_t raw_count[rans::kMaxSymbols] = {};
+    bool any_raw = false;
+    for (size_t k = 0; k < head.symbols.size(); ++k) {
+        raw_count[k] = head.symbols[k].raw_bits;
+        any_raw = any_raw || raw_count[k] > 0;
+    }
+    if (any_raw) {  // rare values' low bits, in element order
+        bits::Writer writer(raw_bits);
+        for (size_t i = 0; i < n; ++i) {
+            const unsigned s = symbols[i];
+            if (raw_count[s]) {
+                writer.write(raw_count[s], field_of(layout, load_element(bytes + i * W, W), 0) - head.symbols[s].value);
+            }
+        }
+        writer.flush();
+    }
+    // The other fields as their streams: plain loops the compiler vectorises.
     size_t tail_length[8] = {};
     size_t tail_start[8] = {};
     size_t tails = 0;
@@ -682,23 +704,20 @@ const char* encode_head_only(const uint8_t* bytes, size_t n, const Field& head, 
         tails += tail_length[f];
     }
     std::vector<uint8_t> tail(tails, 0);
-    for (size_t i = 0; i < n; ++i) {
-        const uint64_t v = load_element(bytes + i * W, W);
-        const unsigned value = field_of(layout, v, 0);
-        const unsigned s = symbol_of[value];
-        if (s == kNoSymbol) return "data does not fit the model (a value no symbol covers)";
-        symbols[i] = static_cast<uint8_t>(s);
-        if (head.symbols[s].raw_bits) writer.write(head.symbols[s].raw_bits, value - head.symbols[s].value);
-        for (unsigned f = 1; f < W; ++f) {
-            const unsigned t = field_of(layout, v, f);
-            if (layout.bits(f) == 4) {
-                tail[tail_start[f] + (i >> 1)] |= static_cast<uint8_t>(t << ((i & 1) * 4));
-            } else {
-                tail[tail_start[f] + i] = static_cast<uint8_t>(t);
+#pragma GCC unroll 8
+    for (unsigned f = 1; f < W; ++f) {
+        uint8_t* plane = tail.data() + tail_start[f];
+        if (layout.bits(f) == 4) {
+            size_t i = 0;
+            for (; i + 1 < n; i += 2) {
+                plane[i >> 1] = static_cast<uint8_t>(field_of(layout, load_element(bytes + i * W, W), f) |
+                                                     field_of(layout, load_element(bytes + (i + 1) * W, W), f) << 4);
             }
+            if (i < n) plane[i >> 1] = static_cast<uint8_t>(field_of(layout, load_element(bytes + i * W, W), f));
+        } else {
+            for (size_t i = 0; i < n; ++i) plane[i] = static_cast<uint8_t>(field_of(layout, load_element(bytes + i * W, W), f));
         }
     }
-    writer.flush();
     std::vector<uint8_t> stream;
     stream.reserve(2 * n + rans::kStateBytes);
     rans::encode(symbols.data(), n, table, stream);
