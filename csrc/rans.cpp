@@ -49,8 +49,8 @@ inline void encode_one(std::uint32_t& x, const EncodeSymbol& s, std::uint8_t*& p
     // any case, and kept only when the pointer moves past it. The scratch buffer holds a
     // word per symbol and the states in front, so p - 2 never leaves it.
     const unsigned emit = x >= s.x_max;
-    p[-2] = static_cast<std::uint8_t>(x);
-    p[-1] = static_cast<std::uint8_t>(x >> 8);
+    const auto word = static_cast<std::uint16_t>(x);  // little-endian hosts (the Python layer checks)
+    std::memcpy(p - 2, &word, 2);
     p -= 2 * emit;
     x >>= 16 * emit;
     const auto q = static_cast<std::uint32_t>(mul_high(x, s.rcp) >> s.shift);
