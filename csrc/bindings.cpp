@@ -7,8 +7,8 @@
 
 #include <atomic>
 #include <climits>
-#include <memory>
 #include <cstring>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -411,15 +411,21 @@ std::unique_ptr<EncodedSection> py_rans_encode(const py::handle& data, std::uint
         const mmpack::fields::Encoder encoder(model);
         std::vector<std::vector<std::uint8_t>> chunks(n_chunks);
         std::vector<const char*> errors(n_chunks, nullptr);
+        std::atomic<bool> out_of_memory{false};
         mmpack::parallel_by_weight(
             n_chunks, [&](std::size_t c) { return static_cast<std::uint64_t>(std::min(c * chunk_bytes, buf.size())); },
             [&](std::size_t first, std::size_t last) {
                 for (std::size_t c = first; c < last; ++c) {
                     const std::size_t begin = c * chunk_bytes;
                     const std::size_t length = std::min(chunk_bytes, buf.size() - begin);
-                    errors[c] = encoder.encode(mmpack::ConstBytes{buf.data() + begin, length}, chunks[c]);
+                    try {  // nothing may escape a worker thread
+                        errors[c] = encoder.encode(mmpack::ConstBytes{buf.data() + begin, length}, chunks[c]);
+                    } catch (const std::bad_alloc&) {
+                        out_of_memory = true;
+                    }
                 }
             });
+        if (out_of_memory) throw std::bad_alloc();
         for (std::size_t c = 0; c < n_chunks; ++c) {
             if (errors[c] != nullptr && failure == nullptr) failure = errors[c];
             section->chunk_lengths[c] = chunks[c].size();

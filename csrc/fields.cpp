@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -417,17 +418,23 @@ Histograms histograms(ConstBytes data, const Layout& layout) {
     Histograms total = empty_histograms(layout);
     total.noise = noise_fields(layout, bytes, n);
     std::mutex lock;
+    std::atomic<bool> out_of_memory{false};
     parallel_by_weight(
         pieces, [&](size_t p) { return static_cast<uint64_t>(std::min(p * kPiece, n)) * w; },
         [&](size_t first, size_t last) {
-            Histograms h = empty_histograms(layout);
-            count_fields(layout, bytes, first * kPiece, std::min(n, last * kPiece), total.noise, h);
-            const std::lock_guard<std::mutex> guard(lock);  // sums: the order does not matter
-            total.zeros += h.zeros;
-            for (unsigned f = 0; f < w; ++f) {
-                for (size_t v = 0; v < h.fields[f].size(); ++v) total.fields[f][v] += h.fields[f][v];
+            try {  // nothing may escape a worker thread
+                Histograms h = empty_histograms(layout);
+                count_fields(layout, bytes, first * kPiece, std::min(n, last * kPiece), total.noise, h);
+                const std::lock_guard<std::mutex> guard(lock);  // sums: the order does not matter
+                total.zeros += h.zeros;
+                for (unsigned f = 0; f < w; ++f) {
+                    for (size_t v = 0; v < h.fields[f].size(); ++v) total.fields[f][v] += h.fields[f][v];
+                }
+            } catch (const std::bad_alloc&) {
+                out_of_memory = true;
             }
         });
+    if (out_of_memory) throw std::bad_alloc();
     return total;
 }
 
