@@ -341,3 +341,12 @@ def test_in_memory_image_equals_the_streamed_file(build):
     buffer = io.BytesIO()
     mmpack.save(ms, buffer, metadata={"k": "v"})
     assert image.tobytes() == buffer.getvalue()
+
+
+def test_an_empty_set_saves_to_a_path_and_loads(tmp_path):
+    # Its hash table is an empty [0, n_tensors] array, which the whole-write wrapper must accept.
+    ms = ModelSet.from_modules(ffnn_models(2)).select([])
+    for setting in (None, "rans", "zstd"):
+        path = tmp_path / f"empty-{setting}.mmpack"
+        mmpack.save(ms, path, compression=setting)
+        assert len(mmpack.load(path)) == 0

@@ -21,6 +21,10 @@ import atheris
 
 with atheris.instrument_imports():
     import mmpack
+    import mmpack.compression
+    import mmpack.fileformat  # mmpack loads its names lazily: import what loading runs, so it is instrumented
+    import mmpack.fileformat.compressed
+    import mmpack.rans
     from mmpack import MMPackError
 
 CORPUS = pathlib.Path(__file__).parent / "corpus"
