@@ -243,11 +243,31 @@ def _contiguous_sources(tensors: list[torch.Tensor], specs: Sequence[TensorSpec]
 def stack_on_device(
     tensors: list[torch.Tensor], architecture: Architecture, n_models: int
 ) -> dict[str, torch.Tensor]:
-    """Stack accelerator tensors on their device, then copy each stacked tensor to the host once."""
+    """Stack accelerator tensors (checked by :func:`check_columns`) on their device, one
+    ``torch.stack`` per name: the set stays on the device."""
     width = len(architecture)
-    return {
-        spec.name: torch.stack(tensors[j::width]).cpu() for j, spec in enumerate(architecture.tensors)
-    }
+    with torch.no_grad():
+        return {spec.name: torch.stack(tensors[j::width]) for j, spec in enumerate(architecture.tensors)}
+
+
+def copy_rows(src: np.ndarray, src_offsets: np.ndarray, dst: np.ndarray, dst_offsets: np.ndarray, row_bytes: int,
+              hashes: np.ndarray | None = None) -> None:
+    """Copy rows of ``row_bytes`` from byte array ``src`` (at ``src_offsets``) to ``dst`` (at
+    ``dst_offsets``) in one native pass, writing each row's XXH3-64 into ``hashes`` when given."""
+    n = len(src_offsets)
+    zeros = np.zeros(n, dtype=np.uint64)
+    _native.copy_segments([src], zeros, src_offsets, [dst], zeros, dst_offsets, np.full(n, row_bytes, np.uint64),
+                          hashes)
+
+
+def native_hash_rows(data: np.ndarray, row_bytes: int, out: np.ndarray) -> None:
+    """XXH3-64 of each ``row_bytes`` row of the byte array ``data`` into ``out`` (native, GIL released)."""
+    _native.hash_rows(data, row_bytes, out)
+
+
+def hash_empty_rows(out: np.ndarray) -> None:
+    """The hash of every row of a tensor without bytes (each is the hash of nothing)."""
+    _native.hash_rows(np.empty(0, dtype=np.uint8), 0, out)
 
 
 def scatter_to_modules(

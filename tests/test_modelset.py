@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import torch
 import xxhash
+from helpers import Mixed, ffnn_models, mixed_models, randomized_cnns, state_equal
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
@@ -9,8 +10,6 @@ from torch import nn
 import mmpack
 from mmpack import ArchitectureMismatchError, MMPackError, ModelIndexError, ModelSet
 from mmpack.workloads import FFNN, ffnn48, small_cnn
-
-from helpers import Mixed, ffnn_models, mixed_models, randomized_cnns, state_equal
 
 
 @pytest.mark.parametrize(
@@ -240,10 +239,10 @@ def test_vmap_call_with_one_input_per_model_and_batchnorm_in_eval():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_models_are_stacked_on_device_and_copied_once():
+def test_cuda_models_are_stacked_on_their_device_and_stay_there():
     models = [m.cuda() for m in ffnn_models(50)]
     ms = ModelSet.from_modules(models)
-    assert all(t.is_cpu for t in ms.tensors.values())
+    assert ms.device.type == "cuda" and all(t.is_cuda for t in ms.tensors.values())
     cpu = ModelSet.from_modules([m.cpu() for m in models])
     assert ms.equal(cpu)
     back = ms.to_modules(lambda: ffnn48().cuda())

@@ -8,7 +8,7 @@ hash table: the check costs no extra pass over memory.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import BinaryIO
@@ -18,8 +18,10 @@ import torch
 
 from mmpack import _io, _native, compression, packing
 from mmpack.errors import FormatError, IntegrityError
-from mmpack.fileformat.header import ROWS, STACKED, ZEROS, Header, Reader, read_header
+from mmpack.fileformat.header import ROWS, STACKED, Header, Reader, read_header
 from mmpack.modelset import ModelSet, normalize_indices
+from mmpack.placement import place_models
+from mmpack.staging import is_host, resolve_device
 
 U64 = np.uint64
 
@@ -415,11 +417,7 @@ def read_modelset(
     source: Reader, header: Header, indices: Iterable[int] | None = None, *, verify: bool = True
 ) -> tuple[ModelSet, np.ndarray]:
     """Read all models, or only ``indices``, of a stacked object; return them and their stored hashes."""
-    if header.layout.kind != STACKED:
-        raise FormatError(
-            "this object holds only the changed rows of an Update version; recover it through its repository"
-        )
-    check_size(source, header)
+    check_stacked(source, header)
     arch = header.architecture
     if indices is None:
         if verify:
@@ -430,27 +428,55 @@ def read_modelset(
         wanted = normalize_indices(indices, header.n_models)
         unique, inverse = np.unique(wanted, return_inverse=True)
     tensors = {s.name: packing.empty_stacked(len(unique), s) for s in arch.tensors}
-    width = len(arch)
-    # One run per tensor and run of consecutive models: a full read is `width` runs, whatever
-    # the number of models.
-    positions, firsts, counts = runs(unique)
-    request = RowRequest(
-        source, header, np.repeat(np.arange(width), len(counts)), np.tile(firsts, width), np.tile(positions, width),
-        counts=np.tile(counts, width).astype(U64),
-    )
-    destinations = [packing.byte_view(tensors[s.name]) for s in arch.tensors]
-    computed = read_rows_many([request], destinations)[0].reshape(width, len(unique))
-    stored = read_hash_rows(source, header, unique)
-    if verify:
-        _verify_columns(unique, computed, stored, "the file")
+    stored = read_models_into(source, header, unique, tensors, verify=verify)
     loaded = ModelSet._trusted(arch, tensors, len(unique))
     if inverse is None or np.array_equal(unique, wanted):
         return loaded, stored
     return loaded.select(inverse), stored[inverse]
 
 
-def load(f: str | os.PathLike[str] | BinaryIO, indices: Iterable[int] | None = None, *, verify: bool = True) -> ModelSet:
-    """load(f, indices=None, *, verify=True) -> ModelSet
+def check_stacked(source: Reader, header: Header) -> None:
+    """A stacked object of the size its header states (what :func:`read_models_into` reads)."""
+    if header.layout.kind != STACKED:
+        raise FormatError(
+            "this object holds only the changed rows of an Update version; recover it through its repository"
+        )
+    check_size(source, header)
+
+
+def read_models_into(source: Reader, header: Header, models: np.ndarray, tensors: dict[str, torch.Tensor], *,
+                     verify: bool = True) -> np.ndarray:
+    """Read the sorted unique ``models`` of a stacked object (checked by :func:`check_stacked`) into
+    contiguous host ``tensors`` (``[len(models), *shape]`` by name); return their stored hashes,
+    which the rows were checked against unless ``verify=False``."""
+    arch = header.architecture
+    width = len(arch)
+    # One run per tensor and run of consecutive models: a full read is `width` runs, whatever
+    # the number of models.
+    positions, firsts, counts = runs(models)
+    request = RowRequest(
+        source, header, np.repeat(np.arange(width), len(counts)), np.tile(firsts, width), np.tile(positions, width),
+        counts=np.tile(counts, width).astype(U64),
+    )
+    destinations = [packing.byte_view(tensors[s.name]) for s in arch.tensors]
+    computed = read_rows_many([request], destinations)[0].reshape(width, len(models))
+    stored = read_hash_rows(source, header, models)
+    if verify:
+        _verify_columns(models, computed, stored, "the file")
+    return stored
+
+
+def load(
+    f: str | os.PathLike[str] | BinaryIO,
+    indices: Iterable[int] | None = None,
+    *,
+    verify: bool = True,
+    device: torch.device | str | None = None,
+    map_location: object = None,
+    out: ModelSet | Mapping[str, torch.Tensor] | None = None,
+    chunk_bytes: int | None = None,
+) -> ModelSet:
+    """load(f, indices=None, *, verify=True, device=None, map_location=None, out=None) -> ModelSet
 
     Read a model-set file (path or seekable binary file object). With
     ``indices``, only those models' bytes are read, in the order given. Every
@@ -458,11 +484,35 @@ def load(f: str | os.PathLike[str] | BinaryIO, indices: Iterable[int] | None = N
     (for callers that verify elsewhere); corruption raises
     :class:`IntegrityError`, other malformed input :class:`FormatError`.
 
+    ``device`` (or ``map_location``, as ``torch.load`` takes it) places the
+    models on that device: they travel through two pinned staging buffers of
+    ``chunk_bytes`` (default :data:`mmpack.staging.CHUNK_BYTES`), each chunk
+    checked before it is copied, so host memory stays within two chunks.
+    ``out`` (a :class:`ModelSet` or its stacked tensors, on the host or a
+    device) receives the models in place and is returned; nothing of the
+    set's size is allocated. Its architecture and size must match the file
+    (:class:`ArchitectureMismatchError` before any byte moves); with
+    ``indices``, only those rows of ``out`` change. A full load into host
+    tensors reads straight into them, so a checksum failure leaves their
+    bytes undefined; staged loads copy only checked chunks.
+
     Example::
 
         two = mmpack.load("cells.mmpack", indices=[3, 17])
+        on_gpu = mmpack.load("cells.mmpack", map_location="cuda:0")
+        mmpack.load("cells.mmpack", out=ms)          # into the tensors a training loop holds
     """
+    target = resolve_device(device, map_location)
     with _io.opened(f, "rb") as stream, _io.FileReader(stream) as source:
         header = read_header(source)
-        return read_modelset(source, header, indices, verify=verify)[0]
+        if out is None and (target is None or is_host(target)):
+            return read_modelset(source, header, indices, verify=verify)[0]
+        check_stacked(source, header)
+        if indices is None and verify:
+            check_padding(source, header)
+        return place_models(
+            header.architecture, header.n_models, indices, out, target,
+            lambda models, tensors: read_models_into(source, header, models, tensors, verify=verify),
+            chunk_bytes=chunk_bytes, what="the file",
+        )
 

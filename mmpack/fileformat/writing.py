@@ -12,11 +12,12 @@ import numpy as np
 from torch import nn
 
 from mmpack import _io, _native, packing
-from mmpack.compression import DELTA_NONE, DELTA_XOR, Chunking, Compression, element_width, encode_rows as encode_chunks
+from mmpack.compression import DELTA_NONE, DELTA_XOR, Chunking, Compression, element_width, rows_per_chunk
+from mmpack.compression import encode_rows as encode_chunks
 from mmpack.compression import resolve as resolve_compression
-from mmpack.compression import rows_per_chunk
 from mmpack.fileformat.header import ZEROS, Header, Layout, check_host, encode_header
 from mmpack.modelset import ModelSet
+from mmpack.staging import is_host
 
 U64 = np.uint64
 
@@ -218,6 +219,8 @@ def modelset_and_hashes(models: ModelSet | Sequence[nn.Module]) -> tuple[ModelSe
         modelset, hashes = models, None
     else:
         modelset, hashes = ModelSet._from_modules_hashed(models)
+    if not is_host(modelset.device):  # staged to the host, each row hashed as its chunk arrives
+        return modelset._to_host_hashed()
     if hashes is not None:
         return modelset, hashes
     # The kernel releases the GIL: hashing runs on another core while the tensors are written.

@@ -25,6 +25,7 @@ from mmpack.architecture import Architecture
 from mmpack.errors import IntegrityError
 from mmpack.fileformat import RowRequest, read_rows_many, verify_rows
 from mmpack.modelset import ModelSet
+from mmpack.placement import place_models
 from mmpack.provenance import TrainingFunction
 from mmpack.records import VersionRecord
 from mmpack.repository.catalog.tables import Tables
@@ -52,8 +53,27 @@ def recover(tables: Tables, vid: str, indices=None, *, verify: bool = True,
     return execute(tables, plan_recovery(tables, vid, indices), verify=verify, options=options)
 
 
-def execute(tables: Tables, plan: RecoveryPlan, *, verify: bool = True, options: RebuildOptions = RebuildOptions()) -> ModelSet:
-    """The models ``plan`` recovers, bit-exact; every piece checked unless ``verify=False``."""
+def recover_placed(tables: Tables, vid: str, indices, out, device, *, verify: bool = True,
+                   options: RebuildOptions = RebuildOptions(), chunk_bytes: int | None = None):
+    """The recovery of ``vid`` into ``out`` or onto ``device`` (see ``Repository.recover``): a plan
+    per chunk of models, each carried out into staging buffers (or straight into ``out``)."""
+    chain = tables.chain(vid)
+    tables.objects.tail(chain[-1])  # the full version's object fixes the set's size before any allocation
+    architecture = tables.catalog.architecture(chain[0].architecture)
+    return place_models(
+        architecture, chain[0].n_models, indices, out, device,
+        lambda models, into: execute(tables, plan_recovery(tables, vid, models), verify=verify, options=options,
+                                     into=into),
+        chunk_bytes=chunk_bytes, what=f"version {vid}",
+    )
+
+
+def execute(tables: Tables, plan: RecoveryPlan, *, verify: bool = True, options: RebuildOptions = RebuildOptions(),
+            into: dict[str, torch.Tensor] | None = None) -> ModelSet:
+    """The models ``plan`` recovers, bit-exact; every piece checked unless ``verify=False``.
+
+    ``into``: contiguous host tensors ``[len(plan.models), *shape]`` by name to fill instead of
+    fresh ones (the plan then keeps its models' order: ``plan.order`` is None)."""
     catalog, objects = tables.catalog, tables.objects
     records = {r.version: catalog.record(r.version) for r in plan.reads}
     root = catalog.record(plan.root)
@@ -68,7 +88,11 @@ def execute(tables: Tables, plan: RecoveryPlan, *, verify: bool = True, options:
     else:
         objects.tail(root)
     models = plan.models
-    tensors = {s.name: packing.empty_stacked(len(models), s) for s in architecture.tensors}
+    if into is not None and plan.order is not None:
+        raise ValueError("a plan that reorders its models cannot fill given tensors")
+    if into is None:
+        into = {s.name: packing.empty_stacked(len(models), s) for s in architecture.tensors}
+    tensors = into
     destinations = [packing.byte_view(tensors[s.name]) for s in architecture.tensors]
     if plan.rebuilds:
         context = RebuildContext(

@@ -50,6 +50,11 @@ class SnapshotPolicy:
     every: int | None = None
     max_chain_ratio: float | None = None
 
+    @property
+    def unbounded(self) -> bool:
+        """No bound is set: an update is never turned into a full version."""
+        return self.every is None and self.max_chain_ratio is None
+
     def __post_init__(self) -> None:
         if self.every is not None and self.every < 1:
             raise ValueError("SnapshotPolicy.every must be at least 1")
@@ -79,11 +84,13 @@ def save(
     compression: Compression | None,
     policy: Policy | None,
     recover_root,
+    hashes: np.ndarray | None = None,
 ) -> VersionRecord:
     """Store ``models`` as a new version; its record. ``recover_root(vid, models)`` gives the
-    full version's rows XOR deltas are taken against."""
+    full version's rows XOR deltas are taken against. ``hashes``: the set's, when the caller has
+    them (a staged host set, see background.py)."""
     catalog = tables.catalog
-    modelset, hashes = modelset_and_hashes(models)
+    modelset, hashes = (models, hashes) if hashes is not None else modelset_and_hashes(models)
     if base is not None:
         check_compatible(catalog, modelset, base)
     format2 = catalog.format_version >= 2
