@@ -34,8 +34,7 @@ import tempfile
 import time
 
 import numpy as np
-
-from _common import describe_machine, print_table, prime_memory
+from _common import describe_machine, prime_memory, print_table
 from store_latency import start_moto
 
 from mmpack import ModelSet, Repository
@@ -72,7 +71,7 @@ def build(roots: dict[tuple[int, int], str], n_models: int, versions: list[int])
     for step in range(2, max(versions) + 1):
         tensors["fc4.weight"][rng.choice(n_models, CHANGED, replace=False)] += 0.001
         current = ModelSet(ms.architecture, tensors)
-        for (fmt, length), repo in repos.items():
+        for (_, length), repo in repos.items():
             if step <= length:
                 repo.save(current, approach="update", base=f"v{step - 1}")
         if step % 1000 == 0:
@@ -190,7 +189,9 @@ def main() -> int:
             finally:
                 server.kill()
                 server.wait()
-            print(f"\nS3 (moto), {args.latency * 1e3:.0f} ms per request: open, list and recover one model of the newest")
+            print(
+                f"\nS3 (moto), {args.latency * 1e3:.0f} ms per request: open, list and recover one model of the newest"
+            )
             print_table(["format", "versions", "requests", "seconds", "requests by kind"], s3_rows)
         n = lengths[-1]
         print("\ntargets:")

@@ -14,7 +14,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 import xxhash
-
 from _common import describe_machine, median_seconds, parse_args, prime_memory, print_table
 
 from mmpack import ModelSet, _native, fileformat, packing
@@ -47,16 +46,53 @@ def main() -> None:
     cases = [
         ("memcpy, warm destination (numpy.copyto)", memcpy_warm, memcpy_warm),
         ("memcpy, fresh destination", memcpy_fresh, memcpy_fresh),
-        ("pack: modules -> ModelSet + hashes (from_modules)", median_seconds(lambda: ModelSet.from_modules(models), runs), memcpy_fresh),
-        ("pack: ModelSet -> file image + hashes (encode)", median_seconds(lambda: fileformat.encode(ms), runs), memcpy_fresh),
-        ("pack kernel: stacked rows -> image + hashes, warm", median_seconds(
-            lambda: _native.copy_segments(plan[0], plan[1], plan[2], [image_warm], plan[3], plan[4], plan[5], hashes), runs
-        ), memcpy_warm),
-        ("unpack kernel: image -> stacked rows + hashes, warm", median_seconds(
-            lambda: _native.copy_segments([image], plan[3], plan[4], [packing.byte_view(rows_warm[s.name]) for s in ms.architecture.tensors], plan[1], plan[2], plan[5], hashes), runs
-        ), memcpy_warm),
-        ("unpack: ModelSet -> existing modules (load_into)", median_seconds(lambda: ms.load_into(targets), runs), memcpy_warm),
-        ("hash only: ModelSet.hashes()", median_seconds(ms.hashes, runs), median_seconds(lambda: xxhash.xxh3_64_intdigest(source), runs)),
+        (
+            "pack: modules -> ModelSet + hashes (from_modules)",
+            median_seconds(lambda: ModelSet.from_modules(models), runs),
+            memcpy_fresh,
+        ),
+        (
+            "pack: ModelSet -> file image + hashes (encode)",
+            median_seconds(lambda: fileformat.encode(ms), runs),
+            memcpy_fresh,
+        ),
+        (
+            "pack kernel: stacked rows -> image + hashes, warm",
+            median_seconds(
+                lambda: _native.copy_segments(
+                    plan[0], plan[1], plan[2], [image_warm], plan[3], plan[4], plan[5], hashes
+                ),
+                runs,
+            ),
+            memcpy_warm,
+        ),
+        (
+            "unpack kernel: image -> stacked rows + hashes, warm",
+            median_seconds(
+                lambda: _native.copy_segments(
+                    [image],
+                    plan[3],
+                    plan[4],
+                    [packing.byte_view(rows_warm[s.name]) for s in ms.architecture.tensors],
+                    plan[1],
+                    plan[2],
+                    plan[5],
+                    hashes,
+                ),
+                runs,
+            ),
+            memcpy_warm,
+        ),
+        (
+            "unpack: ModelSet -> existing modules (load_into)",
+            median_seconds(lambda: ms.load_into(targets), runs),
+            memcpy_warm,
+        ),
+        (
+            "hash only: ModelSet.hashes()",
+            median_seconds(ms.hashes, runs),
+            median_seconds(lambda: xxhash.xxh3_64_intdigest(source), runs),
+        ),
     ]
     rows = []
     for name, seconds, reference in cases:

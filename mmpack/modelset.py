@@ -382,7 +382,9 @@ def normalize_indices(indices: Iterable[int], n_models: int) -> np.ndarray:
         # Python ints beyond int64 (numpy keeps them as objects): name the first one out of range.
         for value in array:
             if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and not 0 <= value < n_models:
-                raise ModelIndexError(f"model index {value} out of range: the set has {n_models} models (0..{n_models - 1})")
+                raise ModelIndexError(
+                    f"model index {value} out of range: the set has {n_models} models (0..{n_models - 1})"
+                )
     elif array.ndim == 1 and array.dtype.kind == "u" and array.size and int(array.max()) >= n_models:
         bad = int(array[array >= n_models][0])  # before the cast to int64, which would wrap it negative
         raise ModelIndexError(f"model index {bad} out of range: the set has {n_models} models (0..{n_models - 1})")

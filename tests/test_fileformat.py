@@ -11,15 +11,13 @@ import sys
 import numpy as np
 import pytest
 import torch
+from helpers import CountingReader, ffnn_models, mixed_models, randomized_cnns
 from hypothesis import given
 from hypothesis import strategies as st
 
 import mmpack
-from mmpack import FormatError, IntegrityError, MMPackError, ModelSet, UnsupportedFormatVersionError
-from mmpack import fileformat
+from mmpack import FormatError, IntegrityError, MMPackError, ModelSet, UnsupportedFormatVersionError, fileformat
 from mmpack.architecture import Architecture, TensorSpec
-
-from helpers import CountingReader, ffnn_models, mixed_models, randomized_cnns
 
 
 def _bytes_of(models) -> bytes:
@@ -260,7 +258,16 @@ def test_bad_indices_are_rejected():
     assert len(mmpack.load(io.BytesIO(data), indices=[])) == 0
 
 
-_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int8, torch.bool, torch.complex64]
+_DTYPES = [
+    torch.float32,
+    torch.float16,
+    torch.bfloat16,
+    torch.float64,
+    torch.int64,
+    torch.int8,
+    torch.bool,
+    torch.complex64,
+]
 
 
 @st.composite
@@ -282,7 +289,11 @@ def model_sets(draw):
     tensors = {}
     for spec in specs:
         raw = rng.integers(0, 2 if spec.dtype == torch.bool else 256, n * spec.nbytes, dtype=np.uint8)
-        tensors[spec.name] = torch.from_numpy(raw).view(spec.dtype).reshape(n, *spec.shape) if raw.size else torch.empty((n, *spec.shape), dtype=spec.dtype)
+        tensors[spec.name] = (
+            torch.from_numpy(raw).view(spec.dtype).reshape(n, *spec.shape)
+            if raw.size
+            else torch.empty((n, *spec.shape), dtype=spec.dtype)
+        )
     return ModelSet(arch, tensors)
 
 

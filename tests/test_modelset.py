@@ -121,7 +121,9 @@ def test_any_integer_index_is_checked_and_named(indices, form):
 
 def test_mismatched_shapes_name_model_and_tensor():
     models = ffnn_models(20) + [FFNN(40)]
-    with pytest.raises(ArchitectureMismatchError, match=r"model 20 has parameter 'fc1.weight' of shape \(40, 5\).*\(48, 5\)"):
+    with pytest.raises(
+        ArchitectureMismatchError, match=r"model 20 has parameter 'fc1.weight' of shape \(40, 5\).*\(48, 5\)"
+    ):
         ModelSet.from_modules(models)
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
@@ -16,10 +15,10 @@ __all__ = ["Approach", "SaveRequest", "Stored", "table_object"]
 
 if TYPE_CHECKING:
     from mmpack.approaches.advisor import CostModel, Estimate
-    from mmpack.fileformat import Header, Reader, Tail
+    from mmpack.fileformat import Header, Tail
     from mmpack.modelset import ModelSet
-    from mmpack.records import VersionRecord
     from mmpack.objects import ObjectStore
+    from mmpack.records import VersionRecord
 
 
 class Approach(ABC):
@@ -74,7 +73,9 @@ class Approach(ABC):
     def check(self, objects: ObjectStore, record: VersionRecord) -> None:
         """Read the version's objects whole and check every checksum; raise on the first problem."""
 
-    def own_hashes(self, objects: ObjectStore, record: VersionRecord, tail: Tail | None) -> tuple[np.ndarray, np.ndarray]:
+    def own_hashes(
+        self, objects: ObjectStore, record: VersionRecord, tail: Tail | None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """``(models, rows)``: the hash-table rows the version's own object states, ``rows[k]``
         being model ``models[k]``'s (ascending). ``tail`` is the object's checked tail (None for
         document objects). A full version states every model; the default reads the tail."""

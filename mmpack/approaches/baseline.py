@@ -10,7 +10,6 @@ from mmpack.errors import RepositoryError
 from mmpack.fileformat import (
     STACKED,
     Header,
-    Reader,
     Tail,
     check_padding,
     encode_header,
@@ -20,8 +19,8 @@ from mmpack.fileformat import (
     table_pin,
     write_body,
 )
-from mmpack.records import ObjectRef, VersionRecord
 from mmpack.objects import ObjectStore
+from mmpack.records import ObjectRef, VersionRecord
 from mmpack.store import SizedWriter
 
 

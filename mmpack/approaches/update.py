@@ -20,16 +20,14 @@ from mmpack.fileformat import (
     ROWS,
     Header,
     Tail,
-    Reader,
     check_padding,
     encode_rows,
     image_pin,
     read_rows,
     verify_rows,
 )
-from mmpack.records import Changes, ObjectRef, VersionRecord
 from mmpack.objects import ObjectStore
-
+from mmpack.records import Changes, ObjectRef, VersionRecord
 
 MODELS_KEY = "mmpack.models"  # header metadata of an object of changed models: their ids in the set
 
@@ -124,7 +122,9 @@ class Update(Approach):
                     f"the object of {record.describe()} holds other rows of tensor #{j} than its manifest lists"
                 )
 
-    def own_hashes(self, objects: ObjectStore, record: VersionRecord, tail: Tail | None) -> tuple[np.ndarray, np.ndarray]:
+    def own_hashes(
+        self, objects: ObjectStore, record: VersionRecord, tail: Tail | None
+    ) -> tuple[np.ndarray, np.ndarray]:
         if len(tail.table) == record.n_models:  # the whole set's table (format 1)
             return np.arange(record.n_models), tail.table
         return record.changes.models, tail.table
@@ -139,7 +139,10 @@ class Update(Approach):
             tensors = np.concatenate([np.full(len(ids), j) for j, ids in enumerate(index)])
             models = np.concatenate(index)
             rows = np.concatenate([np.arange(len(ids)) for ids in index])
-            scratch = [np.empty(count * s.nbytes, np.uint8) for count, s in zip(header.layout.rows, header.architecture.tensors)]
+            scratch = [
+                np.empty(count * s.nbytes, np.uint8)
+                for count, s in zip(header.layout.rows, header.architecture.tensors)
+            ]
             computed = read_rows(source, header, tensors, rows, scratch, rows)
             if header.layout.chunking is None or header.layout.chunking.delta == "none":
                 # XOR deltas decode here, but hash to the table only with their references;

@@ -19,6 +19,8 @@ from mmpack.fileformat.header import (
     read_header,
 )
 from mmpack.fileformat.reading import (
+    RowRequest,
+    Tail,
     check_padding,
     check_size,
     load,
@@ -26,14 +28,21 @@ from mmpack.fileformat.reading import (
     read_hash_table,
     read_modelset,
     read_row_index,
-    RowRequest,
-    Tail,
     read_rows,
     read_rows_many,
     read_tail,
     verify_rows,
 )
-from mmpack.fileformat.writing import encode, encode_image, encode_rows, image_pin, modelset_and_hashes, save, table_pin, write_body
+from mmpack.fileformat.writing import (
+    encode,
+    encode_image,
+    encode_rows,
+    image_pin,
+    modelset_and_hashes,
+    save,
+    table_pin,
+    write_body,
+)
 
 __all__ = [
     "ALIGNMENT",

@@ -237,7 +237,11 @@ def _read_compressed(request: RowRequest, destinations: list[np.ndarray]) -> np.
     if len(hashes) == 0:
         return hashes
     t = request.tensors.astype(np.int64)
-    first, counts, dst = request.stored_rows.astype(np.int64), request.counts.astype(np.int64), request.dst_rows.astype(np.int64)
+    first, counts, dst = (
+        request.stored_rows.astype(np.int64),
+        request.counts.astype(np.int64),
+        request.dst_rows.astype(np.int64),
+    )
     if np.any(first < 0) or np.any(first + counts > np.array(layout.rows, np.int64)[t]):
         raise FormatError("a requested row lies outside the object's stored rows")
     # Cut the runs at chunk boundaries: piece k is rows [begin, end) of one chunk of tensor t.
@@ -265,7 +269,12 @@ def _read_compressed(request: RowRequest, destinations: list[np.ndarray]) -> np.
         count = min(chunk_first + rows_per_chunk, layout.rows[j]) - chunk_first
         plane_lengths = chunking.lengths[j][c * width : (c + 1) * width]
         size = row_bytes[j]
-        if not request.xor and len(group) == 1 and begin[group[0]] == chunk_first and end[group[0]] - chunk_first == count:
+        if (
+            not request.xor
+            and len(group) == 1
+            and begin[group[0]] == chunk_first
+            and end[group[0]] - chunk_first == count
+        ):
             # The whole chunk lands on consecutive rows (full reads of stacked objects): decode
             # in place and hash the rows there, sparing a copy through a scratch buffer.
             k = group[0]

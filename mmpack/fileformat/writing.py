@@ -198,7 +198,9 @@ def _build_image(
 
 def _put_table(image: np.ndarray, header: Header, table: np.ndarray) -> None:
     start = header.data_start + header.layout.hashes_offset
-    image[start : start + header.layout.hashes_length] = np.ascontiguousarray(table, dtype="<u8").reshape(-1).view(np.uint8)
+    image[start : start + header.layout.hashes_length] = (
+        np.ascontiguousarray(table, dtype="<u8").reshape(-1).view(np.uint8)
+    )
 
 
 def image_pin(image: np.ndarray, header: Header) -> int:

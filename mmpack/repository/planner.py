@@ -105,7 +105,9 @@ def plan_recovery(tables: Tables, vid: str, indices: Iterable[int] | None = None
     owner = tables.owners(chain, models, n_tensors)
     pieces = [(record, rows, columns) for record, (rows, columns) in zip(chain, group_by_owner(owner, len(chain)))
               if len(rows)]
-    rebuilds = tuple(Rebuild(r.id, rows, columns) for r, rows, columns in pieces if not APPROACHES[r.approach].stores_rows)
+    rebuilds = tuple(
+        Rebuild(r.id, rows, columns) for r, rows, columns in pieces if not APPROACHES[r.approach].stores_rows
+    )
     copied = [[r, rows, columns] for r, rows, columns in pieces if APPROACHES[r.approach].stores_rows]
     xor_pieces = [p for p in copied if xor_base(p[0], chain) is not None]
     if xor_pieces:

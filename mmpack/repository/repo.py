@@ -442,7 +442,9 @@ class Repository:
 
             repo.tag("production", "v42", expected="v41", message="promoted after the A/B test")
         """
-        return self.catalog.move_tag(name, self.catalog.resolve(vid), _expected(self.catalog, expected), _message(message))
+        return self.catalog.move_tag(
+            name, self.catalog.resolve(vid), _expected(self.catalog, expected), _message(message)
+        )
 
     def untag(self, name: str, expected: str | None = None, message: str = "") -> TagMove:
         """Remove tag ``name`` (recorded in the tag log; with ``expected``, only if it is on that version).

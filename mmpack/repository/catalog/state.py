@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-
 from mmpack import _json
 from mmpack.architecture import Architecture
 from mmpack.errors import FormatError, RepositoryError
