@@ -260,6 +260,12 @@ def copy_rows(src: np.ndarray, src_offsets: np.ndarray, dst: np.ndarray, dst_off
                           hashes)
 
 
+def copy_bytes(src: np.ndarray, dst: np.ndarray) -> None:
+    """``dst[:] = src`` for byte arrays of one size, by the native copy (threads, GIL released)."""
+    zero = np.zeros(1, dtype=np.uint64)
+    _native.copy_segments([src], zero, zero, [dst], zero, zero, np.array([len(src)], dtype=np.uint64))
+
+
 def native_hash_rows(data: np.ndarray, row_bytes: int, out: np.ndarray) -> None:
     """XXH3-64 of each ``row_bytes`` row of the byte array ``data`` into ``out`` (native, GIL released)."""
     _native.hash_rows(data, row_bytes, out)

@@ -83,7 +83,7 @@ def test_every_kind_of_input_is_staged_before_save_returns(tmp_path, approach):
     repo.close()
 
 
-def test_an_update_that_may_become_a_snapshot_stages_the_whole_set(tmp_path):
+def test_a_non_blocking_update_the_snapshot_policy_stores_in_full(tmp_path):
     repo = mmpack.Repository(tmp_path / "r", snapshots=mmpack.SnapshotPolicy(every=1))
     ms = fleet()
     first = repo.save(ms, blocking=False)

@@ -2,12 +2,11 @@
 
 A non-blocking save is split where the caller's tensors stop mattering:
 
-1. **Staging**, on the caller's thread: a private host copy of what the save
-   needs, hashed in the same pass (:func:`stage`). For a full save that is
-   the whole set; for an Update, the hashes (to decide what changed) and the
-   rows that changed. From then on the caller may change its tensors in
-   place (an optimizer step) without touching the version.
-2. **Writing and publishing**, on one worker thread per repository
+1. **Staging**, on the caller's thread: a private host copy of the set
+   (:func:`stage`), a plain copy at memcpy speed into buffers reused from
+   earlier saves. From then on the caller may change its tensors in place
+   (an optimizer step) without touching the version.
+2. **Hashing, writing and publishing**, on one worker thread per repository
    (:class:`Saver`), in the order the saves were submitted: a save whose base
    is a pending save runs after it, and fails with
    :class:`~mmpack.BaseSaveFailedError` if it failed.
@@ -40,9 +39,6 @@ from mmpack.modelset import ModelSet
 from mmpack.staging import is_host
 
 U64 = np.uint64
-#: Rows hashed, compared and (when changed) copied per step of an Update's staging: small enough
-#: that the copy reads them from the cache the hash just filled, large enough for both kernel threads.
-_BLOCK_BYTES = 4 << 20
 
 
 class SaveFuture(Future):
@@ -116,23 +112,16 @@ class Saver:
         with self._lock:
             return isinstance(future, SaveFuture) and future in self._owned
 
-    def base(self, future: SaveFuture) -> tuple[str | Job, np.ndarray | None]:
+    def base(self, future: SaveFuture) -> str | Job:
         """What a save naming ``future`` (one of this saver's) as its base builds on: the version id
-        if it has been saved, else its job, with the hashes it staged (None once it has finished)."""
+        if it has been saved, else its job."""
         with self._lock:
             job = self._owned[future]
-            hashes = job.hashes
         if future.done():
             vid, failure = future._outcome()
             if failure is None:
-                return vid, None
-        return job, hashes
-
-    def settled(self, job: Job) -> str | Job:
-        """Wait for ``job``; its version id, or the job itself if it failed."""
-        Future.exception(job.future)
-        vid, failure = job.future._outcome()
-        return job if failure is not None else vid
+                return vid
+        return job
 
     @property
     def pending(self) -> int:
@@ -234,21 +223,19 @@ class StagingPool:
 
 @dataclass
 class Staged:
-    """What a staged save holds: its private copy, its hashes, and how to give the buffers back."""
+    """What a staged save holds: its private host copy, its hashes if the copy computed them, and
+    how to give the buffers back."""
 
     models: ModelSet
-    hashes: np.ndarray
+    hashes: np.ndarray | None
     release: Callable[[], None] | None
 
 
-def stage(models: ModelSet | Sequence[nn.Module], pool: StagingPool, base_table: np.ndarray | None = None) -> Staged:
-    """A private, hashed copy of ``models`` (a ModelSet on any device, or modules).
-
-    With ``base_table`` (the base version's hashes; only for Update saves
-    that will store a delta), only the rows whose hashes differ from it are
-    copied: the other rows of the staged set are left undefined, and only an
-    Update, which reads changed rows alone, may be given such a set.
-    """
+def stage(models: ModelSet | Sequence[nn.Module], pool: StagingPool) -> Staged:
+    """A private host copy of ``models`` (a ModelSet on any device, or modules), into buffers from
+    ``pool``. Modules are gathered and hashed in one pass (:meth:`ModelSet.from_modules`); a set is
+    copied as it is, at memcpy speed, and hashed later by the save (measured: hashing in the same
+    pass costs the caller half a memcpy more, docs/DESIGN-NOTES.md)."""
     if not isinstance(models, ModelSet):
         if isinstance(models, nn.Module):
             raise TypeError("expected a ModelSet or a list of modules; wrap a single module as [module]")
@@ -259,38 +246,13 @@ def stage(models: ModelSet | Sequence[nn.Module], pool: StagingPool, base_table:
     tensors, release = pool.take(models.architecture, len(models))
     try:
         if not is_host(models.device):
-            staged, hashes = models._to_host_hashed(into=tensors)
+            models._download(None, tensors)  # through pinned buffers, chunk by chunk
         else:
-            hashes = _copy_rows(models, tensors, base_table)
-            staged = ModelSet._trusted(models.architecture, tensors, len(models))
+            for spec in models.architecture.tensors:
+                if spec.nbytes:
+                    source, target = models.tensors[spec.name], tensors[spec.name]
+                    packing.copy_bytes(packing.byte_view(source), packing.byte_view(target))
     except BaseException:
         release()
         raise
-    return Staged(staged, hashes, release)
-
-
-def _copy_rows(models: ModelSet, into: dict[str, torch.Tensor], base_table: np.ndarray | None = None) -> np.ndarray:
-    """Copy the rows of ``models`` into ``into``, hashing each: every row (one native pass per
-    tensor), or, with ``base_table``, only the rows whose hash differs from it, a block of rows at
-    a time (the copy reads what the hash just brought into the cache). The hashes of every row."""
-    n = len(models)
-    by_tensor = np.empty((len(models.architecture), n), dtype=U64)
-    for j, spec in enumerate(models.architecture.tensors):
-        if spec.nbytes == 0:
-            packing.hash_empty_rows(by_tensor[j])
-            continue
-        source, target = packing.byte_view(models.tensors[spec.name]), packing.byte_view(into[spec.name])
-        if base_table is None:
-            offsets = np.arange(n, dtype=U64) * U64(spec.nbytes)
-            packing.copy_rows(source, offsets, target, offsets, spec.nbytes, by_tensor[j])
-            continue
-        rows = max(1, _BLOCK_BYTES // spec.nbytes)
-        for first in range(0, n, rows):
-            last = min(n, first + rows)
-            hashes = by_tensor[j, first:last]
-            packing.native_hash_rows(source[first * spec.nbytes : last * spec.nbytes], spec.nbytes, hashes)
-            changed = np.flatnonzero(hashes != base_table[first:last, j]).astype(U64)
-            if len(changed):
-                offsets = (changed + U64(first)) * U64(spec.nbytes)
-                packing.copy_rows(source, offsets, target, offsets, spec.nbytes)
-    return np.ascontiguousarray(by_tensor.T)
+    return Staged(ModelSet._trusted(models.architecture, tensors, len(models)), None, release)

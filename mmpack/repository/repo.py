@@ -47,7 +47,7 @@ _REPOSITORY_DEFAULT = object()  # compression= not given: use the repository's
 
 class Repository:
     """Repository(path_or_url, *, storage_options=None, fsync=True, snapshots=None, store=None,
-    compression=None, policy=None, throughputs=None, create=True)
+    compression=None, policy=None, throughputs=None, create=True, max_pending_saves=2)
 
     Versions of a model set, each immutable once saved, stored with the
     Baseline, Update or Provenance approach (or chosen per version by
@@ -61,7 +61,10 @@ class Repository:
     is the default for every save; ``policy`` the default of
     ``approach="auto"`` saves (:class:`~mmpack.SmallestUnder` ``(math.inf)``:
     smallest storage), whose time estimates use ``throughputs`` (measured on
-    this machine if None).
+    this machine if None). ``max_pending_saves`` bounds the non-blocking saves
+    (``save(..., blocking=False)``) queued at once, and so the host copies
+    they hold; their staging buffers are kept for the next save until
+    :meth:`close`.
 
     A version exists once the catalog publishes it, which happens after all
     its data is written, in one atomic write: a crash at any moment leaves
@@ -203,21 +206,21 @@ class Repository:
         applied it is detected by reading it back, and the save then
         succeeds; if even that read fails, the objects are kept for :meth:`gc`.
 
-        ``blocking=False`` returns at once with a :class:`concurrent.futures.Future`
-        of the version id, after a private copy of what the save needs is
-        taken (the whole set, hashed in the same pass; for an ``"update"``
-        that stores a delta, its hashes and the rows that changed): changing
-        the models in place afterwards never reaches the version. Hashing the
-        rest, writing and publishing run on the repository's worker thread,
-        one save after another in the order they were submitted; ``base`` may
+        ``blocking=False`` returns with a :class:`concurrent.futures.Future` of
+        the version id once a private host copy of the set is taken (a plain
+        copy into buffers reused from earlier saves; modules are gathered as
+        :meth:`ModelSet.from_modules` does; a set on an accelerator comes
+        through pinned memory in chunks): changing the models in place
+        afterwards never reaches the version. Hashing, deciding what changed,
+        writing and publishing run on the repository's worker thread, one
+        save after another in the order they were submitted; ``base`` may
         name a pending save by its future (a version id exists only once it
         is published). A failure surfaces on its future, and saves built on
         it fail with :class:`~mmpack.BaseSaveFailedError`. At most
         ``max_pending_saves`` (see the constructor) wait at once: the next one
         waits for the oldest before copying. A blocking save waits behind
         pending ones. :meth:`close`, and leaving a ``with`` block, wait for
-        them all. Sets on an accelerator are copied to the host in chunks
-        through pinned memory, each row hashed as it arrives.
+        them all.
 
         Example::
 
@@ -232,13 +235,13 @@ class Repository:
         if not isinstance(message, str):
             raise TypeError("message must be a string")
         setting = self.settings.compression if compression is _REPOSITORY_DEFAULT else resolve_compression(compression)
-        base_ref, base_hashes = self._base(base)
+        base_ref = self._base(base)
 
         def run(job: background.Job, base_id: str | None) -> str:
             return self._save_now(job.models, approach, base_id, provenance, message, setting, policy, job.hashes)
 
         if not blocking:
-            return self._submit(models, run, approach, base_ref, base_hashes)
+            return self._submit(models, run, base_ref)
         if isinstance(base_ref, background.Job) or self._saver.pending:
             # Behind the pending saves, in order; the caller waits, so its own tensors are what is saved.
             self._saver.reserve()
@@ -254,11 +257,10 @@ class Repository:
         )
         return record.id
 
-    def _base(self, base: object) -> tuple[str | background.Job | None, np.ndarray | None]:
-        """What ``base=`` names: None, a version id (checked now), or a pending save's job (with the
-        hashes it staged)."""
+    def _base(self, base: object) -> str | background.Job | None:
+        """What ``base=`` names: None, a version id (checked now), or a pending save's job."""
         if base is None:
-            return None, None
+            return None
         if isinstance(base, Future):
             if not self._saver.owns(base):
                 raise InvalidArgumentError(
@@ -267,32 +269,20 @@ class Repository:
             return self._saver.base(base)
         vid = self.catalog.resolve(base)
         self.catalog.record(vid)
-        return vid, None
+        return vid
 
-    def _submit(self, models, run, approach: str, base: str | background.Job | None,
-                base_hashes: np.ndarray | None) -> Future[str]:
+    def _submit(self, models, run, base: str | background.Job | None) -> Future[str]:
         """Stage ``models`` on this thread and queue the rest of the save (see :meth:`save`)."""
         self._saver.reserve()  # before staging: the copies of pending saves stay bounded
         try:
-            delta_only = (approach == "update" and base is not None and isinstance(models, ModelSet)
-                          and is_host(models.device) and self.settings.snapshots.unbounded)
-            if delta_only:  # the snapshot policy cannot turn this save into a full one: stage its changes
-                self._check_base(models.architecture, len(models), base)
-                if base_hashes is None and isinstance(base, background.Job):
-                    base = self._saver.settled(base)  # it finished as we looked: its id, or itself if it failed
-                if base_hashes is None and isinstance(base, str):
-                    base_hashes = self.tables.table(base)
-                delta_only = base_hashes is not None
-            staged = background.stage(models, self._staging, base_hashes if delta_only else None)
-        except BaseException:
-            self._saver.unreserve()
-            raise
-        try:
-            if not delta_only:
+            staged = background.stage(models, self._staging)
+            try:
                 self._check_base(staged.models.architecture, len(staged.models), base)
+            except BaseException:
+                if staged.release is not None:
+                    staged.release()
+                raise
         except BaseException:
-            if staged.release is not None:
-                staged.release()
             self._saver.unreserve()
             raise
         job = background.Job(run, base, staged.models, staged.hashes, staged.release,

@@ -50,11 +50,6 @@ class SnapshotPolicy:
     every: int | None = None
     max_chain_ratio: float | None = None
 
-    @property
-    def unbounded(self) -> bool:
-        """No bound is set: an update is never turned into a full version."""
-        return self.every is None and self.max_chain_ratio is None
-
     def __post_init__(self) -> None:
         if self.every is not None and self.every < 1:
             raise ValueError("SnapshotPolicy.every must be at least 1")
