@@ -73,23 +73,19 @@ class ModelSet:
     def from_modules(cls, models: Sequence[nn.Module]) -> ModelSet:
         """ModelSet.from_modules(models) -> ModelSet
 
-        Stack the parameters and persistent buffers of same-architecture modules.
-        The copy runs in one native gather (threads, GIL released); models on an
-        accelerator are stacked on their device, and the set stays there (see
-        :meth:`to`). Raises :class:`ArchitectureMismatchError` naming the first
-        model and tensor that differ from model 0, or a model whose tensors lie
-        on another device than model 0's.
+        Stack the parameters and persistent buffers of same-architecture modules:
+        one walk over the modules (the module tree is learnt from model 0), one
+        ``torch.stack`` per tensor name. Models on an accelerator are stacked
+        on their device, and the set stays there (see :meth:`to`). Raises
+        :class:`ArchitectureMismatchError` naming the first model and tensor
+        that differ from model 0, or a model whose tensors lie on another
+        device than model 0's.
 
         Example::
 
             ms = ModelSet.from_modules([nn.Linear(4, 2) for _ in range(3)])
             ms.tensors["weight"].shape  # torch.Size([3, 2, 4])
         """
-        return cls._from_modules_hashed(models)[0]
-
-    @classmethod
-    def _from_modules_hashed(cls, models: Sequence[nn.Module]) -> tuple[ModelSet, np.ndarray | None]:
-        """:meth:`from_modules`, also returning the hashes the gather computed (None on accelerators)."""
         models = list(models)
         if not models:
             raise MMPackError("from_modules needs at least one model")
@@ -99,13 +95,8 @@ class ModelSet:
         architecture = Architecture.from_module(models[0])
         layout = packing.ModuleLayout(models[0], architecture)
         with packing.gc_paused():
-            tensors = layout.tensors_of(models)
-            device = packing.check_columns(tensors, architecture, len(models))
-            if device.type == "cpu":
-                stacked, hashes = packing.gather_modules(tensors, architecture, len(models))
-            else:
-                stacked, hashes = packing.stack_on_device(tensors, architecture, len(models)), None
-        return cls._trusted(architecture, stacked, len(models)), hashes
+            stacked = packing.stack_columns(layout.tensors_of(models), architecture, len(models))
+        return cls._trusted(architecture, stacked, len(models))
 
     @classmethod
     def from_stacked(

@@ -60,12 +60,11 @@ def test_non_contiguous_parameters_are_packed_by_value():
         assert torch.equal(ms.tensors["fc2.weight"][i], m.fc2.weight)
 
 
-def test_hashes_are_xxh3_of_each_slice_and_match_the_gather_pass():
+def test_hashes_are_xxh3_of_each_slice():
     models = mixed_models(3)
-    ms, gathered = ModelSet._from_modules_hashed(models)
+    ms = ModelSet.from_modules(models)
     hashes = ms.hashes()
     assert hashes.dtype == np.uint64 and hashes.shape == (3, len(ms.architecture))
-    assert np.array_equal(hashes, gathered)
     for i, m in enumerate(models):
         for j, (name, value) in enumerate(m.state_dict().items()):
             raw = value.contiguous().view(-1).view(torch.uint8).numpy().tobytes()

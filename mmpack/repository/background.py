@@ -233,16 +233,15 @@ class Staged:
 
 def stage(models: ModelSet | Sequence[nn.Module], pool: StagingPool) -> Staged:
     """A private host copy of ``models`` (a ModelSet on any device, or modules), into buffers from
-    ``pool``. Modules are gathered and hashed in one pass (:meth:`ModelSet.from_modules`); a set is
-    copied as it is, at memcpy speed, and hashed later by the save (measured: hashing in the same
-    pass costs the caller half a memcpy more, docs/DESIGN-NOTES.md)."""
+    ``pool``: modules are stacked (:meth:`ModelSet.from_modules`, a copy already); a set is copied
+    as it is, at memcpy speed, and hashed later by the save (hashing in the same pass cost the
+    caller about 1.4 memcpys, docs/DESIGN-NOTES.md)."""
     if not isinstance(models, ModelSet):
         if isinstance(models, nn.Module):
             raise TypeError("expected a ModelSet or a list of modules; wrap a single module as [module]")
-        staged, hashes = ModelSet._from_modules_hashed(models)  # a fresh copy, hashed as it is gathered
-        if hashes is not None:
-            return Staged(staged, hashes, None)
-        models = staged  # stacked on their device: staged from there like any device set
+        models = ModelSet.from_modules(models)  # a fresh copy already
+        if is_host(models.device):
+            return Staged(models, None, None)
     tensors, release = pool.take(models.architecture, len(models))
     try:
         if not is_host(models.device):

@@ -173,7 +173,7 @@ class Repository:
         self,
         models: ModelSet | Sequence[nn.Module],
         approach: str = "baseline",
-        base: str | None = None,
+        base: str | Future[str] | None = None,
         provenance: object = None,
         message: str = "",
         *,
