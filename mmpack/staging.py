@@ -68,6 +68,8 @@ def resolve_device(device: Any = None, map_location: Any = None) -> torch.device
         raise InvalidArgumentError(f"not a device: {device!r} ({exc})") from None
     if resolved.type == "meta":
         raise InvalidArgumentError("the meta device holds no data: choose 'cpu' or an accelerator")
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidArgumentError(f"{device!r} names a CUDA device, and torch finds none on this machine")
     if resolved.type == "cuda" and resolved.index is None:
         resolved = torch.device("cuda", torch.cuda.current_device())
     return resolved

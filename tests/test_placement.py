@@ -169,7 +169,11 @@ def test_a_mismatched_out_raises_before_any_byte_moves(tmp_path, case, where):
 def test_out_and_device_must_agree():
     ms = ModelSet.from_modules(ffnn_models(3))
     with pytest.raises(InvalidArgumentError, match="device= asks for cuda:0"):
-        mmpack.load(io.BytesIO(file_of(ms)), out=zeros_like(ms), device="cuda:0")
+        staging.check_device(dict(ms.tensors), torch.device("cuda:0"))
+    staging.check_device(dict(ms.tensors), torch.device("cpu"))
+    if not torch.cuda.is_available():
+        with pytest.raises(InvalidArgumentError, match="finds none"):
+            mmpack.load(io.BytesIO(file_of(ms)), out=zeros_like(ms), device="cuda")
 
 
 @pytest.mark.parametrize("location", [
