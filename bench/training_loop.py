@@ -1,6 +1,6 @@
 """A vmapped training loop that checkpoints every epoch: what a checkpoint costs the loop.
 
-    python bench/training_loop.py [--models 5000] [--runs 5] [--dir DIR]
+    python bench/training_loop.py [--models 5000] [--runs 5] [--dir DIR] [--threads N]
 
 A fleet of FFNN-48 models is trained with ``torch.func`` (``vmap(grad(loss))``
 over stacked parameters, SGD in place; ``mmpack.workloads.fleet``) and
@@ -17,8 +17,11 @@ stall, the time the checkpoint call itself keeps the loop waiting, against
 the floor: a plain memcpy of the set's bytes into memory already touched
 (what the staging copy into its reused buffers does, without the hashing).
 The background work of non-blocking saves competes with training for the
-same cores, which the epoch times show. Each case runs ``runs`` epochs after
-one untimed warm-up epoch; medians.
+same cores, which the epoch times show (``--threads`` sets torch's threads
+for training, default torch's own); when a save takes longer than an epoch
+the queue fills (``max_pending_saves=2``) and the loop waits for a place,
+which the stall then includes: "full queue" counts those epochs. Each case
+runs ``runs`` epochs after one untimed warm-up epoch; medians.
 
 Then recovery of the newest checkpoint into the loop's tensors
 (``recover(vid, out=fleet)``) against allocating a fresh set
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import os
 import statistics
+import sys
 import time
 
 import numpy as np
@@ -45,7 +49,12 @@ from mmpack.workloads.fleet import Fleet
 
 
 def main() -> None:
-    args = parse_args(__doc__.splitlines()[0])
+    argv = sys.argv[1:]
+    if "--threads" in argv:
+        at = argv.index("--threads")
+        torch.set_num_threads(int(argv[at + 1]))
+        del argv[at : at + 2]
+    args = parse_args(__doc__.splitlines()[0], argv=argv)
     print(describe_machine())
     print(f"torch threads: {torch.get_num_threads()}")
     prime_memory()
@@ -78,15 +87,17 @@ def main() -> None:
         }
         rows, newest = [], None
         for k, (name, how) in enumerate(cases.items()):
-            epoch_times, stalls, drain = _run_case(fleet, ms, how, os.path.join(directory, f"case{k}"), runs)
+            epoch_times, stalls, drain, full = _run_case(fleet, ms, how, os.path.join(directory, f"case{k}"), runs)
             if how == ("update", False):
                 newest = os.path.join(directory, f"case{k}")
             stall = statistics.median(stalls) if stalls else 0.0
             rows.append([
                 name, f"{statistics.median(epoch_times) * 1e3:.0f}", f"{stall * 1e3:.1f}" if stalls else "-",
                 f"{stall / memcpy:.2f}" if stalls else "-", f"{drain * 1e3:.0f}" if drain is not None else "-",
+                str(full) if drain is not None else "-",
             ])
-        print_table(["checkpoint every epoch", "epoch ms", "stall ms", "stall / memcpy", "drain ms"], rows)
+        print_table(["checkpoint every epoch", "epoch ms", "stall ms", "stall / memcpy", "drain ms", "full queue"],
+                    rows)
         print(f"\nfloor: memcpy of {ms.nbytes / 1e6:.1f} MB into a warm buffer (numpy.copyto) {memcpy * 1e3:.1f} ms; "
               f"the staging copy alone (background.stage into its reused buffers) {floors['staging'] * 1e3:.1f} ms "
               f"({floors['staging'] / memcpy:.2f}x); hashing the set, which the worker does, "
@@ -95,7 +106,7 @@ def main() -> None:
 
 
 def _run_case(fleet: Fleet, ms, how, path: str, runs: int):
-    epoch_times, stalls, drain = [], [], None
+    epoch_times, stalls, drain, full = [], [], None, 0
     repo = mmpack.Repository(path) if isinstance(how, tuple) else None
     previous = None
     for epoch in range(runs + 1):
@@ -105,6 +116,8 @@ def _run_case(fleet: Fleet, ms, how, path: str, runs: int):
         if isinstance(how, tuple):
             approach, blocking = how
             base = previous if approach == "update" else None
+            if epoch and repo._saver.pending >= 2:  # max_pending_saves: this call waits for a place
+                full += 1
             previous = repo.save(ms, approach=approach, base=base, blocking=blocking)
         elif how == "torch":
             os.makedirs(path, exist_ok=True)
@@ -118,7 +131,7 @@ def _run_case(fleet: Fleet, ms, how, path: str, runs: int):
         start = time.perf_counter()
         repo.close()
         drain = time.perf_counter() - start
-    return epoch_times, stalls, drain
+    return epoch_times, stalls, drain, full
 
 
 def _recovery(fleet: Fleet, ms, path: str, directory: str, runs: int) -> None:
