@@ -150,6 +150,10 @@ class Format2Catalog(Catalog):
         self.refresh()
         return list(self._state.records)
 
+    def versions(self) -> list[VersionRecord]:
+        self.refresh()
+        return list(self._state.records.values())
+
     def record(self, vid: str) -> VersionRecord:
         check_version_id(vid)
         found = self.state.records.get(vid)
