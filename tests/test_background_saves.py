@@ -280,3 +280,25 @@ def test_saves_killed_with_saves_pending_leave_only_complete_versions(tmp_path):
     follow = repo.save(pending_values(0), approach="update", base=records[-1].id, blocking=False)
     assert follow.result() == f"v{len(records) + 1}"
     repo.close()
+
+
+def test_saves_from_a_futures_callback_do_not_wait_for_themselves(tmp_path):
+    repo = mmpack.Repository(tmp_path / "r", max_pending_saves=4)
+    ms = fleet()
+    gate = threading.Event()
+    repo._saver.reserve()
+    repo._saver.submit(background.Job(lambda job, base: gate.wait(10)))  # keep a save queued behind the first
+    first = repo.save(ms, blocking=False)
+    later = repo.save(ms, blocking=False)
+    seen = {}
+
+    def callback(future):
+        seen["id"] = repo.save(ms, approach="update", base=future)  # blocking, on the worker
+        with pytest.raises(InvalidArgumentError, match="callback"):
+            repo.save(ms, approach="update", base=later)
+
+    first.add_done_callback(callback)
+    gate.set()
+    assert later.result() and repo._saver.wait() is None
+    assert seen["id"] == "v2" and repo.version("v2").base == "v1"
+    repo.close()

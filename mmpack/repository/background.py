@@ -123,8 +123,17 @@ class Saver:
                 return vid
         return job
 
+    @staticmethod
+    def on_worker() -> bool:
+        """Whether this thread is a saver's worker."""
+        return threading.current_thread().name.startswith("mmpack-save")
+
     @property
     def pending(self) -> int:
+        """Jobs queued and not finished; 0 on the worker itself (from a job or a future's callback,
+        where waiting behind the queue would wait for oneself)."""
+        if self.on_worker():
+            return 0
         with self._lock:
             return len(self._queued)
 

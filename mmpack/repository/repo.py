@@ -242,6 +242,9 @@ class Repository:
 
         if not blocking:
             return self._submit(models, run, base_ref)
+        if isinstance(base_ref, background.Job) and self._saver.on_worker():
+            raise InvalidArgumentError("a blocking save made on the save worker (in a future's callback) cannot wait "
+                                       "for a save queued behind it; pass blocking=False")
         if isinstance(base_ref, background.Job) or self._saver.pending:
             # Behind the pending saves, in order; the caller waits, so its own tensors are what is saved.
             self._saver.reserve()
