@@ -127,8 +127,8 @@ def verify(tables: Tables, vid: str | None, options: executor.RebuildOptions, ma
                 raise RepositoryError(f"names object {shared[0][0]}, which belongs to {shared[0][1]}")
             owners.update((ref.key, version_id) for ref in record.objects)
             APPROACHES[record.approach].check(objects.objects, record)
-            if len(record.objects) > 1:  # the table object states what the version's table is
-                if not np.array_equal(objects.tail(record, 1).table, _derived_table(tables, record)):
+            if record.table_shards:  # the table objects state what the version's table is
+                if not np.array_equal(objects.whole_table(record), _derived_table(tables, record)):
                     raise RepositoryError(f"the table object of {record.describe()} disagrees with its chain")
             if not may_retrain and any(not APPROACHES[r.approach].stores_rows for r in tables.chain(version_id)):
                 report.not_retrained.append(version_id)

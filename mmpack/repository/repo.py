@@ -44,7 +44,7 @@ _REPOSITORY_DEFAULT = object()  # compression= not given: use the repository's
 
 class Repository:
     """Repository(path_or_url, *, storage_options=None, fsync=True, snapshots=None, store=None,
-    compression=None, policy=None, throughputs=None, create=True)
+    compression=None, policy=None, throughputs=None, create=True, shard_bytes=None)
 
     Versions of a model set, each immutable once saved, stored with the
     Baseline, Update or Provenance approach (or chosen per version by
@@ -58,7 +58,10 @@ class Repository:
     is the default for every save; ``policy`` the default of
     ``approach="auto"`` saves (:class:`~mmpack.SmallestUnder` ``(math.inf)``:
     smallest storage), whose time estimates use ``throughputs`` (measured on
-    this machine if None).
+    this machine if None). A version larger than ``shard_bytes`` (default
+    256 MiB of parameters) is stored as several objects, its *shards*, each
+    holding a contiguous range of models; recovering some models reads only
+    the shards that hold them.
 
     A version exists once the catalog publishes it, which happens after all
     its data is written, in one atomic write: a crash at any moment leaves
@@ -96,6 +99,7 @@ class Repository:
         policy: Policy | None = None,
         throughputs: Throughputs | None = None,
         create: bool = True,
+        shard_bytes: int | None = None,
     ) -> None:
         if (path is None) == (store is None):
             raise TypeError("pass a path or a store, not both")
@@ -106,6 +110,7 @@ class Repository:
             check_policy(policy) if policy is not None else SmallestUnder(math.inf),
             snapshots or SnapshotPolicy(),
             throughputs,
+            saving.check_shard_bytes(shard_bytes) if shard_bytes is not None else saving.DEFAULT_SHARD_BYTES,
         )
         self.store = store if store is not None else open_store(path, storage_options, fsync=fsync)
         self.objects = ObjectStore(self.store)
