@@ -45,6 +45,18 @@ class ObjectRef:
         return n_models if self.count is None else self.first + self.count
 
 
+def one_object_form(objects: list[ObjectRef] | tuple[ObjectRef, ...], n_models: int) -> tuple[ObjectRef, ...]:
+    """A version's references as they are recorded: without ranges when the version is one data
+    object of the whole set (and a delta's one table object of it), as versions were before
+    shards; as they are otherwise."""
+    data = [o for o in objects if not o.table]
+    tables = [o for o in objects if o.table]
+    whole = all(o.first == 0 and o.stop(n_models) == n_models for o in objects)
+    if len(data) == 1 and len(tables) <= 1 and whole and list(objects) == data + tables:
+        return tuple(ObjectRef(o.key, o.bytes, o.checksum, o.pin, table=o.table) for o in objects)
+    return tuple(objects)
+
+
 @dataclass(frozen=True)
 class Shard:
     """One object of a version with the range of models it holds: ``first`` to ``stop - 1``;

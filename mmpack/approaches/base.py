@@ -96,11 +96,9 @@ class Approach(ABC):
         return np.arange(shard.first, shard.stop), tail.table
 
 
-def shard_ref(key: str, header: Header, pin: int, first: int, count: int, total: int, table: bool = False) -> ObjectRef:
-    """The reference to a shard of models ``first`` to ``first + count - 1`` of ``total``: one that
-    holds the whole set is recorded as the one object of its version (no range)."""
-    if first == 0 and count == total:
-        return ObjectRef(key, header.file_size, header.header_hash, pin, table=table)
+def shard_ref(key: str, header: Header, pin: int, first: int, count: int, table: bool = False) -> ObjectRef:
+    """The reference to a shard of models ``first`` to ``first + count - 1`` (a version of one object
+    drops the range when it is recorded: ``records.one_object_form``)."""
     return ObjectRef(key, header.file_size, header.header_hash, pin, first, count, table)
 
 
@@ -109,19 +107,16 @@ def shard_metadata(first: int) -> dict[str, str]:
     return {FIRST_KEY: str(first)} if first else {}
 
 
-def table_object(objects: ObjectStore, models: ModelSet, table: np.ndarray, first: int = 0,
-                 total: int | None = None) -> ObjectRef:
+def table_object(objects: ObjectStore, models: ModelSet, table: np.ndarray, first: int = 0) -> ObjectRef:
     """Write a *table object* (docs/REPOSITORY.md): a model-set object in the rows layout that holds
-    no rows, only the hash table of models ``first`` to ``first + len(models) - 1`` (of ``total``,
-    default: those alone); a delta version carries them now and then so that its table never takes
-    more than a few deltas to derive."""
+    no rows, only the hash table of models ``first`` to ``first + len(models) - 1``; a delta version
+    carries them now and then so that its table never takes more than a few deltas to derive."""
     from mmpack.fileformat import encode_rows, image_pin
 
     image, header = encode_rows(models, np.zeros(table.shape, dtype=bool), table, shard_metadata(first))
     key = objects.new_key()
     objects.put(key, image)
-    total = len(models) if total is None else total
-    return shard_ref(key, header, image_pin(image, header), first, len(models), total, table=True)
+    return shard_ref(key, header, image_pin(image, header), first, len(models), table=True)
 
 
 def rows_of(ms: ModelSet, a: int, b: int) -> ModelSet:

@@ -52,7 +52,7 @@ class Baseline(Approach):
                 objects.put(key, SizedWriter(header.file_size,
                                              lambda f, p=prefix, h=header, m=part, t=hashes: write_body(f, p, h, m, t)))
                 pin = table_pin(request.resolved_hashes()[a:b])
-            refs.append(shard_ref(key, header, pin, first, b - a, request.n_total))
+            refs.append(shard_ref(key, header, pin, first, b - a))
         return Stored(refs, None, request.compression_details())
 
     def estimate(self, request: SaveRequest, model: CostModel) -> Estimate:

@@ -26,7 +26,7 @@ class SaveRequest:
     so XOR deltas stay one level deep (docs/DESIGN-NOTES.md).
 
     A request may hold a *slice* of the set: ``models`` are the set's models
-    ``first`` to ``first + len(models) - 1`` of ``total``, ``hashes`` and
+    ``first`` to ``first + len(models) - 1`` (``sliced``), ``hashes`` and
     ``base_hashes()`` are theirs, and the objects written are shards of that
     range (docs/REPOSITORY.md, "Shards"), each holding at most
     ``shard_bytes`` bytes of rows (None: one object).
@@ -44,12 +44,10 @@ class SaveRequest:
     #: A delta also stores the whole hash table in an object of its own (bounds table derivation).
     table_object: bool = False
     first: int = 0
-    total: int | None = None  # models in the whole set; None: len(models), the request holds all
+    #: The request is one slice of a set written in slices (a slice a delta changed nothing in
+    #: then needs no object at all).
+    sliced: bool = False
     shard_bytes: int | None = None
-
-    @property
-    def n_total(self) -> int:
-        return len(self.models) if self.total is None else self.total
 
     def resolved_hashes(self) -> np.ndarray:
         return self.hashes.result() if isinstance(self.hashes, Future) else self.hashes

@@ -13,8 +13,10 @@ import base64
 
 import numpy as np
 
+from mmpack import packing
 from mmpack.approaches.advisor import CostModel, Estimate
 from mmpack.approaches.base import Approach, SaveRequest, Stored, rows_of, shard_ranges, shard_ref, table_object
+from mmpack.architecture import Architecture
 from mmpack.errors import IntegrityError, RepositoryError
 from mmpack.fileformat import (
     ROWS,
@@ -27,6 +29,7 @@ from mmpack.fileformat import (
     read_rows,
     verify_rows,
 )
+from mmpack.modelset import ModelSet
 from mmpack.records import Changes, ObjectRef, Shard, VersionRecord
 from mmpack.objects import ObjectStore
 
@@ -73,8 +76,7 @@ class Update(Approach):
             refs = []
             sizes = local.masks @ np.array([s.nbytes for s in request.models.architecture.tensors], np.int64)
             groups = shard_ranges(len(local.models), sizes, request.shard_bytes)
-            whole = request.first == 0 and len(request.models) == request.n_total
-            if not len(local.models) and not whole:
+            if not len(local.models) and request.sliced:
                 groups = []  # a slice without changes needs no shard
             for g, (a, b) in enumerate(groups):
                 rows = local.models[a:b]
@@ -86,12 +88,12 @@ class Update(Approach):
                                             {MODELS_KEY: encode_models(changes.models[a:b])}, request.compression,
                                             part)
                 ref = _put(objects, image, header)
-                refs.append(shard_ref(ref.key, header, ref.pin, request.first + low, high - low, request.n_total))
+                refs.append(shard_ref(ref.key, header, ref.pin, request.first + low, high - low))
         if request.table_object:  # cut as a full version of the range would be
             model_bytes = np.int64(request.models.architecture.nbytes_per_model)
             for a, b in shard_ranges(len(request.models), model_bytes, request.shard_bytes):
                 part = request.models if (a, b) == (0, len(request.models)) else rows_of(request.models, a, b)
-                refs.append(table_object(objects, part, hashes[a:b], request.first + a, request.n_total))
+                refs.append(table_object(objects, part, hashes[a:b], request.first + a))
         return Stored(refs, changes, details)
 
     def estimate(self, request: SaveRequest, model: CostModel) -> Estimate | None:
@@ -184,6 +186,17 @@ class Update(Approach):
                       for s in record.shards)
         if covered != len(record.changes.models):
             raise RepositoryError(f"{record.describe()} changed models that none of its shards holds")
+
+
+def empty_object(objects: ObjectStore, architecture: Architecture, n_models: int) -> ObjectRef:
+    """Write the object of a delta that changed nothing: no models, no rows (as one-object saves
+    write it), for a version of ``n_models`` models."""
+    empty = ModelSet._trusted(architecture, {s.name: packing.empty_stacked(0, s) for s in architecture.tensors}, 0)
+    width = len(architecture)
+    image, header = encode_rows(empty, np.zeros((0, width), bool), np.zeros((0, width), np.uint64),
+                                {MODELS_KEY: encode_models(np.zeros(0, np.int64))})
+    ref = _put(objects, image, header)
+    return ObjectRef(ref.key, ref.bytes, ref.checksum, ref.pin, 0, n_models)
 
 
 def _put(objects: ObjectStore, image: np.ndarray, header: Header) -> ObjectRef:

@@ -18,22 +18,32 @@ from mmpack.fileformat.header import (
     encode_header,
     read_header,
 )
+from mmpack.fileformat.loading import load
+from mmpack.fileformat.mapping import MappedModelSet
 from mmpack.fileformat.reading import (
+    RowRequest,
+    Tail,
     check_padding,
     check_size,
-    load,
     read_hash_rows,
     read_hash_table,
     read_modelset,
     read_row_index,
-    RowRequest,
-    Tail,
     read_rows,
     read_rows_many,
     read_tail,
     verify_rows,
 )
-from mmpack.fileformat.writing import encode, encode_image, encode_rows, image_pin, modelset_and_hashes, save, table_pin, write_body
+from mmpack.fileformat.writing import (
+    encode,
+    encode_image,
+    encode_rows,
+    image_pin,
+    modelset_and_hashes,
+    save,
+    table_pin,
+    write_body,
+)
 
 __all__ = [
     "ALIGNMENT",
@@ -45,6 +55,7 @@ __all__ = [
     "STACKED",
     "Header",
     "Layout",
+    "MappedModelSet",
     "Reader",
     "check_padding",
     "check_size",

@@ -7,18 +7,16 @@ hash table: the check costs no extra pass over memory.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import BinaryIO
 
 import numpy as np
 import torch
 
 from mmpack import _io, _native, compression, packing
 from mmpack.errors import FormatError, IntegrityError
-from mmpack.fileformat.header import ROWS, STACKED, ZEROS, Header, Reader, read_header
+from mmpack.fileformat.header import ROWS, STACKED, ZEROS, Header, Reader
 from mmpack.modelset import ModelSet, normalize_indices
 
 U64 = np.uint64
@@ -447,22 +445,3 @@ def read_modelset(
     if inverse is None or np.array_equal(unique, wanted):
         return loaded, stored
     return loaded.select(inverse), stored[inverse]
-
-
-def load(f: str | os.PathLike[str] | BinaryIO, indices: Iterable[int] | None = None, *, verify: bool = True) -> ModelSet:
-    """load(f, indices=None, *, verify=True) -> ModelSet
-
-    Read a model-set file (path or seekable binary file object). With
-    ``indices``, only those models' bytes are read, in the order given. Every
-    byte read is checked against the file's checksums unless ``verify=False``
-    (for callers that verify elsewhere); corruption raises
-    :class:`IntegrityError`, other malformed input :class:`FormatError`.
-
-    Example::
-
-        two = mmpack.load("cells.mmpack", indices=[3, 17])
-    """
-    with _io.opened(f, "rb") as stream, _io.FileReader(stream) as source:
-        header = read_header(source)
-        return read_modelset(source, header, indices, verify=verify)[0]
-

@@ -54,6 +54,15 @@ def recover(tables: Tables, vid: str, indices=None, *, verify: bool = True,
 
 def execute(tables: Tables, plan: RecoveryPlan, *, verify: bool = True, options: RebuildOptions = RebuildOptions()) -> ModelSet:
     """The models ``plan`` recovers, bit-exact; every piece checked unless ``verify=False``."""
+    architecture, tensors = execute_tensors(tables, plan, verify=verify, options=options)
+    result = ModelSet._trusted(architecture, tensors, len(plan.models))
+    return result if plan.order is None else result.select(plan.order)
+
+
+def execute_tensors(tables: Tables, plan: RecoveryPlan, *, verify: bool = True,
+                    options: RebuildOptions = RebuildOptions()) -> tuple[Architecture, dict[str, torch.Tensor]]:
+    """The architecture and the stacked tensors ``plan`` recovers (only ``plan.tensors`` when it
+    names some), rows in the order of ``plan.models``."""
     catalog, objects = tables.catalog, tables.objects
     records = {r.version: catalog.record(r.version) for r in plan.reads}
     root = catalog.record(plan.root)
@@ -71,8 +80,11 @@ def execute(tables: Tables, plan: RecoveryPlan, *, verify: bool = True, options:
         for version, index in wanted:
             objects.tail(records.get(version) or root, index)
     models = plan.models
-    tensors = {s.name: packing.empty_stacked(len(models), s) for s in architecture.tensors}
-    destinations = [packing.byte_view(tensors[s.name]) for s in architecture.tensors]
+    wanted_tensors = range(len(architecture)) if plan.tensors is None else plan.tensors.tolist()
+    tensors = {architecture.tensors[j].name: packing.empty_stacked(len(models), architecture.tensors[j])
+               for j in wanted_tensors}
+    destinations = [packing.byte_view(tensors[s.name]) if s.name in tensors else np.empty(0, np.uint8)
+                    for s in architecture.tensors]
     if plan.rebuilds:
         context = RebuildContext(
             lambda base, wanted: recover(tables, base, wanted, verify=verify, options=options),
@@ -94,8 +106,7 @@ def execute(tables: Tables, plan: RecoveryPlan, *, verify: bool = True, options:
             for read, hashes in zip(batch, computed):
                 verify_rows(read.models, read.tensors, hashes, _expected(tables, records[read.version], read),
                             f"version {plan.version} (pieces of {read.version})")
-    result = ModelSet._trusted(architecture, tensors, len(models))
-    return result if plan.order is None else result.select(plan.order)
+    return architecture, tensors
 
 
 def _holding(record: VersionRecord, models: np.ndarray) -> list:

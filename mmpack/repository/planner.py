@@ -81,6 +81,8 @@ class RecoveryPlan:
     reads: tuple[Read, ...]
     rebuilds: tuple[Rebuild, ...]
     order: np.ndarray | None = field(default=None)
+    #: The tensors (architecture indices, ascending) the plan recovers; None: all.
+    tensors: np.ndarray | None = field(default=None)
 
     @property
     def pieces(self) -> int:
@@ -94,8 +96,10 @@ class RecoveryPlan:
         return f"RecoveryPlan({self.version}, {len(self.models)} models: {self.pieces} pieces from {', '.join(parts)})"
 
 
-def plan_recovery(tables: Tables, vid: str, indices: Iterable[int] | None = None) -> RecoveryPlan:
-    """The plan that recovers version ``vid`` (or only ``indices``) with bounded resolution."""
+def plan_recovery(tables: Tables, vid: str, indices: Iterable[int] | None = None,
+                  tensors: Iterable[int] | None = None) -> RecoveryPlan:
+    """The plan that recovers version ``vid`` (or only ``indices``; only the tensors ``tensors``,
+    architecture indices) with bounded resolution."""
     chain = tables.chain(vid)
     target, root = chain[0], chain[-1]
     n_tensors = len(tables.catalog.architecture(target.architecture))
@@ -108,8 +112,16 @@ def plan_recovery(tables: Tables, vid: str, indices: Iterable[int] | None = None
         if not np.array_equal(models, wanted):
             order = inverse
     owner = tables.owners(chain, models, n_tensors)
-    pieces = [(record, rows, columns) for record, (rows, columns) in zip(chain, group_by_owner(owner, len(chain)))
-              if len(rows)]
+    columns_of = None
+    if tensors is not None:
+        columns_of = np.unique(np.asarray(list(tensors), np.int64))
+        if len(columns_of) and (columns_of[0] < 0 or columns_of[-1] >= n_tensors):
+            raise RepositoryError(f"tensor #{int(columns_of[-1])} is not one of the {n_tensors} tensors")
+        owner = owner[:, columns_of]
+    groups = group_by_owner(owner, len(chain))
+    if columns_of is not None:
+        groups = [(rows, columns_of[columns]) for rows, columns in groups]
+    pieces = [(record, rows, columns) for record, (rows, columns) in zip(chain, groups) if len(rows)]
     rebuilds = tuple(Rebuild(r.id, rows, columns) for r, rows, columns in pieces if not APPROACHES[r.approach].stores_rows)
     copied = [[r, rows, columns] for r, rows, columns in pieces if APPROACHES[r.approach].stores_rows]
     xor_pieces = [p for p in copied if xor_base(p[0], chain) is not None]
@@ -126,7 +138,7 @@ def plan_recovery(tables: Tables, vid: str, indices: Iterable[int] | None = None
     for record, rows, columns in copied:
         xor = xor_base(record, chain) is not None
         reads.extend(reads_of(record, models[rows], columns, rows, xor))
-    return RecoveryPlan(vid, root.id, models, n_tensors, tuple(reads), rebuilds, order)
+    return RecoveryPlan(vid, root.id, models, n_tensors, tuple(reads), rebuilds, order, columns_of)
 
 
 def reads_of(record: VersionRecord, models: np.ndarray, tensors: np.ndarray, dst_rows: np.ndarray,

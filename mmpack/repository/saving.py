@@ -22,7 +22,7 @@ from mmpack.errors import ArchitectureMismatchError, InvalidArgumentError, MMPac
 from mmpack.fileformat import modelset_and_hashes
 from mmpack.modelset import ModelSet
 from mmpack.objects import ObjectStore
-from mmpack.records import Changes, VersionRecord
+from mmpack.records import Changes, VersionRecord, one_object_form
 from mmpack.repository.catalog.documents import now
 from mmpack.repository.catalog.tables import TABLE_EVERY, Tables
 from mmpack.repository.cleanup import WriteLog
@@ -142,7 +142,7 @@ def _store_and_publish(catalog, written: WriteLog, request: SaveRequest, chosen:
             message=message,
             reason=reason,
             architecture=modelset.architecture.fingerprint(),
-            objects=tuple(stored.objects),
+            objects=one_object_form(stored.objects, len(modelset)),
             changes=changes,
             details={**details, **stored.details},
             architecture_bytes=architecture_bytes,
