@@ -283,8 +283,10 @@ def _checked(handle: WriteHandle, receipts: list[Receipt], tables: Tables) -> li
         if r.first > position:
             raise InvalidArgumentError(f"models {position} to {r.first - 1} have no receipt: a slice was not written")
         position = r.stop
-    if expected is not None and position != expected:
-        raise InvalidArgumentError(f"the receipts stop at model {position}; the version has {expected} models")
+    if expected is not None and position < expected:
+        raise InvalidArgumentError(f"models {position} to {expected - 1} have no receipt: a slice was not written")
+    if expected is not None and position > expected:
+        raise InvalidArgumentError(f"the receipts reach model {position - 1}; the version has {expected} models")
     fingerprints = {r.architecture.fingerprint() for r in unique}
     if len(fingerprints) > 1:
         raise ArchitectureMismatchError("the slices of one version have different architectures")
