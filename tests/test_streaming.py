@@ -72,6 +72,16 @@ def test_streamed_versions_round_trip_at_any_slice_size(tmp_path, base_set, size
     assert fresh.verify().ok
 
 
+@pytest.mark.parametrize("compression", [None, "zstd"])
+def test_a_streamed_update_that_changes_nothing_recovers_its_base(tmp_path, base_set, compression):
+    repo = repository(tmp_path / "repo", base_set, compression=compression)
+    v1 = repo.save(base_set)
+    v2 = repo.save_stream(stream(base_set, 25), approach="update", base=v1)
+    record = repo.version(v2)
+    assert len(record.objects) == 1 and len(record.changes.models) == 0
+    assert Repository(repo.store.root).recover(v2).equal(base_set) and repo.verify().ok
+
+
 def test_slices_may_come_in_any_order_and_as_modules(tmp_path, base_set):
     repo = repository(tmp_path / "repo", base_set)
     vid = repo.save_stream(stream(base_set, 20, order=lambda s: s[::-1]))

@@ -237,16 +237,17 @@ class VersionWriter:
             raise InvalidArgumentError("a version needs at least one slice")
         data = [o for r in receipts for o in r.objects if not o.table]
         tables = [o for r in receipts for o in r.objects if o.table]
-        if not data and not tables:  # a delta that changed nothing: one empty object, as saves write it
+        details: dict[str, Any] = {}
+        for r in receipts:
+            details.update(r.details)
+        if not data and not tables:  # a delta that changed nothing: one empty object (no XOR deltas in it)
             data = [empty_object(self._tables.objects.objects, architecture, n_models)]
+            details.pop("xor_base", None)
         objects = one_object_form(data + tables, n_models)
         changes = None
         if receipts and receipts[0].changes is not None:
             changes = Changes(np.concatenate([r.changes.models for r in receipts]),
                               np.concatenate([r.changes.masks for r in receipts]))
-        details: dict[str, Any] = {}
-        for r in receipts:
-            details.update(r.details)
         written = WriteLog(self._tables.objects.objects)
         written.keys.extend(o.key for o in objects)
         with written.undone_on_failure():
