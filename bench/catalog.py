@@ -27,6 +27,7 @@ version adds at most 16 KiB beyond its rows.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -34,8 +35,7 @@ import tempfile
 import time
 
 import numpy as np
-
-from _common import describe_machine, print_table, prime_memory
+from _common import describe_machine, prime_memory, print_table
 from store_latency import start_moto
 
 from mmpack import ModelSet, Repository
@@ -55,13 +55,21 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--latency", type=float, default=0.020)
     parser.add_argument("--no-s3", action="store_true")
     parser.add_argument("--dir", default=None, help="where to build (default: a temporary directory)")
+    parser.add_argument("--keep", default=None, metavar="DIR",
+                        help="build in DIR and keep it; a later run with the same sizes measures without rebuilding")
     return parser.parse_args()
 
 
 def build(roots: dict[tuple[int, int], str], n_models: int, versions: list[int]) -> dict:
-    """Save the same history into a repository of each (format, length); the rows one update holds."""
+    """Save the same history into a repository of each (format, length); the rows one update holds.
+    Repositories left complete by an earlier run (``--keep``) are taken as they are."""
     rng = np.random.default_rng(0)
     ms = ModelSet.from_modules(make_models(ffnn48, n_models))
+    row = ms.architecture.tensors[ms.architecture.index("fc4.weight")].nbytes
+    if all(os.path.isdir(root) and len(Repository(root, create=False).versions()) == length
+           for (_, length), root in roots.items()):
+        print("  (reusing the repositories of an earlier run)")
+        return {"rows": CHANGED * row, "newest": None}
     repos = {}
     for (fmt, length), root in roots.items():
         create(LocalStore(root, fsync=False), fmt)
@@ -72,12 +80,11 @@ def build(roots: dict[tuple[int, int], str], n_models: int, versions: list[int])
     for step in range(2, max(versions) + 1):
         tensors["fc4.weight"][rng.choice(n_models, CHANGED, replace=False)] += 0.001
         current = ModelSet(ms.architecture, tensors)
-        for (fmt, length), repo in repos.items():
+        for (_, length), repo in repos.items():
             if step <= length:
                 repo.save(current, approach="update", base=f"v{step - 1}")
         if step % 1000 == 0:
             print(f"  {step} versions saved in {time.perf_counter() - started:.0f} s", flush=True)
-    row = ms.architecture.tensors[ms.architecture.index("fc4.weight")].nbytes
     return {"rows": CHANGED * row, "newest": current}
 
 
@@ -147,7 +154,11 @@ def main() -> int:
     print(describe_machine())
     prime_memory()
     lengths = sorted({10, args.versions})
-    with tempfile.TemporaryDirectory(prefix="mmpack-catalog-", dir=args.dir) as directory:
+    if args.keep:
+        os.makedirs(args.keep, exist_ok=True)
+    with contextlib.nullcontext(args.keep) if args.keep else tempfile.TemporaryDirectory(
+        prefix="mmpack-catalog-", dir=args.dir
+    ) as directory:
         roots = {(fmt, n): os.path.join(directory, f"format{fmt}-{n}") for fmt in (1, 2) for n in lengths}
         print(f"building {args.versions} versions of {args.models} FFNN-48 models, each changing one tensor of "
               f"{CHANGED} models, in both formats")
@@ -156,7 +167,7 @@ def main() -> int:
         newest = {n: Repository(roots[2, n]).recover(f"v{n}") for n in lengths}
         for n in lengths:
             assert Repository(roots[1, n]).recover(f"v{n}").equal(newest[n])
-        assert newest[args.versions].equal(built["newest"])
+        assert built["newest"] is None or newest[args.versions].equal(built["newest"])
         rows = []
         local = {}
         for (fmt, n), root in sorted(roots.items()):
@@ -190,7 +201,9 @@ def main() -> int:
             finally:
                 server.kill()
                 server.wait()
-            print(f"\nS3 (moto), {args.latency * 1e3:.0f} ms per request: open, list and recover one model of the newest")
+            print(
+                f"\nS3 (moto), {args.latency * 1e3:.0f} ms per request: open, list and recover one model of the newest"
+            )
             print_table(["format", "versions", "requests", "seconds", "requests by kind"], s3_rows)
         n = lengths[-1]
         print("\ntargets:")

@@ -81,7 +81,7 @@ def main() -> None:
         worker(args.worker)
         return
     sys.path.insert(0, HERE)
-    from _common import describe_machine, print_table, prime_memory, work_dir
+    from _common import describe_machine, prime_memory, print_table, work_dir
 
     print(describe_machine())
     prime_memory()
@@ -114,7 +114,9 @@ def main() -> None:
     for case in CASES:
         for i, python in enumerate(interpreters):
             name = "this build" if i == 0 else python
-            rows.append([f"{case} ({name})", f"{medians[i, case] * 1e3:.2f}", f"{medians[i, case] / medians[0, case]:.2f}"])
+            rows.append(
+                [f"{case} ({name})", f"{medians[i, case] * 1e3:.2f}", f"{medians[i, case] / medians[0, case]:.2f}"]
+            )
     print_table(["recovery", "ms", "x this build"], rows)
     ratio = medians[0, "newest, whole"] / medians[0, "baseline, whole"]
     print(f"\nnewest version of the chain / Baseline version, this build: {ratio:.2f}")

@@ -38,9 +38,8 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+from _common import describe_machine, prime_memory, print_table, work_dir
 from torch.func import functional_call, vmap
-
-from _common import describe_machine, print_table, prime_memory, work_dir
 
 from mmpack import Compression, ModelSet, Repository, _native, compression, packing
 from mmpack.workloads import ffnn48, make_models
@@ -70,7 +69,9 @@ def _targets(x: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
     return (drop + 0.3 * torch.sin(2 * x[..., 2] * coef[6]) + coef[7] * x[..., 0] * x[..., 1]).unsqueeze(-1)
 
 
-def _train(ms: ModelSet, coef: torch.Tensor, steps: int, lr: float, seed: int, only: tuple[str, ...] | None) -> ModelSet:
+def _train(
+    ms: ModelSet, coef: torch.Tensor, steps: int, lr: float, seed: int, only: tuple[str, ...] | None
+) -> ModelSet:
     generator = torch.Generator().manual_seed(seed)
     params = {k: v.clone().requires_grad_(only is None or k.startswith(only)) for k, v in ms.tensors.items()}
     optimizer = torch.optim.Adam([v for v in params.values() if v.requires_grad], lr=lr, fused=True)
@@ -114,7 +115,9 @@ class Data:
         self.raw_bytes = sum(len(d) for d, _, _ in tensors)
 
 
-def dataset(ms: ModelSet, dtype: torch.dtype, rows: list[np.ndarray] | None = None, previous: ModelSet | None = None) -> Data:
+def dataset(
+    ms: ModelSet, dtype: torch.dtype, rows: list[np.ndarray] | None = None, previous: ModelSet | None = None
+) -> Data:
     tensors, references = [], []
     for j, spec in enumerate(ms.architecture.tensors):
         t = ms.tensors[spec.name].to(dtype)
@@ -169,7 +172,9 @@ def ours_contender(data: Data, xor: bool):
                 d = d.copy()
                 _xor(d, data.references[k])
             rows = len(d) // row_bytes
-            result.append(compression.encode_rows(d, rows, row_bytes, width, compression.rows_per_chunk(row_bytes, CHUNK), LEVEL))
+            result.append(
+                compression.encode_rows(d, rows, row_bytes, width, compression.rows_per_chunk(row_bytes, CHUNK), LEVEL)
+            )
         return result
 
     def decompress(stored):
@@ -278,8 +283,12 @@ def array_level(trained: ModelSet, updated: ModelSet, runs: int) -> tuple[dict, 
             for name, make in contenders.items():
                 one = with_threads(1, lambda m=make, d=data: measure(d, m, runs))
                 many = measure(data, make, runs)
-                results[(label, kind, name)] = {**one, "decompress_MBps_threads": many["decompress_MBps"],
-                                                "compress_MBps_threads": many["compress_MBps"], "MB": data.raw_bytes / 1e6}
+                results[(label, kind, name)] = {
+                    **one,
+                    "decompress_MBps_threads": many["decompress_MBps"],
+                    "compress_MBps_threads": many["compress_MBps"],
+                    "MB": data.raw_bytes / 1e6,
+                }
             if zipnn_problem is None:
                 one = measure(data, lambda d=data: zipnn_contender(d, 1), runs)
                 many = measure(data, lambda d=data: zipnn_contender(d, 0), runs)
@@ -323,7 +332,9 @@ def repository_level(trained: ModelSet, updated: ModelSet, n: int, runs: int, di
         for vid, label in ((v1, "baseline"), (v2, "update")):
             assert repo.recover(vid).equal(base if vid == v1 else after)  # also warms caches, as a service would
             picks = np.random.default_rng(3).integers(0, n, 2 * runs + 1)
-            out[name][f"{label}_full_recover_s"] = statistics.median(_timed(lambda: repo.recover(vid)) for _ in range(runs))
+            out[name][f"{label}_full_recover_s"] = statistics.median(
+                _timed(lambda: repo.recover(vid)) for _ in range(runs)
+            )
             out[name][f"{label}_one_recover_s"] = statistics.median(
                 _timed(lambda i=int(i): repo.recover(vid, indices=[i])) for i in picks
             )
@@ -388,20 +399,31 @@ def main() -> None:
     one_share = packed["baseline_one_recover_s"] / packed["baseline_full_recover_s"]
     targets = [
         (f"FP32 trained: ours stores {ours['ratio']:.1%} of raw (<= 88%)", ours["ratio"] <= 0.88),
-        (f"FP32 trained: ours {ours['ratio']:.3f} beats plain zstd {plain['ratio']:.3f}", ours["ratio"] < plain["ratio"]),
-        (f"FP32 deltas: XOR {delta['ours: XOR+planes+zstd']['ratio']:.3f} vs no XOR "
-         f"{delta['ours: planes+zstd']['ratio']:.3f} (clearly less: <= 90% of it)",
-         delta["ours: XOR+planes+zstd"]["ratio"] <= 0.9 * delta["ours: planes+zstd"]["ratio"]),
+        (
+            f"FP32 trained: ours {ours['ratio']:.3f} beats plain zstd {plain['ratio']:.3f}",
+            ours["ratio"] < plain["ratio"],
+        ),
+        (
+            f"FP32 deltas: XOR {delta['ours: XOR+planes+zstd']['ratio']:.3f} vs no XOR "
+            f"{delta['ours: planes+zstd']['ratio']:.3f} (clearly less: <= 90% of it)",
+            delta["ours: XOR+planes+zstd"]["ratio"] <= 0.9 * delta["ours: planes+zstd"]["ratio"],
+        ),
         (f"decompression on one core {ours['decompress_MBps']:.0f} MB/s (>= 400)", ours["decompress_MBps"] >= 400),
-        (f"1 of {args.models} models from a compressed version: {one_share:.1%} of a full recovery (<= 10%)",
-         one_share <= 0.10),
+        (
+            f"1 of {args.models} models from a compressed version: {one_share:.1%} of a full recovery (<= 10%)",
+            one_share <= 0.10,
+        ),
     ]
     print("\ntargets:")
     for text, met in targets:
         print(f"  {'met   ' if met else 'MISSED'} {text}")
     losses = []
-    metrics = (("compress_MBps", "compresses", "one thread"), ("compress_MBps_threads", "compresses", "default threads"),
-               ("decompress_MBps", "decodes", "one thread"), ("decompress_MBps_threads", "decodes", "default threads"))
+    metrics = (
+        ("compress_MBps", "compresses", "one thread"),
+        ("compress_MBps_threads", "compresses", "default threads"),
+        ("decompress_MBps", "decodes", "one thread"),
+        ("decompress_MBps_threads", "decodes", "default threads"),
+    )
     for (label, kind, name), r in results.items():
         if name.startswith("ours"):
             continue

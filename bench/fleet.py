@@ -62,7 +62,7 @@ import mmpack
 from mmpack import Repository, _native
 from mmpack._options import Parser, positive_int
 from mmpack.fileformat import header as header_module
-from mmpack.workloads.fleet import ARCHITECTURE, CHANGED, EVERY, make_slice, model, slices
+from mmpack.workloads.synthetic import ARCHITECTURE, CHANGED, EVERY, make_slice, model, slices
 
 
 def parse_args() -> argparse.Namespace:
@@ -89,7 +89,7 @@ class Clock:
 
 
 def fleet(n: int, slice_models: int, clock: Clock, changed: bool = False):
-    """The fleet's slices (``mmpack.workloads.fleet``), the time spent making them added to ``clock``."""
+    """The fleet's slices (``mmpack.workloads.synthetic``), the time spent making them added to ``clock``."""
     made = slices(n, slice_models, changed)
     while True:
         start = time.perf_counter()

@@ -24,7 +24,6 @@ import statistics
 import time
 
 import numpy as np
-
 from _common import describe_machine, prime_memory, print_table, work_dir
 
 from mmpack import ModelSet, Repository

@@ -23,7 +23,6 @@ import os
 import numpy as np
 import safetensors.torch
 import torch
-
 from _common import (
     describe_machine,
     interleaved_medians,
@@ -80,7 +79,10 @@ def main() -> None:
             "torch.save, one file per model": ("per-model", per_model_save),
             "stack_module_state + torch.save": ("sms.pt", stack_module_state_save),
             "torch.save(stacked dict)": ("stacked.pt", lambda p: torch.save(stacked, p)),
-            "safetensors save_file(stacked dict)": ("st.safetensors", lambda p: safetensors.torch.save_file(stacked, p)),
+            "safetensors save_file(stacked dict)": (
+                "st.safetensors",
+                lambda p: safetensors.torch.save_file(stacked, p),
+            ),
         }
         saves = interleaved_medians(
             {name: (lambda a=action, f=file: a(path(f))) for name, (file, action) in save_cases.items()},
@@ -147,7 +149,10 @@ def main() -> None:
     print()
     print_table(
         ["load", "ms", "x raw floor", "x mmpack.load"],
-        [[k, f"{v * 1e3:.1f}", f"{v / floor_load:.2f}", f"{v / loads['mmpack.load (verified)']:.2f}"] for k, v in loads.items()],
+        [
+            [k, f"{v * 1e3:.1f}", f"{v / floor_load:.2f}", f"{v / loads['mmpack.load (verified)']:.2f}"]
+            for k, v in loads.items()
+        ],
     )
     print()
     print_table(["load one model", "ms"], [[k, f"{v * 1e3:.2f}"] for k, v in one.items()])
@@ -160,8 +165,12 @@ def main() -> None:
     print("\ntargets (issue 2):")
     _target("save(ModelSet) <= 1.3x raw write floor", mm_save / floor_save, 1.3, "<=")
     _target("load <= 1.3x raw read floor", loads["mmpack.load (verified)"] / floor_load, 1.3, "<=")
-    _target("load into reused memory <= 1.3x readinto of reused memory",
-            loads["mmpack read into reused tensors (verified)"] / loads["raw floor: readinto (reused buffer)"], 1.3, "<=")
+    _target(
+        "load into reused memory <= 1.3x readinto of reused memory",
+        loads["mmpack read into reused tensors (verified)"] / loads["raw floor: readinto (reused buffer)"],
+        1.3,
+        "<=",
+    )
     _target("recovery, repository just opened, <= 1.3x raw read floor",
             loads["Repository(path).recover(v), just opened"] / floor_load, 1.3, "<=")
     _target("file size <= 1.005 x params + 64 KiB (ratio to budget)", sizes["mmpack"] / budget, 1.0, "<=")

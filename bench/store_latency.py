@@ -48,8 +48,7 @@ import uuid
 from collections.abc import Callable
 
 import torch
-
-from _common import describe_machine, print_table, prime_memory
+from _common import describe_machine, prime_memory, print_table
 
 from mmpack import ModelSet, Repository
 from mmpack.fileformat import encode
@@ -126,7 +125,9 @@ def run_backend(name: str, make_store: Callable[[str], FsspecStore], latency: fl
         keys = [f"per-file/{i}.pt" for i in range(args.subset)]
         cases["per-file save"].add(log, lambda: _save_per_file(store, keys, per_file_models))
         cases["per-file recover 1"].add(log, lambda: torch.load(io.BytesIO(store.get(keys[0])), weights_only=True))
-        cases["per-file recover all"].add(log, lambda: [torch.load(io.BytesIO(store.get(k)), weights_only=True) for k in keys])
+        cases["per-file recover all"].add(
+            log, lambda: [torch.load(io.BytesIO(store.get(k)), weights_only=True) for k in keys]
+        )
         writer.close()
         reader.close()
         getattr(store.fs, "_inner", store.fs).rm(store.root, recursive=True)  # free the server's memory
@@ -152,8 +153,11 @@ def report(name: str, cases: dict[str, Measured], n_models: int, subset: int) ->
     ratio_save = cases["per-file save"].s / cases["save baseline"].s
     ratio_all = cases["per-file recover all"].s / cases["recover all"].s
     ratio_one = cases["per-file recover 1"].s / cases["recover 1 model"].s
-    print(f"  one file per model / mmpack: save {ratio_save:.0f}x the time, {cases['per-file save'].n / cases['save baseline'].n:.0f}x the requests; "
-          f"recover all {ratio_all:.0f}x; recover 1 model {ratio_one:.2f}x")
+    print(
+        f"  one file per model / mmpack: save {ratio_save:.0f}x the time, "
+        f"{cases['per-file save'].n / cases['save baseline'].n:.0f}x the requests; "
+        f"recover all {ratio_all:.0f}x; recover 1 model {ratio_one:.2f}x"
+    )
     put, get = cases["floor: 1 PUT of the object"].s, cases["floor: 1 ranged GET (64 B)"].s
     print(f"  mmpack / floor: save {cases['save baseline'].s / put:.2f}x one PUT of its object; "
           f"recover 1 model {cases['recover 1 model'].s / get:.1f}x one ranged GET of it")
@@ -163,7 +167,11 @@ def check_targets(name: str, cases: dict[str, Measured]) -> None:
     for label, value, limit in (
         (f"{name}: saving a version takes < {TARGET_SAVE_S} s", cases["save baseline"].s, TARGET_SAVE_S),
         (f"{name}: saving an update version takes < {TARGET_SAVE_S} s", cases["save update"].s, TARGET_SAVE_S),
-        (f"{name}: recovering 1 model takes < {TARGET_RECOVER_ONE_S} s", cases["recover 1 model"].s, TARGET_RECOVER_ONE_S),
+        (
+            f"{name}: recovering 1 model takes < {TARGET_RECOVER_ONE_S} s",
+            cases["recover 1 model"].s,
+            TARGET_RECOVER_ONE_S,
+        ),
     ):
         print(f"  [{'met' if value < limit else 'MISSED'}] {label}: {value:.3f} s")
 
@@ -190,12 +198,17 @@ def main() -> None:
     args = parse_args()
     torch.set_num_threads(1)
     print(describe_machine())
-    print(f"{args.models} FFNN-48 models, median of {args.runs} runs, injected latency {args.latency * 1e3:.0f} ms per request")
+    print(
+        f"{args.models} FFNN-48 models, median of {args.runs} runs, "
+        f"injected latency {args.latency * 1e3:.0f} ms per request"
+    )
     prime_memory()
     ms = ModelSet.from_modules(make_models(ffnn48, args.models))
     updated = u3_cycle(ms, 0.10, seed=1)[0]
     results = {}
-    with tempfile.TemporaryDirectory(prefix="mmpack-bench-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as ram:
+    with tempfile.TemporaryDirectory(
+        prefix="mmpack-bench-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None
+    ) as ram:
         results["local+lat"] = run_backend(
             "local+lat", lambda root: FsspecStore(f"file://{ram}/{root}", {"auto_mkdir": True}), args.latency, args,
             (ms, updated),
@@ -203,7 +216,11 @@ def main() -> None:
     if not args.no_s3:
         server, endpoint = start_moto()
         try:
-            options = {"key": "bench", "secret": "bench", "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
+            options = {
+                "key": "bench",
+                "secret": "bench",
+                "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"},
+            }
             FsspecStore("s3://bench", options)._s3.call("create_bucket", Bucket="bench")
             for name, latency in (("s3", 0.0), ("s3+lat", args.latency)):
                 results[name] = run_backend(

@@ -4,6 +4,8 @@ import importlib
 
 from mmpack.errors import (
     ArchitectureMismatchError,
+    BackgroundSaveError,
+    BaseSaveFailedError,
     CompressionError,
     FormatError,
     IntegrityError,
@@ -32,6 +34,7 @@ _LAZY = {
     "Throughputs": "mmpack.approaches.advisor",
     "Architecture": "mmpack.architecture",
     "TensorSpec": "mmpack.architecture",
+    "Checkpointer": "mmpack.checkpoint",
     "Compression": "mmpack.compression",
     "load": "mmpack.fileformat",
     "save": "mmpack.fileformat",
@@ -75,7 +78,10 @@ __version__ = "0.1.0"
 __all__ = [
     "Architecture",
     "ArchitectureMismatchError",
+    "BackgroundSaveError",
+    "BaseSaveFailedError",
     "Change",
+    "Checkpointer",
     "Compression",
     "CompressionError",
     "DatasetRef",

@@ -358,7 +358,10 @@ class _WholeWrites:
         self._f = f
 
     def write(self, data: object) -> int:
-        view = memoryview(data).cast("B")  # type: ignore[arg-type]
+        view = memoryview(data)  # type: ignore[arg-type]
+        if view.nbytes == 0:  # an empty table of a set of no models: nothing to write (and no cast)
+            return 0
+        view = view.cast("B")
         done = 0
         while done < len(view):
             n = self._f.write(view[done:])

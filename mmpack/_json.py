@@ -49,15 +49,20 @@ def _no_constant(name: str) -> Any:
     raise Malformed(f"{name} is not a JSON number")
 
 
-def fields(value: Any, required: Collection[str], optional: Collection[str] = (), what: str = "document") -> dict[str, Any]:
+def fields(
+    value: Any, required: Collection[str], optional: Collection[str] = (), what: str = "document"
+) -> dict[str, Any]:
     """``value`` as an object with exactly the ``required`` keys plus any of ``optional``."""
     if not isinstance(value, dict):
         raise Malformed(f"{what} must be a JSON object, not {_kind(value)}")
     missing = [k for k in required if k not in value]
     unknown = sorted(k for k in value if k not in required and k not in optional)
     if missing or unknown:
-        raise Malformed(f"{what} must have keys {sorted(required)}" + (f" (optional {sorted(optional)})" if optional else "")
-                        + f"; missing {missing}, unknown {unknown}")
+        raise Malformed(
+            f"{what} must have keys {sorted(required)}"
+            + (f" (optional {sorted(optional)})" if optional else "")
+            + f"; missing {missing}, unknown {unknown}"
+        )
     return value
 
 

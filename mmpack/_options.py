@@ -96,7 +96,9 @@ def moment(text: str):
     try:
         found = datetime.fromisoformat(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a time: {text!r} (an ISO 8601 time with a UTC offset, or an age like 90d)") from None
+        raise argparse.ArgumentTypeError(
+            f"not a time: {text!r} (an ISO 8601 time with a UTC offset, or an age like 90d)"
+        ) from None
     if found.tzinfo is None:
         raise argparse.ArgumentTypeError(f"{text!r} has no UTC offset: add one (+00:00) or give an age like 90d")
     return found

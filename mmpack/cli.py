@@ -115,8 +115,10 @@ def cmd_log(args: argparse.Namespace) -> int:
     repo = _open(args)
     if args.tags:
         moves = repo.tag_log()
-        _table(["time (UTC)", "tag", "from", "to", "message"],
-               [[m.time.strftime("%Y-%m-%d %H:%M:%S"), m.name, m.before or "-", m.after or "-", m.message] for m in moves])
+        _table(
+            ["time (UTC)", "tag", "from", "to", "message"],
+            [[m.time.strftime("%Y-%m-%d %H:%M:%S"), m.name, m.before or "-", m.after or "-", m.message] for m in moves],
+        )
         return 0
     if args.model is not None:
         changes = repo.history(args.model)
@@ -201,9 +203,15 @@ def cmd_show(args: argparse.Namespace) -> int:
         ranges = ", ".join(f"{s.first}-{s.stop - 1}" for s in record.shards[:4])
         print(f"shards       {len(record.shards)} of models {ranges}{', ...' if len(record.shards) > 4 else ''}; "
               f"{len(record.table_shards)} table objects")
-    print(f"stored       {_bytes(record.stored_bytes)}: " + ", ".join(f"{kind} {_bytes(n)}" for kind, n in _kinds(repo, record).items()))
+    print(
+        f"stored       {_bytes(record.stored_bytes)}: "
+        + ", ".join(f"{kind} {_bytes(n)}" for kind, n in _kinds(repo, record).items())
+    )
     print(f"class        {arch.module or '-'}")
-    _table(["tensor", "kind", "dtype", "shape"], [[t.name, t.kind, str(t.dtype).removeprefix("torch."), str(t.shape)] for t in arch.tensors])
+    _table(
+        ["tensor", "kind", "dtype", "shape"],
+        [[t.name, t.kind, str(t.dtype).removeprefix("torch."), str(t.shape)] for t in arch.tensors],
+    )
     return 0
 
 
@@ -399,7 +407,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--message", default="", help="why, for the tag log")
     p = repository_command("prune", cmd_prune, "delete old versions; kept ones stay recoverable (gc frees the space)")
     p.add_argument("--keep-last", type=non_negative_int, metavar="N", help="keep the newest N versions")
-    p.add_argument("--newer-than", type=moment, metavar="TIME", help="keep versions created since TIME (ISO 8601 or an age like 90d)")
+    p.add_argument(
+        "--newer-than",
+        type=moment,
+        metavar="TIME",
+        help="keep versions created since TIME (ISO 8601 or an age like 90d)",
+    )
     p.add_argument("--keep", action="append", default=[], metavar="VERSION", help="keep this version (repeatable)")
     p.add_argument("--untagged", action="store_true", help="also delete tagged versions not otherwise kept")
     p.add_argument("--dry-run", action="store_true", help="show what would go and how many bytes that frees")
@@ -411,14 +424,18 @@ def build_parser() -> argparse.ArgumentParser:
     repository_command("du", cmd_du, "storage by approach and by kind, against full snapshots")
     p = repository_command("verify", cmd_verify, "check checksums and that versions recover; exit 1 on any problem")
     p.add_argument("vid", nargs="?")
-    p.add_argument("--allow-import", action="store_true", help="retrain provenance versions (imports their training code)")
+    p.add_argument(
+        "--allow-import", action="store_true", help="retrain provenance versions (imports their training code)"
+    )
     p = repository_command("recover", cmd_recover, "export models of a version")
     p.add_argument("vid")
     p.add_argument("--models", help="models to export, e.g. 3,17,40-45 (default: all)")
     p.add_argument("--out", required=True, help="output file (mmpack) or directory (torch, safetensors)")
     p.add_argument("--format", choices=EXPORT_FORMATS, default="mmpack")
     p.add_argument("--force", action="store_true", help="replace an existing output (files of the same names)")
-    p.add_argument("--allow-import", action="store_true", help="retrain provenance versions (imports their training code)")
+    p.add_argument(
+        "--allow-import", action="store_true", help="retrain provenance versions (imports their training code)"
+    )
     p = repository_command("gc", cmd_gc, "remove leftovers of interrupted saves")
     p.add_argument("--grace", type=seconds, default=3600.0,
                    help="keep leftovers younger than this many seconds (finite, 0 or more; default 3600)")

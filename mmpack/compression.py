@@ -102,7 +102,7 @@ def resolve(compression: str | Compression | None) -> Compression | None:
     raise CompressionError(f"unknown compression {compression!r}; use None, 'zstd' or mmpack.Compression(...)")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def element_width(dtype: torch.dtype) -> int:
     """Bytes per element that the byte planes split (one component of a complex value)."""
     size = torch.empty((), dtype=dtype).element_size()
@@ -305,7 +305,9 @@ class Chunking:
             for k, length in enumerate(stored):
                 plane = _plane_bytes(chunk_rows[j], rows[j], row_bytes[j], width, k // width)
                 if not _is_int(length, 0) or length > plane:
-                    raise FormatError(f"tensor #{j}: stored plane {k} has length {length!r}, above its {plane} raw bytes")
+                    raise FormatError(
+                        f"tensor #{j}: stored plane {k} has length {length!r}, above its {plane} raw bytes"
+                    )
         return cls(data["delta"], tuple(chunk_rows), tuple(tuple(c) for c in chunks), tuple(widths))
 
 

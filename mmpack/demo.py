@@ -68,7 +68,10 @@ def run_demo(models: int = 5000, cycles: int = 3, directory: str | None = None,
     step("generating data and training the initial models")
     (sets, _), seconds = timed(fleet.initial_models)
     sets = [sets]
-    say(f"  trained {models} cell models on their first drive cycle in {seconds:.1f} s (batched: every step trains all cells)")
+    say(
+        f"  trained {models} cell models on their first drive cycle in {seconds:.1f} s "
+        f"(batched: every step trains all cells)"
+    )
     provenances = [None]
     for cycle in range(1, cycles + 1):
         step(f"update cycle {cycle}")
@@ -98,7 +101,9 @@ def run_demo(models: int = 5000, cycles: int = 3, directory: str | None = None,
             # The per-model pattern writes the same files every version: time the first and the newest.
             step(f"saving version {version + 1} one file per model")
             os.sync()
-            written, seconds = timed(lambda: save_per_model(ms, os.path.join(root, "one-file-per-model", f"v{version + 1}")))
+            written, seconds = timed(
+                lambda: save_per_model(ms, os.path.join(root, "one-file-per-model", f"v{version + 1}"))
+            )
             reference.save_seconds.append(seconds)
         reference.stored_bytes.append(written)
 
@@ -120,8 +125,11 @@ def run_demo(models: int = 5000, cycles: int = 3, directory: str | None = None,
         torch.equal(loaded[i][n], newest.tensors[n][i]) for i in (0, models - 1) for n in newest.architecture.names
     )
     _report(figures, reference, sample, say)
-    say(f"\nall recovered models verified bit-exact: {all(f.verified for f in figures.values()) and reference.verified}; "
-        f"demo finished in {time.perf_counter() - started:.0f} s; repositories left in {os.path.abspath(root)}")
+    say(
+        f"\nall recovered models verified bit-exact: "
+        f"{all(f.verified for f in figures.values()) and reference.verified}; "
+        f"demo finished in {time.perf_counter() - started:.0f} s; repositories left in {os.path.abspath(root)}"
+    )
     say("  (repositories are written without fsync here, to time the approaches rather than the disk;")
     say("   every save starts after a sync, as one in a training loop hours after the last would)")
     return figures
@@ -146,11 +154,20 @@ def _report(figures: dict[str, ApproachFigures], reference: ApproachFigures, sam
             f"{f.recover_one_seconds * 1e3:.1f}",
             "yes" if f.verified else "NO",
         ])
-    rows.append([
-        "one file per model", f"{ref_store / 1e6:.1f}", f"{statistics.median(reference.stored_bytes) / 1e6:.3f}", "1.0x",
-        f"{ref_save * 1e3:.0f}", "1x", f"{reference.recover_seconds * 1e3:.0f}", "1.0x",
-        f"{reference.recover_one_seconds * 1e3:.1f}", "yes" if reference.verified else "NO",
-    ])
+    rows.append(
+        [
+            "one file per model",
+            f"{ref_store / 1e6:.1f}",
+            f"{statistics.median(reference.stored_bytes) / 1e6:.3f}",
+            "1.0x",
+            f"{ref_save * 1e3:.0f}",
+            "1x",
+            f"{reference.recover_seconds * 1e3:.0f}",
+            "1.0x",
+            f"{reference.recover_one_seconds * 1e3:.1f}",
+            "yes" if reference.verified else "NO",
+        ]
+    )
     say("")
     print_table(
         ["approach", "stored MB (all)", "per update MB", "less storage", "save ms", "faster save",

@@ -1,6 +1,6 @@
 """``mmpack demo --fleet``: a million-model version saved, updated and partly recovered, with progress.
 
-The fleet is synthetic (``mmpack.workloads.fleet``: trained weights would take
+The fleet is synthetic (``mmpack.workloads.synthetic``: trained weights would take
 hours to make and are stored the same way). Its 20 GB are never in memory: the
 version is saved from slices, an update cycle retrains one layer of 1 % of the
 models and is saved as a stream that writes only their rows, and a few models,
@@ -18,7 +18,7 @@ from collections.abc import Callable
 from mmpack._progress import progress, step
 from mmpack.evaluation.timing import print_table, timed
 from mmpack.repository import Repository
-from mmpack.workloads import fleet
+from mmpack.workloads import synthetic as fleet
 
 FLEET_MODELS = 1_000_000
 SLICE_MODELS = 50_000

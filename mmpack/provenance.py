@@ -280,7 +280,12 @@ class Provenance:
         for model, entry in self.updates.items():
             if not isinstance(model, (int, np.integer)) or model < 0:
                 raise ProvenanceError(f"provenance update key {model!r} is not a model index")
-            if not isinstance(entry, tuple) or len(entry) != 2 or not isinstance(entry[0], DatasetRef) or entry[1] not in _KINDS:
+            if (
+                not isinstance(entry, tuple)
+                or len(entry) != 2
+                or not isinstance(entry[0], DatasetRef)
+                or entry[1] not in _KINDS
+            ):
                 raise ProvenanceError(f"provenance of model {model} must be (DatasetRef, 'full' | 'partial')")
         try:
             import json

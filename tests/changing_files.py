@@ -34,12 +34,11 @@ import time
 import traceback
 
 import numpy as np
+from file_changes import change
 
 import mmpack
 from mmpack import MMPackError
 from mmpack.fileformat import reading
-
-from file_changes import CHANGES, change
 
 TARGETS = ("load-full", "load-indices", "load-zstd", "recover-full", "recover-partial", "recover-chain",
            "recover-compressed")

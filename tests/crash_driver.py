@@ -47,8 +47,8 @@ import torch
 
 import mmpack
 from mmpack import _io
-from mmpack.workloads import ffnn48, make_models
 from mmpack.store import FsspecStore, local
+from mmpack.workloads import ffnn48, make_models
 
 torch.set_num_threads(1)
 
@@ -57,7 +57,7 @@ def models_for(seed: int, step: int) -> mmpack.ModelSet:
     """Deterministic models: seed picks the set, step perturbs a seed-dependent tenth of it."""
     base = mmpack.ModelSet.from_modules(make_models(ffnn48, 40, seed))
     tensors = {n: t.clone() for n, t in base.tensors.items()}
-    for name, t in tensors.items():
+    for t in tensors.values():
         t[(seed + step) % 40 :: 10] += 0.5 * step
     return mmpack.ModelSet(base.architecture, tensors)
 

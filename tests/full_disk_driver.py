@@ -72,7 +72,9 @@ def tmpfs(mount: str) -> None:
             level.update(saved=False, type=type(exc).__name__, errno=getattr(exc, "errno", None), message=str(exc))
             level["unchanged"] = snapshot(root) == before
             level["space_back"] = free_bytes(mount) == space
-            level["failed_at"] = "manifest" if "catalog/log/" in str(exc) else "object" if "objects/" in str(exc) else "?"
+            level["failed_at"] = (
+                "manifest" if "catalog/log/" in str(exc) else "object" if "objects/" in str(exc) else "?"
+            )
             if level["failed_at"] == "manifest":  # the case: the failed save's object must not hold the space
                 level["next_small_save"] = bool(repo.save(small, approach="update", base=v1))
         os.unlink(filler)

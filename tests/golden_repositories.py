@@ -60,7 +60,9 @@ def golden_history() -> list[ModelSet]:
     v1 = golden_v1_modelset(N_MODELS)
     v2 = _nudged(v1, [1, 4, 9], ["fc.weight", "fc.bias"], 0.5)
     v3 = _nudged(v2, [4, 5, 11], ["emb", "scale", "precise", "bn.num_batches_tracked", "mask"], 1.0)
-    v4 = golden_train(v3.select(list(RETRAINED)), [golden_dataset(m) for m in RETRAINED], [], {"rate": 0.5}, np.array(RETRAINED))
+    v4 = golden_train(
+        v3.select(list(RETRAINED)), [golden_dataset(m) for m in RETRAINED], [], {"rate": 0.5}, np.array(RETRAINED)
+    )
     tensors = {name: t.clone() for name, t in v3.tensors.items()}
     tensors["fc.weight"][list(RETRAINED)] = v4.tensors["fc.weight"]
     v4 = ModelSet(v3.architecture, tensors)
@@ -86,7 +88,9 @@ def write(folder: pathlib.Path, shard_bytes: int | None = None) -> None:
     repo = Repository(folder, shard_bytes=shard_bytes) if shard_bytes else Repository(folder)
     v1 = repo.save(sets[0], message="golden baseline")
     v2 = repo.save(sets[1], approach="update", base=v1, message="golden update")
-    v3 = repo.save(sets[2], approach="update", base=v2, message="golden xor update", compression=Compression(chunk_bytes=64))
+    v3 = repo.save(
+        sets[2], approach="update", base=v2, message="golden xor update", compression=Compression(chunk_bytes=64)
+    )
     (folder / "datasets").mkdir()
     updates = {}
     for m in RETRAINED:
@@ -94,8 +98,12 @@ def write(folder: pathlib.Path, shard_bytes: int | None = None) -> None:
         np.save(buffer, golden_dataset(m), allow_pickle=False)
         (folder / "datasets" / f"m{m}.npy").write_bytes(buffer.getvalue())
         updates[m] = (DatasetRef.of_bytes(f"datasets/m{m}.npy", buffer.getvalue()), "full")
-    provenance = Provenance(f"{__name__}:golden_train" if __name__ != "__main__" else "golden_repositories:golden_train",
-                            "0" * 16, {"rate": 0.5}, updates)
+    provenance = Provenance(
+        f"{__name__}:golden_train" if __name__ != "__main__" else "golden_repositories:golden_train",
+        "0" * 16,
+        {"rate": 0.5},
+        updates,
+    )
     v4 = repo.save(sets[3], approach="provenance", base=v3, provenance=provenance, message="golden provenance")
     repo.save(sets[4], message="golden compressed baseline", compression="zstd")
     assert [v1, v2, v3, v4] == ["v1", "v2", "v3", "v4"]

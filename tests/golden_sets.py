@@ -95,7 +95,11 @@ def golden_v2_images() -> dict[str, bytes]:
 def zstd_library_version() -> str:
     import zstandard
 
-    return zstandard.ZSTD_VERSION if isinstance(zstandard.ZSTD_VERSION, str) else ".".join(map(str, zstandard.ZSTD_VERSION))
+    return (
+        zstandard.ZSTD_VERSION
+        if isinstance(zstandard.ZSTD_VERSION, str)
+        else ".".join(map(str, zstandard.ZSTD_VERSION))
+    )
 
 
 if __name__ == "__main__":

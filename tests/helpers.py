@@ -51,7 +51,8 @@ def state_equal(a: nn.Module, b: nn.Module) -> bool:
     return all(
         sa[k].dtype == sb[k].dtype
         and sa[k].shape == sb[k].shape
-        and bytes(sa[k].contiguous().view(-1).view(torch.uint8).numpy()) == bytes(sb[k].contiguous().view(-1).view(torch.uint8).numpy())
+        and bytes(sa[k].contiguous().view(-1).view(torch.uint8).numpy())
+        == bytes(sb[k].contiguous().view(-1).view(torch.uint8).numpy())
         for k in sa
     )
 

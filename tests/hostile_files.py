@@ -98,10 +98,13 @@ def make_all(directory: str) -> dict[str, Case]:
     plain, packed = _small(), _small("zstd")
     forged = {
         "n_models 2**32-1 in a small file": _resign(plain, lambda d: d.update(n_models=2**32 - 1)),
-        "shape of 2**39 x 2**39": _resign(plain, lambda d: d["architecture"]["tensors"][0].update(shape=[2**39, 2**39])),
+        "shape of 2**39 x 2**39": _resign(
+            plain, lambda d: d["architecture"]["tensors"][0].update(shape=[2**39, 2**39])
+        ),
         "data_length of 1 TiB": _resign(plain, lambda d: d.update(data_length=2**40)),
         "compressed, chunk_rows 1 for 2**32-1 models": _resign(
-            packed, lambda d: d["compression"]["chunk_rows"].__setitem__(0, 1) or d.update(n_models=2**32 - 1)),
+            packed, lambda d: d["compression"]["chunk_rows"].__setitem__(0, 1) or d.update(n_models=2**32 - 1)
+        ),
         "compressed, a frame declaring 1 TiB": _forge_frame(packed, 2**40),
         "compressed, a frame declaring 3 GiB": _forge_frame(packed, 3 << 30),
     }

@@ -3,9 +3,9 @@
 The child imports mmpack first, then caps its address space at what it
 already uses plus a budget, then runs the code it was given (a function
 ``read()`` defined by that code). It reports how ``read()`` ended ("ok", or
-the exception's class and whether it is an ``MMPackError``) and its peak
-resident memory, and its resident memory just before ``read()`` and the peak during it. A crash shows as a negative return code; running out of the
-budget as a ``MemoryError``.
+the exception's class and whether it is an ``MMPackError``), its resident
+memory just before ``read()`` and the peak during it. A crash shows as a
+negative return code; running out of the budget as a ``MemoryError``.
 """
 
 from __future__ import annotations
@@ -91,8 +91,10 @@ class Outcome:
         return self.returncode == 0 and self.outcome in ("ok", "typed")
 
 
-def run_limited(code: str, budget_bytes: int = 768 << 20, timeout: float = 120, python: str = sys.executable,
-                env: dict[str, str] | None = None) -> Outcome:
+def run_limited(
+    code: str, budget_bytes: int = 768 << 20, timeout: float = 120, python: str = sys.executable,
+    env: dict[str, str] | None = None,
+) -> Outcome:
     """Run ``code`` (defining ``read()``) in a child with ``budget_bytes`` of address space to spare
     (``python``: the interpreter, another build of mmpack say; ``env``: more environment variables)."""
     env = dict(os.environ, MALLOC_ARENA_MAX="2", OMP_NUM_THREADS="1", **(env or {}))

@@ -5,14 +5,22 @@ from __future__ import annotations
 import math
 
 import pytest
-
-import mmpack
-from mmpack import Estimate, FastestRecovery, MMPackError, ModelSet, Repository, SmallestUnder, SnapshotPolicy, Throughputs
-from mmpack.approaches import APPROACHES, Baseline
-from mmpack.approaches.advisor import measured_throughputs
-
 from helpers import ffnn_models
 from test_repository_compression import fine_tune
+
+import mmpack
+from mmpack import (
+    Estimate,
+    FastestRecovery,
+    MMPackError,
+    ModelSet,
+    Repository,
+    SmallestUnder,
+    SnapshotPolicy,
+    Throughputs,
+)
+from mmpack.approaches import APPROACHES, Baseline
+from mmpack.approaches.advisor import measured_throughputs
 
 # Fixed speeds make the decisions independent of the machine: 1 GB/s reads, 0.5 GB/s decoding.
 FAST_OPEN = Throughputs(1e9, 5e8, 1e-4)
@@ -92,7 +100,10 @@ def test_the_snapshot_policy_still_applies_after_the_advisor(tmp_path, models):
     v3 = repo.save(fine_tune(models, [2], [], 1), approach="auto", base=v2)
     record = repo.version(v3)
     assert record.approach == "baseline"
-    assert record.reason.startswith("auto (smallest storage): update stores the least") and "then snapshot" in record.reason
+    assert (
+        record.reason.startswith("auto (smallest storage): update stores the least")
+        and "then snapshot" in record.reason
+    )
 
 
 def test_compression_enters_the_estimates(tmp_path, models):

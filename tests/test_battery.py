@@ -69,7 +69,9 @@ def test_a_model_trains_the_same_alone_in_any_batch_and_thread_count(subset):
     everyone = train(ms, data, cells, config)
     alone = train(ms.select(subset), [data[i] for i in subset], cells[subset], config)
     assert alone.equal(everyone.select(subset))
-    two_threads = train(ms.select(subset), [data[i] for i in subset], cells[subset], TrainingConfig(steps=15, threads=2))
+    two_threads = train(
+        ms.select(subset), [data[i] for i in subset], cells[subset], TrainingConfig(steps=15, threads=2)
+    )
     assert two_threads.equal(alone)
 
 
@@ -126,4 +128,6 @@ def test_ffnn69_trains_the_same_in_any_batch():
     data = list(generate_datasets(cells, 0))
     ms = initial_weights(12, 69)
     everyone = train(ms, data, cells, TrainingConfig(steps=6))
-    assert train(ms.select([4, 9]), [data[4], data[9]], cells[[4, 9]], TrainingConfig(steps=6)).equal(everyone.select([4, 9]))
+    assert train(ms.select([4, 9]), [data[4], data[9]], cells[[4, 9]], TrainingConfig(steps=6)).equal(
+        everyone.select([4, 9])
+    )

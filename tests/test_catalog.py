@@ -11,6 +11,10 @@ from datetime import datetime, timedelta, timezone
 
 import numpy as np
 import pytest
+from golden_repositories import golden_history, golden_train
+from golden_sets import GOLDEN_DIR
+from helpers import ffnn_models
+from test_repository import retrain
 
 from mmpack import (
     InvalidArgumentError,
@@ -22,11 +26,6 @@ from mmpack import (
     VersionNotFoundError,
 )
 from mmpack.repository.catalog import format2
-
-from golden_repositories import golden_history, golden_train
-from golden_sets import GOLDEN_DIR
-from helpers import ffnn_models
-from test_repository import retrain
 
 N = 16
 
@@ -57,7 +56,9 @@ def test_a_new_repository_is_format_2_and_reads_back_through_a_fresh_catalog(rep
     assert [r.message for r in fresh.versions()] == ["initial", "cycle 1", "cycle 2", "cycle 3"]
     for k, expected in enumerate(sets):
         assert fresh.recover(f"v{k + 1}").equal(expected)
-    assert sorted(os.listdir(os.path.join(repo.store.root, "catalog", "log"))) == [f"{k:020d}.json" for k in range(1, 5)]
+    assert sorted(os.listdir(os.path.join(repo.store.root, "catalog", "log"))) == [
+        f"{k:020d}.json" for k in range(1, 5)
+    ]
 
 
 def test_commits_past_a_checkpoint_are_read_from_it(repo):

@@ -23,10 +23,10 @@ import subprocess
 import sys
 
 import pytest
+from changing_files import TARGETS
+from file_changes import CHANGES
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from changing_files import CHANGES, TARGETS
 
 CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "changing_files.py")
 

@@ -104,7 +104,9 @@ def test_verify_passes_then_fails_on_damage(repo_path, tmp_path):
 def test_recover_exports_selected_models(repo_path, tmp_path, fmt):
     path, sets = repo_path
     out = tmp_path / f"out-{fmt}"
-    result = mmpack_cli("recover", path, "v3", "--models", "1,3-4", "--out", str(out), "--format", fmt, "--allow-import")
+    result = mmpack_cli(
+        "recover", path, "v3", "--models", "1,3-4", "--out", str(out), "--format", fmt, "--allow-import"
+    )
     assert result.returncode == 0, result.stderr
     expected = sets[2].select([1, 3, 4])
     if fmt == "mmpack":
@@ -204,7 +206,9 @@ def test_the_fleet_demo_saves_updates_and_recovers_a_set_in_slices(tmp_path):
 
 
 def test_bench_paper_runs_small(tmp_path):
-    result = mmpack_cli("bench", "paper", "--models", "60", "--cycles", "2", "--runs", "1", "--json", str(tmp_path / "r.json"))
+    result = mmpack_cli(
+        "bench", "paper", "--models", "60", "--cycles", "2", "--runs", "1", "--json", str(tmp_path / "r.json")
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "targets:" in result.stdout and "(issue 3)" in result.stdout
     assert os.path.getsize(tmp_path / "r.json") > 100
@@ -226,7 +230,11 @@ def test_bench_paper_runs_small(tmp_path):
 
     with open(tmp_path / "r.json") as f:
         paths = plot_all(json.load(f), str(tmp_path))
-    assert [os.path.basename(p) for p in paths] == ["fig3_storage.png", "fig4_time_to_save.png", "fig5_time_to_recover.png"]
+    assert [os.path.basename(p) for p in paths] == [
+        "fig3_storage.png",
+        "fig4_time_to_save.png",
+        "fig5_time_to_recover.png",
+    ]
     assert all(os.path.getsize(p) > 10_000 for p in paths)
 
 
@@ -446,7 +454,14 @@ def test_repository_commands_never_create_a_repository_on_object_storage(s3_serv
     options = json.dumps(s3_server.storage_options)
     bucket = FsspecStore(f"s3://{s3_server.bucket}", s3_server.storage_options)
     before = bucket.fs.find(f"{s3_server.bucket}/", withdirs=True)
-    for command in (["log"], ["show", "v1"], ["du"], ["verify"], ["gc"], ["recover", "v1", "--out", str(tmp_path / "o")]):
+    for command in (
+        ["log"],
+        ["show", "v1"],
+        ["du"],
+        ["verify"],
+        ["gc"],
+        ["recover", "v1", "--out", str(tmp_path / "o")],
+    ):
         status, err = _main(capsys, command[0], url, *command[1:], "--storage-options", options)
         assert status == 1 and f"no mmpack repository at FsspecStore({url!r})" in err, err
     bucket.fs.invalidate_cache()

@@ -9,16 +9,23 @@ import struct
 import numpy as np
 import pytest
 import torch
+from helpers import CountingReader, ffnn_models, mixed_models, randomized_cnns
 from hypothesis import given
 from hypothesis import strategies as st
+from test_fileformat import model_sets
 
 import mmpack
-from mmpack import Compression, CompressionError, FormatError, IntegrityError, MMPackError, ModelSet
-from mmpack import compression, fileformat
+from mmpack import (
+    Compression,
+    CompressionError,
+    FormatError,
+    IntegrityError,
+    MMPackError,
+    ModelSet,
+    compression,
+    fileformat,
+)
 from mmpack._io import FileReader
-
-from helpers import CountingReader, ffnn_models, mixed_models, randomized_cnns
-from test_fileformat import model_sets
 
 
 def _compressed(ms, setting="zstd", **kwargs) -> bytes:

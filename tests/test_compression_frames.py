@@ -15,14 +15,13 @@ import struct
 import numpy as np
 import pytest
 import zstandard
+from helpers import ffnn_models, mixed_models
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from limited import run_limited
 
 import mmpack
 from mmpack import Compression, IntegrityError, ModelSet, compression
-
-from helpers import ffnn_models, mixed_models
-from limited import run_limited
 
 MAGIC = struct.pack("<I", 0xFD2FB528)
 
@@ -123,7 +122,9 @@ def read():
 """
 
 
-@pytest.mark.parametrize("declared", [2**40, 6 << 30, 600 << 20, None], ids=["1TiB", "6GiB", "600MiB", "no-size-2GiB-window"])
+@pytest.mark.parametrize(
+    "declared", [2**40, 6 << 30, 600 << 20, None], ids=["1TiB", "6GiB", "600MiB", "no-size-2GiB-window"]
+)
 def test_forged_frame_sizes_fail_typed_within_a_small_memory_budget(declared):
     # Before: 1 TiB raised a plain MemoryError, 6 GiB allocated 6 GiB before failing.
     result = run_limited(_FORGED_DECODE.format(declared=declared), budget_bytes=256 << 20)

@@ -7,19 +7,18 @@ import os
 import pickle
 import struct
 import sys
+import tempfile
 
 import numpy as np
 import pytest
 import torch
-from hypothesis import given
+from helpers import CountingReader, ffnn_models, mixed_models, randomized_cnns
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mmpack
-from mmpack import FormatError, IntegrityError, MMPackError, ModelSet, UnsupportedFormatVersionError
-from mmpack import fileformat
+from mmpack import FormatError, IntegrityError, MMPackError, ModelSet, UnsupportedFormatVersionError, fileformat
 from mmpack.architecture import Architecture, TensorSpec
-
-from helpers import CountingReader, ffnn_models, mixed_models, randomized_cnns
 
 
 def _bytes_of(models) -> bytes:
@@ -260,7 +259,16 @@ def test_bad_indices_are_rejected():
     assert len(mmpack.load(io.BytesIO(data), indices=[])) == 0
 
 
-_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int8, torch.bool, torch.complex64]
+_DTYPES = [
+    torch.float32,
+    torch.float16,
+    torch.bfloat16,
+    torch.float64,
+    torch.int64,
+    torch.int8,
+    torch.bool,
+    torch.complex64,
+]
 
 
 @st.composite
@@ -282,7 +290,11 @@ def model_sets(draw):
     tensors = {}
     for spec in specs:
         raw = rng.integers(0, 2 if spec.dtype == torch.bool else 256, n * spec.nbytes, dtype=np.uint8)
-        tensors[spec.name] = torch.from_numpy(raw).view(spec.dtype).reshape(n, *spec.shape) if raw.size else torch.empty((n, *spec.shape), dtype=spec.dtype)
+        tensors[spec.name] = (
+            torch.from_numpy(raw).view(spec.dtype).reshape(n, *spec.shape)
+            if raw.size
+            else torch.empty((n, *spec.shape), dtype=spec.dtype)
+        )
     return ModelSet(arch, tensors)
 
 
@@ -294,6 +306,18 @@ def test_any_model_set_round_trips_whole_and_in_part(ms, data):
     if len(ms):
         indices = data.draw(st.lists(st.integers(0, len(ms) - 1), max_size=8))
         assert mmpack.load(io.BytesIO(blob), indices=indices).equal(ms.select(indices))
+
+
+@settings(max_examples=40, deadline=None)
+@given(model_sets(), st.booleans())
+def test_any_model_set_round_trips_through_a_path(ms, compressed):
+    # Files go through the atomic publication path (whole writes of every piece): a set of no
+    # models, whose hash table is empty, once failed there.
+    with tempfile.TemporaryDirectory() as directory:
+        path = os.path.join(directory, "set.mmpack")
+        mmpack.save(ms, path, compression=mmpack.Compression(chunk_bytes=256) if compressed else None)
+        assert mmpack.load(path).equal(ms)
+        assert os.listdir(directory) == ["set.mmpack"]
 
 
 @given(model_sets(), st.integers(0, 2**31), st.integers(0, 7))

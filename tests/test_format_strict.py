@@ -10,13 +10,12 @@ import struct
 
 import pytest
 import torch
+from golden_sets import GOLDEN_DIR
 from hypothesis import given
 from hypothesis import strategies as st
 
 import mmpack
 from mmpack import Architecture, ArchitectureMismatchError, Compression, FormatError, ModelSet, TensorSpec, _native
-
-from golden_sets import GOLDEN_DIR
 
 
 def image(compressed: bool = False) -> bytes:

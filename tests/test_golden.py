@@ -6,11 +6,10 @@ import struct
 import numpy as np
 import pytest
 import torch
+from golden_sets import GOLDEN_DIR, GOLDEN_METADATA, golden_v1_modelset
 
 import mmpack
 from mmpack import FormatError, fileformat
-
-from golden_sets import GOLDEN_DIR, GOLDEN_METADATA, golden_v1_modelset
 
 
 def test_version_1_golden_file_loads_to_the_expected_values():
@@ -35,10 +34,10 @@ def test_golden_header_records_what_the_spec_says():
 
 
 def test_version_1_rows_golden_file_reads_back_its_rows():
+    from golden_sets import golden_v1_rows
+
     from mmpack import fileformat
     from mmpack._io import FileReader
-
-    from golden_sets import golden_v1_rows
 
     ms, changed = golden_v1_rows()
     image, _ = fileformat.encode_rows(ms, changed, ms.hashes(), GOLDEN_METADATA)
@@ -92,9 +91,9 @@ def _planes(chunking, header, widths):
 
 
 def test_version_2_xor_rows_golden_file_decodes_against_its_reference():
-    from mmpack._io import FileReader
-
     from golden_sets import golden_v2_update
+
+    from mmpack._io import FileReader
 
     new, changed, reference = golden_v2_update()
     with open(GOLDEN_DIR / "v2_rows_xor_zstd.mmpack", "rb") as f, FileReader(f) as source:

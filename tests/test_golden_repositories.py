@@ -6,12 +6,11 @@ import shutil
 
 import numpy as np
 import pytest
+from golden_repositories import N_MODELS, RETRAINED, TAG_MOVES, golden_history, golden_train
+from golden_sets import GOLDEN_DIR
 
 import mmpack
 from mmpack import Repository
-
-from golden_repositories import N_MODELS, RETRAINED, TAG_MOVES, golden_history, golden_train
-from golden_sets import GOLDEN_DIR
 
 TRAINING = {"golden_repositories:golden_train": golden_train}
 FORMATS = ["repo_format1", "repo_format2", "repo_format2_shards"]

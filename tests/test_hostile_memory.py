@@ -14,7 +14,6 @@ prints the peak memory of each read.
 from __future__ import annotations
 
 import pytest
-
 from hostile_files import make_all
 from limited import run_limited
 

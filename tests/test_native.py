@@ -200,17 +200,36 @@ def test_bad_plans_raise_before_any_byte_moves():
 def test_plan_tables_must_agree_in_length_and_type():
     src, dst = _one_segment()
     with pytest.raises(ValueError, match="dst_offsets has 2 entries"):
-        _native.copy_segments(src, np.zeros(1, U64), np.zeros(1, U64), dst, np.zeros(1, U64), np.zeros(2, U64), np.ones(1, U64))
+        _native.copy_segments(
+            src, np.zeros(1, U64), np.zeros(1, U64), dst, np.zeros(1, U64), np.zeros(2, U64), np.ones(1, U64)
+        )
     with pytest.raises(TypeError, match="uint64"):
-        _native.copy_segments(src, np.zeros(1, np.int64), np.zeros(1, U64), dst, np.zeros(1, U64), np.zeros(1, U64), np.ones(1, U64))
+        _native.copy_segments(
+            src, np.zeros(1, np.int64), np.zeros(1, U64), dst, np.zeros(1, U64), np.zeros(1, U64), np.ones(1, U64)
+        )
     with pytest.raises(TypeError, match="C-contiguous"):
-        _native.copy_segments(src, np.zeros(4, U64)[::2], np.zeros(2, U64), dst, np.zeros(2, U64), np.zeros(2, U64), np.ones(2, U64))
+        _native.copy_segments(
+            src, np.zeros(4, U64)[::2], np.zeros(2, U64), dst, np.zeros(2, U64), np.zeros(2, U64), np.ones(2, U64)
+        )
     with pytest.raises(TypeError, match="writable"):
-        _native.copy_segments(src, np.zeros(1, U64), np.zeros(1, U64), [b"x" * 16], np.zeros(1, U64), np.zeros(1, U64), np.ones(1, U64))
+        _native.copy_segments(
+            src, np.zeros(1, U64), np.zeros(1, U64), [b"x" * 16], np.zeros(1, U64), np.zeros(1, U64), np.ones(1, U64)
+        )
     with pytest.raises(ValueError, match="buffer index 3 out of range"):
-        _native.copy_segments(src, np.zeros(1, U64), np.zeros(1, U64), dst, np.array([3], U64), np.zeros(1, U64), np.ones(1, U64))
+        _native.copy_segments(
+            src, np.zeros(1, U64), np.zeros(1, U64), dst, np.array([3], U64), np.zeros(1, U64), np.ones(1, U64)
+        )
     with pytest.raises(ValueError, match="hashes has 3 entries"):
-        _native.copy_segments(src, np.zeros(1, U64), np.zeros(1, U64), dst, np.zeros(1, U64), np.zeros(1, U64), np.ones(1, U64), np.zeros(3, U64))
+        _native.copy_segments(
+            src,
+            np.zeros(1, U64),
+            np.zeros(1, U64),
+            dst,
+            np.zeros(1, U64),
+            np.zeros(1, U64),
+            np.ones(1, U64),
+            np.zeros(3, U64),
+        )
 
 
 def test_address_plans_reject_null_pointers_and_bad_destinations():
@@ -223,7 +242,9 @@ def test_address_plans_reject_null_pointers_and_bad_destinations():
     with pytest.raises(ValueError, match="null destination address"):
         _native.scatter([src], np.zeros(1, U64), np.zeros(1, U64), np.ones(1, U64), np.zeros(1, U64))
     with pytest.raises(ValueError, match="source range"):
-        _native.scatter([src], np.zeros(1, U64), np.array([4], U64), np.array([5], U64), np.array([dst[0].ctypes.data], U64))
+        _native.scatter(
+            [src], np.zeros(1, U64), np.array([4], U64), np.array([5], U64), np.array([dst[0].ctypes.data], U64)
+        )
 
 
 def test_kernels_are_safe_to_call_from_many_threads_at_once():

@@ -150,7 +150,9 @@ def test_a_missing_dataset_is_named(isolated):
 def _slightly_different(models, datasets, kinds, config, model_ids):
     """Training as it would come out on another machine: same code path, other rounding."""
     out = battery.finetune(models, datasets, kinds, config, model_ids)
-    return ModelSet(out.architecture, {n: t + (t * 1e-7 if t.dtype.is_floating_point else 0) for n, t in out.tensors.items()})
+    return ModelSet(
+        out.architecture, {n: t + (t * 1e-7 if t.dtype.is_floating_point else 0) for n, t in out.tensors.items()}
+    )
 
 
 def test_a_changed_environment_is_named_as_the_likely_cause(isolated, monkeypatch):
@@ -184,7 +186,13 @@ def test_the_advisor_weighs_provenance_when_it_is_given(isolated):
     smallest = repo.save(expected, approach="auto", base="v1", provenance=prov)
     assert repo.version(smallest).approach == "provenance"
     assert "provenance" in repo.version(smallest).reason
-    quick = repo.save(expected, approach="auto", base="v1", provenance=prov, policy=SmallestUnder(seconds=1e-6 + prov.training_seconds / 1000))
+    quick = repo.save(
+        expected,
+        approach="auto",
+        base="v1",
+        provenance=prov,
+        policy=SmallestUnder(seconds=1e-6 + prov.training_seconds / 1000),
+    )
     assert repo.version(quick).approach in ("update", "baseline")
     fastest = repo.save(expected, approach="auto", base="v1", provenance=prov, policy=FastestRecovery())
     assert repo.version(fastest).approach != "provenance"

@@ -10,7 +10,6 @@ read fails the test instead of the suite.
 from __future__ import annotations
 
 import base64
-import dataclasses
 import errno
 import json
 import os
@@ -24,15 +23,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import xxhash
+from forgery import read_record, write_record
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import mmpack
 from mmpack import ProvenanceError, Repository, RepositoryError
 from mmpack.provenance import DatasetRef
 from mmpack.workloads.battery import BatteryFleet, TrainingConfig
-
-from forgery import read_record, write_record
 
 WORKER = os.path.join(os.path.dirname(__file__), "provenance_worker.py")
 DEADLINE = 20.0  # seconds per request; each takes well under one when the checks are bounded

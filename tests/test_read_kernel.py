@@ -56,7 +56,9 @@ def run_tables(draw, sizes):
     runs = []
     for _ in range(n_runs):
         f = draw(st.integers(0, len(sizes) - 1))
-        row_bytes = draw(st.one_of(st.integers(0, 64), st.integers(0, 12_000), st.sampled_from([BATCH - 1, BATCH, BATCH + 3])))
+        row_bytes = draw(
+            st.one_of(st.integers(0, 64), st.integers(0, 12_000), st.sampled_from([BATCH - 1, BATCH, BATCH + 3]))
+        )
         most = sizes[f] // row_bytes if row_bytes else 50
         if most == 0:
             row_bytes, most = 0, 50
@@ -107,7 +109,9 @@ def _reference(contents, runs, dsts, placement, offsets, xor):
         source = contents[f][offset : offset + span]
         target = dsts[d][at : at + span]
         target[:] = target ^ source if xor else source
-        hashes += [xxhash.xxh3_64_intdigest(target[r * row_bytes : (r + 1) * row_bytes].tobytes()) for r in range(count)]
+        hashes += [
+            xxhash.xxh3_64_intdigest(target[r * row_bytes : (r + 1) * row_bytes].tobytes()) for r in range(count)
+        ]
     return hashes
 
 

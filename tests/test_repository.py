@@ -8,6 +8,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from helpers import ffnn_models, mixed_models, randomized_cnns
 
 import mmpack
 from mmpack import (
@@ -21,8 +22,6 @@ from mmpack import (
 )
 from mmpack.store import LocalStore
 from mmpack.workloads import FFNN
-
-from helpers import ffnn_models, mixed_models, randomized_cnns
 
 
 def retrain(ms: ModelSet, full: list[int], partial: list[int], prefixes=("fc3", "fc4"), step: float = 0.01) -> ModelSet:
@@ -63,7 +62,13 @@ def test_baseline_round_trip_and_records(repo, build):
     assert repo.recover(vid).equal(ms)
     assert repo.recover(vid, indices=[len(ms) - 1, 0]).equal(ms.select([len(ms) - 1, 0]))
     [record] = repo.versions()
-    assert (record.id, record.approach, record.base, record.n_models, record.message) == ("v1", "baseline", None, len(ms), "initial")
+    assert (record.id, record.approach, record.base, record.n_models, record.message) == (
+        "v1",
+        "baseline",
+        None,
+        len(ms),
+        "initial",
+    )
     assert record.created.tzinfo is not None
     assert record.stored_bytes == repo.storage_bytes(vid) > ms.nbytes
     assert np.array_equal(repo.hashes(vid), ms.hashes())
@@ -145,7 +150,9 @@ def test_snapshot_policy_by_chain_bytes(tmp_path):
         SnapshotPolicy(every=0)
 
 
-@pytest.mark.parametrize("bad", ["v0", "", "1", "v1/../v2", "../versions/v1", "/etc/passwd", "V1", "v01", 5, None, "v1.json"])
+@pytest.mark.parametrize(
+    "bad", ["v0", "", "1", "v1/../v2", "../versions/v1", "/etc/passwd", "V1", "v01", 5, None, "v1.json"]
+)
 def test_malformed_version_ids_are_not_found(repo, bad):
     repo.save(ffnn_models(2))
     for call in (repo.recover, repo.version, repo.storage_bytes):

@@ -7,11 +7,10 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from helpers import ffnn_models, mixed_models, randomized_cnns
 
 from mmpack import Compression, CompressionError, ModelSet, Repository, RepositoryError, SnapshotPolicy
 from mmpack.repository import planner
-
-from helpers import ffnn_models, mixed_models, randomized_cnns
 
 
 def fine_tune(ms: ModelSet, full: list[int], partial: list[int], seed: int, prefixes=("fc3", "fc4")) -> ModelSet:

@@ -19,16 +19,15 @@ import sys
 import tempfile
 
 import pytest
+from faulty_store import Fault, FaultyStore
+from helpers import ffnn_models, mixed_models
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_repository import retrain
 
 import mmpack
 from mmpack import MMPackError, ModelSet, Repository, StorageError
 from mmpack.store import LocalStore
-
-from faulty_store import Fault, FaultyStore
-from helpers import ffnn_models, mixed_models
-from test_repository import retrain
 
 DRIVER = os.path.join(os.path.dirname(__file__), "full_disk_driver.py")
 HEAD = "catalog/HEAD.json"

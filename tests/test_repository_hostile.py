@@ -10,15 +10,13 @@ import shutil
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
-from mmpack import Compression, IntegrityError, MMPackError, ModelSet, Repository, _native
-from mmpack.workloads import make_models
-
 from forgery import read_record, write_record
 from helpers import ffnn_models, mixed_models
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from test_repository import retrain
+
+from mmpack import Compression, IntegrityError, MMPackError, ModelSet, Repository
 
 N = 12
 
@@ -177,7 +175,10 @@ def edits(root, vid: str, sets):
     yield "object bytes", lambda b: b["objects"][0].update(bytes=b["objects"][0]["bytes"] + 1)
     yield "object pin", lambda b: b["objects"][0].update(pin="0" * 16)
     yield "no pin", lambda b: b["objects"][0].pop("pin", None) or b["objects"][0].pop("xxh3")
-    yield "base of another shape", lambda b: b.update(base="v8") if b["base"] else b.update(base="v8", approach="update")
+    yield (
+        "base of another shape",
+        lambda b: b.update(base="v8") if b["base"] else b.update(base="v8", approach="update"),
+    )
     yield "missing base", lambda b: b.update(base="v99")
     yield "later base", lambda b: b.update(base="v9")
     yield "unknown key", lambda b: b.update(extra=1)
@@ -266,7 +267,9 @@ def test_a_huge_model_count_fails_before_allocating(copy):
         "    try:\n        read()\n    except mmpack.MMPackError as exc:\n        print('typed', type(exc).__name__)\n"
         "print(repo.verify().problems[0])\n"
     )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=str(root.parent))
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=str(root.parent)
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("typed") == 3, done.stdout
     assert any(word in done.stdout for word in ("4294967295", "models", "shape")), done.stdout

@@ -12,11 +12,10 @@ import threading
 import numpy as np
 import pytest
 import torch
+from helpers import ffnn_models
 
 from mmpack import ModelSet, Repository
 from mmpack import objects as object_store
-
-from helpers import ffnn_models
 
 
 def chain(tmp_path, length: int, n_models: int = 20, compression=None) -> tuple[Repository, list[ModelSet]]:

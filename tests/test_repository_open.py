@@ -10,12 +10,11 @@ import sys
 import threading
 
 import pytest
+from helpers import ffnn_models
 
 import mmpack
 from mmpack import Repository, RepositoryError, RepositoryNotFoundError
 from mmpack.store import LocalStore
-
-from helpers import ffnn_models
 
 DRIVER = os.path.join(os.path.dirname(__file__), "crash_driver.py")
 sys.path.insert(0, os.path.dirname(__file__))

@@ -70,7 +70,9 @@ def _published_after(n: int, phase: str) -> list[str]:
 def test_saves_killed_at_random_times_leave_a_consistent_repository(tmp_path):
     directory = str(tmp_path / "random")
     for delay in (0.3, 0.6, 0.9, 1.2, 1.5, 2.0):
-        process = subprocess.Popen([sys.executable, DRIVER, "save", directory, "3", "5"], stdout=subprocess.PIPE, text=True)
+        process = subprocess.Popen(
+            [sys.executable, DRIVER, "save", directory, "3", "5"], stdout=subprocess.PIPE, text=True
+        )
         try:
             process.wait(timeout=delay)
         except subprocess.TimeoutExpired:
@@ -94,7 +96,9 @@ def test_concurrent_writers_all_succeed_and_every_version_recovers(tmp_path):
         lines += [line.split() for line in result.stdout.splitlines()]
     ids = [vid for vid, _, _ in lines]
     assert len(ids) == len(set(ids)) == 16
-    assert sorted(_assert_consistent(directory), key=lambda v: int(v[1:])) == ["v1"] + sorted(ids, key=lambda v: int(v[1:]))
+    assert sorted(_assert_consistent(directory), key=lambda v: int(v[1:])) == ["v1"] + sorted(
+        ids, key=lambda v: int(v[1:])
+    )
     fresh = mmpack.Repository(directory, fsync=False)
     for vid, seed, step in lines:
         assert fresh.recover(vid).equal(models_for(int(seed), int(step))), vid

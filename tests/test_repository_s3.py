@@ -13,15 +13,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+from helpers import ffnn_models, mixed_models, randomized_cnns
+from test_repository import retrain
 
 from mmpack import ModelSet, Repository
 from mmpack.store import FsspecStore
+from mmpack.store.instrumented import instrument
 from mmpack.store.publication import INTERNAL_PREFIX
 from mmpack.store.remote_reader import READ_AHEAD
-from mmpack.store.instrumented import instrument
-
-from helpers import ffnn_models, mixed_models, randomized_cnns
-from test_repository import retrain
 
 pytest.importorskip("s3fs")
 

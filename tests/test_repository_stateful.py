@@ -12,7 +12,15 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from mmpack import Architecture, ModelSet, Repository, SnapshotPolicy, TagConflictError, TensorSpec, VersionNotFoundError
+from mmpack import (
+    Architecture,
+    ModelSet,
+    Repository,
+    SnapshotPolicy,
+    TagConflictError,
+    TensorSpec,
+    VersionNotFoundError,
+)
 
 ARCH = Architecture((
     TensorSpec("w", "parameter", torch.float32, (3, 2)),
@@ -40,7 +48,10 @@ class RepositoryMachine(RuleBasedStateMachine):
         if like is None:
             rng = np.random.default_rng(self.counter)
             tensors = {
-                s.name: torch.from_numpy(rng.integers(0, 256, N_MODELS * s.nbytes, dtype=np.uint8)).view(s.dtype).reshape(N_MODELS, *s.shape).clone()
+                s.name: torch.from_numpy(rng.integers(0, 256, N_MODELS * s.nbytes, dtype=np.uint8))
+                .view(s.dtype)
+                .reshape(N_MODELS, *s.shape)
+                .clone()
                 for s in ARCH.tensors
             }
         else:

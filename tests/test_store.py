@@ -10,18 +10,17 @@ import uuid
 
 import numpy as np
 import pytest
+from helpers import ffnn_models
 from hypothesis import given
 from hypothesis import strategies as st
 
 import mmpack
 from mmpack import MissingDependencyError, MMPackError, Repository
 from mmpack.store import FsspecStore, LocalStore, open_store
-from mmpack.store.urls import protocol_of
+from mmpack.store.instrumented import instrument
 from mmpack.store.publication import INTERNAL_PREFIX
 from mmpack.store.remote_reader import plan_ranges
-from mmpack.store.instrumented import instrument
-
-from helpers import ffnn_models
+from mmpack.store.urls import protocol_of
 from mmpack.testing import StoreTests
 
 fsspec = pytest.importorskip("fsspec")

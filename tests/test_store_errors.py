@@ -15,6 +15,7 @@ import uuid
 
 import numpy as np
 import pytest
+from helpers import ffnn_models
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -22,8 +23,6 @@ import mmpack
 from mmpack import MMPackError, ObjectNotFoundError, StorageError
 from mmpack.store import FsspecStore, LocalStore
 from mmpack.store import local as local_store
-
-from helpers import ffnn_models
 
 ERRNOS = [errno.ENOSPC, errno.EROFS, errno.EIO, errno.EDQUOT, errno.EACCES]
 

@@ -7,10 +7,8 @@ import secrets
 
 import pytest
 
-from mmpack.store import FsspecStore
-from mmpack.store import s3
+from mmpack.store import FsspecStore, s3
 from mmpack.store.instrumented import instrument
-
 from mmpack.testing import StoreTests
 
 pytest.importorskip("s3fs")

@@ -7,4 +7,14 @@ from mmpack.approaches.update import Update
 
 APPROACHES: dict[str, Approach] = {a.name: a for a in (Baseline(), Update(), ProvenanceApproach())}
 
-__all__ = ["APPROACHES", "Approach", "Baseline", "DefaultPool", "ProvenanceApproach", "RebuildContext", "SaveRequest", "Stored", "Update"]
+__all__ = [
+    "APPROACHES",
+    "Approach",
+    "Baseline",
+    "DefaultPool",
+    "ProvenanceApproach",
+    "RebuildContext",
+    "SaveRequest",
+    "Stored",
+    "Update",
+]

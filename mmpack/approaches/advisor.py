@@ -108,7 +108,9 @@ def measured_throughputs() -> Throughputs:
     rows_per_chunk = compression.rows_per_chunk(4, setting.chunk_bytes)
     pieces, lengths_stored = compression.encode_rows(values, len(values) // 4, 4, 4, rows_per_chunk, setting.level)
     decode = len(values) / _best_of(lambda: _decode_all(pieces, lengths_stored, 4, rows_per_chunk * 4, len(values)))
-    architecture = Architecture(tuple(TensorSpec(f"fc{k}.weight", "parameter", torch.float32, (48, 48)) for k in range(7)), None)
+    architecture = Architecture(
+        tuple(TensorSpec(f"fc{k}.weight", "parameter", torch.float32, (48, 48)) for k in range(7)), None
+    )
     body = encode_header(architecture, 5000, {})[0][header_module.PREAMBLE.size :]
 
     def open_one() -> None:
@@ -201,7 +203,11 @@ class CostModel:
     def recover_seconds(self, objects: int, decoded_bytes: int) -> float:
         """Seconds to recover the whole set from ``objects`` objects, decoding ``decoded_bytes`` raw bytes."""
         t = self.throughputs
-        return objects * t.per_object_seconds + self.full_raw_bytes / t.read_bytes_per_s + decoded_bytes / t.decode_bytes_per_s
+        return (
+            objects * t.per_object_seconds
+            + self.full_raw_bytes / t.read_bytes_per_s
+            + decoded_bytes / t.decode_bytes_per_s
+        )
 
     def chain_decoded_bytes(self) -> int:
         """Raw bytes a full recovery decodes from the existing chain's compressed objects."""
@@ -270,7 +276,9 @@ class SmallestUnder(Policy):
                                                    if math.isfinite(self.seconds) else "")
 
     def describe(self) -> str:
-        return "smallest storage" if math.isinf(self.seconds) else f"smallest storage recovering within {self.seconds:g} s"
+        return (
+            "smallest storage" if math.isinf(self.seconds) else f"smallest storage recovering within {self.seconds:g} s"
+        )
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
@@ -22,9 +21,9 @@ FIRST_KEY = "mmpack.first"
 
 if TYPE_CHECKING:
     from mmpack.approaches.advisor import CostModel, Estimate
-    from mmpack.fileformat import Header, Reader, Tail
-    from mmpack.records import VersionRecord
+    from mmpack.fileformat import Header, Tail
     from mmpack.objects import ObjectStore
+    from mmpack.records import VersionRecord
 
 
 class Approach(ABC):

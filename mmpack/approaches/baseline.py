@@ -12,7 +12,6 @@ from mmpack.errors import RepositoryError
 from mmpack.fileformat import (
     STACKED,
     Header,
-    Reader,
     Tail,
     check_padding,
     encode_header,
@@ -22,8 +21,8 @@ from mmpack.fileformat import (
     table_pin,
     write_body,
 )
-from mmpack.records import Shard, VersionRecord
 from mmpack.objects import ObjectStore
+from mmpack.records import Shard, VersionRecord
 from mmpack.store import SizedWriter
 
 

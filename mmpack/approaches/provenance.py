@@ -32,11 +32,11 @@ from mmpack.approaches.advisor import CostModel, Estimate
 from mmpack.approaches.base import Approach, SaveRequest, Stored, table_object
 from mmpack.architecture import Architecture
 from mmpack.errors import IntegrityError, MMPackError, ProvenanceError, ProvenanceMismatchError, RepositoryError
-from mmpack.fileformat import Header, Reader, Tail
+from mmpack.fileformat import Tail
 from mmpack.modelset import ModelSet
+from mmpack.objects import ObjectStore
 from mmpack.provenance import Provenance, TrainingFunction, resolve_function, source_hash
 from mmpack.records import Changes, ObjectRef, Shard, VersionRecord
-from mmpack.objects import ObjectStore
 
 _DOCUMENT = "mmpack-provenance"
 # Below this many models, retraining runs in this process: starting worker
@@ -133,7 +133,8 @@ class ProvenanceApproach(Approach):
         problems = [(m, p) for m, p in problems if p is not None]
         if problems:
             raise ProvenanceMismatchError(
-                f"cannot retrain {len(problems)} model(s) of {record.id}, first model {problems[0][0]}: {problems[0][1]}"
+                f"cannot retrain {len(problems)} model(s) of {record.id}, "
+                f"first model {problems[0][0]}: {problems[0][1]}"
             )
         base = context.recover(record.base, models)
         retrained = _retrain(function, provenance, base, models, context)
@@ -250,7 +251,9 @@ def _train_chunk(function: TrainingFunction, provenance: Provenance, architectur
     kinds = [kind for _, kind in refs]
     result = function(base, datasets, kinds, dict(provenance.config), np.asarray(models))
     if not isinstance(result, ModelSet) or result.architecture.difference(arch) is not None or len(result) != len(base):
-        raise ProvenanceError(f"training function {provenance.function} returned something other than the trained models")
+        raise ProvenanceError(
+            f"training function {provenance.function} returned something other than the trained models"
+        )
     return result
 
 

@@ -22,7 +22,6 @@ from mmpack.fileformat import (
     ROWS,
     Header,
     Tail,
-    Reader,
     check_padding,
     encode_rows,
     image_pin,
@@ -30,9 +29,8 @@ from mmpack.fileformat import (
     verify_rows,
 )
 from mmpack.modelset import ModelSet
-from mmpack.records import Changes, ObjectRef, Shard, VersionRecord
 from mmpack.objects import ObjectStore
-
+from mmpack.records import Changes, ObjectRef, Shard, VersionRecord
 
 MODELS_KEY = "mmpack.models"  # header metadata of an object of changed models: their ids in the set
 
@@ -159,7 +157,7 @@ class Update(Approach):
 
     def own_hashes(self, objects: ObjectStore, record: VersionRecord, shard: Shard,
                    tail: Tail | None) -> tuple[np.ndarray, np.ndarray]:
-        if len(tail.table) == record.n_models and shard.count == record.n_models:  # the whole set's table (format 1)
+        if len(tail.table) == record.n_models and shard.count == record.n_models:  # the whole table (format 1)
             return np.arange(record.n_models), tail.table
         low, high = np.searchsorted(record.changes.models, [shard.first, shard.stop])
         return record.changes.models[low:high], tail.table

@@ -45,7 +45,7 @@ import torch
 from mmpack._options import Parser, fraction, positive_int
 from mmpack.evaluation.document import versions_by_approach
 from mmpack.evaluation.per_model import load_per_model, save_per_model
-from mmpack.evaluation.timing import describe_machine, print_table, prime_memory, timed, work_dir
+from mmpack.evaluation.timing import describe_machine, prime_memory, print_table, timed, work_dir
 from mmpack.modelset import ModelSet
 from mmpack.provenance import Provenance
 from mmpack.repository import Repository
@@ -280,7 +280,14 @@ def report(entry: dict) -> None:
     reference = baseline_recover_ms(by)
     ks = [k for k in (0, *TTR_CHECKPOINTS) if k < len(update)]
     print(f"\ntime to recover the newest version after k cycles (ms; a baseline version takes {reference:.1f}):")
-    headers = ["k", "baseline", "update (bounded)", "  (fresh object)", "update (recursive, paper)", "bounded / baseline"]
+    headers = [
+        "k",
+        "baseline",
+        "update (bounded)",
+        "  (fresh object)",
+        "update (recursive, paper)",
+        "bounded / baseline",
+    ]
     if "provenance" in by:
         headers.append("provenance")
     table = []
@@ -306,12 +313,29 @@ def report_provenance(by: dict) -> None:
     full = by["baseline"][0]["stored_bytes"]
     print(f"\nprovenance: storage, save, and recovery by retraining (1 worker vs {cores}):")
     print_table(
-        ["cycle", "stored bytes", "of a full version", "save ms", "recover ms, 1 worker", f"recover ms, {cores} workers",
-         "speed-up", "1 retrained model ms"],
-        [[str(v["step"]), f"{v['stored_bytes']:,}", f"{v['stored_bytes'] / full:.3%}", f"{v['save_ms']:.1f}",
-          f"{v['recover_one_worker_ms']:.0f}", f"{v['recover_fresh_ms']:.0f}",
-          f"{v['recover_one_worker_ms'] / v['recover_fresh_ms']:.2f}x", f"{v['recover_changed_model_ms']:.1f}"]
-         for v in by["provenance"][1:]],
+        [
+            "cycle",
+            "stored bytes",
+            "of a full version",
+            "save ms",
+            "recover ms, 1 worker",
+            f"recover ms, {cores} workers",
+            "speed-up",
+            "1 retrained model ms",
+        ],
+        [
+            [
+                str(v["step"]),
+                f"{v['stored_bytes']:,}",
+                f"{v['stored_bytes'] / full:.3%}",
+                f"{v['save_ms']:.1f}",
+                f"{v['recover_one_worker_ms']:.0f}",
+                f"{v['recover_fresh_ms']:.0f}",
+                f"{v['recover_one_worker_ms'] / v['recover_fresh_ms']:.2f}x",
+                f"{v['recover_changed_model_ms']:.1f}",
+            ]
+            for v in by["provenance"][1:]
+        ],
     )
 
 
@@ -328,9 +352,13 @@ def check_targets(entry: dict) -> None:
     newest = update[-1]
     _target("(issue 3) recovering 1 model of the newest version <= 5% of its full recovery",
             newest["recover_one_model_ms"] / newest["recover_ms"], 0.05, "<=")
-    _target("(issue 3) update save of a U3 cycle <= baseline save of the same set",
-            statistics.median(v["save_ms"] for v in update[1:]) / statistics.median(v["save_ms"] for v in by["baseline"][1:]),
-            1.0, "<=")
+    _target(
+        "(issue 3) update save of a U3 cycle <= baseline save of the same set",
+        statistics.median(v["save_ms"] for v in update[1:])
+        / statistics.median(v["save_ms"] for v in by["baseline"][1:]),
+        1.0,
+        "<=",
+    )
     if "provenance" in by:
         first = by["provenance"][1]
         _target("(issue 4) a provenance version of one U3 cycle stores <= 0.2% of a baseline version",
@@ -360,9 +388,24 @@ FULL_GRID = (
 
 def write_csv(entries: list[dict], path: str) -> None:
     """One row per (scenario, approach, version) with every measured figure."""
-    fields = ["arch", "rate", "cycles", "workload", "models", "approach", "step", "stored_as", "stored_bytes",
-              "save_ms", "recover_ms", "recover_fresh_ms", "recover_recursive_ms", "recover_one_model_ms", "recover_changed_model_ms",
-              "recover_one_worker_ms"]
+    fields = [
+        "arch",
+        "rate",
+        "cycles",
+        "workload",
+        "models",
+        "approach",
+        "step",
+        "stored_as",
+        "stored_bytes",
+        "save_ms",
+        "recover_ms",
+        "recover_fresh_ms",
+        "recover_recursive_ms",
+        "recover_one_model_ms",
+        "recover_changed_model_ms",
+        "recover_one_worker_ms",
+    ]
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()

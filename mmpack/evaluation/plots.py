@@ -90,8 +90,14 @@ def plot_storage(document: dict[str, Any], out: str) -> str:
 
 def plot_save_time(document: dict[str, Any], out: str) -> str:
     """Figure 4: time to save one version per use case (log scale, ms)."""
-    return _grouped_bars(document, "save_ms", 1.0, "time to save (ms, log scale)",
-                         "Median time to save a version, by use case (5,000 models)", os.path.join(out, "fig4_time_to_save.png"))
+    return _grouped_bars(
+        document,
+        "save_ms",
+        1.0,
+        "time to save (ms, log scale)",
+        "Median time to save a version, by use case (5,000 models)",
+        os.path.join(out, "fig4_time_to_save.png"),
+    )
 
 
 def plot_recover_time(document: dict[str, Any], out: str) -> str:
@@ -100,17 +106,39 @@ def plot_recover_time(document: dict[str, Any], out: str) -> str:
     from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(8, 5.6))
-    staircase = next(e for e in document["scenarios"] if e["scenario"]["workload"] == "perturbed" and e["scenario"]["arch"] == "ffnn48" and e["scenario"]["rate"] == 0.10)
+    staircase = next(
+        e
+        for e in document["scenarios"]
+        if e["scenario"]["workload"] == "perturbed"
+        and e["scenario"]["arch"] == "ffnn48"
+        and e["scenario"]["rate"] == 0.10
+    )
     by = versions_by_approach(staircase)
     ks = list(range(len(by["baseline"])))
     ax.plot(ks, [v["recover_ms"] for v in by["baseline"]], "o-", color=COLORS["baseline"], label="Baseline", ms=3)
-    ax.plot(ks, [v["recover_ms"] for v in by["update"]], "o-", color=COLORS["update"], label="Update, bounded (mmpack)", ms=3)
+    ax.plot(
+        ks,
+        [v["recover_ms"] for v in by["update"]],
+        "o-",
+        color=COLORS["update"],
+        label="Update, bounded (mmpack)",
+        ms=3,
+    )
     rec = [(k, v["recover_recursive_ms"]) for k, v in enumerate(by["update"]) if v["recover_recursive_ms"] is not None]
     ax.plot([k for k, _ in rec], [t for _, t in rec], "s--", color=COLORS["update"], alpha=0.6,
             label="Update, recursive (paper)")
     if "per-model" in by:
-        ax.plot(ks, [v["recover_ms"] for v in by["per-model"]], "-", color=COLORS["per-model"], label=LABELS["per-model"])
-    trained = next((e for e in document["scenarios"] if e["scenario"]["workload"] == "battery" and e["scenario"]["arch"] == "ffnn48"), None)
+        ax.plot(
+            ks, [v["recover_ms"] for v in by["per-model"]], "-", color=COLORS["per-model"], label=LABELS["per-model"]
+        )
+    trained = next(
+        (
+            e
+            for e in document["scenarios"]
+            if e["scenario"]["workload"] == "battery" and e["scenario"]["arch"] == "ffnn48"
+        ),
+        None,
+    )
     if trained is not None:
         prov = versions_by_approach(trained).get("provenance")
         if prov:
@@ -119,7 +147,9 @@ def plot_recover_time(document: dict[str, Any], out: str) -> str:
     ax.set_yscale("log")
     ax.set_xlabel("update cycles (U3) since the initial set (U1)", labelpad=2)
     ax.set_ylabel("time to recover the newest version (ms, log scale)")
-    ax.set_title("Median time to recover the newest version\nFFNN-48, 5,000 models, 10% retrained per cycle", fontsize=11)
+    ax.set_title(
+        "Median time to recover the newest version\nFFNN-48, 5,000 models, 10% retrained per cycle", fontsize=11
+    )
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(which="both", alpha=0.3)
     _legend_below(ax, 2, -0.13)

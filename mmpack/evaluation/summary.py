@@ -24,7 +24,10 @@ def _median(versions: list[dict], key: str) -> float:
 def _scenario_title(entry: dict) -> str:
     s = entry["scenario"]
     trained = ", cells trained for real" if s["workload"] == "battery" else ""
-    return f"{NAMES[s['arch']]}, {entry['models']:,} models, {s['rate']:.0%} updated per cycle, {s['cycles']} cycles{trained}"
+    return (
+        f"{NAMES[s['arch']]}, {entry['models']:,} models, {s['rate']:.0%} updated per cycle, "
+        f"{s['cycles']} cycles{trained}"
+    )
 
 
 def _reduction(ours: float, reference: float) -> str:
@@ -33,8 +36,11 @@ def _reduction(ours: float, reference: float) -> str:
 
 def storage_table(document: dict[str, Any]) -> str:
     """Storage of U1 and of a U3 version per approach and scenario, with reductions against Baseline."""
-    lines = ["| use case | approach | U1 MB | U3 MB (median) | U3 as a share of Baseline's | U1 saved against one file per model |",
-             "| --- | --- | ---: | ---: | ---: | ---: |"]
+    lines = [
+        "| use case | approach | U1 MB | U3 MB (median) |"
+        " U3 as a share of Baseline's | U1 saved against one file per model |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
+    ]
     for entry in document["scenarios"]:
         by = versions_by_approach(entry)
         base_u3 = _median(by["baseline"][1:], "stored_bytes")
@@ -61,9 +67,11 @@ def time_table(document: dict[str, Any]) -> str:
             if approach not in by:
                 continue
             v = by[approach]
-            lines.append(f"| {_scenario_title(entry)} | {approach} | {v[0]['save_ms']:.1f} | "
-                         f"{_median(v[1:], 'save_ms'):.1f} | {v[-1]['recover_ms']:.1f} | {v[-1]['recover_one_model_ms']:.2f} | "
-                         f"{v[-1]['recover_changed_model_ms']:.2f} |")
+            lines.append(
+                f"| {_scenario_title(entry)} | {approach} | {v[0]['save_ms']:.1f} | "
+                f"{_median(v[1:], 'save_ms'):.1f} | {v[-1]['recover_ms']:.1f} | {v[-1]['recover_one_model_ms']:.2f} | "
+                f"{v[-1]['recover_changed_model_ms']:.2f} |"
+            )
     return "\n".join(lines)
 
 
@@ -79,7 +87,9 @@ def staircase_table(document: dict[str, Any]) -> str:
     for k, v in enumerate(by["update"]):
         if v["recover_recursive_ms"] is None:
             continue
-        lines.append(f"| {k} | {v['recover_recursive_ms']:.1f} | {v['recover_ms']:.1f} | {v['recover_ms'] / reference:.2f}x |")
+        lines.append(
+            f"| {k} | {v['recover_recursive_ms']:.1f} | {v['recover_ms']:.1f} | {v['recover_ms'] / reference:.2f}x |"
+        )
     return "\n".join(lines)
 
 
@@ -94,9 +104,11 @@ def provenance_table(document: dict[str, Any]) -> str:
             continue
         full = by["baseline"][0]["stored_bytes"]
         for v in by["provenance"][1:]:
-            lines.append(f"| {_scenario_title(entry)} | {v['step']} | {v['stored_bytes']:,} | {v['stored_bytes'] / full:.3%} | "
-                         f"{v['save_ms']:.1f} | {v['recover_one_worker_ms']:.0f} | {v['recover_fresh_ms']:.0f} | "
-                         f"{v['recover_one_worker_ms'] / v['recover_fresh_ms']:.2f}x | {v['recover_changed_model_ms']:.1f} |")
+            lines.append(
+                f"| {_scenario_title(entry)} | {v['step']} | {v['stored_bytes']:,} | {v['stored_bytes'] / full:.3%} | "
+                f"{v['save_ms']:.1f} | {v['recover_one_worker_ms']:.0f} | {v['recover_fresh_ms']:.0f} | "
+                f"{v['recover_one_worker_ms'] / v['recover_fresh_ms']:.2f}x | {v['recover_changed_model_ms']:.1f} |"
+            )
     return "\n".join(lines)
 
 
@@ -115,27 +127,42 @@ def paper_table(document: dict[str, Any]) -> str:
     if ffnn is not None:
         full, per_model = ffnn["baseline"][0]["stored_bytes"], ffnn["per-model"][0]["stored_bytes"]
         update_u3 = _median(ffnn["update"][1:], "stored_bytes")
+        baseline_recover = statistics.median(v["recover_ms"] for v in ffnn["baseline"])
         rows += [
             ("U1 storage, Baseline vs one file per model", "29% less", _reduction(full, per_model) + " less"),
             ("U3 storage, Update vs Baseline (10% updated)", "86% less", _reduction(update_u3, full) + " less"),
             ("U3 storage, Update vs one file per model", "90% less", _reduction(update_u3, per_model) + " less"),
-            ("U1 time to save, one file per model / Baseline", "over 10x",
-             f"{ffnn['per-model'][0]['save_ms'] / ffnn['baseline'][0]['save_ms']:.0f}x"),
-            ("U1 time to recover, one file per model / Baseline", "over 10x",
-             f"{ffnn['per-model'][0]['recover_ms'] / statistics.median(v['recover_ms'] for v in ffnn['baseline']):.0f}x"),
+            (
+                "U1 time to save, one file per model / Baseline",
+                "over 10x",
+                f"{ffnn['per-model'][0]['save_ms'] / ffnn['baseline'][0]['save_ms']:.0f}x",
+            ),
+            (
+                "U1 time to recover, one file per model / Baseline",
+                "over 10x",
+                f"{ffnn['per-model'][0]['recover_ms'] / baseline_recover:.0f}x",
+            ),
         ]
         update = ffnn["update"]
         deepest = max(k for k, v in enumerate(update) if v["recover_recursive_ms"] is not None)
         rows += [
-            (f"Update: time to recover after {deepest} cycles / after 1 (recursive replay)", "a staircase, one step per cycle",
-             f"{update[deepest]['recover_recursive_ms'] / update[1]['recover_recursive_ms']:.2f}x"),
-            ("Update: the same with bounded recovery (mmpack)", "-",
-             f"{update[deepest]['recover_ms'] / update[1]['recover_ms']:.2f}x"),
+            (
+                f"Update: time to recover after {deepest} cycles / after 1 (recursive replay)",
+                "a staircase, one step per cycle",
+                f"{update[deepest]['recover_recursive_ms'] / update[1]['recover_recursive_ms']:.2f}x",
+            ),
+            (
+                "Update: the same with bounded recovery (mmpack)",
+                "-",
+                f"{update[deepest]['recover_ms'] / update[1]['recover_ms']:.2f}x",
+            ),
         ]
     trained = _find(document, "ffnn48", workload="battery")
     if trained is not None and "provenance" in trained:
         full, prov = trained["baseline"][0]["stored_bytes"], trained["provenance"]
-        rows.append(("U3 storage, Provenance vs Baseline", "99.84% less", _reduction(prov[1]["stored_bytes"], full) + " less"))
+        rows.append(
+            ("U3 storage, Provenance vs Baseline", "99.84% less", _reduction(prov[1]["stored_bytes"], full) + " less")
+        )
         if "per-model" in trained:
             rows.append(("U3 storage, Provenance vs one file per model", "99.89% less",
                          _reduction(prov[1]["stored_bytes"], trained["per-model"][0]["stored_bytes"]) + " less"))
@@ -180,9 +207,11 @@ def approaches_table(document: dict[str, Any]) -> str:
     rows = [("one file per model (reference)", perturbed["per-model"][1:]), ("Baseline", perturbed["baseline"][1:]),
             ("Update", perturbed["update"][1:])]
     for name, versions in rows:
-        lines.append(f"| {name} | {_median(versions, 'stored_bytes') / 1e6:.1f} MB | {_median(versions, 'save_ms'):.0f} ms "
-                     f"| {versions[-1]['recover_ms']:.0f} ms after {len(versions)} cycles "
-                     f"| {versions[-1]['recover_changed_model_ms']:.1f} ms |")
+        lines.append(
+            f"| {name} | {_median(versions, 'stored_bytes') / 1e6:.1f} MB | {_median(versions, 'save_ms'):.0f} ms "
+            f"| {versions[-1]['recover_ms']:.0f} ms after {len(versions)} cycles "
+            f"| {versions[-1]['recover_changed_model_ms']:.1f} ms |"
+        )
     if trained is not None and "provenance" in trained:
         versions = trained["provenance"][1:]
         lines.append(f"| Provenance (cells trained for real) | {_median(versions, 'stored_bytes') / 1e3:.0f} kB "

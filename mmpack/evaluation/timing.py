@@ -29,7 +29,9 @@ def parse_args(description: str, default_runs: int = 5, argv: list[str] | None =
     """The options every benchmark takes: --models, --runs, --dir."""
     parser = Parser(description=description)
     parser.add_argument("--models", type=positive_int, default=5000, help="models in the set (default 5000)")
-    parser.add_argument("--runs", type=positive_int, default=default_runs, help="timed runs per case; the median is reported")
+    parser.add_argument(
+        "--runs", type=positive_int, default=default_runs, help="timed runs per case; the median is reported"
+    )
     parser.add_argument("--dir", default=None, help="directory for files (default: a fresh temporary one)")
     return parser.parse_args(argv)
 

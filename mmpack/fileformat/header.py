@@ -10,8 +10,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from mmpack import _json, _native
 from mmpack.architecture import Architecture
 from mmpack.compression import Chunking, element_width
@@ -221,7 +219,8 @@ def _parse_header(body: bytes, version: int) -> tuple[Architecture, int, Layout,
     expected_keys = _KEYS[kind] | ({"compression"} if version == COMPRESSED_FORMAT_VERSION else set())
     if set(document) != expected_keys:
         raise FormatError(
-            f"a version {version} header of layout {kind!r} must have keys {sorted(expected_keys)}, got {sorted(document)}"
+            f"a version {version} header of layout {kind!r} must have keys {sorted(expected_keys)}, "
+            f"got {sorted(document)}"
         )
     n_models = document["n_models"]
     if not _is_count(n_models, 2**32):

@@ -16,7 +16,7 @@ import torch
 
 from mmpack import _io, _native, compression, packing
 from mmpack.errors import FormatError, IntegrityError
-from mmpack.fileformat.header import ROWS, STACKED, ZEROS, Header, Reader
+from mmpack.fileformat.header import ROWS, STACKED, Header, Reader
 from mmpack.modelset import ModelSet, normalize_indices
 
 U64 = np.uint64
@@ -233,7 +233,11 @@ def _read_compressed(request: RowRequest, destinations: list[np.ndarray]) -> np.
     if len(hashes) == 0:
         return hashes
     t = request.tensors.astype(np.int64)
-    first, counts, dst = request.stored_rows.astype(np.int64), request.counts.astype(np.int64), request.dst_rows.astype(np.int64)
+    first, counts, dst = (
+        request.stored_rows.astype(np.int64),
+        request.counts.astype(np.int64),
+        request.dst_rows.astype(np.int64),
+    )
     if np.any(first < 0) or np.any(first + counts > np.array(layout.rows, np.int64)[t]):
         raise FormatError("a requested row lies outside the object's stored rows")
     # Cut the runs at chunk boundaries: piece k is rows [begin, end) of one chunk of tensor t.
@@ -261,7 +265,12 @@ def _read_compressed(request: RowRequest, destinations: list[np.ndarray]) -> np.
         count = min(chunk_first + rows_per_chunk, layout.rows[j]) - chunk_first
         plane_lengths = chunking.lengths[j][c * width : (c + 1) * width]
         size = row_bytes[j]
-        if not request.xor and len(group) == 1 and begin[group[0]] == chunk_first and end[group[0]] - chunk_first == count:
+        if (
+            not request.xor
+            and len(group) == 1
+            and begin[group[0]] == chunk_first
+            and end[group[0]] - chunk_first == count
+        ):
             # The whole chunk lands on consecutive rows (full reads of stacked objects): decode
             # in place and hash the rows there, sparing a copy through a scratch buffer.
             k = group[0]
@@ -413,11 +422,7 @@ def read_modelset(
     source: Reader, header: Header, indices: Iterable[int] | None = None, *, verify: bool = True
 ) -> tuple[ModelSet, np.ndarray]:
     """Read all models, or only ``indices``, of a stacked object; return them and their stored hashes."""
-    if header.layout.kind != STACKED:
-        raise FormatError(
-            "this object holds only the changed rows of an Update version; recover it through its repository"
-        )
-    check_size(source, header)
+    check_stacked(source, header)
     arch = header.architecture
     if indices is None:
         if verify:
@@ -428,20 +433,40 @@ def read_modelset(
         wanted = normalize_indices(indices, header.n_models)
         unique, inverse = np.unique(wanted, return_inverse=True)
     tensors = {s.name: packing.empty_stacked(len(unique), s) for s in arch.tensors}
+    stored = read_models_into(source, header, unique, tensors, verify=verify)
+    loaded = ModelSet._trusted(arch, tensors, len(unique))
+    if inverse is None or np.array_equal(unique, wanted):
+        return loaded, stored
+    return loaded.select(inverse), stored[inverse]
+
+
+def check_stacked(source: Reader, header: Header) -> None:
+    """A stacked object of the size its header states (what :func:`read_models_into` reads)."""
+    if header.layout.kind != STACKED:
+        raise FormatError(
+            "this object holds only the changed rows of an Update version; recover it through its repository"
+        )
+    check_size(source, header)
+
+
+def read_models_into(source: Reader, header: Header, models: np.ndarray, tensors: dict[str, torch.Tensor], *,
+                     verify: bool = True) -> np.ndarray:
+    """Read the sorted unique ``models`` of a stacked object (checked by :func:`check_stacked`) into
+    contiguous host ``tensors`` (``[len(models), *shape]`` by name); return their stored hashes,
+    which the rows were checked against unless ``verify=False``."""
+    arch = header.architecture
     width = len(arch)
     # One run per tensor and run of consecutive models: a full read is `width` runs, whatever
     # the number of models.
-    positions, firsts, counts = runs(unique)
+    positions, firsts, counts = runs(models)
     request = RowRequest(
         source, header, np.repeat(np.arange(width), len(counts)), np.tile(firsts, width), np.tile(positions, width),
         counts=np.tile(counts, width).astype(U64),
     )
     destinations = [packing.byte_view(tensors[s.name]) for s in arch.tensors]
-    computed = read_rows_many([request], destinations)[0].reshape(width, len(unique))
-    stored = read_hash_rows(source, header, unique)
+    computed = read_rows_many([request], destinations)[0].reshape(width, len(models))
+    stored = read_hash_rows(source, header, models)
     if verify:
-        _verify_columns(unique, computed, stored, "the file")
-    loaded = ModelSet._trusted(arch, tensors, len(unique))
-    if inverse is None or np.array_equal(unique, wanted):
-        return loaded, stored
-    return loaded.select(inverse), stored[inverse]
+        _verify_columns(models, computed, stored, "the file")
+    return stored
+

@@ -12,11 +12,12 @@ import numpy as np
 from torch import nn
 
 from mmpack import _io, _native, packing
-from mmpack.compression import DELTA_NONE, DELTA_XOR, Chunking, Compression, element_width, encode_rows as encode_chunks
+from mmpack.compression import DELTA_NONE, DELTA_XOR, Chunking, Compression, element_width, rows_per_chunk
+from mmpack.compression import encode_rows as encode_chunks
 from mmpack.compression import resolve as resolve_compression
-from mmpack.compression import rows_per_chunk
 from mmpack.fileformat.header import ZEROS, Header, Layout, check_host, encode_header
 from mmpack.modelset import ModelSet
+from mmpack.staging import is_host
 
 U64 = np.uint64
 
@@ -197,7 +198,9 @@ def _build_image(
 
 def _put_table(image: np.ndarray, header: Header, table: np.ndarray) -> None:
     start = header.data_start + header.layout.hashes_offset
-    image[start : start + header.layout.hashes_length] = np.ascontiguousarray(table, dtype="<u8").reshape(-1).view(np.uint8)
+    image[start : start + header.layout.hashes_length] = (
+        np.ascontiguousarray(table, dtype="<u8").reshape(-1).view(np.uint8)
+    )
 
 
 def image_pin(image: np.ndarray, header: Header) -> int:
@@ -214,12 +217,9 @@ def modelset_and_hashes(models: ModelSet | Sequence[nn.Module]) -> tuple[ModelSe
     """The ModelSet to write and its hashes: from the gather pass, or computing in the background."""
     if isinstance(models, nn.Module):
         raise TypeError("expected a ModelSet or a list of modules; wrap a single module as [module]")
-    if isinstance(models, ModelSet):
-        modelset, hashes = models, None
-    else:
-        modelset, hashes = ModelSet._from_modules_hashed(models)
-    if hashes is not None:
-        return modelset, hashes
+    modelset = models if isinstance(models, ModelSet) else ModelSet.from_modules(models)
+    if not is_host(modelset.device):  # staged to the host, each row hashed as its chunk arrives
+        return modelset._to_host_hashed()
     # The kernel releases the GIL: hashing runs on another core while the tensors are written.
     future: Future[np.ndarray] = Future()
 

@@ -25,6 +25,7 @@ from mmpack.architecture import Architecture
 from mmpack.errors import IntegrityError
 from mmpack.fileformat import RowRequest, read_rows_many, verify_rows
 from mmpack.modelset import ModelSet
+from mmpack.placement import place_models
 from mmpack.provenance import TrainingFunction
 from mmpack.records import VersionRecord
 from mmpack.repository.catalog.tables import Tables
@@ -52,17 +53,37 @@ def recover(tables: Tables, vid: str, indices=None, *, verify: bool = True,
     return execute(tables, plan_recovery(tables, vid, indices), verify=verify, options=options)
 
 
-def execute(tables: Tables, plan: RecoveryPlan, *, verify: bool = True, options: RebuildOptions = RebuildOptions()) -> ModelSet:
-    """The models ``plan`` recovers, bit-exact; every piece checked unless ``verify=False``."""
-    architecture, tensors = execute_tensors(tables, plan, verify=verify, options=options)
+def recover_placed(tables: Tables, vid: str, indices, out, device, *, verify: bool = True,
+                   options: RebuildOptions = RebuildOptions(), chunk_bytes: int | None = None):
+    """The recovery of ``vid`` into ``out`` or onto ``device`` (see ``Repository.recover``): a plan
+    per chunk of models, each carried out into staging buffers (or straight into ``out``)."""
+    chain = tables.chain(vid)
+    tables.objects.tail(chain[-1])  # the full version's object fixes the set's size before any allocation
+    architecture = tables.catalog.architecture(chain[0].architecture)
+    return place_models(
+        architecture, chain[0].n_models, indices, out, device,
+        lambda models, into: execute(tables, plan_recovery(tables, vid, models), verify=verify, options=options,
+                                     into=into),
+        chunk_bytes=chunk_bytes, what=f"version {vid}",
+    )
+
+
+def execute(tables: Tables, plan: RecoveryPlan, *, verify: bool = True, options: RebuildOptions = RebuildOptions(),
+            into: dict[str, torch.Tensor] | None = None) -> ModelSet:
+    """The models ``plan`` recovers, bit-exact; every piece checked unless ``verify=False``.
+
+    ``into``: contiguous host tensors ``[len(plan.models), *shape]`` by name to fill instead of
+    fresh ones (the plan then keeps its models' order: ``plan.order`` is None)."""
+    architecture, tensors = execute_tensors(tables, plan, verify=verify, options=options, into=into)
     result = ModelSet._trusted(architecture, tensors, len(plan.models))
     return result if plan.order is None else result.select(plan.order)
 
 
 def execute_tensors(tables: Tables, plan: RecoveryPlan, *, verify: bool = True,
-                    options: RebuildOptions = RebuildOptions()) -> tuple[Architecture, dict[str, torch.Tensor]]:
+                    options: RebuildOptions = RebuildOptions(),
+                    into: dict[str, torch.Tensor] | None = None) -> tuple[Architecture, dict[str, torch.Tensor]]:
     """The architecture and the stacked tensors ``plan`` recovers (only ``plan.tensors`` when it
-    names some), rows in the order of ``plan.models``."""
+    names some; into ``into`` when given), rows in the order of ``plan.models``."""
     catalog, objects = tables.catalog, tables.objects
     records = {r.version: catalog.record(r.version) for r in plan.reads}
     root = catalog.record(plan.root)
@@ -80,9 +101,13 @@ def execute_tensors(tables: Tables, plan: RecoveryPlan, *, verify: bool = True,
         for version, index in wanted:
             objects.tail(records.get(version) or root, index)
     models = plan.models
-    wanted_tensors = range(len(architecture)) if plan.tensors is None else plan.tensors.tolist()
-    tensors = {architecture.tensors[j].name: packing.empty_stacked(len(models), architecture.tensors[j])
-               for j in wanted_tensors}
+    if into is not None and plan.order is not None:
+        raise ValueError("a plan that reorders its models cannot fill given tensors")
+    if into is None:
+        wanted_tensors = range(len(architecture)) if plan.tensors is None else plan.tensors.tolist()
+        into = {architecture.tensors[j].name: packing.empty_stacked(len(models), architecture.tensors[j])
+                for j in wanted_tensors}
+    tensors = into
     destinations = [packing.byte_view(tensors[s.name]) if s.name in tensors else np.empty(0, np.uint8)
                     for s in architecture.tensors]
     if plan.rebuilds:

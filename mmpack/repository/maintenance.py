@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from concurrent.futures import Executor
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 
@@ -23,7 +22,7 @@ from mmpack.compression import Compression
 from mmpack.errors import InvalidArgumentError, MMPackError, RepositoryError, VersionNotFoundError
 from mmpack.modelset import ModelSet
 from mmpack.objects import ObjectStore
-from mmpack.records import Changes, VersionRecord, one_object_form
+from mmpack.records import VersionRecord, one_object_form
 from mmpack.repository import executor
 from mmpack.repository.catalog import Format2Catalog
 from mmpack.repository.catalog.documents import now, version_number
@@ -214,11 +213,10 @@ def _compact_log(catalog: Format2Catalog, cutoff: float) -> tuple[int, int]:
     older = [s for s in checkpoints if s < current]
     keep_from = older[-1] if older else current
     removed = size = 0
-    for prefix, seqs in ((CHECKPOINTS, checkpoints), (LOG, None)):
-        keys = [k for k in store.list(prefix)]
-        for key in keys:
+    for prefix in (CHECKPOINTS, LOG):
+        for key in list(store.list(prefix)):
             seq = _seq_of(key, prefix)
-            if seq is None or seq >= keep_from or (prefix == LOG and seq > keep_from):
+            if seq is None or seq >= keep_from:
                 continue
             found = _old_enough(store, key, cutoff)
             if found is not None:
@@ -238,7 +236,9 @@ def select_kept(records: list[VersionRecord], tags: dict[str, str], keep_last: i
     if keep_last is not None and (type(keep_last) is not int or keep_last < 0):
         raise InvalidArgumentError(f"keep_last must be a whole number of versions, got {keep_last!r}")
     if newer_than is not None and (not isinstance(newer_than, datetime) or newer_than.tzinfo is None):
-        raise InvalidArgumentError("newer_than must be a timezone-aware datetime, e.g. datetime.now(timezone.utc) - timedelta(days=365)")
+        raise InvalidArgumentError(
+            "newer_than must be a timezone-aware datetime, e.g. datetime.now(timezone.utc) - timedelta(days=365)"
+        )
     kept = set(keep)
     if keep_last:
         kept.update(r.id for r in records[-keep_last:])
@@ -291,7 +291,9 @@ def _plan_prune(tables: Tables, kept: set[str], may_retrain: bool):
     if unknown:
         raise VersionNotFoundError(f"cannot keep {', '.join(unknown)}: no such live version")
     if not kept:
-        raise InvalidArgumentError("prune would delete every version: name what to keep (keep_last=, newer_than=, keep=)")
+        raise InvalidArgumentError(
+            "prune would delete every version: name what to keep (keep_last=, newer_than=, keep=)"
+        )
     dependencies: list[str] = []
     # A kept version whose chain needs retraining cannot be rewritten without permission: then
     # the versions it depends on stay.

@@ -122,7 +122,9 @@ def plan_recovery(tables: Tables, vid: str, indices: Iterable[int] | None = None
     if columns_of is not None:
         groups = [(rows, columns_of[columns]) for rows, columns in groups]
     pieces = [(record, rows, columns) for record, (rows, columns) in zip(chain, groups) if len(rows)]
-    rebuilds = tuple(Rebuild(r.id, rows, columns) for r, rows, columns in pieces if not APPROACHES[r.approach].stores_rows)
+    rebuilds = tuple(
+        Rebuild(r.id, rows, columns) for r, rows, columns in pieces if not APPROACHES[r.approach].stores_rows
+    )
     copied = [[r, rows, columns] for r, rows, columns in pieces if APPROACHES[r.approach].stores_rows]
     xor_pieces = [p for p in copied if xor_base(p[0], chain) is not None]
     if xor_pieces:

@@ -92,11 +92,13 @@ def save(
     compression: Compression | None,
     policy: Policy | None,
     recover_root,
+    hashes: np.ndarray | None = None,
 ) -> VersionRecord:
     """Store ``models`` as a new version; its record. ``recover_root(vid, models)`` gives the
-    full version's rows XOR deltas are taken against."""
+    full version's rows XOR deltas are taken against. ``hashes``: the set's, when the caller has
+    them (a staged host set, see background.py)."""
     catalog = tables.catalog
-    modelset, hashes = modelset_and_hashes(models)
+    modelset, hashes = (models, hashes) if hashes is not None else modelset_and_hashes(models)
     if base is not None:
         check_compatible(catalog, modelset, base)
     format2 = catalog.format_version >= 2
@@ -158,7 +160,9 @@ def check_compatible(catalog, models: ModelSet, base: VersionRecord) -> None:
     if difference is not None:
         raise ArchitectureMismatchError(f"models differ from base {base.id}: {difference}")
     if len(models) != base.n_models:
-        raise ArchitectureMismatchError(f"{len(models)} models cannot be stored on base {base.id} of {base.n_models} models")
+        raise ArchitectureMismatchError(
+            f"{len(models)} models cannot be stored on base {base.id} of {base.n_models} models"
+        )
 
 
 def advise(tables: Tables, settings: Settings, request: SaveRequest, policy: Policy | None) -> tuple[str, str, dict]:
@@ -197,7 +201,10 @@ def choose(tables: Tables, policy: SnapshotPolicy, approach: str, base: VersionR
         full_bytes = sum(o.bytes for o in chain[-1].objects)
         delta_bytes = sum(o.bytes for r in chain[:-1] for o in r.objects)
         if delta_bytes >= policy.max_chain_ratio * full_bytes:
-            return "baseline", f"snapshot: deltas since {chain[-1].id} hold {delta_bytes / full_bytes:.0%} of a full version"
+            return (
+                "baseline",
+                f"snapshot: deltas since {chain[-1].id} hold {delta_bytes / full_bytes:.0%} of a full version",
+            )
     return approach, "requested"
 
 

@@ -5,4 +5,13 @@ from mmpack.store.fsspec_store import FsspecStore
 from mmpack.store.local import LocalStore
 from mmpack.store.urls import open_store, register_scheme
 
-__all__ = ["CleanupReport", "FsspecStore", "LocalStore", "SizedWriter", "Store", "check_key", "open_store", "register_scheme"]
+__all__ = [
+    "CleanupReport",
+    "FsspecStore",
+    "LocalStore",
+    "SizedWriter",
+    "Store",
+    "check_key",
+    "open_store",
+    "register_scheme",
+]

@@ -19,6 +19,7 @@ import numpy as np
 
 from mmpack.errors import MMPackError, StorageError
 
+
 class Reader(Protocol):
     """Random access to the bytes of one stored object (a file, or a store's range reads).
 

@@ -12,7 +12,17 @@ import numpy as np
 
 from mmpack import _io
 from mmpack.errors import StorageError
-from mmpack.store.base import CleanupReport, Data, Reader, SizedWriter, Store, Writer, as_writer, check_key, storage_errors
+from mmpack.store.base import (
+    CleanupReport,
+    Data,
+    Reader,
+    SizedWriter,
+    Store,
+    Writer,
+    as_writer,
+    check_key,
+    storage_errors,
+)
 
 
 class LocalStore(Store):
@@ -75,7 +85,9 @@ class LocalStore(Store):
             except FileNotFoundError:
                 return []
             base = f"{folder}/" if folder else ""
-            return sorted(base + n for n in names if not n.startswith(".") and os.path.isfile(os.path.join(directory, n)))
+            return sorted(
+                base + n for n in names if not n.startswith(".") and os.path.isfile(os.path.join(directory, n))
+            )
 
     def list_after(self, prefix: str, after: str) -> list[str]:
         # Names are compared before anything is stat'ed: a log of 10,000 commits costs one listdir.

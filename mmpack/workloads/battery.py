@@ -155,7 +155,9 @@ def generate_datasets(cell_ids: np.ndarray, cycle: int, seed: int = 0) -> np.nda
         raw[:, k] = np.stack([i, temp, state, fast, slow, voltage], axis=1)
         state = np.maximum(0.0, state - i * _DT / (3600.0 * capacity))
         temp = temp + _DT * (i * i * r0 - 0.05 * (temp - ambient)) / heat
-    raw += np.stack([rng.normal(0.0, [0.02, 0.2, 0.002, 0.02, 0.02, 0.002], (SAMPLES, 6)) for rng in rngs]) if n else 0.0
+    raw += (
+        np.stack([rng.normal(0.0, [0.02, 0.2, 0.002, 0.02, 0.02, 0.002], (SAMPLES, 6)) for rng in rngs]) if n else 0.0
+    )
     out = np.empty((n, SAMPLES, 6), dtype=np.float32)
     out[..., :5] = (raw[..., :5] - _INPUT_MEAN) / _INPUT_SCALE
     out[..., 5] = (raw[..., 5] - _VOLTAGE_MEAN) / _VOLTAGE_SCALE
@@ -303,7 +305,9 @@ def _train_group(
     return {k: weights[k][keep] for k in learn}
 
 
-def _gradients(w: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor, wanted: set[str]) -> dict[str, torch.Tensor]:
+def _gradients(
+    w: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor, wanted: set[str]
+) -> dict[str, torch.Tensor]:
     """Gradients of the mean squared error of every model in the group, by hand.
 
     Autograd's weight gradients are batched matmuls contracting over the
@@ -357,7 +361,9 @@ def finetune(
         chosen = np.flatnonzero(kinds_array == kind)
         if len(chosen) == 0:
             continue
-        trained = train(models.select(chosen), [datasets[i] for i in chosen], np.asarray(cell_ids)[chosen], settings, trainable)
+        trained = train(
+            models.select(chosen), [datasets[i] for i in chosen], np.asarray(cell_ids)[chosen], settings, trainable
+        )
         for name, t in trained.tensors.items():
             result[name][torch.from_numpy(chosen)] = t
     return ModelSet(models.architecture, result)

@@ -29,7 +29,9 @@ class Cycle:
     partial: np.ndarray
 
 
-def u3_cycle(models: ModelSet, rate: float, seed: int, partial_prefixes: tuple[str, ...] | None = None) -> tuple[ModelSet, Cycle]:
+def u3_cycle(
+    models: ModelSet, rate: float, seed: int, partial_prefixes: tuple[str, ...] | None = None
+) -> tuple[ModelSet, Cycle]:
     """u3_cycle(models, rate, seed) -> (new ModelSet, Cycle)
 
     Retrain ``rate`` of the models: ``rate / 2`` fully, ``rate / 2`` partially.

@@ -1,72 +1,75 @@
-"""A synthetic fleet of FFNN-48 models, made slice by slice (the benchmark and ``mmpack demo --fleet``).
+"""A fleet trained at once: stacked parameters, ``torch.func.grad`` under ``vmap``, SGD in place.
 
-Training a million cell models takes hours; saving and recovering them does
-not care how the weights were found. Each slice of models is drawn from
-normal(0, 0.1) with a generator seeded by the slice's first model, so a slice
-is made again bit for bit from its first model and size alone, and a stream
-of slices never holds more than one.
+The loop ``docs/TRAINING.md`` walks through, packaged for the benchmark
+(``bench/training_loop.py``) and the tests that kill and resume it. Each
+epoch draws the fleet's data from a generator seeded by ``(seed, epoch)``,
+so a run resumed at epoch ``e`` computes what an uninterrupted run computes
+(with the same thread count).
+
+Example::
+
+    fleet = Fleet(5000)
+    for epoch in range(3):
+        fleet.train_epoch(epoch)          # updates fleet.params in place
+    ms = fleet.modelset()                 # shares the fleet's tensors (no copy)
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import copy
 
-import numpy as np
 import torch
+from torch.func import functional_call, grad, stack_module_state, vmap
 
-from mmpack.architecture import Architecture
 from mmpack.modelset import ModelSet
-from mmpack.workloads.models import ffnn48
+from mmpack.workloads.models import ffnn48, make_models
 
-ARCHITECTURE = Architecture.from_module(ffnn48())
-CHANGED = ("fc3.weight", "fc3.bias")  # what an update cycle retrains: one layer
-EVERY = 100  # an update cycle touches every 100th model: 1 % of the fleet
+__all__ = ["Fleet"]
 
 
-def make_slice(first: int, count: int, changed: bool = False) -> ModelSet:
-    """make_slice(first, count, changed=False) -> ModelSet
+class Fleet:
+    """``n_models`` FFNN-48 battery-cell models stacked by ``torch.func.stack_module_state``."""
 
-    Models ``first`` to ``first + count - 1`` of the fleet; with ``changed``,
-    as after an update cycle: every 100th model's ``fc3`` nudged.
+    def __init__(self, n_models: int, *, seed: int = 0, samples: int = 32, lr: float = 0.01,
+                 device: torch.device | str = "cpu") -> None:
+        models = make_models(ffnn48, n_models, seed)
+        self.skeleton = copy.deepcopy(models[0]).to("meta")  # architecture only, for functional_call
+        params, buffers = stack_module_state(models)
+        self.params = {n: p.detach().to(device) for n, p in params.items()}
+        self.buffers = {n: b.to(device) for n, b in buffers.items()}
+        self.n_models, self.seed, self.samples, self.lr = n_models, seed, samples, lr
+        self.device = torch.device(device)
+        self._step = vmap(grad(self._loss))
 
-    Example::
+    def _loss(self, params, buffers, x, y):
+        prediction = functional_call(self.skeleton, (params, buffers), (x,))
+        return torch.nn.functional.mse_loss(prediction, y)
 
-        part = make_slice(50_000, 50_000)     # 1 GB of float32
-    """
-    generator = torch.Generator().manual_seed(first)
-    tensors = {}
-    for spec in ARCHITECTURE.tensors:
-        t = torch.from_numpy(np.empty(count * spec.numel, np.float32)).view(count, *spec.shape)
-        tensors[spec.name] = t.normal_(0.0, 0.1, generator=generator)
-    if changed:
-        picked = torch.from_numpy(np.flatnonzero((np.arange(first, first + count) % EVERY) == 0))
-        for name in CHANGED:
-            tensors[name][picked] += 0.001
-    return ModelSet._trusted(ARCHITECTURE, tensors, count)
+    def data(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This epoch's inputs ``[n_models, samples, 5]`` and targets ``[n_models, samples, 1]``."""
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        x = torch.randn(self.n_models, self.samples, 5, generator=generator)
+        noise = torch.randn(self.n_models, self.samples, 1, generator=generator)
+        y = x[..., :1] * 0.5 - x[..., 1:2] * 0.25 + 0.1 * noise
+        return x.to(self.device), y.to(self.device)
 
+    def train_epoch(self, epoch: int, models: slice | torch.Tensor | None = None) -> None:
+        """One SGD step on every model (or only the rows ``models``), in place."""
+        x, y = self.data(epoch)
+        if models is None:
+            params, buffers = self.params, self.buffers
+        else:
+            params = {n: p[models] for n, p in self.params.items()}
+            buffers = {n: b[models] for n, b in self.buffers.items()}
+            x, y = x[models], y[models]
+        grads = self._step(params, buffers, x, y)
+        with torch.no_grad():
+            for name, g in grads.items():
+                if models is None:
+                    self.params[name].sub_(self.lr * g)
+                else:
+                    self.params[name][models] = params[name] - self.lr * g
 
-def slices(n_models: int, slice_models: int, changed: bool = False) -> Iterator[tuple[int, ModelSet]]:
-    """``(first, models)`` slices of a fleet of ``n_models``, made one at a time.
-
-    Example::
-
-        vid = repo.save_stream(slices(1_000_000, 50_000))
-    """
-    for first in range(0, n_models, slice_models):
-        part = make_slice(first, min(slice_models, n_models - first), changed)
-        yield first, part
-        del part  # the generator holds one slice
-
-
-def model(k: int, n_models: int, slice_models: int, changed: bool = False) -> ModelSet:
-    """Model ``k`` as :func:`slices` made it (its whole slice is made again)."""
-    first = k - k % slice_models
-    return make_slice(first, min(slice_models, n_models - first), changed).select([k - first])
-
-
-def changed_models(n_models: int) -> np.ndarray:
-    """The models an update cycle changes."""
-    return np.arange(0, n_models, EVERY)
-
-
-__all__ = ["ARCHITECTURE", "CHANGED", "EVERY", "changed_models", "make_slice", "model", "slices"]
+    def modelset(self) -> ModelSet:
+        """The fleet as a ModelSet that shares its tensors: what a checkpoint saves, or a resume fills."""
+        return ModelSet.from_stacked(self.params, self.buffers, module="mmpack.workloads.models:FFNN")

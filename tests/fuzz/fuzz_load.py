@@ -20,6 +20,11 @@ import atheris
 
 with atheris.instrument_imports():
     import mmpack
+
+    # mmpack loads its submodules lazily: import the reader here, or it would be imported
+    # uninstrumented on first use and give the fuzzer no coverage.
+    import mmpack.compression
+    import mmpack.fileformat.reading  # noqa: F401
     from mmpack import MMPackError
 
 CORPUS = pathlib.Path(__file__).parent / "corpus"

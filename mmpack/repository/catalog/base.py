@@ -19,9 +19,9 @@ from mmpack.architecture import Architecture
 from mmpack.errors import RepositoryError, VersionNotFoundError
 from mmpack.objects import ObjectStore
 from mmpack.records import VersionRecord
-from mmpack.repository.cleanup import WriteLog
 from mmpack.repository.catalog.documents import check_version_id, is_version_id, version_number
 from mmpack.repository.catalog.state import TagMove
+from mmpack.repository.cleanup import WriteLog
 from mmpack.store import Store
 
 MARKER = "repository.json"
@@ -80,7 +80,8 @@ class Catalog(ABC):
             if found is not None:
                 return found
             raise VersionNotFoundError(
-                f"no version or tag {ref!r} in {self.store!r}: version ids look like 'v1', 'v42', tags like 'production'"
+                f"no version or tag {ref!r} in {self.store!r}: "
+                f"version ids look like 'v1', 'v42', tags like 'production'"
             )
         return check_version_id(ref)
 

@@ -99,13 +99,14 @@ def decode(data: Any, approach_names: Any, fingerprints: list[str], architecture
         raise _json.Malformed(f"approaches must name known approaches; known: {sorted(APPROACHES)}")
     approaches = [APPROACHES[a] for a in approach_names]
     ids = columns["id"]
-    if not _ints(ids, 1, next_version) or any(a >= b for a, b in zip(ids, ids[1:])):
+    if not _ints(ids, 1, next_version) or (n > 1 and np.any(np.diff(np.array(ids, dtype=np.int64)) <= 0)):
         raise _json.Malformed("version ids must be ascending and below next_version")
     if not _ints(columns["approach"], 0, len(approaches)) or not _ints(columns["architecture"], 0, len(fingerprints)):
         raise _json.Malformed("versions.approach and versions.architecture must index their tables")
     kinds = [approaches[a] for a in columns["approach"]]
     bases = columns["base"]
-    if not all(b is None or (type(b) is int and 0 < b < i) for b, i in zip(bases, ids)):
+    known = [(b, i) for b, i in zip(bases, ids) if b is not None]
+    if not _ints([b for b, _ in known], 1, next_version) or any(b >= i for b, i in known):
         raise _json.Malformed("every base must be an earlier version number, or null")
     if any(a.delta and b is None for a, b in zip(kinds, bases)):
         raise _json.Malformed("a delta version needs a base")
@@ -139,7 +140,8 @@ def decode(data: Any, approach_names: Any, fingerprints: list[str], architecture
 
 
 def _ints(values: list, low: int, high: int) -> bool:
-    return all(type(v) is int and low <= v < high for v in values)
+    """Every value an int (not a bool, not a float) in ``[low, high)``; by column, in C loops."""
+    return set(map(type, values)) <= {int} and (not values or (low <= min(values) and max(values) < high))
 
 
 def _blob(values: list[int], dtype: str) -> str:
@@ -161,11 +163,9 @@ def _times(micros: Any, offsets: Any, n: int) -> list[datetime]:
     instants = _unblob(micros, "<i8", n, "versions.created").tolist()
     if not _ints(offsets, -86399, 86400):
         raise _json.Malformed("versions.created_offset must be UTC offsets in seconds")
-    zones: dict[int, timezone] = {}
-    return [
-        (EPOCH + timedelta(microseconds=t)).astimezone(zones.setdefault(o, timezone(timedelta(seconds=o))))
-        for t, o in zip(instants, offsets)
-    ]
+    # The epoch in each offset's zone, once: adding to it gives the instant in that zone directly.
+    epochs = {o: EPOCH.astimezone(timezone(timedelta(seconds=o))) for o in set(offsets)}
+    return [epochs[o] + timedelta(microseconds=t) for t, o in zip(instants, offsets)]
 
 
 def _objects(data: Any, kinds: list, n_models: list[int], shards: bool) -> list[tuple[ObjectRef, ...]]:
@@ -188,30 +188,41 @@ def _objects(data: Any, kinds: list, n_models: list[int], shards: bool) -> list[
     tokens = _unblob(columns["token"], "u1", total * 10, "versions.objects.token").tobytes().hex()
     digests = _unblob(columns["xxh3"], "<u8", total, "versions.objects.xxh3").tolist()
     pins = _unblob(columns["pin"], "<u8", total, "versions.objects.pin").tolist()
+    # A provenance version's first object is its document (kind 1, never pinned); every other
+    # object is a model-set object (kind 0).
+    starts = np.cumsum([0, *counts])
+    document = np.zeros(total, dtype=bool)
+    document[starts[:-1][[kind.object_kind == "document" for kind in kinds]]] = True
+    wrong = (np.array(columns["kind"], dtype=np.int64) == 1) != document
+    wrong |= document & np.array(columns["pinned"], dtype=bool)
+    if wrong.any():
+        k = int(np.searchsorted(starts, np.flatnonzero(wrong)[0], side="right")) - 1
+        raise _json.Malformed(f"version {k + 1} of the checkpoint lists an object of the wrong kind")
+    owner = np.repeat(np.arange(len(counts)), counts)
+    if shards:  # every model-set object states its range; a document 0, 0, 0 (it holds every model)
+        firsts = _unblob(columns["first"], "<u8", total, "versions.objects.first").astype(np.int64)
+        sizes = _unblob(columns["models"], "<u8", total, "versions.objects.models").astype(np.int64)
+        tables = np.array(columns["table"], dtype=bool)
+        if np.any(document & ((firsts != 0) | (sizes != 0) | tables)):
+            raise _json.Malformed("a document of the checkpoint is given a range")
+        beyond = np.flatnonzero(firsts + sizes > np.array(n_models, dtype=np.int64)[owner])
+        if len(beyond):
+            raise _json.Malformed(f"version {int(owner[beyond[0]]) + 1} of the checkpoint names a range beyond "
+                                  "its models")
+        spans = [(0, None, False) if d else (f, s, t)
+                 for d, f, s, t in zip(document.tolist(), firsts.tolist(), sizes.tolist(), tables.tolist())]
+    else:  # catalog version 1: one object holding every model, a delta's second its table object
+        spans = [(0, None, j > a) for j, a in enumerate(starts[owner].tolist())]
+    refs = [
+        ObjectRef(f"objects/{tokens[20 * j : 20 * j + 20]}{SUFFIXES[kind]}", size, digest, pin if pinned else None,
+                  *span)
+        for j, (kind, size, digest, pin, pinned, span) in enumerate(
+            zip(columns["kind"], columns["bytes"], digests, pins, columns["pinned"], spans))
+    ]
+    out = [tuple(refs[a:b]) for a, b in zip(starts[:-1].tolist(), starts[1:].tolist())]
     if shards:
-        firsts = _unblob(columns["first"], "<u8", total, "versions.objects.first").tolist()
-        sizes = _unblob(columns["models"], "<u8", total, "versions.objects.models").tolist()
-    out, at = [], 0
-    for k, count in enumerate(counts):
-        refs = []
-        for j in range(at, at + count):
-            document = j == at and kinds[k].object_kind == "document"
-            kind, pinned = columns["kind"][j], columns["pinned"][j]
-            if (kind == 1) != document or (pinned and document):
-                raise _json.Malformed(f"version {k + 1} of the checkpoint lists an object of the wrong kind")
-            key = f"objects/{tokens[20 * j : 20 * j + 20]}{SUFFIXES[kind]}"
-            span: tuple[int, int | None, bool] = (0, None, j > at)
-            if shards and not document:
-                if firsts[j] + sizes[j] > n_models[k]:
-                    raise _json.Malformed(f"version {k + 1} of the checkpoint names a range beyond its models")
-                span = (firsts[j], sizes[j], bool(columns["table"][j]))
-            elif shards and (firsts[j], sizes[j], columns["table"][j]) != (0, 0, 0):
-                raise _json.Malformed(f"version {k + 1} of the checkpoint gives its document a range")
-            refs.append(ObjectRef(key, columns["bytes"][j], digests[j], pins[j] if pinned else None, *span))
-        if shards:
-            documents.check_shards(tuple(refs), n_models[k], kinds[k].delta, kinds[k].object_kind == "document")
-        out.append(tuple(refs))
-        at += count
+        for k, found in enumerate(out):
+            documents.check_shards(found, n_models[k], kinds[k].delta, kinds[k].object_kind == "document")
     return out
 
 

@@ -22,9 +22,7 @@ import numpy as np
 from mmpack import _json, _native
 from mmpack.approaches import APPROACHES
 from mmpack.errors import RepositoryError, VersionNotFoundError
-from mmpack.objects import ObjectStore
 from mmpack.records import Changes, ObjectRef, VersionRecord
-from mmpack.store import check_key
 
 MAX_MODELS = 2**32  # the rows layout indexes models with 32-bit ids
 MAX_SHARDS = 2**20  # objects of one version
@@ -214,7 +212,9 @@ def record_from_json(body: Any, vid: str | None, size: int, n_tensors_of: Any, *
     if changes is None and approach.delta:
         raise _json.Malformed(f"a {approach.name} version needs a change list")
     if changes is not None and not allowed:
-        raise _json.Malformed(f"a {approach.name} version {'without a base ' if base is None else ''}has no change list")
+        raise _json.Malformed(
+            f"a {approach.name} version {'without a base ' if base is None else ''}has no change list"
+        )
     if changes is not None and decoded is _IN_BODY:
         _json.fields(changes, ("count", "models", "masks"), what="changes")
         _json.integer(changes["count"], "changes.count", 0, n_models + 1)

@@ -17,7 +17,6 @@ from mmpack.architecture import Architecture
 from mmpack.errors import FormatError, MMPackError, RepositoryError, VersionNotFoundError
 from mmpack.records import VersionRecord
 from mmpack.repository.catalog.base import Catalog, sort_ids
-from mmpack.repository.cleanup import WriteLog, create_once
 from mmpack.repository.catalog.documents import (
     check_version_id,
     decode_manifest,
@@ -26,6 +25,7 @@ from mmpack.repository.catalog.documents import (
     manifest_key,
     version_number,
 )
+from mmpack.repository.cleanup import WriteLog, create_once
 
 _MAX_ID_ATTEMPTS = 1000
 

@@ -103,7 +103,9 @@ class Format2Catalog(Catalog):
                     return
                 except FileNotFoundError:
                     if attempt == 2:
-                        raise RepositoryError(f"the catalog of {self.store!r} lost documents while being read") from None
+                        raise RepositoryError(
+                            f"the catalog of {self.store!r} lost documents while being read"
+                        ) from None
 
     def _refresh(self) -> None:
         head = self._head()
@@ -116,7 +118,9 @@ class Format2Catalog(Catalog):
         if newest == 0:
             self._state = self._checkpoint(0)
             return
-        commit = head if head is not None and head.seq == newest else decode_commit(self.store.get(log_key(newest)), newest)
+        commit = (
+            head if head is not None and head.seq == newest else decode_commit(self.store.get(log_key(newest)), newest)
+        )
         if self._loaded and self._state.seq >= commit.checkpoint:
             state = self._state.copy()
         else:
@@ -136,13 +140,19 @@ class Format2Catalog(Catalog):
             raw = self.store.get(checkpoint_key(seq))
         except FileNotFoundError:
             if seq == 0:
-                raise RepositoryError(f"{self.store!r} has no catalog checkpoint 0: the repository is damaged") from None
+                raise RepositoryError(
+                    f"{self.store!r} has no catalog checkpoint 0: the repository is damaged"
+                ) from None
             raise
         return CatalogState.decode_checkpoint(raw, seq)
 
     def ids(self) -> list[str]:
         self.refresh()
         return list(self._state.records)
+
+    def versions(self) -> list[VersionRecord]:
+        self.refresh()
+        return list(self._state.records.values())
 
     def record(self, vid: str) -> VersionRecord:
         check_version_id(vid)
