@@ -368,7 +368,11 @@ def normalize_indices(indices: Iterable[int], n_models: int) -> np.ndarray:
     """Model indices as an int64 array, each checked to lie in ``[0, n_models)``."""
     if isinstance(indices, torch.Tensor):
         indices = indices.tolist()
-    array = np.asarray(list(indices) if not isinstance(indices, np.ndarray) else indices)
+    values = list(indices) if not isinstance(indices, np.ndarray) else indices
+    array = np.asarray(values)
+    if array.dtype.kind == "f" and not isinstance(values, np.ndarray):
+        # Python ints beyond int64 next to others may make numpy choose float64: look at them as they are.
+        array = np.asarray(values, dtype=object)
     if array.ndim == 1 and array.dtype == object:
         # Python ints beyond int64 (numpy keeps them as objects): name the first one out of range.
         for value in array:

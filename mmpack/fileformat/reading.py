@@ -7,11 +7,9 @@ hash table: the check costs no extra pass over memory.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -21,8 +19,6 @@ from mmpack.errors import FormatError, IntegrityError
 from mmpack.fileformat import compressed
 from mmpack.fileformat.header import ROWS, STACKED, Header, Reader, read_header
 from mmpack.modelset import ModelSet, normalize_indices
-from mmpack.placement import place_models
-from mmpack.staging import is_host, resolve_device
 
 U64 = np.uint64
 
@@ -405,55 +401,4 @@ def read_models_into(source: Reader, header: Header, models: np.ndarray, tensors
     if verify:
         _verify_columns(models, computed, stored, "the file")
     return stored
-
-
-def load(
-    f: str | os.PathLike[str] | BinaryIO,
-    indices: Iterable[int] | None = None,
-    *,
-    verify: bool = True,
-    device: torch.device | str | None = None,
-    map_location: object = None,
-    out: ModelSet | Mapping[str, torch.Tensor] | None = None,
-    chunk_bytes: int | None = None,
-) -> ModelSet:
-    """load(f, indices=None, *, verify=True, device=None, map_location=None, out=None) -> ModelSet
-
-    Read a model-set file (path or seekable binary file object). With
-    ``indices``, only those models' bytes are read, in the order given. Every
-    byte read is checked against the file's checksums unless ``verify=False``
-    (for callers that verify elsewhere); corruption raises
-    :class:`IntegrityError`, other malformed input :class:`FormatError`.
-
-    ``device`` (or ``map_location``, as ``torch.load`` takes it) places the
-    models on that device: they travel through two pinned staging buffers of
-    ``chunk_bytes`` (default :data:`mmpack.staging.CHUNK_BYTES`), each chunk
-    checked before it is copied, so host memory stays within two chunks.
-    ``out`` (a :class:`ModelSet` or its stacked tensors, on the host or a
-    device) receives the models in place and is returned; nothing of the
-    set's size is allocated. Its architecture and size must match the file
-    (:class:`ArchitectureMismatchError` before any byte moves); with
-    ``indices``, only those rows of ``out`` change. A full load into host
-    tensors reads straight into them, so a checksum failure leaves their
-    bytes undefined; staged loads copy only checked chunks.
-
-    Example::
-
-        two = mmpack.load("cells.mmpack", indices=[3, 17])
-        on_gpu = mmpack.load("cells.mmpack", map_location="cuda:0")
-        mmpack.load("cells.mmpack", out=ms)          # into the tensors a training loop holds
-    """
-    target = resolve_device(device, map_location)
-    with _io.opened(f, "rb") as stream, _io.FileReader(stream) as source:
-        header = read_header(source)
-        if out is None and (target is None or is_host(target)):
-            return read_modelset(source, header, indices, verify=verify)[0]
-        check_stacked(source, header)
-        if indices is None and verify:
-            check_padding(source, header)
-        return place_models(
-            header.architecture, header.n_models, indices, out, target,
-            lambda models, tensors: read_models_into(source, header, models, tensors, verify=verify),
-            chunk_bytes=chunk_bytes, what="the file",
-        )
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import math
 import os
+import secrets
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor, Future
 from datetime import datetime
 from typing import Any
@@ -31,14 +32,16 @@ from mmpack.modelset import ModelSet
 from mmpack.objects import ObjectStore
 from mmpack.provenance import TrainingFunction
 from mmpack.records import VersionRecord
-from mmpack.repository import background, maintenance, saving
+from mmpack.repository import background, maintenance, saving, slices
 from mmpack.repository import catalog as catalogs
 from mmpack.repository import executor as execution
 from mmpack.repository.catalog import TagMove
 from mmpack.repository.catalog.tables import Change, Diff, Tables, VersionObjects
+from mmpack.repository.lazy import LazyModelSet
 from mmpack.repository.maintenance import GcReport, PruneReport, VerifyReport
 from mmpack.repository.planner import RecoveryPlan, plan_recovery
 from mmpack.repository.saving import SnapshotPolicy
+from mmpack.repository.slices import ReadHandle, Receipt, VersionWriter, WriteHandle
 from mmpack.staging import is_host, resolve_device
 from mmpack.store import Store, open_store
 
@@ -47,7 +50,7 @@ _REPOSITORY_DEFAULT = object()  # compression= not given: use the repository's
 
 class Repository:
     """Repository(path_or_url, *, storage_options=None, fsync=True, snapshots=None, store=None,
-    compression=None, policy=None, throughputs=None, create=True, max_pending_saves=2)
+    compression=None, policy=None, throughputs=None, create=True, max_pending_saves=2, shard_bytes=None)
 
     Versions of a model set, each immutable once saved, stored with the
     Baseline, Update or Provenance approach (or chosen per version by
@@ -64,7 +67,10 @@ class Repository:
     this machine if None). ``max_pending_saves`` bounds the non-blocking saves
     (``save(..., blocking=False)``) queued at once, and so the host copies
     they hold; their staging buffers are kept for the next save until
-    :meth:`close`.
+    :meth:`close`. A version larger than ``shard_bytes`` (default 256 MiB of
+    parameters) is stored as several objects, its *shards*, each holding a
+    contiguous range of models; recovering some models reads only the shards
+    that hold them.
 
     A version exists once the catalog publishes it, which happens after all
     its data is written, in one atomic write: a crash at any moment leaves
@@ -103,6 +109,7 @@ class Repository:
         throughputs: Throughputs | None = None,
         create: bool = True,
         max_pending_saves: int = 2,
+        shard_bytes: int | None = None,
     ) -> None:
         if (path is None) == (store is None):
             raise TypeError("pass a path or a store, not both")
@@ -113,6 +120,7 @@ class Repository:
             check_policy(policy) if policy is not None else SmallestUnder(math.inf),
             snapshots or SnapshotPolicy(),
             throughputs,
+            saving.check_shard_bytes(shard_bytes) if shard_bytes is not None else saving.DEFAULT_SHARD_BYTES,
         )
         self.store = store if store is not None else open_store(path, storage_options, fsync=fsync)
         self.objects = ObjectStore(self.store)
@@ -260,6 +268,124 @@ class Repository:
         )
         return record.id
 
+    # -- sets larger than memory: slices, streams, parallel writers ---------------------------
+
+    def open_version(
+        self,
+        approach: str = "baseline",
+        base: str | None = None,
+        *,
+        n_models: int | None = None,
+        compression: str | Compression | None | object = _REPOSITORY_DEFAULT,
+        shard_bytes: int | None = None,
+    ) -> VersionWriter:
+        """repo.open_version(approach="baseline", base=None, *, n_models=None) -> VersionWriter
+
+        Open a new version to be written in slices, by this process or by many
+        workers: send ``writer.handle`` (it pickles) wherever a slice is, call
+        ``handle.write(first, models)`` there (a :class:`Receipt` comes back),
+        then ``writer.commit(receipts)`` here publishes the version atomically.
+        ``approach`` is ``"baseline"`` or ``"update"`` (each worker then
+        compares its slice with ``base``'s hash table and writes only its
+        changed rows); the snapshot policy may turn an update into a full
+        version. ``n_models`` fixes the size of a Baseline without a base
+        (otherwise the slices decide it). Each slice's shards hold at most
+        ``shard_bytes`` (default: the repository's) bytes of rows. Shards of a
+        version never committed are removed by :meth:`gc`.
+
+        Example::
+
+            writer = repo.open_version(approach="update", base="production")
+            futures = [client.submit(train_and_write, writer.handle, first) for first in starts]
+            vid = writer.commit(client.gather(futures), message="cycle 12")
+        """
+        base_record = self.version(base) if base is not None else None
+        chosen, reason = saving.choose(self.tables, self.settings.snapshots, approach, base_record)
+        setting = self.settings.compression if compression is _REPOSITORY_DEFAULT else resolve_compression(compression)
+        size = saving.check_shard_bytes(shard_bytes) if shard_bytes is not None else self.settings.shard_bytes
+        return slices.open_version(self.tables, chosen, base_record, n_models, setting, size, reason)
+
+    def save_stream(
+        self,
+        stream: Iterable[tuple[int, ModelSet | Sequence[nn.Module]]],
+        approach: str = "baseline",
+        base: str | None = None,
+        message: str = "",
+        *,
+        n_models: int | None = None,
+        compression: str | Compression | None | object = _REPOSITORY_DEFAULT,
+        shard_bytes: int | None = None,
+    ) -> str:
+        """repo.save_stream(stream, approach="baseline", base=None, message="") -> version id
+
+        Store a set that is never whole in memory, given as an iterable (a
+        generator) of ``(first_model, models)`` slices: each slice is written
+        as shards and let go before the next one is taken, so memory holds one
+        slice plus a few bytes per shard. Slices may come in any order and
+        must cover every model once. Otherwise as :meth:`save` (and
+        :meth:`open_version`, which it uses).
+
+        Example::
+
+            def fleet():
+                for first in range(0, 1_000_000, 50_000):
+                    yield first, train_cells(first, 50_000)   # a ModelSet of 50,000 models
+            vid = repo.save_stream(fleet(), message="the whole fleet")
+        """
+        writer = self.open_version(approach, base, n_models=n_models, compression=compression, shard_bytes=shard_bytes)
+        return slices.save_stream(writer, stream, _message(message))
+
+    def recover_stream(self, vid: str, slice_models: int | None = None, *,
+                       verify: bool = True) -> Iterator[tuple[int, ModelSet]]:
+        """repo.recover_stream(vid, slice_models=None) -> iterator of (first_model, ModelSet)
+
+        Version ``vid`` in consecutive slices of ``slice_models`` models
+        (default: as many as one shard holds), each read and verified when the
+        iteration asks for it: memory holds one slice, whatever the set.
+
+        Example::
+
+            for first, part in repo.recover_stream("v9", slice_models=50_000):
+                evaluate(first, part)
+        """
+        vid = self.catalog.resolve(vid)
+        record = self.catalog.record(vid)
+        if slice_models is None:
+            per_model = max(1, self.catalog.architecture(record.architecture).nbytes_per_model)
+            slice_models = max(1, self.settings.shard_bytes // per_model)
+        return slices.recover_slices(self.tables, vid, slices.check_slice_models(slice_models), verify=verify)
+
+    def read_handle(self, vid: str) -> ReadHandle:
+        """repo.read_handle(vid) -> ReadHandle: version ``vid`` to recover anywhere; the handle pickles,
+        and ``handle.recover(range(first, stop))`` on a worker reads only that slice's shards.
+
+        Example::
+
+            handle = repo.read_handle("production")
+            parts = client.map(lambda r: handle.recover(range(*r)).nbytes, handle.slices(50_000))
+        """
+        vid = self.catalog.resolve(vid)
+        record = self.catalog.record(vid)
+        return ReadHandle(self.store, vid, record.n_models, secrets.token_hex(8))
+
+    def recover_lazy(self, vid: str) -> LazyModelSet:
+        """repo.recover_lazy(vid) -> LazyModelSet
+
+        Version ``vid`` as a :class:`ModelSet` whose data stays in the
+        repository until touched: ``select(indices)`` reads only those models,
+        the first access to a tensor (``ms.tensors["fc1.weight"]``) reads that
+        tensor of every model, and every piece read is verified against its
+        hash as it lands; ``verify()`` checks the whole version in slices.
+        Reads are positioned reads, so a file changed underneath gives an
+        error, never a crash.
+
+        Example::
+
+            fleet = repo.recover_lazy("production")
+            cells = fleet.select([17, 912_004])        # two models' bytes, verified
+        """
+        vid = self.catalog.resolve(vid)
+        return LazyModelSet.of_version(self.tables, vid, self.settings.shard_bytes)
     def _base(self, base: object) -> str | background.Job | None:
         """What ``base=`` names: None, a version id (checked now), or a pending save's job."""
         if base is None:
@@ -518,7 +644,7 @@ class Repository:
         pool = DefaultPool() if executor is None else None
         try:
             return maintenance.verify(self.tables, target, _options(executor or pool, training, allow_import),
-                                      bool(training) or allow_import)
+                                      bool(training) or allow_import, self.settings.shard_bytes)
         finally:
             if pool is not None:
                 pool.shutdown()
@@ -604,7 +730,8 @@ class Repository:
         try:
             return maintenance.prune(self.tables, self.objects, kept, dry_run=dry_run, message=_message(message),
                                      options=_options(executor or pool, training, allow_import),
-                                     may_retrain=bool(training) or allow_import)
+                                     may_retrain=bool(training) or allow_import,
+                                     shard_bytes=self.settings.shard_bytes)
         finally:
             if pool is not None:
                 pool.shutdown()
@@ -637,4 +764,5 @@ def _message(message: object) -> str:
     return message
 
 
-__all__ = ["GcReport", "PruneReport", "Repository", "RepositoryError", "SnapshotPolicy", "VerifyReport"]
+__all__ = ["GcReport", "LazyModelSet", "PruneReport", "ReadHandle", "Receipt", "Repository", "RepositoryError",
+           "SnapshotPolicy", "VerifyReport", "VersionWriter", "WriteHandle"]
