@@ -17,7 +17,7 @@ import torch
 from mmpack import _io, _native, packing
 from mmpack.errors import FormatError, IntegrityError
 from mmpack.fileformat import compressed
-from mmpack.fileformat.header import ROWS, STACKED, Header, Reader, read_header
+from mmpack.fileformat.header import ROWS, STACKED, Header, Reader
 from mmpack.modelset import ModelSet, normalize_indices
 
 U64 = np.uint64
