@@ -7,15 +7,33 @@
 compared with a memcpy of the same number of bytes under the same conditions:
 into memory already touched ("warm") or into a fresh allocation, which on
 Linux costs page faults that every real pack into new memory also pays.
+
+Then ``ModelSet.from_modules`` against its floor, the walk over every
+model's parameters plus a memcpy of their bytes, beside
+``torch.func.stack_module_state`` and ``state_dict()`` over all models; and
+``repo.save`` of the list of modules against ``repo.save`` of the ModelSet
+plus that floor. Those cases run round-robin (medians).
 """
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 import xxhash
-from _common import describe_machine, median_seconds, parse_args, prime_memory, print_table
+from _common import (
+    describe_machine,
+    interleaved_medians,
+    median_seconds,
+    parse_args,
+    prime_memory,
+    print_table,
+    remove,
+    work_dir,
+)
 
+import mmpack
 from mmpack import ModelSet, _native, fileformat, packing
 from mmpack.workloads import ffnn48, make_models
 
@@ -47,7 +65,7 @@ def main() -> None:
         ("memcpy, warm destination (numpy.copyto)", memcpy_warm, memcpy_warm),
         ("memcpy, fresh destination", memcpy_fresh, memcpy_fresh),
         (
-            "pack: modules -> ModelSet + hashes (from_modules)",
+            "pack: modules -> ModelSet (from_modules)",
             median_seconds(lambda: ModelSet.from_modules(models), runs),
             memcpy_fresh,
         ),
@@ -100,8 +118,40 @@ def main() -> None:
     print_table(["operation", "ms", "GB/s", "speed vs its floor"], rows)
     print(
         "\nfloors: memcpy rows compare with the memcpy of the same kind; 'hash only' with one "
-        "xxhash.xxh3_64 pass over the same bytes (the PyPI package, one thread)."
+        "xxhash.xxh3_64 pass over the same bytes (the PyPI package, one thread).\n"
     )
+    _from_modules(models, ms, source, warm, runs)
+
+
+def _from_modules(models, ms: ModelSet, source: np.ndarray, warm: np.ndarray, runs: int) -> None:
+    """ModelSet.from_modules against its floor (walking every model's parameters, plus a memcpy of
+    their bytes) and the usual ways to collect them; saving modules against saving the ModelSet."""
+    with work_dir(None) as directory:
+        fresh = {}
+
+        def setup(name: str) -> None:
+            if name.startswith("repo.save"):
+                path = os.path.join(directory, "repo")
+                remove(path)
+                fresh["repo"] = mmpack.Repository(path, fsync=False)
+
+        cases = {
+            "walk: [list(m.parameters()) for m in models]": lambda: [list(m.parameters()) for m in models],
+            "memcpy of their bytes, warm": lambda: np.copyto(warm, source),
+            "ModelSet.from_modules(models)": lambda: ModelSet.from_modules(models),
+            "torch.func.stack_module_state(models)": lambda: torch.func.stack_module_state(models),
+            "[m.state_dict() for m in models]": lambda: [m.state_dict() for m in models],
+            "repo.save(ModelSet)": lambda: fresh["repo"].save(ms),
+            "repo.save(list of modules)": lambda: fresh["repo"].save(models),
+        }
+        medians = interleaved_medians(cases, max(runs, 7), setup=setup)
+    floor = medians["walk: [list(m.parameters()) for m in models]"] + medians["memcpy of their bytes, warm"]
+    rows = [[name, f"{seconds * 1e3:.1f}", f"{seconds / floor:.2f}"] for name, seconds in medians.items()]
+    print_table(["collecting the models' tensors", "ms", "vs walk + memcpy"], rows)
+    saved = medians["repo.save(list of modules)"] / (medians["repo.save(ModelSet)"] + floor)
+    print(f"\nModelSet.from_modules: {medians['ModelSet.from_modules(models)'] / floor:.2f}x its floor (walk + memcpy; "
+          f"target 1.5x). repo.save(list of modules): {saved:.2f}x repo.save(ModelSet) plus that floor (target 1.3x). "
+          "Saves go to a fresh repository each (fsync=False, page cache).")
 
 
 def _row_plan(ms: ModelSet, header: fileformat.Header):

@@ -359,8 +359,8 @@ class _WholeWrites:
 
     def write(self, data: object) -> int:
         view = memoryview(data)  # type: ignore[arg-type]
-        if view.nbytes == 0:
-            return 0  # (cast refuses views with a zero in their shape: an empty set's hash table)
+        if view.nbytes == 0:  # an empty table of a set of no models: nothing to write (and no cast)
+            return 0
         view = view.cast("B")
         done = 0
         while done < len(view):

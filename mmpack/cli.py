@@ -199,6 +199,10 @@ def cmd_show(args: argparse.Namespace) -> int:
         print(f"changed      {len(record.changes.models)} models, {record.changes.n_pairs} (model, tensor) pairs")
     for key, value in record.details.items():
         print(f"{key:<12} {value}")
+    if len(record.shards) > 1 or record.table_shards:
+        ranges = ", ".join(f"{s.first}-{s.stop - 1}" for s in record.shards[:4])
+        print(f"shards       {len(record.shards)} of models {ranges}{', ...' if len(record.shards) > 4 else ''}; "
+              f"{len(record.table_shards)} table objects")
     print(
         f"stored       {_bytes(record.stored_bytes)}: "
         + ", ".join(f"{kind} {_bytes(n)}" for kind, n in _kinds(repo, record).items())
@@ -347,9 +351,14 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    if args.fleet:
+        from mmpack.demo_fleet import FLEET_MODELS, run_fleet_demo
+
+        ok = run_fleet_demo(models=args.models or FLEET_MODELS, directory=args.dir, slice_models=args.slice)
+        return 0 if ok else 1
     from mmpack.demo import run_demo
 
-    figures = run_demo(models=args.models, cycles=args.cycles, directory=args.dir)
+    figures = run_demo(models=args.models or 5000, cycles=args.cycles, directory=args.dir)
     return 0 if all(f.verified for f in figures.values()) else 1
 
 
@@ -430,10 +439,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = repository_command("gc", cmd_gc, "remove leftovers of interrupted saves")
     p.add_argument("--grace", type=seconds, default=3600.0,
                    help="keep leftovers younger than this many seconds (finite, 0 or more; default 3600)")
-    p = command("demo", cmd_demo, "the end-to-end demo on battery-cell models")
-    p.add_argument("--models", type=positive_int, default=5000, help="battery cells, one model each (default 5000)")
+    p = command("demo", cmd_demo, "the end-to-end demo on battery-cell models (--fleet: a million models)")
+    p.add_argument("--models", type=positive_int, default=None,
+                   help="battery cells, one model each (default 5000; with --fleet, 1000000)")
     p.add_argument("--cycles", type=non_negative_int, default=3, help="update cycles (default 3)")
     p.add_argument("--dir", default=None, help="a new directory for the demo (default ./mmpack-demo)")
+    p.add_argument("--fleet", action="store_true",
+                   help="a fleet larger than memory: saved from slices, updated, partly recovered (20 GB for 10^6)")
+    p.add_argument("--slice", type=positive_int, default=50_000, help="with --fleet: models per slice (default 50000)")
     p = command("bench", cmd_bench, "run a benchmark suite (paper: the paper's evaluation)")
     p.add_argument("suite", choices=["paper"])
     p.add_argument("rest", nargs=argparse.REMAINDER, help="options of the suite (see: mmpack bench paper --help)")

@@ -11,6 +11,8 @@ import errno as _errno
 
 __all__ = [
     "ArchitectureMismatchError",
+    "BackgroundSaveError",
+    "BaseSaveFailedError",
     "CompressionError",
     "FormatError",
     "IntegrityError",
@@ -155,6 +157,28 @@ class TagConflictError(MMPackError):
             ...  # someone promoted another version meanwhile
     """
 
+
+
+class BaseSaveFailedError(MMPackError):
+    """A save could not run because the pending save it builds on (its ``base``, named by that
+    save's future) failed; ``__cause__`` is that failure. Saves that depend on this one fail the same way.
+
+    Example::
+
+        first = repo.save(ms, blocking=False)
+        second = repo.save(ms, approach="update", base=first, blocking=False)
+        second.exception()  # BaseSaveFailedError if `first` failed (first.exception() says why)
+    """
+
+
+class BackgroundSaveError(MMPackError):
+    """``repo.close()`` (or leaving its ``with`` block) found non-blocking saves that failed and
+    whose futures were never asked for their result or exception; ``__cause__`` is the first
+    failure, ``failures`` lists every such ``(future, exception)``. A failure is never silent."""
+
+    def __init__(self, message: str, failures: list | None = None) -> None:
+        super().__init__(message)
+        self.failures = list(failures or [])
 
 
 class ProvenanceError(MMPackError):

@@ -9,9 +9,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from mmpack import packing
+from mmpack import packing, staging
 from mmpack.architecture import Architecture, TensorSpec
-from mmpack.errors import ArchitectureMismatchError, MMPackError, ModelIndexError
+from mmpack.errors import ArchitectureMismatchError, InvalidArgumentError, MMPackError, ModelIndexError
 
 __all__ = ["ModelSet"]
 
@@ -35,11 +35,12 @@ class ModelSet:
     __slots__ = ("_architecture", "_n_models", "_tensors")
 
     def __init__(self, architecture: Architecture, tensors: Mapping[str, torch.Tensor]) -> None:
-        """Wrap stacked CPU tensors, checking them against ``architecture``.
+        """Wrap stacked tensors, checking them against ``architecture``.
 
         ``tensors`` maps every name of the architecture to a ``[n_models, *shape]``
-        tensor of the architecture's dtype. Non-contiguous tensors are copied;
-        autograd history is dropped.
+        tensor of the architecture's dtype, all on one device (the host or an
+        accelerator). Contiguous tensors are used as they are (the set shares
+        their memory); non-contiguous ones are copied; autograd history is dropped.
         """
         missing = [n for n in architecture.names if n not in tensors]
         extra = [n for n in tensors if n not in set(architecture.names)]
@@ -48,23 +49,19 @@ class ModelSet:
                 f"stacked tensors do not match the architecture: missing {missing}, unexpected {extra}"
             )
         n_models = None
+        device = None
         stacked: dict[str, torch.Tensor] = {}
         for spec in architecture.tensors:
             t = tensors[spec.name]
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"tensor {spec.name!r} must be a torch.Tensor, got {type(t).__name__}")
-            if n_models is None:
+            if n_models is None and isinstance(t, torch.Tensor):
                 n_models = t.shape[0] if t.dim() > 0 else -1
-            if tuple(t.shape) != (n_models, *spec.shape) or t.dtype != spec.dtype:
-                raise ArchitectureMismatchError(
-                    f"stacked {spec.kind} {spec.name!r} has shape {tuple(t.shape)} and dtype {t.dtype}; "
-                    f"expected {(n_models, *spec.shape)} and {spec.dtype}"
+            _check_stacked(t, spec, n_models, f"stacked {spec.kind} {spec.name!r}", "expected")
+            if stacked and t.device != device:
+                raise InvalidArgumentError(
+                    f"stacked tensor {spec.name!r} is on {t.device}, {architecture.tensors[0].name!r} on {device}: "
+                    "a ModelSet holds all its tensors on one device (move them with .to(device))"
                 )
-            if not t.is_cpu:
-                raise MMPackError(
-                    f"stacked tensor {spec.name!r} is on {t.device}; a ModelSet holds host tensors "
-                    "(ModelSet.from_modules copies accelerator models to the host for you)"
-                )
+            device = t.device
             stacked[spec.name] = t.detach().contiguous()
         self._architecture = architecture
         self._n_models = n_models if n_models is not None else 0
@@ -76,22 +73,19 @@ class ModelSet:
     def from_modules(cls, models: Sequence[nn.Module]) -> ModelSet:
         """ModelSet.from_modules(models) -> ModelSet
 
-        Stack the parameters and persistent buffers of same-architecture modules.
-        The copy runs in one native gather (threads, GIL released); models on an
-        accelerator are stacked on their device and copied to the host once per
-        tensor name. Raises :class:`ArchitectureMismatchError` naming the first
-        model and tensor that differ from model 0.
+        Stack the parameters and persistent buffers of same-architecture modules:
+        one walk over the modules (the module tree is learnt from model 0), one
+        ``torch.stack`` per tensor name. Models on an accelerator are stacked
+        on their device, and the set stays there (see :meth:`to`). Raises
+        :class:`ArchitectureMismatchError` naming the first model and tensor
+        that differ from model 0, or a model whose tensors lie on another
+        device than model 0's.
 
         Example::
 
             ms = ModelSet.from_modules([nn.Linear(4, 2) for _ in range(3)])
             ms.tensors["weight"].shape  # torch.Size([3, 2, 4])
         """
-        return cls._from_modules_hashed(models)[0]
-
-    @classmethod
-    def _from_modules_hashed(cls, models: Sequence[nn.Module]) -> tuple[ModelSet, np.ndarray | None]:
-        """:meth:`from_modules`, also returning the hashes the gather computed (None on accelerators)."""
         models = list(models)
         if not models:
             raise MMPackError("from_modules needs at least one model")
@@ -101,13 +95,8 @@ class ModelSet:
         architecture = Architecture.from_module(models[0])
         layout = packing.ModuleLayout(models[0], architecture)
         with packing.gc_paused():
-            tensors = layout.tensors_of(models)
-            device = packing.check_columns(tensors, architecture, len(models))
-            if device.type == "cpu":
-                stacked, hashes = packing.gather_modules(tensors, architecture, len(models))
-            else:
-                stacked, hashes = packing.stack_on_device(tensors, architecture, len(models)), None
-        return cls._trusted(architecture, stacked, len(models)), hashes
+            stacked = packing.stack_columns(layout.tensors_of(models), architecture, len(models))
+        return cls._trusted(architecture, stacked, len(models))
 
     @classmethod
     def from_stacked(
@@ -120,6 +109,9 @@ class ModelSet:
 
         Wrap stacked tensors such as those of ``torch.func.stack_module_state``;
         the architecture is read off their shapes (``shape[1:]``), parameters first.
+        The tensors may lie on an accelerator (all on one device); contiguous
+        ones are shared, not copied, so a training loop that updates them in
+        place is seen by the set.
 
         Example::
 
@@ -133,7 +125,7 @@ class ModelSet:
 
     @classmethod
     def _trusted(cls, architecture: Architecture, tensors: dict[str, torch.Tensor], n_models: int) -> ModelSet:
-        """Wrap tensors mmpack itself made (right shapes, contiguous, on the host) without checks."""
+        """Wrap tensors mmpack itself made (right shapes, contiguous, on one device) without checks."""
         self = cls.__new__(cls)
         self._architecture = architecture
         self._n_models = n_models
@@ -171,15 +163,87 @@ class ModelSet:
         return {s.name: self._tensors[s.name] for s in self._architecture.tensors if s.kind == "buffer"}
 
     @property
+    def device(self) -> torch.device:
+        """The device holding the tensors (``cpu`` for host memory)."""
+        first = next(iter(self._tensors.values()), None)
+        return first.device if first is not None else torch.device("cpu")
+
+    @property
     def nbytes(self) -> int:
         """Bytes of all tensors of all models."""
         return self._n_models * self._architecture.nbytes_per_model
 
     def __repr__(self) -> str:
+        where = "" if self.device.type == "cpu" else f", device={str(self.device)!r}"
         return (
             f"ModelSet(n_models={self._n_models}, tensors={len(self._architecture)}, "
-            f"bytes={self.nbytes}, module={self._architecture.module!r})"
+            f"bytes={self.nbytes}, module={self._architecture.module!r}{where})"
         )
+
+    # -- devices ----------------------------------------------------------
+
+    def to(self, device: torch.device | str | int, *, chunk_bytes: int | None = None) -> ModelSet:
+        """ms.to(device) -> ModelSet
+
+        The same models on ``device`` (``"cuda"``, ``"cuda:1"``, ``"cpu"``...);
+        ``self`` if they are there already. Between the host and an
+        accelerator the bytes move through two pinned staging buffers of
+        ``chunk_bytes`` (default :data:`mmpack.staging.CHUNK_BYTES`), copies
+        overlapping the host's side of the work.
+
+        Example::
+
+            on_gpu = ms.to("cuda")         # train with torch.func on the device...
+            repo.save(on_gpu, approach="update", base=vid)   # ...and save from there
+        """
+        target = staging.resolve_device(device)
+        if target is None:
+            raise InvalidArgumentError("to() needs a device")
+        here = self.device
+        if target == here:
+            return self
+        if here.type == "cpu":
+            moved = staging.upload(self._tensors, self._architecture, self._n_models, target, chunk_bytes)
+        elif target.type == "cpu":
+            moved = self._download(chunk_bytes)[0]
+        else:
+            moved = {n: t.to(target) for n, t in self._tensors.items()}
+        return ModelSet._trusted(self._architecture, moved, self._n_models)
+
+    def _host(self, chunk_bytes: int | None = None) -> ModelSet:
+        """This set in host memory (itself if it is there)."""
+        return self if self.device.type == "cpu" else self.to("cpu", chunk_bytes=chunk_bytes)
+
+    def _to_host_hashed(self, into: dict[str, torch.Tensor] | None = None,
+                        chunk_bytes: int | None = None) -> tuple[ModelSet, np.ndarray]:
+        """A host copy of this set (into the host tensors ``into``, when given) and its hashes: one
+        pass, each row hashed as it lands, the device's copies overlapping the host's."""
+        tensors, hashes = self._download(chunk_bytes, into, hashed=True)
+        return ModelSet._trusted(self._architecture, tensors, self._n_models), hashes
+
+    def _download(self, chunk_bytes: int | None, into: dict[str, torch.Tensor] | None = None,
+                  *, hashed: bool = False) -> tuple[dict[str, torch.Tensor], np.ndarray | None]:
+        specs = self._architecture.tensors
+        if into is None:
+            into = {s.name: packing.empty_stacked(self._n_models, s) for s in specs}
+        destinations = [packing.byte_view(into[s.name]) for s in specs]
+        by_tensor = np.empty((len(specs), self._n_models), dtype=np.uint64) if hashed else None
+        U64 = np.uint64
+
+        def consume(j: int, first: int, count: int, chunk: np.ndarray) -> None:
+            size = specs[j].nbytes
+            if by_tensor is None:
+                np.copyto(destinations[j][first * size : (first + count) * size], chunk)
+                return
+            starts = np.arange(count, dtype=U64) * U64(size)
+            packing.copy_rows(chunk, starts, destinations[j], starts + U64(first * size), size,
+                              by_tensor[j, first : first + count])
+
+        staging.download([self._tensors[s.name] for s in specs], [s.nbytes for s in specs], consume, chunk_bytes)
+        if by_tensor is not None:
+            for j in (j for j, s in enumerate(specs) if s.nbytes == 0):
+                packing.hash_empty_rows(by_tensor[j])
+        return into, None if by_tensor is None else np.ascontiguousarray(by_tensor.T)
 
     # -- operations -------------------------------------------------------
 
@@ -220,10 +284,11 @@ class ModelSet:
         if difference is not None:
             raise ArchitectureMismatchError(f"modules are unlike this model set: {difference}")
         layout = packing.ModuleLayout(models[0], theirs)
+        source = self._host()  # the native scatter reads host bytes; device modules take copies from there
         with packing.gc_paused():
             targets = layout.tensors_of(models)
             packing.check_columns(targets, self._architecture, self._n_models)  # sizes guard the raw writes
-            packing.scatter_to_modules(self._tensors, self._architecture, targets, self._n_models)
+            packing.scatter_to_modules(source._tensors, self._architecture, targets, self._n_models)
 
     def select(self, indices: Iterable[int]) -> ModelSet:
         """ms.select(indices) -> ModelSet
@@ -235,12 +300,17 @@ class ModelSet:
             ms.select([3, 17]).n_models  # 2
         """
         index = torch.from_numpy(normalize_indices(indices, self._n_models))
-        selected = {
-            spec.name: torch.index_select(
-                self._tensors[spec.name], 0, index, out=packing.empty_stacked(len(index), spec)
-            )
-            for spec in self._architecture.tensors
-        }
+        device = self.device
+        if not staging.is_host(device):
+            index = index.to(device)
+            selected = {n: torch.index_select(t, 0, index) for n, t in self._tensors.items()}
+        else:
+            selected = {
+                spec.name: torch.index_select(
+                    self._tensors[spec.name], 0, index, out=packing.empty_stacked(len(index), spec)
+                )
+                for spec in self._architecture.tensors
+            }
         return ModelSet._trusted(self._architecture, selected, len(index))
 
     def hashes(self) -> np.ndarray:
@@ -249,31 +319,60 @@ class ModelSet:
         XXH3-64 of every (model, tensor) slice as uint64 ``[n_models, n_tensors]``,
         columns in architecture order. Computed afresh on every call (one pass
         over the bytes, multi-threaded), so it always describes the current values.
+        A set on an accelerator is hashed on the host as its chunks arrive.
 
         Example::
 
             h = ms.hashes()
             changed = (h != base.hashes()).any(axis=1)  # which models changed
         """
+        if not staging.is_host(self.device):
+            return self._hash_on_host()
         return packing.hash_stacked(self._tensors, self._architecture, self._n_models)
 
+    def _hash_on_host(self, chunk_bytes: int | None = None) -> np.ndarray:
+        specs = self._architecture.tensors
+        by_tensor = np.empty((len(specs), self._n_models), dtype=np.uint64)
+
+        def consume(j: int, first: int, count: int, chunk: np.ndarray) -> None:
+            packing.native_hash_rows(chunk, specs[j].nbytes, by_tensor[j, first : first + count])
+
+        staging.download([self._tensors[s.name] for s in specs], [s.nbytes for s in specs], consume, chunk_bytes)
+        for j in (j for j, s in enumerate(specs) if s.nbytes == 0):
+            packing.hash_empty_rows(by_tensor[j])
+        return np.ascontiguousarray(by_tensor.T)
+
     def equal(self, other: ModelSet) -> bool:
-        """True when ``other`` has the same architecture and bit-identical tensors."""
+        """True when ``other`` has the same architecture and bit-identical tensors (on any devices)."""
         if not isinstance(other, ModelSet) or self._architecture.difference(other._architecture) is not None:
             return False
         if self._n_models != other._n_models:
             return False
+        if self.device.type == "cpu" and other.device.type == "cpu":
+            return all(
+                np.array_equal(packing.byte_view(self._tensors[n]), packing.byte_view(other._tensors[n]))
+                for n in self._architecture.names
+            )
+        theirs = other.to(self.device)
         return all(
-            np.array_equal(packing.byte_view(self._tensors[n]), packing.byte_view(other._tensors[n]))
-            for n in self._architecture.names
+            torch.equal(_bytes_of(self._tensors[n]), _bytes_of(theirs._tensors[n])) for n in self._architecture.names
         )
+
+
+def _bytes_of(tensor: torch.Tensor) -> torch.Tensor:
+    """The raw bytes of a contiguous tensor, on its device (bitwise comparisons: NaN equals itself)."""
+    return tensor.detach().reshape(-1).view(torch.uint8)
 
 
 def normalize_indices(indices: Iterable[int], n_models: int) -> np.ndarray:
     """Model indices as an int64 array, each checked to lie in ``[0, n_models)``."""
     if isinstance(indices, torch.Tensor):
         indices = indices.tolist()
-    array = np.asarray(list(indices) if not isinstance(indices, np.ndarray) else indices)
+    values = list(indices) if not isinstance(indices, np.ndarray) else indices
+    array = np.asarray(values)
+    if array.dtype.kind == "f" and not isinstance(values, np.ndarray):
+        # Python ints beyond int64 next to others may make numpy choose float64: look at them as they are.
+        array = np.asarray(values, dtype=object)
     if array.ndim == 1 and array.dtype == object:
         # Python ints beyond int64 (numpy keeps them as objects): name the first one out of range.
         for value in array:
@@ -291,3 +390,54 @@ def normalize_indices(indices: Iterable[int], n_models: int) -> np.ndarray:
         bad = int(array[(array < 0) | (array >= n_models)][0])
         raise ModelIndexError(f"model index {bad} out of range: the set has {n_models} models (0..{n_models - 1})")
     return array
+
+
+def out_tensors(out: object, architecture: Architecture, n_models: int, what: str) -> dict[str, torch.Tensor]:
+    """The stacked tensors a load or recovery writes into: ``out`` (a ModelSet, or a mapping of every
+    tensor name to its stacked tensor) checked against ``architecture`` and ``n_models`` before any
+    byte moves; detached views of the caller's tensors, in architecture order.
+
+    Raises :class:`ArchitectureMismatchError` for a name, shape, dtype or size
+    that differs, :class:`InvalidArgumentError` for tensors on several devices or
+    whose rows overlap in memory, ``TypeError`` for anything else.
+    """
+    if isinstance(out, ModelSet):
+        difference = out.architecture.difference(architecture)
+        if difference is not None:
+            raise ArchitectureMismatchError(f"out= is unlike {what}: {difference}")
+        if len(out) != n_models:
+            raise ArchitectureMismatchError(f"out= holds {len(out)} models; {what} has {n_models}")
+        return dict(out._tensors)
+    if not isinstance(out, Mapping):
+        raise TypeError(
+            f"out= must be a ModelSet or a mapping of tensor names to stacked tensors, not {type(out).__name__}"
+        )
+    missing = [n for n in architecture.names if n not in out]
+    extra = [n for n in out if n not in set(architecture.names)]
+    if missing or extra:
+        raise ArchitectureMismatchError(f"out= is unlike {what}: missing {missing}, unexpected {extra}")
+    targets: dict[str, torch.Tensor] = {}
+    for spec in architecture.tensors:
+        t = out[spec.name]
+        _check_stacked(t, spec, n_models, f"out[{spec.name!r}]", f"{what} has")
+        if any(stride == 0 and size > 1 for stride, size in zip(t.stride(), t.shape)):
+            raise InvalidArgumentError(f"out[{spec.name!r}] has elements that share memory (an expanded tensor)")
+        targets[spec.name] = t.detach()
+    devices = {t.device for t in targets.values()}
+    if len(devices) > 1:
+        raise InvalidArgumentError(f"out= holds tensors on several devices: {sorted(map(str, devices))}")
+    return targets
+
+
+def _check_stacked(t: object, spec: TensorSpec, n_models: int, label: str, against: str) -> None:
+    """``t`` must be a tensor holding data, ``[n_models, *spec.shape]`` of ``spec.dtype``; ``label``
+    names it in the error, ``against`` introduces what it should be."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{label} must be a torch.Tensor, not {type(t).__name__}")
+    if tuple(t.shape) != (n_models, *spec.shape) or t.dtype != spec.dtype:
+        raise ArchitectureMismatchError(
+            f"{label} has shape {tuple(t.shape)} and dtype {t.dtype}; "
+            f"{against} {(n_models, *spec.shape)} and {spec.dtype}"
+        )
+    if t.device.type == "meta":
+        raise InvalidArgumentError(f"{label} is on the meta device, which holds no data")

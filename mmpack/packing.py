@@ -23,6 +23,7 @@ from mmpack.architecture import Architecture, TensorSpec
 from mmpack.errors import ArchitectureMismatchError
 
 _shape_dtype_cpu = operator.attrgetter("shape", "dtype", "is_cpu")
+_dtype = operator.attrgetter("dtype")
 
 
 def byte_view(tensor: torch.Tensor) -> np.ndarray:
@@ -96,7 +97,6 @@ class ModuleLayout:
         links = [(s.parent, s.key) for s in self.steps[1:]]
         slots = [(s.step, s.attribute, s.key) for s in self.slots]
         signatures = [s.signature for s in self.steps]
-        signature = _signature
         out: list[torch.Tensor] = []
         append = out.append
         for i, model in enumerate(models):
@@ -104,7 +104,8 @@ class ModuleLayout:
             try:
                 for parent, key in links:
                     modules.append(modules[parent]._modules[key])
-                if list(map(signature, modules)) != signatures:
+                # _signature, inlined: a call per module would cost a quarter of the walk.
+                if [(type(m), len(m._modules), len(m._parameters), len(m._buffers)) for m in modules] != signatures:
                     raise KeyError
                 for step, attribute, key in slots:
                     tensor = getattr(modules[step], attribute)[key]
@@ -180,54 +181,60 @@ def check_columns(tensors: list[torch.Tensor], architecture: Architecture, n_mod
     return device
 
 
-def gather_modules(
-    tensors: list[torch.Tensor], architecture: Architecture, n_models: int
-) -> tuple[dict[str, torch.Tensor], np.ndarray]:
-    """Stack CPU tensors (model-major, checked by :func:`check_columns`) into one tensor per name.
-
-    Returns the stacked tensors and their per-(model, tensor) XXH3-64 hashes,
-    computed by the native gather in the same pass as the copy.
-    """
-    width = len(architecture)
-    specs = architecture.tensors
-    sources = _contiguous_sources(tensors, specs)
-    stacked = {s.name: empty_stacked(n_models, s) for s in specs}
-    row_bytes = np.array([s.nbytes for s in specs], dtype=np.uint64)
-    models = np.arange(n_models, dtype=np.uint64)
-    addresses = np.fromiter(map(torch.Tensor.data_ptr, sources), dtype=np.uint64, count=len(sources))
-    hashes = np.empty(n_models * width, dtype=np.uint64)
-    _native.gather(
-        addresses,
-        np.tile(row_bytes, n_models),
-        [byte_view(stacked[s.name]) for s in specs],
-        np.tile(np.arange(width, dtype=np.uint64), n_models),
-        (models[:, None] * row_bytes[None, :]).reshape(-1),
-        hashes,
-    )
-    return stacked, hashes.reshape(n_models, width)
-
-
-def _contiguous_sources(tensors: list[torch.Tensor], specs: Sequence[TensorSpec]) -> list[torch.Tensor]:
-    """The tensors whose raw bytes can be read as they are; non-contiguous ones are copied."""
-    if all(map(torch.Tensor.is_contiguous, tensors)) and not any(s.dtype.is_complex for s in specs):
-        return tensors
-    width = len(specs)
-    fixed = []
-    for k, t in enumerate(tensors):
-        if specs[k % width].dtype.is_complex:
-            t = t.resolve_conj().resolve_neg()  # a lazy conjugate's raw bytes are not its values
-        fixed.append(t if t.is_contiguous() else t.contiguous())
-    return fixed
-
-
-def stack_on_device(
+def stack_columns(
     tensors: list[torch.Tensor], architecture: Architecture, n_models: int
 ) -> dict[str, torch.Tensor]:
-    """Stack accelerator tensors on their device, then copy each stacked tensor to the host once."""
+    """Stack model-major tensors (``tensors[i * L + j]``: tensor j of model i) into one tensor per
+    name, on their device (host sets in numpy memory, see :func:`empty_stacked`).
+
+    One ``torch.stack`` per name does the copying, and checks shapes and
+    devices in C++ on the way; dtypes are checked first, as stacking would
+    promote them. Any mismatch is then reported by :func:`check_columns`,
+    which names the first model and tensor that differ.
+    """
     width = len(architecture)
-    return {
-        spec.name: torch.stack(tensors[j::width]).cpu() for j, spec in enumerate(architecture.tensors)
-    }
+    dtypes = list(map(_dtype, tensors))
+    if any(dtypes[j::width].count(spec.dtype) != n_models for j, spec in enumerate(architecture.tensors)):
+        check_columns(tensors, architecture, n_models)
+    host = tensors[0].device.type == "cpu" if tensors else True
+    stacked = {}
+    try:
+        with torch.no_grad():
+            for j, spec in enumerate(architecture.tensors):
+                column = tensors[j::width]
+                stacked[spec.name] = (
+                    torch.stack(column, out=empty_stacked(n_models, spec)) if host else torch.stack(column)
+                )
+    except RuntimeError:
+        check_columns(tensors, architecture, n_models)  # names what torch.stack found unlike the rest
+        raise
+    return stacked
+
+
+def copy_rows(src: np.ndarray, src_offsets: np.ndarray, dst: np.ndarray, dst_offsets: np.ndarray, row_bytes: int,
+              hashes: np.ndarray | None = None) -> None:
+    """Copy rows of ``row_bytes`` from byte array ``src`` (at ``src_offsets``) to ``dst`` (at
+    ``dst_offsets``) in one native pass, writing each row's XXH3-64 into ``hashes`` when given."""
+    n = len(src_offsets)
+    zeros = np.zeros(n, dtype=np.uint64)
+    _native.copy_segments([src], zeros, src_offsets, [dst], zeros, dst_offsets, np.full(n, row_bytes, np.uint64),
+                          hashes)
+
+
+def copy_bytes(src: np.ndarray, dst: np.ndarray) -> None:
+    """``dst[:] = src`` for byte arrays of one size, by the native copy (threads, GIL released)."""
+    zero = np.zeros(1, dtype=np.uint64)
+    _native.copy_segments([src], zero, zero, [dst], zero, zero, np.array([len(src)], dtype=np.uint64))
+
+
+def native_hash_rows(data: np.ndarray, row_bytes: int, out: np.ndarray) -> None:
+    """XXH3-64 of each ``row_bytes`` row of the byte array ``data`` into ``out`` (native, GIL released)."""
+    _native.hash_rows(data, row_bytes, out)
+
+
+def hash_empty_rows(out: np.ndarray) -> None:
+    """The hash of every row of a tensor without bytes (each is the hash of nothing)."""
+    _native.hash_rows(np.empty(0, dtype=np.uint8), 0, out)
 
 
 def scatter_to_modules(

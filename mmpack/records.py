@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -22,12 +23,53 @@ class ObjectRef:
     row index and hash table: with the header it fixes every byte a reader
     trusts, so an object cannot be exchanged for another of the same shape
     (docs/REPOSITORY.md). None for objects recorded before pins existed.
+
+    ``first`` and ``count`` are the range of models of the set the object
+    holds (a *shard* of its version, docs/REPOSITORY.md "Shards"): models
+    ``first`` to ``first + count - 1``; ``count`` None means every model of
+    the version (a version of one object, as every version was before
+    shards). ``table``: a *table object*, the version's hash table for that
+    range and no rows, rather than a data object.
     """
 
     key: str
     bytes: int
     checksum: int
     pin: int | None = None
+    first: int = 0
+    count: int | None = None
+    table: bool = False
+
+    def stop(self, n_models: int) -> int:
+        """One past the last model of the range, in a version of ``n_models`` models."""
+        return n_models if self.count is None else self.first + self.count
+
+
+def one_object_form(objects: list[ObjectRef] | tuple[ObjectRef, ...], n_models: int) -> tuple[ObjectRef, ...]:
+    """A version's references as they are recorded: without ranges when the version is one data
+    object of the whole set (and a delta's one table object of it), as versions were before
+    shards; as they are otherwise."""
+    data = [o for o in objects if not o.table]
+    tables = [o for o in objects if o.table]
+    whole = all(o.first == 0 and o.stop(n_models) == n_models for o in objects)
+    if len(data) == 1 and len(tables) <= 1 and whole and list(objects) == data + tables:
+        return tuple(ObjectRef(o.key, o.bytes, o.checksum, o.pin, table=o.table) for o in objects)
+    return tuple(objects)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One object of a version with the range of models it holds: ``first`` to ``stop - 1``;
+    ``index`` is its position in the record's ``objects``."""
+
+    index: int
+    ref: ObjectRef
+    first: int
+    stop: int
+
+    @property
+    def count(self) -> int:
+        return self.stop - self.first
 
 
 class Changes:
@@ -135,6 +177,25 @@ class VersionRecord:
     @property
     def stored_bytes(self) -> int:
         return sum(o.bytes for o in self.objects) + self.architecture_bytes + self.manifest_bytes
+
+    @cached_property
+    def shards(self) -> tuple[Shard, ...]:
+        """The data objects (every object but table objects), ascending by range. A version of one
+        object has one shard holding every model; a delta's shards hold the ranges where it
+        changed models (none if it changed nothing, in a sharded record)."""
+        return tuple(Shard(k, ref, ref.first, ref.stop(self.n_models))
+                     for k, ref in enumerate(self.objects) if not ref.table)
+
+    @cached_property
+    def table_shards(self) -> tuple[Shard, ...]:
+        """The table objects (a delta's whole hash table, range by range), ascending; often none."""
+        return tuple(Shard(k, ref, ref.first, ref.stop(self.n_models))
+                     for k, ref in enumerate(self.objects) if ref.table)
+
+    def shards_in(self, first: int, stop: int, tables: bool = False) -> tuple[Shard, ...]:
+        """The shards (or table shards) whose ranges meet models ``first`` to ``stop - 1``."""
+        found = self.table_shards if tables else self.shards
+        return tuple(s for s in found if s.first < stop and first < s.stop)
 
     @property
     def is_full(self) -> bool:

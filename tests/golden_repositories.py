@@ -13,10 +13,14 @@ Format 2 golden repositories also hold tags: ``production`` moved back and
 forth between v3 and v5 (:data:`TAG_MOVES` times, so the log passes its first
 checkpoint), and ``canary`` set on v4, then removed.
 
+``repo_format2_shards`` is written with shards of :data:`SHARD_BYTES` bytes
+(catalog documents of version 2): its Baselines are a shard per model, its
+Updates two shards each.
+
 Regenerate only when adding a new repository or manifest format version, with
 the mmpack release that writes it, into a new folder::
 
-    python tests/golden_repositories.py tests/golden/repo_<name>
+    python tests/golden_repositories.py tests/golden/repo_<name> [--shard-bytes N]
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from golden_sets import golden_v1_modelset  # noqa: E402
 N_MODELS = 12
 TAG_MOVES = 30
 RETRAINED = (2, 7)  # the models the provenance version retrains
+SHARD_BYTES = 100  # repo_format2_shards: a golden model is 120 bytes, its updates change 56 or 64
 
 
 def golden_train(models: ModelSet, datasets: list, kinds: list, config: dict, model_ids: np.ndarray) -> ModelSet:
@@ -78,9 +83,9 @@ def _nudged(ms: ModelSet, models: list[int], names: list[str], step: float) -> M
     return ModelSet(ms.architecture, tensors)
 
 
-def write(folder: pathlib.Path) -> None:
+def write(folder: pathlib.Path, shard_bytes: int | None = None) -> None:
     sets = golden_history()
-    repo = Repository(folder)
+    repo = Repository(folder, shard_bytes=shard_bytes) if shard_bytes else Repository(folder)
     v1 = repo.save(sets[0], message="golden baseline")
     v2 = repo.save(sets[1], approach="update", base=v1, message="golden update")
     xor = Compression(codec="zstd", chunk_bytes=64)  # the committed golden repositories hold zstd objects
@@ -112,4 +117,4 @@ if __name__ == "__main__":
     target = pathlib.Path(sys.argv[1])
     if target.exists():
         sys.exit(f"{target} exists: golden repositories are written once")
-    write(target)
+    write(target, int(sys.argv[3]) if sys.argv[2:3] == ["--shard-bytes"] else None)

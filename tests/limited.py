@@ -92,11 +92,12 @@ class Outcome:
 
 
 def run_limited(
-    code: str, budget_bytes: int = 768 << 20, timeout: float = 120, python: str = sys.executable
+    code: str, budget_bytes: int = 768 << 20, timeout: float = 120, python: str = sys.executable,
+    env: dict[str, str] | None = None,
 ) -> Outcome:
     """Run ``code`` (defining ``read()``) in a child with ``budget_bytes`` of address space to spare
-    (``python``: the interpreter, another build of mmpack say)."""
-    env = dict(os.environ, MALLOC_ARENA_MAX="2", OMP_NUM_THREADS="1")
+    (``python``: the interpreter, another build of mmpack say; ``env``: more environment variables)."""
+    env = dict(os.environ, MALLOC_ARENA_MAX="2", OMP_NUM_THREADS="1", **(env or {}))
     child = _CHILD.format(code=textwrap.dedent(code))
     process = subprocess.run(
         [python, "-c", child, str(budget_bytes)], capture_output=True, text=True, timeout=timeout, env=env,

@@ -196,6 +196,15 @@ def test_demo_runs_end_to_end_and_verifies(tmp_path):
     assert refused.returncode == 1 and "not empty" in refused.stderr
 
 
+def test_the_fleet_demo_saves_updates_and_recovers_a_set_in_slices(tmp_path):
+    result = mmpack_cli("demo", "--fleet", "--models", "3000", "--slice", "700", "--dir", str(tmp_path / "fleet"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "verified bit-exact against the models made: True" in result.stdout
+    assert "save an update of 30 models" in result.stdout
+    log = mmpack_cli("log", str(tmp_path / "fleet" / "fleet"))
+    assert log.returncode == 0 and "1 % retrained" in log.stdout
+
+
 def test_bench_paper_runs_small(tmp_path):
     result = mmpack_cli(
         "bench", "paper", "--models", "60", "--cycles", "2", "--runs", "1", "--json", str(tmp_path / "r.json")

@@ -13,7 +13,7 @@ import mmpack
 from mmpack import Repository
 
 TRAINING = {"golden_repositories:golden_train": golden_train}
-FORMATS = ["repo_format1", "repo_format2"]
+FORMATS = ["repo_format1", "repo_format2", "repo_format2_shards"]
 RECORDS = [  # id, approach, base, message
     ("v1", "baseline", None, "golden baseline"),
     ("v2", "update", "v1", "golden update"),
@@ -71,8 +71,9 @@ def test_the_golden_repository_still_reads_after_a_save(golden):
     assert isinstance(golden.version("v1"), mmpack.VersionRecord)
 
 
-def test_the_format_2_golden_repository_reads_its_tags_and_their_log(tmp_path):
-    repo = Repository(GOLDEN_DIR / "repo_format2", create=False)
+@pytest.mark.parametrize("name", ["repo_format2", "repo_format2_shards"])
+def test_the_format_2_golden_repository_reads_its_tags_and_their_log(name):
+    repo = Repository(GOLDEN_DIR / name, create=False)
     assert repo.format_version == 2
     assert repo.tags() == {"production": "v5" if TAG_MOVES % 2 == 0 else "v3"}
     log = repo.tag_log()
@@ -84,3 +85,13 @@ def test_the_format_2_golden_repository_reads_its_tags_and_their_log(tmp_path):
     assert repo.catalog.state.checkpoint == 32  # read through a checkpoint past the first
     assert [c.version for c in repo.history(2)] == ["v1", "v4", "v5"]
     assert repo.diff("v1", "v2").models.tolist() == [1, 4, 9]
+
+
+def test_the_sharded_golden_repository_holds_shards_and_reads_them_alone():
+    repo = Repository(GOLDEN_DIR / "repo_format2_shards", create=False)
+    shards = {r.id: [(s.first, s.stop) for s in r.shards] for r in repo.versions()}
+    assert shards["v1"] == shards["v5"] == [(m, m + 1) for m in range(N_MODELS)]  # a shard per model
+    assert shards["v2"] == [(0, 9), (9, N_MODELS)] and shards["v3"] == [(0, 11), (11, N_MODELS)]
+    assert len(shards["v4"]) == 1  # a provenance document holds every model
+    assert repo.plan("v1", [3]).reads[0].object == 3
+    assert repo.recover("v3", [11, 5]).equal(golden_history()[2].select([11, 5]))

@@ -176,3 +176,16 @@ def test_conditional_writes_are_refused_where_unsupported():
         FsspecStore("memory://x", conditional_writes=True)
     with pytest.raises(ValueError):
         FsspecStore("memory://x", lease_seconds=0)
+
+
+def test_stores_pickle_for_the_workers_of_a_cluster(tmp_path):
+    import pickle
+
+    local = pickle.loads(pickle.dumps(LocalStore(tmp_path / "x", fsync=False)))
+    local.put("objects/a", b"1")
+    assert local.get("objects/a") == b"1" and not local.fsync
+    remote = FsspecStore(f"memory://pickled-{uuid.uuid4().hex}")
+    remote.put("objects/b", b"2")
+    copy = pickle.loads(pickle.dumps(remote))
+    assert copy.get("objects/b") == b"2" and copy.url == remote.url
+    assert copy.put_if_absent("objects/c", b"3") and not copy.put_if_absent("objects/c", b"4")

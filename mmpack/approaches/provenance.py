@@ -36,7 +36,7 @@ from mmpack.fileformat import Tail
 from mmpack.modelset import ModelSet
 from mmpack.objects import ObjectStore
 from mmpack.provenance import Provenance, TrainingFunction, resolve_function, source_hash
-from mmpack.records import Changes, ObjectRef, VersionRecord
+from mmpack.records import Changes, ObjectRef, Shard, VersionRecord
 
 _DOCUMENT = "mmpack-provenance"
 # Below this many models, retraining runs in this process: starting worker
@@ -105,7 +105,7 @@ class ProvenanceApproach(Approach):
             refs.append(table_object(objects, request.models, hashes))
         return Stored(refs, changes, {"retrained": len(recorded), "function": provenance.function})
 
-    def locate(self, record: VersionRecord, models: np.ndarray, tensors: np.ndarray) -> np.ndarray:
+    def locate(self, record: VersionRecord, models: np.ndarray, tensors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         raise RepositoryError("provenance versions store no rows; their pieces are rebuilt by retraining")
 
     def check(self, objects: ObjectStore, record: VersionRecord) -> None:
@@ -115,9 +115,8 @@ class ProvenanceApproach(Approach):
         if problems:
             raise ProvenanceMismatchError(f"{len(problems)} dataset(s) of {record.id} unusable, first: {problems[0]}")
 
-    def own_hashes(
-        self, objects: ObjectStore, record: VersionRecord, tail: Tail | None
-    ) -> tuple[np.ndarray, np.ndarray]:
+    def own_hashes(self, objects: ObjectStore, record: VersionRecord, shard: Shard,
+                   tail: Tail | None) -> tuple[np.ndarray, np.ndarray]:
         provenance, stored = read_document(objects, record)
         return provenance.models(), stored
 

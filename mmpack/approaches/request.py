@@ -21,9 +21,15 @@ class SaveRequest:
     ``compression``: how to compress the version's objects (None: raw).
     ``subset`` and ``table_object``: how a delta stores hash tables (see the
     fields). ``xor_reference``: for delta approaches, ``(version id, fetch)`` where
-    ``fetch(models)`` returns that version's values of sorted ``models`` (a
-    ModelSet); the repository offers the chain's full version, so XOR
-    deltas stay one level deep (docs/DESIGN-NOTES.md).
+    ``fetch(models)`` returns that version's values of sorted ``models`` (ids
+    of the set; a ModelSet); the repository offers the chain's full version,
+    so XOR deltas stay one level deep (docs/DESIGN-NOTES.md).
+
+    A request may hold a *slice* of the set: ``models`` are the set's models
+    ``first`` to ``first + len(models) - 1`` (``sliced``), ``hashes`` and
+    ``base_hashes()`` are theirs, and the objects written are shards of that
+    range (docs/REPOSITORY.md, "Shards"), each holding at most
+    ``shard_bytes`` bytes of rows (None: one object).
     """
 
     models: ModelSet
@@ -37,13 +43,18 @@ class SaveRequest:
     subset: bool = True
     #: A delta also stores the whole hash table in an object of its own (bounds table derivation).
     table_object: bool = False
+    first: int = 0
+    #: The request is one slice of a set written in slices (a slice a delta changed nothing in
+    #: then needs no object at all).
+    sliced: bool = False
+    shard_bytes: int | None = None
 
     def resolved_hashes(self) -> np.ndarray:
         return self.hashes.result() if isinstance(self.hashes, Future) else self.hashes
 
     def changed(self) -> np.ndarray:
         """``[n_models, n_tensors]`` bool: which pairs differ from the base (computed once)."""
-        found = getattr(self, "_changed", None)
+        found = getattr(self, "_changed", None)  # relative to the slice: row i is model first + i
         if found is None:
             found = self._changed = self.resolved_hashes() != self.base_hashes()
         return found

@@ -19,12 +19,13 @@ from mmpack.fileformat.header import (
     encode_header,
     read_header,
 )
+from mmpack.fileformat.loading import load
+from mmpack.fileformat.mapping import MappedModelSet
 from mmpack.fileformat.reading import (
     RowRequest,
     Tail,
     check_padding,
     check_size,
-    load,
     read_hash_rows,
     read_hash_table,
     read_modelset,
@@ -56,6 +57,7 @@ __all__ = [
     "STACKED",
     "Header",
     "Layout",
+    "MappedModelSet",
     "Reader",
     "check_padding",
     "check_size",

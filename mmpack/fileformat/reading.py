@@ -7,11 +7,9 @@ hash table: the check costs no extra pass over memory.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -19,7 +17,7 @@ import torch
 from mmpack import _io, _native, packing
 from mmpack.errors import FormatError, IntegrityError
 from mmpack.fileformat import compressed
-from mmpack.fileformat.header import ROWS, STACKED, Header, Reader, read_header
+from mmpack.fileformat.header import ROWS, STACKED, Header, Reader
 from mmpack.modelset import ModelSet, normalize_indices
 
 U64 = np.uint64
@@ -356,11 +354,7 @@ def read_modelset(
     source: Reader, header: Header, indices: Iterable[int] | None = None, *, verify: bool = True
 ) -> tuple[ModelSet, np.ndarray]:
     """Read all models, or only ``indices``, of a stacked object; return them and their stored hashes."""
-    if header.layout.kind != STACKED:
-        raise FormatError(
-            "this object holds only the changed rows of an Update version; recover it through its repository"
-        )
-    check_size(source, header)
+    check_stacked(source, header)
     arch = header.architecture
     if indices is None:
         if verify:
@@ -371,41 +365,40 @@ def read_modelset(
         wanted = normalize_indices(indices, header.n_models)
         unique, inverse = np.unique(wanted, return_inverse=True)
     tensors = {s.name: packing.empty_stacked(len(unique), s) for s in arch.tensors}
-    width = len(arch)
-    # One run per tensor and run of consecutive models: a full read is `width` runs, whatever
-    # the number of models.
-    positions, firsts, counts = runs(unique)
-    request = RowRequest(
-        source, header, np.repeat(np.arange(width), len(counts)), np.tile(firsts, width), np.tile(positions, width),
-        counts=np.tile(counts, width).astype(U64),
-    )
-    destinations = [packing.byte_view(tensors[s.name]) for s in arch.tensors]
-    computed = read_rows_many([request], destinations)[0].reshape(width, len(unique))
-    stored = read_hash_rows(source, header, unique)
-    if verify:
-        _verify_columns(unique, computed, stored, "the file")
+    stored = read_models_into(source, header, unique, tensors, verify=verify)
     loaded = ModelSet._trusted(arch, tensors, len(unique))
     if inverse is None or np.array_equal(unique, wanted):
         return loaded, stored
     return loaded.select(inverse), stored[inverse]
 
 
-def load(
-    f: str | os.PathLike[str] | BinaryIO, indices: Iterable[int] | None = None, *, verify: bool = True
-) -> ModelSet:
-    """load(f, indices=None, *, verify=True) -> ModelSet
+def check_stacked(source: Reader, header: Header) -> None:
+    """A stacked object of the size its header states (what :func:`read_models_into` reads)."""
+    if header.layout.kind != STACKED:
+        raise FormatError(
+            "this object holds only the changed rows of an Update version; recover it through its repository"
+        )
+    check_size(source, header)
 
-    Read a model-set file (path or seekable binary file object). With
-    ``indices``, only those models' bytes are read, in the order given. Every
-    byte read is checked against the file's checksums unless ``verify=False``
-    (for callers that verify elsewhere); corruption raises
-    :class:`IntegrityError`, other malformed input :class:`FormatError`.
 
-    Example::
-
-        two = mmpack.load("cells.mmpack", indices=[3, 17])
-    """
-    with _io.opened(f, "rb") as stream, _io.FileReader(stream) as source:
-        header = read_header(source)
-        return read_modelset(source, header, indices, verify=verify)[0]
+def read_models_into(source: Reader, header: Header, models: np.ndarray, tensors: dict[str, torch.Tensor], *,
+                     verify: bool = True) -> np.ndarray:
+    """Read the sorted unique ``models`` of a stacked object (checked by :func:`check_stacked`) into
+    contiguous host ``tensors`` (``[len(models), *shape]`` by name); return their stored hashes,
+    which the rows were checked against unless ``verify=False``."""
+    arch = header.architecture
+    width = len(arch)
+    # One run per tensor and run of consecutive models: a full read is `width` runs, whatever
+    # the number of models.
+    positions, firsts, counts = runs(models)
+    request = RowRequest(
+        source, header, np.repeat(np.arange(width), len(counts)), np.tile(firsts, width), np.tile(positions, width),
+        counts=np.tile(counts, width).astype(U64),
+    )
+    destinations = [packing.byte_view(tensors[s.name]) for s in arch.tensors]
+    computed = read_rows_many([request], destinations)[0].reshape(width, len(models))
+    stored = read_hash_rows(source, header, models)
+    if verify:
+        _verify_columns(models, computed, stored, "the file")
+    return stored
 

@@ -18,6 +18,7 @@ from mmpack.compression import encode_rows as encode_chunks
 from mmpack.compression import resolve as resolve_compression
 from mmpack.fileformat.header import ZEROS, Header, Layout, check_host, encode_header
 from mmpack.modelset import ModelSet
+from mmpack.staging import is_host
 
 U64 = np.uint64
 
@@ -230,12 +231,9 @@ def modelset_and_hashes(models: ModelSet | Sequence[nn.Module]) -> tuple[ModelSe
     """The ModelSet to write and its hashes: from the gather pass, or computing in the background."""
     if isinstance(models, nn.Module):
         raise TypeError("expected a ModelSet or a list of modules; wrap a single module as [module]")
-    if isinstance(models, ModelSet):
-        modelset, hashes = models, None
-    else:
-        modelset, hashes = ModelSet._from_modules_hashed(models)
-    if hashes is not None:
-        return modelset, hashes
+    modelset = models if isinstance(models, ModelSet) else ModelSet.from_modules(models)
+    if not is_host(modelset.device):  # staged to the host, each row hashed as its chunk arrives
+        return modelset._to_host_hashed()
     # The kernel releases the GIL: hashing runs on another core while the tensors are written.
     future: Future[np.ndarray] = Future()
 

@@ -25,10 +25,11 @@ from mmpack.architecture import Architecture
 from mmpack.errors import IntegrityError
 from mmpack.fileformat import RowRequest, read_rows_many, verify_rows
 from mmpack.modelset import ModelSet
+from mmpack.placement import place_models
 from mmpack.provenance import TrainingFunction
 from mmpack.records import VersionRecord
 from mmpack.repository.catalog.tables import Tables
-from mmpack.repository.planner import Read, RecoveryPlan, plan_recovery, xor_base
+from mmpack.repository.planner import Read, RecoveryPlan, plan_recovery, reads_of, xor_base
 
 U64 = np.uint64
 
@@ -52,26 +53,63 @@ def recover(tables: Tables, vid: str, indices=None, *, verify: bool = True,
     return execute(tables, plan_recovery(tables, vid, indices), verify=verify, options=options)
 
 
-def execute(
-    tables: Tables, plan: RecoveryPlan, *, verify: bool = True, options: RebuildOptions = RebuildOptions()
-) -> ModelSet:
-    """The models ``plan`` recovers, bit-exact; every piece checked unless ``verify=False``."""
+def recover_placed(tables: Tables, vid: str, indices, out, device, *, verify: bool = True,
+                   options: RebuildOptions = RebuildOptions(), chunk_bytes: int | None = None):
+    """The recovery of ``vid`` into ``out`` or onto ``device`` (see ``Repository.recover``): a plan
+    per chunk of models, each carried out into staging buffers (or straight into ``out``)."""
+    chain = tables.chain(vid)
+    tables.objects.tail(chain[-1])  # the full version's object fixes the set's size before any allocation
+    architecture = tables.catalog.architecture(chain[0].architecture)
+    return place_models(
+        architecture, chain[0].n_models, indices, out, device,
+        lambda models, into: execute(tables, plan_recovery(tables, vid, models), verify=verify, options=options,
+                                     into=into),
+        chunk_bytes=chunk_bytes, what=f"version {vid}",
+    )
+
+
+def execute(tables: Tables, plan: RecoveryPlan, *, verify: bool = True, options: RebuildOptions = RebuildOptions(),
+            into: dict[str, torch.Tensor] | None = None) -> ModelSet:
+    """The models ``plan`` recovers, bit-exact; every piece checked unless ``verify=False``.
+
+    ``into``: contiguous host tensors ``[len(plan.models), *shape]`` by name to fill instead of
+    fresh ones (the plan then keeps its models' order: ``plan.order`` is None)."""
+    architecture, tensors = execute_tensors(tables, plan, verify=verify, options=options, into=into)
+    result = ModelSet._trusted(architecture, tensors, len(plan.models))
+    return result if plan.order is None else result.select(plan.order)
+
+
+def execute_tensors(tables: Tables, plan: RecoveryPlan, *, verify: bool = True,
+                    options: RebuildOptions = RebuildOptions(),
+                    into: dict[str, torch.Tensor] | None = None) -> tuple[Architecture, dict[str, torch.Tensor]]:
+    """The architecture and the stacked tensors ``plan`` recovers (only ``plan.tensors`` when it
+    names some; into ``into`` when given), rows in the order of ``plan.models``."""
     catalog, objects = tables.catalog, tables.objects
     records = {r.version: catalog.record(r.version) for r in plan.reads}
     root = catalog.record(plan.root)
     architecture = catalog.architecture(root.architecture)
-    # The root's object states, in a header it is pinned to, how many models the chain holds: it
-    # is checked against the records before anything is allocated from their sizes. On a remote
+    # The objects the plan reads, and the root's shards that hold its models (the full version
+    # fixes the set's size), state in headers they are pinned to how many models they hold: they
+    # are checked against the records before anything is allocated from their sizes. On a remote
     # store, every object's header and tail travel at once (a round trip each otherwise).
-    if objects.remote:
-        wanted = list({root.id: root, **records}.values())
+    wanted = list({(r.version, r.object): r for r in plan.reads})
+    wanted += [(root.id, s.index) for s in _holding(root, plan.models) if (root.id, s.index) not in wanted]
+    if objects.remote and len(wanted) > 1:
         with ThreadPoolExecutor(min(16, len(wanted))) as pool:
-            list(pool.map(objects.tail, wanted))
+            list(pool.map(lambda w: objects.tail(records.get(w[0]) or root, w[1]), wanted))
     else:
-        objects.tail(root)
+        for version, index in wanted:
+            objects.tail(records.get(version) or root, index)
     models = plan.models
-    tensors = {s.name: packing.empty_stacked(len(models), s) for s in architecture.tensors}
-    destinations = [packing.byte_view(tensors[s.name]) for s in architecture.tensors]
+    if into is not None and plan.order is not None:
+        raise ValueError("a plan that reorders its models cannot fill given tensors")
+    if into is None:
+        wanted_tensors = range(len(architecture)) if plan.tensors is None else plan.tensors.tolist()
+        into = {architecture.tensors[j].name: packing.empty_stacked(len(models), architecture.tensors[j])
+                for j in wanted_tensors}
+    tensors = into
+    destinations = [packing.byte_view(tensors[s.name]) if s.name in tensors else np.empty(0, np.uint8)
+                    for s in architecture.tensors]
     if plan.rebuilds:
         context = RebuildContext(
             lambda base, wanted: recover(tables, base, wanted, verify=verify, options=options),
@@ -86,20 +124,29 @@ def execute(
         with contextlib.ExitStack() as stack:
             requests = []
             for read in batch:
-                opened = stack.enter_context(objects.open(records[read.version]))
+                opened = stack.enter_context(objects.open(records[read.version], read.object))
                 requests.append(RowRequest(*opened, read.tensors, read.stored_rows, read.dst_rows, xor=read.xor))
             computed = read_rows_many(requests, destinations)
         if verify:
             for read, hashes in zip(batch, computed):
                 verify_rows(read.models, read.tensors, hashes, _expected(tables, records[read.version], read),
                             f"version {plan.version} (pieces of {read.version})")
-    result = ModelSet._trusted(architecture, tensors, len(models))
-    return result if plan.order is None else result.select(plan.order)
+    return architecture, tensors
+
+
+def _holding(record: VersionRecord, models: np.ndarray) -> list:
+    """The version's shards that hold some of sorted ``models`` (the first shard if none do)."""
+    shards = record.shards
+    if len(shards) <= 1:
+        return list(shards)
+    low = np.searchsorted(models, [s.first for s in shards])
+    high = np.searchsorted(models, [s.stop for s in shards])
+    return [s for s, a, b in zip(shards, low, high) if b > a] or [shards[0]]
 
 
 def _expected(tables: Tables, record: VersionRecord, read: Read) -> np.ndarray:
-    """The hashes ``record``'s own object states for the pieces of ``read``."""
-    ids, rows = tables.objects.own_hashes(record)
+    """The hashes ``record``'s own object (the shard ``read`` reads) states for the pieces of ``read``."""
+    ids, rows = tables.objects.own_hashes_of(record, read.object)
     at = np.searchsorted(ids, read.models)
     if len(at) and (at.max() >= len(ids) or np.any(ids[np.minimum(at, len(ids) - 1)] != read.models)):
         raise IntegrityError(f"the object of {record.describe()} states no hash for a piece it holds")
@@ -129,7 +176,7 @@ def recover_recursive(tables: Tables, vid: str, *, verify: bool = True,
     chain = tables.chain(vid)
     root = chain[-1]
     architecture = catalog.architecture(root.architecture)
-    objects.tail(root)  # sizes checked before the allocation
+    objects.tails(root, [s.index for s in root.shards])  # sizes checked before the allocation
     result = ModelSet._trusted(
         architecture, {s.name: packing.empty_stacked(root.n_models, s) for s in architecture.tensors}, root.n_models
     )
@@ -143,16 +190,18 @@ def recover_recursive(tables: Tables, vid: str, *, verify: bool = True,
         if approach.stores_rows:
             destinations = [packing.byte_view(result.tensors[s.name]) for s in architecture.tensors]
             xor = record is not root and xor_base(record, chain) is not None
+            # The deltas apply to the full version's values, not the base's: those are read first.
+            references = reads_of(root, rows, columns, rows) if xor else []
+            own = reads_of(record, rows, columns, rows, xor)
             with contextlib.ExitStack() as stack:
                 requests = []
-                if xor:  # the deltas apply to the full version's values, not the base's
-                    opened_root = stack.enter_context(objects.open(root))
-                    located = APPROACHES[root.approach].locate(root, rows, columns)
-                    requests.append(RowRequest(*opened_root, columns, located, rows))
-                opened = stack.enter_context(objects.open(record))
-                stored = approach.locate(record, rows, columns)
-                requests.append(RowRequest(*opened, columns, stored, rows, xor=xor))
-                computed = read_rows_many(requests, destinations)[-1]
+                for read in references + own:
+                    opened = stack.enter_context(objects.open(root if read in references else record, read.object))
+                    requests.append(RowRequest(*opened, read.tensors, read.stored_rows, read.dst_rows, xor=read.xor))
+                hashes = read_rows_many(requests, destinations)[len(references):]
+            rows, columns = (np.concatenate([getattr(r, f) for r in own] or [np.empty(0, np.int64)])
+                             for f in ("dst_rows", "tensors"))
+            computed = np.concatenate(hashes or [np.empty(0, np.uint64)])
         else:
             base = result  # the whole base set is at hand: retrain from it, as the paper does
             context = RebuildContext(

@@ -22,12 +22,13 @@ from mmpack.compression import Compression
 from mmpack.errors import InvalidArgumentError, MMPackError, RepositoryError, VersionNotFoundError
 from mmpack.modelset import ModelSet
 from mmpack.objects import ObjectStore
-from mmpack.records import VersionRecord
+from mmpack.records import VersionRecord, one_object_form
 from mmpack.repository import executor
 from mmpack.repository.catalog import Format2Catalog
 from mmpack.repository.catalog.documents import now, version_number
 from mmpack.repository.catalog.format2 import CHECKPOINTS, LOG, StaleCatalogError, _seq_of
 from mmpack.repository.catalog.tables import Tables
+from mmpack.repository.slices import recover_slices
 
 _PRUNE_ATTEMPTS = 5
 
@@ -106,9 +107,10 @@ def described(exc: BaseException) -> str:
 # -- verify -----------------------------------------------------------------------------------
 
 
-def verify(tables: Tables, vid: str | None, options: executor.RebuildOptions, may_retrain: bool) -> VerifyReport:
-    """Check every object's checksums and that every version (or only ``vid``) recovers bit-exactly;
-    collect every problem, never raise."""
+def verify(tables: Tables, vid: str | None, options: executor.RebuildOptions, may_retrain: bool,
+           slice_bytes: int = 256 << 20) -> VerifyReport:
+    """Check every object's checksums and that every version (or only ``vid``) recovers bit-exactly,
+    recovered in slices of about ``slice_bytes``; collect every problem, never raise."""
     catalog, objects = tables.catalog, tables.objects
     report = VerifyReport()
     try:
@@ -126,17 +128,24 @@ def verify(tables: Tables, vid: str | None, options: executor.RebuildOptions, ma
                 raise RepositoryError(f"names object {shared[0][0]}, which belongs to {shared[0][1]}")
             owners.update((ref.key, version_id) for ref in record.objects)
             APPROACHES[record.approach].check(objects.objects, record)
-            if len(record.objects) > 1:  # the table object states what the version's table is
-                if not np.array_equal(objects.tail(record, 1).table, _derived_table(tables, record)):
+            if record.table_shards:  # the table objects state what the version's table is
+                if not np.array_equal(objects.whole_table(record), _derived_table(tables, record)):
                     raise RepositoryError(f"the table object of {record.describe()} disagrees with its chain")
             if not may_retrain and any(not APPROACHES[r.approach].stores_rows for r in tables.chain(version_id)):
                 report.not_retrained.append(version_id)
                 continue
-            executor.recover(tables, version_id, None, verify=True, options=options)
+            size = _slice_models(tables, record, slice_bytes)
+            for _ in recover_slices(tables, version_id, size, options=options):
+                pass  # every piece checked as it lands; one slice in memory at a time
         except Exception as exc:  # noqa: BLE001 - every problem is collected, none raised
             report.problems.append(f"{version_id}: {described(exc)}")
     report.objects = len(owners)
     return report
+
+
+def _slice_models(tables: Tables, record: VersionRecord, slice_bytes: int) -> int:
+    per_model = max(1, tables.catalog.architecture(record.architecture).nbytes_per_model)
+    return max(1, slice_bytes // per_model)
 
 
 def _derived_table(tables: Tables, record: VersionRecord) -> np.ndarray:
@@ -241,7 +250,7 @@ def select_kept(records: list[VersionRecord], tags: dict[str, str], keep_last: i
 
 
 def prune(tables: Tables, objects: ObjectStore, kept_ids: set[str], *, dry_run: bool, message: str,
-          options: executor.RebuildOptions, may_retrain: bool) -> PruneReport:
+          options: executor.RebuildOptions, may_retrain: bool, shard_bytes: int | None = None) -> PruneReport:
     """Delete every live version not in ``kept_ids`` in one commit, after rewriting the kept versions
     that depend on deleted ones. Retried from the start if the catalog moves meanwhile."""
     catalog = tables.catalog
@@ -261,7 +270,7 @@ def prune(tables: Tables, objects: ObjectStore, kept_ids: set[str], *, dry_run: 
             return PruneReport((), (), _kept(records, deleted), tuple(dependencies), 0, 0, False)
         written: list[str] = []
         try:
-            replaced = _rewrite(tables, objects, records, set(deleted), rewrite, options, written)
+            replaced = _rewrite(tables, objects, records, set(deleted), rewrite, options, written, shard_bytes)
             catalog.commit_prune(deleted, replaced, message, seen)
         except StaleCatalogError:
             _remove(objects, written)
@@ -316,7 +325,8 @@ def _freed_bytes(records: dict[str, VersionRecord], deleted: list[str], rewrite:
 
 
 def _rewrite(tables: Tables, objects: ObjectStore, records: dict[str, VersionRecord], deleted: set[str],
-             rewrite: list[str], options: executor.RebuildOptions, written: list[str]) -> list[VersionRecord]:
+             rewrite: list[str], options: executor.RebuildOptions, written: list[str],
+             shard_bytes: int | None) -> list[VersionRecord]:
     """New records (and objects) for the kept versions in ``rewrite``, oldest first: each a delta on
     its nearest kept ancestor whose chain is whole, or a full version if it has none."""
     replaced: dict[str, VersionRecord] = {}
@@ -342,12 +352,13 @@ def _rewrite(tables: Tables, objects: ObjectStore, records: dict[str, VersionRec
                     lambda wanted, root=root.id: executor.recover(tables, root, wanted, options=options))
                 xor = (root.id, fetch) if compression is not None and compression.xor else None
             request = SaveRequest(models, table, base, (lambda t=base_table: t), None, compression, xor,
-                                  subset=True, table_object=False)
+                                  subset=True, table_object=False, shard_bytes=shard_bytes)
             stored = APPROACHES[approach].save(objects, request)
             written.extend(ref.key for ref in stored.objects)
             changes = stored.changes if approach != "baseline" else None
             replaced[vid] = replace(
-                record, approach=approach, base=base.id if base is not None else None, objects=tuple(stored.objects),
+                record, approach=approach, base=base.id if base is not None else None,
+                objects=one_object_form(stored.objects, record.n_models),
                 changes=changes,
                 details={**{k: v for k, v in record.details.items() if k not in ("compression", "xor_base")},
                          **stored.details},

@@ -15,6 +15,7 @@ Example::
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -29,9 +30,10 @@ from mmpack.repository.catalog.tables import Tables
 
 @dataclass(frozen=True, eq=False)
 class Read:
-    """Rows of one version's data object to put in place.
+    """Rows of one data object (shard) of a version to put in place.
 
-    Row ``k`` is tensor ``tensors[k]`` of model ``models[k]``, stored at row
+    ``object`` is the shard's index in the version's ``objects``. Row ``k``
+    is tensor ``tensors[k]`` of model ``models[k]``, stored at row
     ``stored_rows[k]`` of that tensor's section, and lands on row
     ``dst_rows[k]`` of the result. ``xor``: the object holds XOR deltas,
     applied onto the reference rows an earlier read put there.
@@ -43,6 +45,7 @@ class Read:
     stored_rows: np.ndarray
     dst_rows: np.ndarray
     xor: bool = False
+    object: int = 0
 
     def __len__(self) -> int:
         return len(self.tensors)
@@ -78,19 +81,25 @@ class RecoveryPlan:
     reads: tuple[Read, ...]
     rebuilds: tuple[Rebuild, ...]
     order: np.ndarray | None = field(default=None)
+    #: The tensors (architecture indices, ascending) the plan recovers; None: all.
+    tensors: np.ndarray | None = field(default=None)
 
     @property
     def pieces(self) -> int:
         return sum(map(len, self.reads)) + sum(map(len, self.rebuilds))
 
     def __repr__(self) -> str:
-        parts = [f"{r.version}{' xor' if r.xor else ''} ({len(r)})" for r in self.reads]
+        reads = Counter(r.version for r in self.reads)  # a version read from several shards names each
+        parts = [f"{r.version}{f'#{r.object}' if reads[r.version] > 1 else ''}{' xor' if r.xor else ''} ({len(r)})"
+                 for r in self.reads]
         parts += [f"{r.version} rebuilt ({len(r)})" for r in self.rebuilds]
         return f"RecoveryPlan({self.version}, {len(self.models)} models: {self.pieces} pieces from {', '.join(parts)})"
 
 
-def plan_recovery(tables: Tables, vid: str, indices: Iterable[int] | None = None) -> RecoveryPlan:
-    """The plan that recovers version ``vid`` (or only ``indices``) with bounded resolution."""
+def plan_recovery(tables: Tables, vid: str, indices: Iterable[int] | None = None,
+                  tensors: Iterable[int] | None = None) -> RecoveryPlan:
+    """The plan that recovers version ``vid`` (or only ``indices``; only the tensors ``tensors``,
+    architecture indices) with bounded resolution."""
     chain = tables.chain(vid)
     target, root = chain[0], chain[-1]
     n_tensors = len(tables.catalog.architecture(target.architecture))
@@ -103,8 +112,16 @@ def plan_recovery(tables: Tables, vid: str, indices: Iterable[int] | None = None
         if not np.array_equal(models, wanted):
             order = inverse
     owner = tables.owners(chain, models, n_tensors)
-    pieces = [(record, rows, columns) for record, (rows, columns) in zip(chain, group_by_owner(owner, len(chain)))
-              if len(rows)]
+    columns_of = None
+    if tensors is not None:
+        columns_of = np.unique(np.asarray(list(tensors), np.int64))
+        if len(columns_of) and (columns_of[0] < 0 or columns_of[-1] >= n_tensors):
+            raise RepositoryError(f"tensor #{int(columns_of[-1])} is not one of the {n_tensors} tensors")
+        owner = owner[:, columns_of]
+    groups = group_by_owner(owner, len(chain))
+    if columns_of is not None:
+        groups = [(rows, columns_of[columns]) for rows, columns in groups]
+    pieces = [(record, rows, columns) for record, (rows, columns) in zip(chain, groups) if len(rows)]
     rebuilds = tuple(
         Rebuild(r.id, rows, columns) for r, rows, columns in pieces if not APPROACHES[r.approach].stores_rows
     )
@@ -121,9 +138,24 @@ def plan_recovery(tables: Tables, vid: str, indices: Iterable[int] | None = None
         copied = [p for p in copied if all(p is not q for q in xor_pieces)] + xor_pieces
     reads = []
     for record, rows, columns in copied:
-        located = APPROACHES[record.approach].locate(record, models[rows], columns)
-        reads.append(Read(record.id, models[rows], columns, located, rows, xor=xor_base(record, chain) is not None))
-    return RecoveryPlan(vid, root.id, models, n_tensors, tuple(reads), rebuilds, order)
+        xor = xor_base(record, chain) is not None
+        reads.extend(reads_of(record, models[rows], columns, rows, xor))
+    return RecoveryPlan(vid, root.id, models, n_tensors, tuple(reads), rebuilds, order, columns_of)
+
+
+def reads_of(record: VersionRecord, models: np.ndarray, tensors: np.ndarray, dst_rows: np.ndarray,
+             xor: bool = False) -> list[Read]:
+    """The reads that fetch pairs (``models[k]``, ``tensors[k]``) the version owns, one per shard that
+    holds some, each in the order given (file order, when given tensor by tensor)."""
+    objects, located = APPROACHES[record.approach].locate(record, models, tensors)
+    if not len(objects):
+        return []
+    if objects.min() == objects.max():
+        return [Read(record.id, models, tensors, located, dst_rows, xor, int(objects[0]))]
+    order = np.argsort(objects, kind="stable")
+    bounds = np.flatnonzero(np.diff(objects[order])) + 1
+    return [Read(record.id, models[k], tensors[k], located[k], dst_rows[k], xor, int(objects[k[0]]))
+            for k in np.split(order, bounds)]
 
 
 def group_by_owner(owner: np.ndarray, n_sources: int) -> list[tuple[np.ndarray, np.ndarray]]:

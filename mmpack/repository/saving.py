@@ -18,11 +18,11 @@ from torch import nn
 from mmpack.approaches import APPROACHES, SaveRequest
 from mmpack.approaches.advisor import CostModel, Policy, Throughputs, check_policy, measured_throughputs
 from mmpack.compression import Compression
-from mmpack.errors import ArchitectureMismatchError, MMPackError
+from mmpack.errors import ArchitectureMismatchError, InvalidArgumentError, MMPackError
 from mmpack.fileformat import modelset_and_hashes
 from mmpack.modelset import ModelSet
 from mmpack.objects import ObjectStore
-from mmpack.records import Changes, VersionRecord
+from mmpack.records import Changes, VersionRecord, one_object_form
 from mmpack.repository.catalog.documents import now
 from mmpack.repository.catalog.tables import TABLE_EVERY, Tables
 from mmpack.repository.cleanup import WriteLog
@@ -57,6 +57,18 @@ class SnapshotPolicy:
             raise ValueError("SnapshotPolicy.max_chain_ratio must be positive")
 
 
+#: Bytes of rows a shard holds at most, unless the repository or the save says otherwise
+#: (docs/DESIGN-NOTES.md, "Shards": how it was chosen).
+DEFAULT_SHARD_BYTES = 256 << 20
+
+
+def check_shard_bytes(value: object) -> int:
+    """A shard size: a whole number of bytes, at least 1."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise InvalidArgumentError(f"shard_bytes must be a whole number of bytes, at least 1, not {value!r}")
+    return int(value)
+
+
 @dataclass(frozen=True)
 class Settings:
     """A repository's defaults for saving."""
@@ -65,6 +77,7 @@ class Settings:
     policy: Policy
     snapshots: SnapshotPolicy
     throughputs: Throughputs | None
+    shard_bytes: int = DEFAULT_SHARD_BYTES
 
 
 def save(
@@ -79,11 +92,13 @@ def save(
     compression: Compression | None,
     policy: Policy | None,
     recover_root,
+    hashes: np.ndarray | None = None,
 ) -> VersionRecord:
     """Store ``models`` as a new version; its record. ``recover_root(vid, models)`` gives the
-    full version's rows XOR deltas are taken against."""
+    full version's rows XOR deltas are taken against. ``hashes``: the set's, when the caller has
+    them (a staged host set, see background.py)."""
     catalog = tables.catalog
-    modelset, hashes = modelset_and_hashes(models)
+    modelset, hashes = (models, hashes) if hashes is not None else modelset_and_hashes(models)
     if base is not None:
         check_compatible(catalog, modelset, base)
     format2 = catalog.format_version >= 2
@@ -96,6 +111,7 @@ def save(
         modelset, hashes, base,
         (lambda: tables.table(base.id)) if base is not None else _no_base,
         provenance, compression, xor, subset=format2, table_object=table_object,
+        shard_bytes=settings.shard_bytes if format2 else None,  # format 1 records name one object
     )
     details: dict = {}
     auto_reason = ""
@@ -128,7 +144,7 @@ def _store_and_publish(catalog, written: WriteLog, request: SaveRequest, chosen:
             message=message,
             reason=reason,
             architecture=modelset.architecture.fingerprint(),
-            objects=tuple(stored.objects),
+            objects=one_object_form(stored.objects, len(modelset)),
             changes=changes,
             details={**details, **stored.details},
             architecture_bytes=architecture_bytes,

@@ -103,6 +103,18 @@ class FsspecStore(Store):
     def __repr__(self) -> str:
         return f"FsspecStore({self.url!r})"
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Pickles to workers of a cluster: the file system pickles by its options (fsspec), the
+        # lock and the S3 client are made again there; the probe's answer travels along.
+        state = dict(self.__dict__)
+        del state["_probe_lock"], state["_s3"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._probe_lock = threading.Lock()
+        self._s3 = S3Client(self.fs) if is_s3(self.fs) else None
+
     @property
     def conditional_writes(self) -> bool:
         """Whether ``put_if_absent`` uses the server's create-only PUT (probing it on first use)."""

@@ -21,10 +21,13 @@ import atheris
 
 with atheris.instrument_imports():
     import mmpack
+
+    # mmpack loads its submodules lazily: import the reader here, or it would be imported
+    # uninstrumented on first use and give the fuzzer no coverage (compressed chunks: both codecs).
     import mmpack.compression
-    import mmpack.fileformat  # mmpack loads its names lazily: import what loading runs, so it is instrumented
     import mmpack.fileformat.compressed
-    import mmpack.rans
+    import mmpack.fileformat.reading
+    import mmpack.rans  # noqa: F401
     from mmpack import MMPackError
 
 CORPUS = pathlib.Path(__file__).parent / "corpus"

@@ -24,6 +24,16 @@ import atheris
 
 with atheris.instrument_imports():
     import mmpack
+
+    # mmpack loads its submodules lazily: import the ones a repository read runs through here,
+    # or they would be imported uninstrumented on first use and give the fuzzer no coverage.
+    import mmpack.fileformat.reading
+    import mmpack.repository.catalog.columns
+    import mmpack.repository.catalog.format1
+    import mmpack.repository.catalog.format2
+    import mmpack.repository.executor
+    import mmpack.repository.maintenance
+    import mmpack.repository.repo  # noqa: F401
     from mmpack import MMPackError
 
 HERE = pathlib.Path(__file__).parent

@@ -29,12 +29,15 @@ SUFFIXES = (".mmpack", ".provenance.json")  # object kinds, by their key's endin
 FIELDS = ("count", "id", "approach", "base", "n_models", "architecture", "architecture_bytes", "entry_bytes",
           "created", "created_offset", "message", "reason", "objects", "details", "changes")
 OBJECT_FIELDS = ("count", "token", "kind", "bytes", "xxh3", "pin", "pinned")
+SHARD_FIELDS = ("first", "models", "table")  # catalog version 2: each object's range of models
 _KEY = re.compile(r"objects/([0-9a-f]{20})(\.mmpack|\.provenance\.json)")
 
 
-def encode(records: list[VersionRecord], approaches: list[str], fingerprints: list[str]) -> dict[str, Any]:
+def encode(records: list[VersionRecord], approaches: list[str], fingerprints: list[str], *,
+           shards: bool = False) -> dict[str, Any]:
     """The ``versions`` object of a checkpoint (``approaches`` and ``fingerprints`` are the tables
-    the ``approach`` and ``architecture`` columns index)."""
+    the ``approach`` and ``architecture`` columns index). ``shards``: with every object's range of
+    models (catalog version 2)."""
     changed = [r.changes for r in records]
     refs = [o for r in records for o in r.objects]
     present = sorted({key for r in records for key in r.details})
@@ -42,6 +45,21 @@ def encode(records: list[VersionRecord], approaches: list[str], fingerprints: li
     for ref in refs:
         if not _KEY.fullmatch(ref.key):
             raise ValueError(f"object key {ref.key!r} is not one mmpack writes")
+    objects = {
+        "count": [len(r.objects) for r in records],
+        "token": base64.b64encode(b"".join(bytes.fromhex(o.key[8:28]) for o in refs)).decode(),
+        "kind": [SUFFIXES.index(o.key[28:]) for o in refs],
+        "bytes": [o.bytes for o in refs],
+        "xxh3": _blob([o.checksum for o in refs], "<u8"),
+        "pin": _blob([o.pin or 0 for o in refs], "<u8"),
+        "pinned": [int(o.pin is not None) for o in refs],
+    }
+    if shards:  # a document's range is the whole set, written as 0, 0
+        spans = [(0, 0, False) if o.key.endswith(SUFFIXES[1]) else (o.first, o.stop(r.n_models) - o.first, o.table)
+                 for r in records for o in r.objects]
+        objects["first"] = _blob([s[0] for s in spans], "<u8")
+        objects["models"] = _blob([s[1] for s in spans], "<u8")
+        objects["table"] = [int(s[2]) for s in spans]
     return {
         "count": len(records),
         "id": [version_number(r.id) for r in records],
@@ -55,15 +73,7 @@ def encode(records: list[VersionRecord], approaches: list[str], fingerprints: li
         "created_offset": offsets,
         "message": [r.message for r in records],
         "reason": [r.reason for r in records],
-        "objects": {
-            "count": [len(r.objects) for r in records],
-            "token": base64.b64encode(b"".join(bytes.fromhex(o.key[8:28]) for o in refs)).decode(),
-            "kind": [SUFFIXES.index(o.key[28:]) for o in refs],
-            "bytes": [o.bytes for o in refs],
-            "xxh3": _blob([o.checksum for o in refs], "<u8"),
-            "pin": _blob([o.pin or 0 for o in refs], "<u8"),
-            "pinned": [int(o.pin is not None) for o in refs],
-        },
+        "objects": objects,
         "details": {key: [r.details.get(key) for r in records] for key in present},
         "changes": {
             "count": [len(c.models) if c is not None else None for c in changed],
@@ -75,7 +85,7 @@ def encode(records: list[VersionRecord], approaches: list[str], fingerprints: li
 
 
 def decode(data: Any, approach_names: Any, fingerprints: list[str], architectures: dict[str, Architecture],
-           next_version: int) -> list[VersionRecord]:
+           next_version: int, *, shards: bool = False) -> list[VersionRecord]:
     """Check the columns whole (the rules of ``documents.record_from_json``, per column) and build the
     records. Raises ``_json.Malformed`` on anything the spec does not allow."""
     from mmpack.approaches import APPROACHES
@@ -111,7 +121,7 @@ def decode(data: Any, approach_names: Any, fingerprints: list[str], architecture
             raise _json.Malformed(f"versions.{name} must be strings")
     created = _times(columns["created"], columns["created_offset"], n)
     fps = [fingerprints[a] for a in columns["architecture"]]
-    objects = _objects(columns["objects"], kinds, n)
+    objects = _objects(columns["objects"], kinds, n_models, shards)
     details = _details(columns["details"], n)
     changes = _changes(columns["changes"], fps, architectures, n)
     records = []
@@ -158,19 +168,22 @@ def _times(micros: Any, offsets: Any, n: int) -> list[datetime]:
     return [epochs[o] + timedelta(microseconds=t) for t, o in zip(instants, offsets)]
 
 
-def _objects(data: Any, kinds: list, n: int) -> list[tuple[ObjectRef, ...]]:
-    columns = _json.fields(data, OBJECT_FIELDS, what="versions.objects")
+def _objects(data: Any, kinds: list, n_models: list[int], shards: bool) -> list[tuple[ObjectRef, ...]]:
+    n = len(kinds)
+    columns = _json.fields(data, OBJECT_FIELDS + (SHARD_FIELDS if shards else ()), what="versions.objects")
     counts = columns["count"]
     if not isinstance(counts, list) or len(counts) != n or not all(
-        type(c) is int and 1 <= c <= 1 + kind.delta for c, kind in zip(counts, kinds)
+        type(c) is int and (0 <= c <= documents.MAX_SHARDS if shards else 1 <= c <= 1 + kind.delta)
+        for c, kind in zip(counts, kinds)
     ):
-        raise _json.Malformed("versions.objects.count must give each version one object (a delta: or two)")
+        raise _json.Malformed("versions.objects.count must give each version one object (a delta: or two), or "
+                              "its shards")
     total = sum(counts)
-    for name in ("kind", "bytes", "pinned"):
+    for name in ("kind", "bytes", "pinned") + (("table",) if shards else ()):
         if not isinstance(columns[name], list) or len(columns[name]) != total:
             raise _json.Malformed(f"versions.objects.{name} must list one value per object")
     if not _ints(columns["kind"], 0, len(SUFFIXES)) or not _ints(columns["bytes"], 0, 2**63) \
-            or not _ints(columns["pinned"], 0, 2):
+            or not _ints(columns["pinned"], 0, 2) or (shards and not _ints(columns["table"], 0, 2)):
         raise _json.Malformed("versions.objects holds values out of range")
     tokens = _unblob(columns["token"], "u1", total * 10, "versions.objects.token").tobytes().hex()
     digests = _unblob(columns["xxh3"], "<u8", total, "versions.objects.xxh3").tolist()
@@ -185,12 +198,32 @@ def _objects(data: Any, kinds: list, n: int) -> list[tuple[ObjectRef, ...]]:
     if wrong.any():
         k = int(np.searchsorted(starts, np.flatnonzero(wrong)[0], side="right")) - 1
         raise _json.Malformed(f"version {k + 1} of the checkpoint lists an object of the wrong kind")
+    owner = np.repeat(np.arange(len(counts)), counts)
+    if shards:  # every model-set object states its range; a document 0, 0, 0 (it holds every model)
+        firsts = _unblob(columns["first"], "<u8", total, "versions.objects.first").astype(np.int64)
+        sizes = _unblob(columns["models"], "<u8", total, "versions.objects.models").astype(np.int64)
+        tables = np.array(columns["table"], dtype=bool)
+        if np.any(document & ((firsts != 0) | (sizes != 0) | tables)):
+            raise _json.Malformed("a document of the checkpoint is given a range")
+        beyond = np.flatnonzero(firsts + sizes > np.array(n_models, dtype=np.int64)[owner])
+        if len(beyond):
+            raise _json.Malformed(f"version {int(owner[beyond[0]]) + 1} of the checkpoint names a range beyond "
+                                  "its models")
+        spans = [(0, None, False) if d else (f, s, t)
+                 for d, f, s, t in zip(document.tolist(), firsts.tolist(), sizes.tolist(), tables.tolist())]
+    else:  # catalog version 1: one object holding every model, a delta's second its table object
+        spans = [(0, None, j > a) for j, a in enumerate(starts[owner].tolist())]
     refs = [
-        ObjectRef(f"objects/{tokens[20 * j : 20 * j + 20]}{SUFFIXES[kind]}", size, digest, pin if pinned else None)
-        for j, (kind, size, digest, pin, pinned) in enumerate(
-            zip(columns["kind"], columns["bytes"], digests, pins, columns["pinned"]))
+        ObjectRef(f"objects/{tokens[20 * j : 20 * j + 20]}{SUFFIXES[kind]}", size, digest, pin if pinned else None,
+                  *span)
+        for j, (kind, size, digest, pin, pinned, span) in enumerate(
+            zip(columns["kind"], columns["bytes"], digests, pins, columns["pinned"], spans))
     ]
-    return [tuple(refs[a:b]) for a, b in zip(starts[:-1].tolist(), starts[1:].tolist())]
+    out = [tuple(refs[a:b]) for a, b in zip(starts[:-1].tolist(), starts[1:].tolist())]
+    if shards:
+        for k, found in enumerate(out):
+            documents.check_shards(found, n_models[k], kinds[k].delta, kinds[k].object_kind == "document")
+    return out
 
 
 def _details(data: Any, n: int) -> list[dict[str, Any]]:

@@ -25,6 +25,7 @@ from mmpack.errors import RepositoryError, VersionNotFoundError
 from mmpack.records import Changes, ObjectRef, VersionRecord
 
 MAX_MODELS = 2**32  # the rows layout indexes models with 32-bit ids
+MAX_SHARDS = 2**20  # objects of one version
 MAX_VERSION = 10**18
 _VERSION_ID = re.compile(r"v[1-9][0-9]{0,17}")
 _CHECKSUM_LINE = re.compile(rb"xxh3-64:([0-9a-f]{16})\n")
@@ -96,7 +97,10 @@ def check_format(body: Any, name: str, readable: tuple[int, ...], keys: tuple[st
 
 
 def record_to_json(record: VersionRecord) -> dict[str, Any]:
-    """The fields of a version record as manifests and commits store them."""
+    """The fields of a version record as manifests and commits store them: references carry shard
+    ranges only when the version has several shards (or one of part of the set), so a version of
+    one object reads as it always did."""
+    sharded = is_sharded(record)
     return {
         "id": record.id,
         "approach": record.approach,
@@ -107,27 +111,70 @@ def record_to_json(record: VersionRecord) -> dict[str, Any]:
         "created": record.created.isoformat(),
         "message": record.message,
         "reason": record.reason,
-        "objects": [_ref_to_json(o) for o in record.objects],
+        "objects": [_ref_to_json(o, record.n_models, sharded) for o in record.objects],
         "changes": record.changes.to_json() if record.changes is not None else None,
         "details": record.details,
     }
 
 
-def _ref_to_json(ref: ObjectRef) -> dict[str, Any]:
+def _ref_to_json(ref: ObjectRef, n_models: int, sharded: bool) -> dict[str, Any]:
     entry: dict[str, Any] = {"key": ref.key, "bytes": ref.bytes, "xxh3": f"{ref.checksum:016x}"}
     if ref.pin is not None:
         entry["pin"] = f"{ref.pin:016x}"
+    if sharded and ref.pin is not None:  # model-set objects of a record with shards say their range
+        entry.update(first=ref.first, count=ref.stop(n_models) - ref.first, table=ref.table)
     return entry
+
+
+def is_sharded(record: VersionRecord) -> bool:
+    """Whether the record needs shard ranges to be told (catalog documents of version 2): more
+    than one data object, or a data object holding less than the whole set."""
+    shards = record.shards
+    return len(shards) != 1 or shards[0].index != 0 or shards[0].first != 0 or shards[0].stop != record.n_models \
+        or any(s.index != 1 or s.first != 0 or s.stop != record.n_models for s in record.table_shards)
+
+
+def check_shards(refs: tuple[ObjectRef, ...], n_models: int, delta: bool, document: bool) -> None:
+    """The rules of docs/REPOSITORY.md ("Shards") for a record's objects; ``_json.Malformed`` if broken.
+
+    Data objects come first, ascending by range, then table objects. A full version's shards tile
+    models 0 to ``n_models - 1``; a delta's are disjoint (a delta that changed nothing may have none);
+    table objects, where there are any, tile the set. A document (provenance) is one object holding
+    every model, followed by its table objects."""
+    data = [r for r in refs if not r.table]
+    tables = [r for r in refs if r.table]
+    if list(refs) != data + tables:
+        raise _json.Malformed("a version lists its data objects before its table objects")
+    if tables and not delta:
+        raise _json.Malformed("only a delta version has table objects")
+    if document and (len(data) != 1 or data[0].count is not None):
+        raise _json.Malformed("a provenance version has one document, holding every model")
+    for what, group, tile in (("data", data, not delta and not document), ("table", tables, True)):
+        position = 0
+        for ref in group:
+            stop = ref.stop(n_models)
+            if ref.first < position or stop > n_models or (stop == ref.first and n_models):
+                raise _json.Malformed(f"{what} objects must hold disjoint, ascending, non-empty ranges of the "
+                                      f"{n_models} models; one holds {ref.first} to {stop - 1}")
+            if tile and ref.first != position:
+                raise _json.Malformed(f"the {what} objects of the version must hold every model once; models "
+                                      f"{position} to {ref.first - 1} are missing")
+            position = stop
+        if tile and group and position != n_models:
+            raise _json.Malformed(f"the {what} objects of the version stop at model {position} of {n_models}")
+    if not data and not delta:
+        raise _json.Malformed("a full version needs at least one data object")
 
 
 _IN_BODY = object()
 
 
 def record_from_json(body: Any, vid: str | None, size: int, n_tensors_of: Any, *, pins: bool | str,
-                     changes_for_baselines: bool, changes: Any = _IN_BODY) -> VersionRecord:
+                     changes_for_baselines: bool, changes: Any = _IN_BODY, shards: bool = False) -> VersionRecord:
     """Check and build a record. ``pins``: model-set references carry a pin (manifest format 2,
     catalog format 2). ``changes_for_baselines``: a Baseline saved against a base may record
     what changed (catalog format 2); otherwise only delta approaches have a change list.
+    ``shards``: references may carry shard ranges (catalog documents of version 2).
     ``n_tensors_of(fingerprint)`` gives the architecture's tensor count; ``pins="optional"``
     accepts references with or without a pin (records imported from format 1). ``changes``, when
     given, is the change list already decoded (checkpoints decode all at once). Raises
@@ -149,11 +196,16 @@ def record_from_json(body: Any, vid: str | None, size: int, n_tensors_of: Any, *
     architecture = body["architecture"]
     _json.hex64(architecture, "architecture")
     objects = body["objects"]
-    if not isinstance(objects, list) or not 1 <= len(objects) <= 1 + approach.delta:
+    ranged = shards and isinstance(objects, list) and any(isinstance(o, dict) and "first" in o for o in objects)
+    if not isinstance(objects, list) or not (ranged or 1 <= len(objects) <= 1 + approach.delta) \
+            or len(objects) > MAX_SHARDS:
         raise _json.Malformed(f"a {approach.name} version names one object (a delta: and its hash table), "
-                              f"not {objects!r:.80}")
-    refs = tuple(_ref_from_json(o, pins if (k > 0 or approach.object_kind == "model-set") else False)
+                              f"or shards, not {objects!r:.80}")
+    refs = tuple(_ref_from_json(o, pins if (k > 0 or approach.object_kind == "model-set") else False,
+                                ranged and (k > 0 or approach.object_kind == "model-set"), k, n_models)
                  for k, o in enumerate(objects))
+    if ranged:
+        check_shards(refs, n_models, approach.delta, approach.object_kind == "document")
     decoded = changes
     changes = body["changes"] if decoded is _IN_BODY else decoded
     allowed = approach.delta or (changes_for_baselines and base is not None)
@@ -187,19 +239,33 @@ def record_from_json(body: Any, vid: str | None, size: int, n_tensors_of: Any, *
     )
 
 
-def _ref_from_json(entry: Any, pinned: bool | str) -> ObjectRef:
+def _ref_from_json(entry: Any, pinned: bool | str, ranged: bool, index: int, n_models: int) -> ObjectRef:
+    """One object reference. ``ranged``: a model-set object of a record with shards, whose range
+    (``first``, ``count``, ``table``) is given; otherwise object 1 of a delta is its table object."""
     optional = ("pin",) if pinned == "optional" else ()
     required = ("key", "bytes", "xxh3", "pin") if pinned is True else ("key", "bytes", "xxh3")
+    if ranged:
+        required = (*required, "first", "count", "table")
     entry = _json.fields(entry, required, optional, what="an object")
     pinned = "pin" in entry
     key = _json.string(entry["key"], "an object's key")
     if not OBJECT_KEY.fullmatch(key):
         raise _json.Malformed(f"object key {key!r:.80} is not objects/<20 hex digits>.mmpack (or .provenance.json)")
+    first, count, table = 0, None, index > 0
+    if ranged:
+        first = _json.integer(entry["first"], "an object's first model", 0, MAX_MODELS)
+        count = _json.integer(entry["count"], "an object's count of models", 0, MAX_MODELS - first + 1)
+        if type(entry["table"]) is not bool:
+            raise _json.Malformed(f"an object's table must be true or false, not {entry['table']!r:.40}")
+        table = entry["table"]
+    elif not key.endswith(".mmpack") and index > 0:
+        raise _json.Malformed("a table object is a model-set object")
     return ObjectRef(
         key,
         _json.integer(entry["bytes"], "an object's bytes"),
         _json.hex64(entry["xxh3"], "an object's xxh3"),
         _json.hex64(entry["pin"], "an object's pin") if pinned else None,
+        first, count, table,
     )
 
 
@@ -263,7 +329,14 @@ def decode_manifest(raw: bytes, vid: str, n_tensors_of: Any) -> VersionRecord:
 
 COMMIT_FORMAT = "mmpack-commit"
 CHECKPOINT_FORMAT = "mmpack-checkpoint"
-CATALOG_VERSION = 1
+CATALOG_VERSION = 2  # version 1 plus shard ranges in object references; written only when a record has shards
+READABLE_CATALOG = (1, 2)
+
+
+def catalog_version(records) -> int:
+    """The version a commit or checkpoint holding ``records`` is written as: 2 only if one of them
+    has shards, so that a catalog without sharded versions stays readable by version 1 readers."""
+    return CATALOG_VERSION if any(is_sharded(r) for r in records) else 1
 
 
 @dataclass(frozen=True)
@@ -274,10 +347,24 @@ class Commit:
     checkpoint: int
     entries: tuple[dict[str, Any], ...]
     size: int
+    version: int = CATALOG_VERSION
+
+    @property
+    def shards(self) -> bool:
+        """Whether its records may carry shard ranges (version 2)."""
+        return self.version >= 2
+
+
+def entry_has_shards(entry: dict[str, Any]) -> bool:
+    """Whether a log entry (as written) holds a record whose objects carry shard ranges."""
+    records = [entry.get("record")] if entry.get("op") == "version" else list(entry.get("replaced") or ())
+    return any(isinstance(o, dict) and "first" in o for r in records if isinstance(r, dict)
+               for o in r.get("objects") or ())
 
 
 def encode_commit(seq: int, checkpoint: int, entries: list[dict[str, Any]]) -> bytes:
-    return signed({"format": COMMIT_FORMAT, "format_version": CATALOG_VERSION, "seq": seq,
+    version = CATALOG_VERSION if any(entry_has_shards(e) for e in entries) else 1
+    return signed({"format": COMMIT_FORMAT, "format_version": version, "seq": seq,
                    "checkpoint": checkpoint, "entries": entries})
 
 
@@ -285,7 +372,7 @@ def decode_commit(raw: bytes, seq: int | None = None) -> Commit:
     """A commit, its numbering checked (``seq``: the number its key gives, when known); its
     entries are checked when the state applies them."""
     what = f"catalog commit {seq}" if seq is not None else "catalog commit"
-    body = check_format(unsigned(raw, what), COMMIT_FORMAT, (CATALOG_VERSION,), ("seq", "checkpoint", "entries"), what)
+    body = check_format(unsigned(raw, what), COMMIT_FORMAT, READABLE_CATALOG, ("seq", "checkpoint", "entries"), what)
     try:
         number = _json.integer(body["seq"], "seq", 1, MAX_VERSION)
         checkpoint = _json.integer(body["checkpoint"], "checkpoint", 0, number)
@@ -299,7 +386,7 @@ def decode_commit(raw: bytes, seq: int | None = None) -> Commit:
                 raise _json.Malformed(f"entry {k} is not entry {checkpoint + 1 + k} of the log")
     except _json.Malformed as exc:
         raise RepositoryError(f"{what} is malformed: {exc}") from None
-    return Commit(number, checkpoint, tuple(entries), len(raw))
+    return Commit(number, checkpoint, tuple(entries), len(raw), body["format_version"])
 
 
 def pack_u32(values: np.ndarray) -> str:

@@ -126,7 +126,7 @@ class Format2Catalog(Catalog):
         else:
             state = self._checkpoint(commit.checkpoint)
         for entry in commit.entries[state.seq - commit.checkpoint :]:
-            state.apply(entry)
+            state.apply(entry, commit.shards)
         state.checkpoint = commit.checkpoint
         state.pending = list(commit.entries)
         self._state = state

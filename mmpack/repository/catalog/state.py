@@ -81,20 +81,21 @@ class CatalogState:
 
     # -- entries ---------------------------------------------------------------------------
 
-    def apply(self, entry: dict[str, Any]) -> None:
+    def apply(self, entry: dict[str, Any], shards: bool = True) -> None:
         """Check ``entry`` (the log's next) against this state and apply it; RepositoryError if the
-        log is damaged. The state is unchanged when it raises."""
+        log is damaged. The state is unchanged when it raises. ``shards``: the entry comes from a
+        document that may give shard ranges (catalog version 2)."""
         seq = self.seq + 1
         try:
             if not isinstance(entry, dict):
                 raise _json.Malformed("an entry must be an object")
             op = entry.get("op")
             if op == "version":
-                change = self._version(entry, seq)
+                change = self._version(entry, seq, shards)
             elif op == "tag":
                 change = self._tag(entry, seq)
             elif op == "prune":
-                change = self._prune(entry, seq)
+                change = self._prune(entry, seq, shards)
             else:
                 raise _json.Malformed(f"unknown operation {op!r}")
         except _json.Malformed as exc:
@@ -105,7 +106,7 @@ class CatalogState:
         self.seq = seq
         self.pending.append(entry)
 
-    def _version(self, entry: dict[str, Any], seq: int):
+    def _version(self, entry: dict[str, Any], seq: int, shards: bool):
         _json.fields(entry, ("seq", "time", "op", "record", "architecture"), what="a version entry")
         _entry_time(entry)
         new_architecture = None
@@ -116,7 +117,8 @@ class CatalogState:
             architectures[new_architecture.fingerprint()] = new_architecture
         size = len(json.dumps(entry, separators=(",", ":")))
         record = documents.record_from_json(
-            entry["record"], None, size, lambda fp: _n_tensors(architectures, fp), pins=True, changes_for_baselines=True
+            entry["record"], None, size, lambda fp: _n_tensors(architectures, fp), pins=True,
+            changes_for_baselines=True, shards=shards,
         )
         if record.id != f"v{self.next_version}":
             raise _json.Malformed(f"version {record.id} where v{self.next_version} comes next")
@@ -154,7 +156,7 @@ class CatalogState:
 
         return change
 
-    def _prune(self, entry: dict[str, Any], seq: int):
+    def _prune(self, entry: dict[str, Any], seq: int, shards: bool):
         _json.fields(entry, ("seq", "time", "op", "deleted", "replaced", "message"), what="a prune entry")
         time = _entry_time(entry)
         message = _json.string(entry["message"], "message")
@@ -168,7 +170,7 @@ class CatalogState:
         records = {k: v for k, v in self.records.items() if k not in set(deleted)}
         for body in entry["replaced"]:
             replacement = documents.record_from_json(
-                body, None, 0, lambda fp: self.n_tensors(fp), pins=True, changes_for_baselines=True
+                body, None, 0, lambda fp: self.n_tensors(fp), pins=True, changes_for_baselines=True, shards=shards
             )
             old = records.get(replacement.id)
             if old is None:
@@ -208,14 +210,16 @@ class CatalogState:
 
         fingerprints = sorted(self.architectures)
         approaches = list(APPROACHES)
+        records = list(self.records.values())
+        version = documents.catalog_version(records)
         return documents.signed({
             "format": documents.CHECKPOINT_FORMAT,
-            "format_version": documents.CATALOG_VERSION,
+            "format_version": version,
             "seq": self.seq,
             "next_version": self.next_version,
             "architectures": {fp: self.architectures[fp].to_json() for fp in fingerprints},
             "approaches": approaches,
-            "versions": columns.encode(list(self.records.values()), approaches, fingerprints),
+            "versions": columns.encode(records, approaches, fingerprints, shards=version >= 2),
             "tags": dict(sorted(self.tags.items())),
             "tag_log": [m.to_json() for m in self.tag_log],
         })
@@ -227,16 +231,16 @@ class CatalogState:
         # in the middle of it cost 40% of the time.
         with gc_paused():
             body = documents.check_format(
-                documents.unsigned(raw, what), documents.CHECKPOINT_FORMAT, (documents.CATALOG_VERSION,),
+                documents.unsigned(raw, what), documents.CHECKPOINT_FORMAT, documents.READABLE_CATALOG,
                 ("seq", "next_version", "architectures", "approaches", "versions", "tags", "tag_log"), what,
             )
             try:
-                return cls._from_checkpoint(body, seq)
+                return cls._from_checkpoint(body, seq, body["format_version"] >= 2)
             except (_json.Malformed, FormatError) as exc:
                 raise RepositoryError(f"{what} is malformed: {exc}") from None
 
     @classmethod
-    def _from_checkpoint(cls, body: dict[str, Any], seq: int) -> CatalogState:
+    def _from_checkpoint(cls, body: dict[str, Any], seq: int, shards: bool) -> CatalogState:
         if not _json.same(body["seq"], seq):
             raise _json.Malformed(f"it says it is checkpoint {body['seq']!r}")
         state = cls(seq=seq, checkpoint=seq)
@@ -250,7 +254,7 @@ class CatalogState:
                 raise _json.Malformed(f"architecture {fp} does not match its fingerprint")
             state.architectures[fp] = found
         records = columns.decode(body["versions"], body["approaches"], list(architectures), state.architectures,
-                                 state.next_version)
+                                 state.next_version, shards=shards)
         live = {r.id for r in records}
         for record in records:
             if record.delta and record.base not in live:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -26,10 +27,11 @@ import numpy as np
 
 from mmpack._cache import LRU
 from mmpack.approaches import APPROACHES
-from mmpack.errors import RepositoryError, VersionNotFoundError
+from mmpack.approaches.base import FIRST_KEY
+from mmpack.errors import InvalidArgumentError, RepositoryError, VersionNotFoundError
 from mmpack.fileformat import ROWS, Header, Reader, Tail, check_padding
 from mmpack.objects import ObjectStore
-from mmpack.records import VersionRecord
+from mmpack.records import Shard, VersionRecord
 from mmpack.repository.catalog.base import Catalog
 
 TABLE_EVERY = 64  # deltas between versions whose whole hash table is stored
@@ -48,15 +50,17 @@ class VersionObjects:
 
     @contextlib.contextmanager
     def open(self, record: VersionRecord, index: int = 0) -> Iterator[tuple[Reader, Header]]:
+        """Object ``index`` of the record (a data shard, or a table object), open and checked."""
         ref = record.objects[index]
         with self.objects.reader(ref) as opened:
             token = (record.id, ref.key, index)
             if token not in self._checked:
                 tail = self.objects.tail(ref, opened)
-                if index == 0:
-                    APPROACHES[record.approach].check_object(record, opened[1], tail)
+                shard = _shard(record, index)
+                if ref.table:
+                    check_table_object(record, shard, opened[1])
                 else:
-                    check_table_object(record, opened[1])
+                    APPROACHES[record.approach].check_object(record, shard, opened[1], tail)
                 if not self.remote:  # a few reads of at most 63 bytes; on object storage, requests
                     check_padding(*opened)
                 self._checked.add(token)
@@ -66,26 +70,75 @@ class VersionObjects:
         with self.open(record, index) as opened:
             return self.objects.tail(record.objects[index], opened)
 
-    def own_hashes(self, record: VersionRecord) -> tuple[np.ndarray, np.ndarray]:
-        """``(models, rows)``: the hash-table rows the version's own object states, for sorted
-        ``models`` (every model for a full version, the changed ones for a delta)."""
+    def tails(self, record: VersionRecord, indices) -> None:
+        """Open and check several objects of a version (in threads on a remote store, where each
+        costs round trips that need not wait for each other)."""
+        indices = list(indices)
+        if self.remote and len(indices) > 1:
+            with ThreadPoolExecutor(min(16, len(indices))) as pool:
+                list(pool.map(lambda k: self.tail(record, k), indices))
+        else:
+            for k in indices:
+                self.tail(record, k)
+
+    def own_hashes(self, record: VersionRecord, first: int = 0,
+                   stop: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``(models, rows)``: the hash-table rows the version's own objects state, for sorted
+        ``models`` (every model for a full version, the changed ones for a delta), of the shards
+        that meet models ``first`` to ``stop - 1`` (default: all)."""
         approach = APPROACHES[record.approach]
         if approach.object_kind == "document":
-            return approach.own_hashes(self.objects, record, None)
-        return approach.own_hashes(self.objects, record, self.tail(record))
+            return approach.own_hashes(self.objects, record, record.shards[0], None)
+        stop = record.n_models if stop is None else stop
+        shards = record.shards_in(first, stop) if (first, stop) != (0, record.n_models) else record.shards
+        self.tails(record, [s.index for s in shards])
+        parts = [approach.own_hashes(self.objects, record, s, self.tail(record, s.index)) for s in shards]
+        return _joined(parts, record)
 
-    def whole_table(self, record: VersionRecord) -> np.ndarray | None:
-        """The version's whole table if one of its objects stores it, else None."""
-        if len(record.objects) > 1:
-            return self.tail(record, 1).table
-        models, rows = self.own_hashes(record)
-        return rows if len(models) == record.n_models else None  # a delta that changed every model too
+    def own_hashes_of(self, record: VersionRecord, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(models, rows)`` that object ``index`` of the version states."""
+        approach = APPROACHES[record.approach]
+        tail = None if approach.object_kind == "document" else self.tail(record, index)
+        return approach.own_hashes(self.objects, record, _shard(record, index), tail)
+
+    def whole_table(self, record: VersionRecord, first: int = 0, stop: int | None = None) -> np.ndarray | None:
+        """The version's table of models ``first`` to ``stop - 1`` if its own objects store all of
+        it (a full version, a delta with table objects), else None."""
+        stop = record.n_models if stop is None else stop
+        if record.table_shards:
+            shards = record.shards_in(first, stop, tables=True)
+            self.tails(record, [s.index for s in shards])
+            parts = [(np.arange(s.first, s.stop), self.tail(record, s.index).table) for s in shards]
+        else:  # a full version, or a delta that changed every model of the range (format 1: all)
+            parts = [self.own_hashes(record, first, stop)]
+        models, rows = _joined(parts, record)
+        at = np.searchsorted(models, [first, stop])
+        if at[1] - at[0] != stop - first:
+            return None  # a delta that changed every model, seen through a damaged record: derive it
+        return rows[at[0] : at[1]]
 
 
-def check_table_object(record: VersionRecord, header: Header) -> None:
-    """A table object holds no rows, only the hash table of all of ``record``'s models."""
-    if header.layout.kind != ROWS or any(header.layout.rows) or header.n_models != record.n_models:
+def _shard(record: VersionRecord, index: int) -> Shard:
+    ref = record.objects[index]
+    return Shard(index, ref, ref.first, ref.stop(record.n_models))
+
+
+def _joined(parts: list[tuple[np.ndarray, np.ndarray]], record: VersionRecord) -> tuple[np.ndarray, np.ndarray]:
+    """Shards' ``(models, rows)`` as one pair (shards hold ascending, disjoint ranges)."""
+    if len(parts) == 1:
+        return parts[0]
+    if not parts:  # a delta's range where it changed nothing
+        return np.zeros(0, np.int64), np.zeros((0, record.changes.masks.shape[1]), np.uint64)
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def check_table_object(record: VersionRecord, shard: Shard, header: Header) -> None:
+    """A table object holds no rows, only the hash table of the models of its range."""
+    if header.layout.kind != ROWS or any(header.layout.rows) or header.n_models != shard.count:
         raise RepositoryError(f"the table object of {record.describe()} is not a hash table of its models")
+    if header.metadata.get(FIRST_KEY, "0") != str(shard.first):
+        raise RepositoryError(f"the table object of {record.describe()} for models {shard.first} to "
+                              f"{shard.stop - 1} holds the table of other models")
     if header.architecture.fingerprint() != record.architecture:
         raise RepositoryError(f"the table object of {record.describe()} is of another architecture")
 
@@ -153,23 +206,35 @@ class Tables:
             chain.append(base)
         return chain
 
-    def table(self, vid: str) -> np.ndarray:
+    def table(self, vid: str, first: int = 0, stop: int | None = None) -> np.ndarray:
         """The version's XXH3-64 of every (model, tensor), ``[n_models, n_tensors]``: from its own
-        objects, or its base's table with its own rows replaced (a loop down the chain)."""
-        derived: list[VersionRecord] = []
+        objects, or its base's table with its own rows replaced (a loop down the chain). With
+        ``first`` and ``stop``, only the rows of models ``first`` to ``stop - 1``, read from the
+        shards that hold them (whole tables are cached, parts are not)."""
         record = self.catalog.record(vid)
-        while (table := self._tables.get(_key(record))) is None:
-            table = self.objects.whole_table(record)
+        stop = record.n_models if stop is None else stop
+        if not 0 <= first <= stop <= record.n_models:
+            raise InvalidArgumentError(f"models {first} to {stop - 1} are not a range of {record.describe()}")
+        whole = (first, stop) == (0, record.n_models)
+        derived: list[VersionRecord] = []
+        while True:
+            cached = self._tables.get(_key(record))
+            if cached is not None:
+                table = cached if whole else cached[first:stop]
+                break
+            table = self.objects.whole_table(record, first, stop)
             if table is not None:
-                self._tables.put(_key(record), table)
+                if whole:
+                    self._tables.put(_key(record), table)
                 break
             derived.append(record)
             record = self.catalog.record(record.base)
         for record in reversed(derived):
-            models, rows = self.objects.own_hashes(record)
+            models, rows = self.objects.own_hashes(record, first, stop)
             table = table.copy()
-            table[models] = rows
-            self._tables.put(_key(record), table)
+            table[models - first] = rows
+            if whole:
+                self._tables.put(_key(record), table)
         return table
 
     def remember(self, record: VersionRecord, table: np.ndarray) -> None:
@@ -181,7 +246,7 @@ class Tables:
         deciding when a new delta carries a table object)."""
         depth = 0
         record = self.catalog.record(vid)
-        while record.delta and len(record.objects) == 1:
+        while record.delta and not record.table_shards:
             depth += 1
             record = self.catalog.record(record.base)
         return depth
