@@ -3,14 +3,19 @@
 // the GIL released.
 #include <Python.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
+#include <atomic>
 #include <climits>
 #include <cstring>
+#include <memory>
 #include <string>
 #include <vector>
 
 #include "mmpack/copy.hpp"
+#include "mmpack/fields.hpp"
 #include "mmpack/parallel.hpp"
+#include "mmpack/rans.hpp"
 #include "mmpack/read.hpp"
 #include "mmpack/transform.hpp"
 #include "mmpack/xxh3.hpp"
@@ -355,6 +360,209 @@ void py_merge_byte_planes_from(const py::sequence& planes, const py::handle& dst
     mmpack::merge_byte_planes_from(pointers.data(), mmpack::MutableBytes{out.data(), out.size()}, width);
 }
 
+// -- the rANS field codec (format version 3) -------------------------------------
+
+// _native.DecodeError (a ValueError): a compressed stream or table is corrupt.
+// args: (message, job index).
+PyObject* g_decode_error = nullptr;
+
+mmpack::fields::Layout layout_from_code(std::uint64_t code, const std::string& what) {
+    const auto width = static_cast<unsigned>(code & 0xFF);
+    const auto family = static_cast<unsigned>(code >> 8);
+    if (family > 2 || !mmpack::fields::valid_layout(width, static_cast<mmpack::fields::Family>(family))) {
+        throw py::value_error(what + ": unknown element layout " + std::to_string(code));
+    }
+    return mmpack::fields::Layout{width, static_cast<mmpack::fields::Family>(family)};
+}
+
+// The encoded section of one tensor: its table block, then its chunks, back to back.
+class EncodedSection {
+public:
+    std::vector<std::uint8_t> bytes;
+    std::size_t table_length = 0;
+    std::vector<std::uint64_t> chunk_lengths;
+};
+
+std::unique_ptr<EncodedSection> py_rans_encode(const py::handle& data, std::uint64_t rows, std::uint64_t row_bytes,
+                                               std::uint64_t chunk_rows, std::uint64_t layout_code) {
+    const Buffer buf(data, false, "data");
+    const mmpack::fields::Layout layout = layout_from_code(layout_code, "layout");
+    if (chunk_rows == 0) throw py::value_error("chunk_rows must be at least 1");
+    if (row_bytes % layout.width != 0) {
+        throw py::value_error("row_bytes " + std::to_string(row_bytes) + " is not whole elements of " +
+                              std::to_string(layout.width) + " bytes");
+    }
+    if ((row_bytes != 0 && rows > buf.size() / row_bytes) || rows * row_bytes != buf.size()) {
+        throw py::value_error("data holds " + std::to_string(buf.size()) + " bytes, not " + std::to_string(rows) +
+                              " rows of " + std::to_string(row_bytes) + " bytes");
+    }
+    auto section = std::make_unique<EncodedSection>();
+    const std::size_t n_chunks = rows == 0 ? 0 : static_cast<std::size_t>((rows - 1) / chunk_rows + 1);
+    section->chunk_lengths.assign(n_chunks, 0);
+    if (buf.size() == 0) return section;  // no elements: no table, empty chunks
+    const char* failure = nullptr;
+    {
+        py::gil_scoped_release release;
+        const std::size_t chunk_bytes = static_cast<std::size_t>(std::min<std::uint64_t>(chunk_rows, rows) * row_bytes);
+        const mmpack::fields::Model model = mmpack::fields::choose_model(
+            mmpack::ConstBytes{buf.data(), buf.size()}, layout, chunk_bytes / layout.width);
+        mmpack::fields::write_model(model, section->bytes);
+        section->table_length = section->bytes.size();
+        const mmpack::fields::Encoder encoder(model);
+        std::vector<std::vector<std::uint8_t>> chunks(n_chunks);
+        std::vector<const char*> errors(n_chunks, nullptr);
+        std::atomic<bool> out_of_memory{false};
+        mmpack::parallel_by_weight(
+            n_chunks, [&](std::size_t c) { return static_cast<std::uint64_t>(std::min(c * chunk_bytes, buf.size())); },
+            [&](std::size_t first, std::size_t last) {
+                for (std::size_t c = first; c < last; ++c) {
+                    const std::size_t begin = c * chunk_bytes;
+                    const std::size_t length = std::min(chunk_bytes, buf.size() - begin);
+                    try {  // nothing may escape a worker thread
+                        errors[c] = encoder.encode(mmpack::ConstBytes{buf.data() + begin, length}, chunks[c]);
+                    } catch (const std::bad_alloc&) {
+                        out_of_memory = true;
+                    }
+                }
+            });
+        if (out_of_memory) throw std::bad_alloc();
+        for (std::size_t c = 0; c < n_chunks; ++c) {
+            if (errors[c] != nullptr && failure == nullptr) failure = errors[c];
+            section->chunk_lengths[c] = chunks[c].size();
+        }
+        if (failure == nullptr) {
+            std::size_t total = section->table_length;
+            for (const auto& chunk : chunks) total += chunk.size();
+            section->bytes.reserve(total);
+            for (auto& chunk : chunks) {
+                section->bytes.insert(section->bytes.end(), chunk.begin(), chunk.end());
+                std::vector<std::uint8_t>().swap(chunk);
+            }
+        }
+    }
+    if (failure != nullptr) throw std::logic_error(std::string("encoder invariant broken: ") + failure);
+    return section;
+}
+
+constexpr std::size_t kJobColumns = 9;
+
+[[noreturn]] void raise_decode_error(const std::string& message, std::size_t job) {
+    PyErr_SetObject(g_decode_error, py::make_tuple(message, job).ptr());
+    throw py::error_already_set();
+}
+
+void py_rans_decode(const py::sequence& tables, const py::handle& layouts, const py::sequence& payloads,
+                    const py::handle& jobs_array, const py::sequence& dst, const py::object& hashes) {
+    const U64Array layout_codes(layouts, false, "layouts");
+    const U64Array jobs(jobs_array, false, "jobs");
+    if (layout_codes.size() != py::len(tables)) {
+        throw py::value_error("layouts has " + std::to_string(layout_codes.size()) + " entries for " +
+                              std::to_string(py::len(tables)) + " tables");
+    }
+    if (jobs.size() % kJobColumns != 0) throw py::value_error("jobs must hold 9 numbers per job");
+    const std::size_t n_jobs = jobs.size() / kJobColumns;
+    std::vector<mmpack::fields::Layout> table_layouts;
+    for (std::size_t t = 0; t < layout_codes.size(); ++t) {
+        table_layouts.push_back(layout_from_code(layout_codes[t], "layouts[" + std::to_string(t) + "]"));
+    }
+    const std::vector<Buffer> table_buffers = hold_buffers(tables, false, "tables");
+    const std::vector<Buffer> payload_buffers = hold_buffers(payloads, false, "payloads");
+    const std::vector<Buffer> dsts = hold_buffers(dst, true, "dst");
+    std::vector<U64Array> hash_holder;
+    std::uint64_t* hash_out = nullptr;
+    std::size_t n_hashes = 0;
+    if (!hashes.is_none()) {
+        hash_holder.emplace_back(hashes, true, "hashes");
+        hash_out = hash_holder.back().data();
+        n_hashes = hash_holder.back().size();
+    }
+    struct Job {
+        std::size_t table;
+        const std::byte* payload;
+        std::size_t length;
+        std::byte* out;
+        std::size_t out_length;
+        std::size_t row_bytes;
+        std::uint64_t* hashes;
+    };
+    std::vector<Job> work(n_jobs);
+    std::vector<char> used(table_buffers.size(), 0);
+    for (std::size_t k = 0; k < n_jobs; ++k) {
+        const std::uint64_t* j = jobs.data() + k * kJobColumns;
+        if (j[0] >= table_buffers.size()) throw py::value_error("job " + std::to_string(k) + ": table index out of range");
+        Job& job = work[k];
+        job.table = static_cast<std::size_t>(j[0]);
+        used[job.table] = 1;
+        job.payload = locate(payload_buffers, j[1], j[2], j[3], k, "payload");
+        job.length = static_cast<std::size_t>(j[3]);
+        job.out = locate(dsts, j[4], j[5], j[6], k, "destination");
+        job.out_length = static_cast<std::size_t>(j[6]);
+        job.row_bytes = static_cast<std::size_t>(j[7]);
+        job.hashes = nullptr;
+        if (job.out_length % table_layouts[job.table].width != 0) {
+            throw py::value_error("job " + std::to_string(k) + ": output is not whole elements");
+        }
+        if (job.row_bytes != 0) {
+            if (job.out_length % job.row_bytes != 0) {
+                throw py::value_error("job " + std::to_string(k) + ": output is not whole rows");
+            }
+            const std::uint64_t rows = job.out_length / job.row_bytes;
+            if (hash_out == nullptr || j[8] > n_hashes || rows > n_hashes - j[8]) {
+                throw py::value_error("job " + std::to_string(k) + ": row hashes fall outside hashes");
+            }
+            job.hashes = hash_out + j[8];
+        }
+    }
+    // Parse each table the jobs use once; a bad one is corrupt data, reported with a job that needs it.
+    std::vector<std::unique_ptr<mmpack::fields::Decoder>> decoders(table_buffers.size());
+    for (std::size_t t = 0; t < table_buffers.size(); ++t) {
+        if (!used[t]) continue;
+        const mmpack::fields::Layout layout = table_layouts[t];
+        mmpack::fields::Model model;
+        const char* problem = nullptr;
+        {
+            py::gil_scoped_release release;
+            problem = mmpack::fields::read_model(
+                mmpack::ConstBytes{table_buffers[t].data(), table_buffers[t].size()}, layout, model);
+        }
+        if (problem != nullptr) {
+            std::size_t job = 0;
+            while (work[job].table != t) ++job;
+            raise_decode_error(std::string("table block: ") + problem, job);
+        }
+        decoders[t] = std::make_unique<mmpack::fields::Decoder>(model);
+    }
+    std::vector<const char*> errors(n_jobs, nullptr);
+    {
+        py::gil_scoped_release release;
+        // By decoded bytes; a thread is worth starting for 4 MiB of them (a few milliseconds of
+        // decoding): reading one model of a set decodes a chunk per tensor on the calling thread.
+        std::vector<std::uint64_t> prefix(n_jobs + 1, 0);
+        for (std::size_t k = 0; k < n_jobs; ++k) prefix[k + 1] = prefix[k] + work[k].out_length;
+        mmpack::parallel_by_weight(
+            n_jobs, [&](std::size_t k) { return prefix[k]; },
+            [&](std::size_t first, std::size_t last) {
+                const auto hash = [&](std::size_t k) {
+                    const Job& job = work[k];
+                    if (errors[k] == nullptr && job.hashes != nullptr) {
+                        mmpack::hash_rows(mmpack::ConstBytes{job.out, job.out_length}, job.row_bytes,
+                                          job.out_length / job.row_bytes, job.hashes);
+                    }
+                };
+                for (std::size_t k = first; k < last; ++k) {
+                    const Job& job = work[k];
+                    errors[k] = decoders[job.table]->decode(mmpack::ConstBytes{job.payload, job.length},
+                                                            mmpack::MutableBytes{job.out, job.out_length});
+                    hash(k);
+                }
+            },
+            std::uint64_t{4} << 20);
+    }
+    for (std::size_t k = 0; k < n_jobs; ++k) {
+        if (errors[k] != nullptr) raise_decode_error(errors[k], k);
+    }
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_native, m) {
@@ -404,6 +612,35 @@ PYBIND11_MODULE(_native, m) {
     m.def("merge_byte_planes_from", &py_merge_byte_planes_from, py::arg("planes"), py::arg("dst"), py::arg("width"),
           "The inverse of split_byte_planes with each of the width planes in its own buffer of\n"
           "len(dst) // width bytes (len(dst) must be a multiple of width).");
+    py::class_<EncodedSection>(m, "EncodedSection", py::buffer_protocol(),
+                               "One tensor's section of a version 3 object: its table block, then its chunks.")
+        .def_buffer([](EncodedSection& s) {
+            return py::buffer_info(s.bytes.data(), 1, py::format_descriptor<std::uint8_t>::format(), 1,
+                                   {s.bytes.size()}, {1}, true);
+        })
+        .def_property_readonly("table_length", [](const EncodedSection& s) { return s.table_length; })
+        .def_property_readonly("chunk_lengths", [](const EncodedSection& s) { return s.chunk_lengths; });
+    m.def("rans_encode", &py_rans_encode, py::arg("data"), py::arg("rows"), py::arg("row_bytes"), py::arg("chunk_rows"),
+          py::arg("layout"),
+          "Encode rows (rows * row_bytes bytes of data) as a version 3 tensor section: one table block\n"
+          "chosen from all the rows, then chunks of chunk_rows rows. layout = element width | family << 8\n"
+          "(family 0 float, 1 integer, 2 float16). Chunks are encoded on the kernels' threads.");
+    g_decode_error = PyErr_NewExceptionWithDoc(
+        "mmpack._native.DecodeError", "A version 3 table block or chunk is corrupt; args: (message, job index).",
+        PyExc_ValueError, nullptr);
+    if (g_decode_error == nullptr) throw py::error_already_set();
+    m.attr("DecodeError") = py::handle(g_decode_error);
+    m.def("rans_decode", &py_rans_decode, py::arg("tables"), py::arg("layouts"), py::arg("payloads"), py::arg("jobs"),
+          py::arg("dst"), py::arg("hashes") = py::none(),
+          "Decode chunks of version 3 sections. Job k is jobs[9k:9k+9] = (table, payload, offset, length,\n"
+          "dst index, dst offset, out length, row bytes, first hash): the chunk at payloads[payload][offset:\n"
+          "offset+length] decodes with tables[table] (layout layouts[table]) into out length bytes of\n"
+          "dst[dst index] at dst offset; with row bytes > 0 the XXH3-64 of each decoded row goes to\n"
+          "hashes[first hash + r]. Every range is checked first; jobs must write disjoint ranges and run\n"
+          "on the kernels' threads. A corrupt table or chunk raises DecodeError.");
+    m.def("rans_simd_path", &mmpack::rans::simd_path, "Instruction set of the rANS decoding loops.");
+    m.def("rans_set_simd", &mmpack::rans::set_simd_enabled, py::arg("enabled"),
+          "Let the rANS decoder use the CPU's vector loops (True, the default) or force the portable ones.");
     m.def("set_max_threads", &mmpack::set_max_threads, py::arg("n"),
           "Threads the kernels may use (0 restores the default: hardware threads, at most 16).");
     m.def("max_threads", &mmpack::max_threads, "Threads the kernels may use.");

@@ -41,10 +41,10 @@ void set_max_threads(unsigned n) noexcept { g_max_threads.store(n == 0 ? default
 unsigned max_threads() noexcept { return g_max_threads.load(); }
 
 void parallel_by_weight(std::size_t n_items, const std::function<std::uint64_t(std::size_t)>& weight_prefix,
-                        const std::function<void(std::size_t, std::size_t)>& body) {
+                        const std::function<void(std::size_t, std::size_t)>& body, std::uint64_t min_weight) {
     if (n_items == 0) return;
     const std::uint64_t total = weight_prefix(n_items);
-    const std::size_t by_size = static_cast<std::size_t>(total / kParallelMinBytes);
+    const std::size_t by_size = static_cast<std::size_t>(total / std::max<std::uint64_t>(min_weight, 1));
     const std::size_t n_threads = std::min<std::size_t>({max_threads(), n_items, std::max<std::size_t>(by_size, 1)});
     if (n_threads <= 1) {
         body(0, n_items);

@@ -1,6 +1,8 @@
-"""Lossless compression of tensor sections: byte planes, then Zstandard, in chunks.
+"""Compression settings, and the zstd codec of format version 2: byte planes, then Zstandard, in chunks.
 
-The encoding is specified in docs/FORMAT.md ("Compressed objects"). Each
+The settings (:class:`Compression`) choose between this codec and the rANS
+codec of format version 3 (``mmpack/rans.py``). The zstd encoding is
+specified in docs/FORMAT.md ("Compressed objects (version 2)"). Each
 tensor's stored rows are cut into chunks of about ``chunk_bytes`` raw bytes;
 each chunk is split into byte planes by the native kernel (all most
 significant bytes, then the next...), and each plane is stored as one
@@ -40,66 +42,105 @@ _PARALLEL_MIN_BYTES = 1 << 20  # below this, threads cost more than they save
 T = TypeVar("T")
 
 
+CODECS = ("rans", CODEC)  # format version 3 (mmpack/rans.py), version 2 (zstd byte planes)
+DEFAULT_CODEC = "rans"
+DEFAULT_ZSTD_LEVEL = 3
+# Chunks of the rans codec cost 84 bytes each (states and directory): half the zstd codec's
+# size keeps that under 0.07 % and halves what reading one model decodes (see DESIGN-NOTES).
+DEFAULT_RANS_CHUNK_BYTES = 128 * 1024
+
+
 @dataclass(frozen=True)
 class Compression:
-    """Compression(codec="zstd", level=3, xor=True, chunk_bytes=262144)
+    """Compression(codec="rans", level=None, xor=True, chunk_bytes=None)
 
-    How to compress the data objects a save writes. ``compression="zstd"``
-    on :func:`mmpack.save` or :meth:`mmpack.Repository.save` means
-    ``Compression()``; pass an instance to change the defaults.
+    How to compress the data objects a save writes. ``compression="rans"``
+    (or ``"zstd"``) on :func:`mmpack.save` or :meth:`mmpack.Repository.save`
+    means ``Compression(codec=...)``; pass an instance to change the defaults.
 
-    ``level`` is the Zstandard level (1-22; 3 is zstd's default and decodes
-    as fast as any). ``xor``: Update versions store each changed row XORed
-    with its value in the chain's full version, which fine-tuned weights
-    share sign, exponent and high mantissa bits with (see
-    docs/DESIGN-NOTES.md). ``chunk_bytes``: raw bytes per independently
-    decodable chunk; smaller chunks make reading a few models cheaper and
-    compress slightly worse.
+    ``codec``: ``"rans"`` (format version 3, the default: each element's
+    fields, exponent with the top mantissa bits first, rANS-coded with
+    tables per tensor; smaller and faster both ways) or ``"zstd"`` (format
+    version 2: byte planes and Zstandard frames, for readers of mmpack
+    before version 3). ``level``: the Zstandard level (1-22, default 3) of
+    the zstd codec; the rans codec has no levels (``level`` stays None). ``xor``: Update versions
+    store each changed row XORed with its value in the chain's full
+    version, which fine-tuned weights share sign, exponent and high mantissa
+    bits with (see docs/DESIGN-NOTES.md). ``chunk_bytes``: raw bytes per
+    independently decodable chunk (default 131072 for rans, 262144 for
+    zstd); smaller chunks make reading a few models cheaper and compress
+    slightly worse.
 
     Example::
 
-        repo.save(models, compression=mmpack.Compression(level=9))
+        repo.save(models, compression=mmpack.Compression(codec="zstd", level=9))
     """
 
-    codec: str = CODEC
-    level: int = 3
+    codec: str = DEFAULT_CODEC
+    level: int | None = None
     xor: bool = True
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    chunk_bytes: int | None = None
 
     def __post_init__(self) -> None:
-        if self.codec != CODEC:
-            raise CompressionError(f"unknown codec {self.codec!r}; mmpack compresses with {CODEC!r}")
-        if type(self.level) is not int or not 1 <= self.level <= 22:
-            raise CompressionError(f"zstd level must be an integer from 1 to 22, got {self.level!r}")
+        if self.codec not in CODECS:
+            raise CompressionError(f"unknown codec {self.codec!r}; mmpack compresses with 'rans' or 'zstd'")
+        if self.codec == CODEC and self.level is None:
+            object.__setattr__(self, "level", DEFAULT_ZSTD_LEVEL)  # so that equal settings compare equal
+        if self.level is not None:
+            if self.codec != CODEC:
+                raise CompressionError(
+                    f"level is a zstd setting; the {self.codec!r} codec has none "
+                    f"(use Compression(codec='zstd', level={self.level!r}))"
+                )
+            if type(self.level) is not int or not 1 <= self.level <= 22:
+                raise CompressionError(f"zstd level must be an integer from 1 to 22, got {self.level!r}")
+        if self.chunk_bytes is None:
+            default = DEFAULT_CHUNK_BYTES if self.codec == CODEC else DEFAULT_RANS_CHUNK_BYTES
+            object.__setattr__(self, "chunk_bytes", default)
         if type(self.chunk_bytes) is not int or self.chunk_bytes < 1:
             raise CompressionError(f"chunk_bytes must be a positive integer, got {self.chunk_bytes!r}")
         if not isinstance(self.xor, bool):
             raise CompressionError(f"xor must be True or False, got {self.xor!r}")
 
+    @property
+    def zstd_level(self) -> int:
+        """The Zstandard level the zstd codec uses (``level``, or 3)."""
+        return DEFAULT_ZSTD_LEVEL if self.level is None else self.level
+
     def describe(self) -> str:
-        """Short form for records: ``"zstd-3"``, ``"zstd-3+xor"``."""
-        return f"{self.codec}-{self.level}"
+        """Short form for records: ``"rans"``, ``"zstd-3"``."""
+        return f"{self.codec}-{self.zstd_level}" if self.codec == CODEC else self.codec
+
+    @classmethod
+    def described(cls, text: str) -> Compression:
+        """The setting a record's ``describe()`` text stands for (chunk size and XOR aside)."""
+        codec, _, level = text.partition("-")
+        if codec == CODEC:
+            return cls(codec=CODEC, level=int(level) if level.isdigit() else None)
+        return cls(codec=codec) if codec in CODECS else cls()
 
 
 def resolve(compression: str | Compression | None) -> Compression | None:
     """resolve(compression) -> Compression or None
 
     Normalise a ``compression=`` argument: ``None`` or ``"none"`` (store
-    raw), ``"zstd"``, or a :class:`Compression`. Anything else raises
-    :class:`~mmpack.CompressionError`.
+    raw), ``"rans"``, ``"zstd"``, or a :class:`Compression`. Anything else
+    raises :class:`~mmpack.CompressionError`.
 
     Example::
 
-        assert resolve("zstd") == Compression()
+        assert resolve("rans") == Compression()
     """
     if compression is None or isinstance(compression, Compression):
         return compression
     if isinstance(compression, str):
         if compression == "none":
             return None
-        if compression == CODEC:
-            return Compression()
-    raise CompressionError(f"unknown compression {compression!r}; use None, 'zstd' or mmpack.Compression(...)")
+        if compression in CODECS:
+            return Compression(codec=compression)
+    raise CompressionError(
+        f"unknown compression {compression!r}; use None, 'rans', 'zstd' or mmpack.Compression(...)"
+    )
 
 
 @functools.cache
@@ -283,19 +324,8 @@ class Chunking:
     @classmethod
     def from_json(cls, data: object, widths: Sequence[int], row_bytes: Sequence[int], rows: Sequence[int]) -> Chunking:
         """Parse and check a header's ``compression`` object; ``rows[j]`` is tensor j's stored row count."""
-        keys = {"codec", "transform", "delta", "chunk_rows", "chunks"}
-        if not isinstance(data, dict) or set(data) != keys:
-            raise FormatError(f"compression must be an object with keys {sorted(keys)}")
-        if data["codec"] != CODEC or data["transform"] != TRANSFORM:
-            raise FormatError(f"unsupported codec {data['codec']!r} with transform {data['transform']!r}")
-        if data["delta"] not in (DELTA_NONE, DELTA_XOR):
-            raise FormatError(f"unsupported delta {data['delta']!r}")
-        chunk_rows, chunks = data["chunk_rows"], data["chunks"]
         n = len(widths)
-        if not (isinstance(chunk_rows, list) and len(chunk_rows) == n and all(_is_int(r, 1) for r in chunk_rows)):
-            raise FormatError(f"chunk_rows must list a positive row count for each of the {n} tensors")
-        if not (isinstance(chunks, list) and len(chunks) == n and all(isinstance(c, list) for c in chunks)):
-            raise FormatError(f"chunks must list the stored plane lengths of each of the {n} tensors")
+        chunk_rows, chunks = check_compression_object(data, set(), CODEC, TRANSFORM, n, "stored plane lengths")
         for j in range(n):
             stored, width = chunks[j], widths[j]
             n_chunks = -(-rows[j] // chunk_rows[j])
@@ -309,6 +339,27 @@ class Chunking:
                         f"tensor #{j}: stored plane {k} has length {length!r}, above its {plane} raw bytes"
                     )
         return cls(data["delta"], tuple(chunk_rows), tuple(tuple(c) for c in chunks), tuple(widths))
+
+
+def check_compression_object(
+    data: object, extra_keys: set[str], codec: str, transform: str, n: int, chunks_are: str
+) -> tuple[list, list]:
+    """Checks shared by the ``compression`` objects of both versions: exactly the version's keys,
+    its codec and transform, a known delta, and a positive ``chunk_rows`` and a ``chunks`` list per
+    tensor (``n`` of them). Returns ``(chunk_rows, chunks)``."""
+    keys = {"codec", "transform", "delta", "chunk_rows", "chunks"} | extra_keys
+    if not isinstance(data, dict) or set(data) != keys:
+        raise FormatError(f"compression must be an object with keys {sorted(keys)}")
+    if data["codec"] != codec or data["transform"] != transform:
+        raise FormatError(f"unsupported codec {data['codec']!r} with transform {data['transform']!r}")
+    if data["delta"] not in (DELTA_NONE, DELTA_XOR):
+        raise FormatError(f"unsupported delta {data['delta']!r}")
+    chunk_rows, chunks = data["chunk_rows"], data["chunks"]
+    if not (isinstance(chunk_rows, list) and len(chunk_rows) == n and all(_is_int(r, 1) for r in chunk_rows)):
+        raise FormatError(f"chunk_rows must list a positive row count for each of the {n} tensors")
+    if not (isinstance(chunks, list) and len(chunks) == n and all(isinstance(c, list) for c in chunks)):
+        raise FormatError(f"chunks must list the {chunks_are} of each of the {n} tensors")
+    return chunk_rows, chunks
 
 
 def _plane_bytes(chunk_rows: int, rows: int, row_bytes: int, width: int, chunk: int) -> int:

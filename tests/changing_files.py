@@ -53,8 +53,10 @@ def build(template: str) -> None:
     b = mmpack.ModelSet.from_modules(make_models(ffnn48, 200, seed=2))
     mmpack.save(a, os.path.join(template, "a.mmpack"))
     mmpack.save(b, os.path.join(template, "b.mmpack"))
-    mmpack.save(a, os.path.join(template, "z.mmpack"), compression=mmpack.Compression(chunk_bytes=16384))
-    for name, setting in (("chain.repo", None), ("zstd.repo", mmpack.Compression(chunk_bytes=16384))):
+    z_setting = mmpack.Compression(codec="zstd", chunk_bytes=16384)
+    mmpack.save(a, os.path.join(template, "z.mmpack"), compression=z_setting)
+    # (zstd.repo keeps its name from before the rans codec, which it now holds: both codecs are covered)
+    for name, setting in (("chain.repo", None), ("zstd.repo", mmpack.Compression(codec="rans", chunk_bytes=16384))):
         repo = mmpack.Repository(os.path.join(template, name), fsync=False)
         ms = a
         vid = repo.save(ms, compression=setting)

@@ -88,9 +88,8 @@ def write(folder: pathlib.Path, shard_bytes: int | None = None) -> None:
     repo = Repository(folder, shard_bytes=shard_bytes) if shard_bytes else Repository(folder)
     v1 = repo.save(sets[0], message="golden baseline")
     v2 = repo.save(sets[1], approach="update", base=v1, message="golden update")
-    v3 = repo.save(
-        sets[2], approach="update", base=v2, message="golden xor update", compression=Compression(chunk_bytes=64)
-    )
+    xor = Compression(codec="zstd", chunk_bytes=64)  # the committed golden repositories hold zstd objects
+    v3 = repo.save(sets[2], approach="update", base=v2, message="golden xor update", compression=xor)
     (folder / "datasets").mkdir()
     updates = {}
     for m in RETRAINED:

@@ -2,7 +2,8 @@
 
 Values come from integer arithmetic, not a random generator, so they are the
 same on every torch version. Regenerate the files only when adding a new
-format version: ``python tests/golden_sets.py``.
+format version: ``python tests/golden_sets.py`` (versions 1 and 2),
+``python tests/golden_sets.py --version-3`` (version 3 only).
 """
 
 from __future__ import annotations
@@ -85,11 +86,26 @@ def golden_v2_images() -> dict[str, bytes]:
     """The version 2 golden files' bytes, as this mmpack writes them."""
     from mmpack import Compression, fileformat
 
-    setting = Compression(chunk_bytes=GOLDEN_V2_CHUNK_BYTES)
+    setting = Compression(codec="zstd", chunk_bytes=GOLDEN_V2_CHUNK_BYTES)
     stacked = fileformat.encode(golden_v1_modelset(GOLDEN_V2_MODELS), GOLDEN_V2_METADATA, setting).tobytes()
     new, changed, reference = golden_v2_update()
     rows, _ = fileformat.encode_rows(new, changed, new.hashes(), GOLDEN_V2_METADATA, setting, reference)
     return {"v2_stacked_zstd.mmpack": stacked, "v2_rows_xor_zstd.mmpack": rows.tobytes()}
+
+
+GOLDEN_V3_METADATA = {"written-by": "mmpack 0.1.0", "note": "format version 3 golden file"}
+
+
+def golden_v3_images() -> dict[str, bytes]:
+    """The version 3 golden files' bytes, as this mmpack writes them: the sets of the version 2
+    files, coded with rANS (the encoder is mmpack's own, so the bytes do not depend on a library)."""
+    from mmpack import Compression, fileformat
+
+    setting = Compression(codec="rans", chunk_bytes=GOLDEN_V2_CHUNK_BYTES)
+    stacked = fileformat.encode(golden_v1_modelset(GOLDEN_V2_MODELS), GOLDEN_V3_METADATA, setting).tobytes()
+    new, changed, reference = golden_v2_update()
+    rows, _ = fileformat.encode_rows(new, changed, new.hashes(), GOLDEN_V3_METADATA, setting, reference)
+    return {"v3_stacked_rans.mmpack": stacked, "v3_rows_xor_rans.mmpack": rows.tobytes()}
 
 
 def zstd_library_version() -> str:
@@ -103,9 +119,15 @@ def zstd_library_version() -> str:
 
 
 if __name__ == "__main__":
+    import sys
+
     import mmpack
     from mmpack import fileformat
 
+    if sys.argv[1:] == ["--version-3"]:  # add the version 3 files, leaving every older one as it is
+        for name, blob in golden_v3_images().items():
+            (GOLDEN_DIR / name).write_bytes(blob)
+        sys.exit(0)
     for name, blob in golden_v2_images().items():
         (GOLDEN_DIR / name).write_bytes(blob)
     (GOLDEN_DIR / "v2_zstd_version.txt").write_text(zstd_library_version() + "\n")

@@ -1,4 +1,7 @@
-"""Compressed objects (format version 2): round trips, partial reads, XOR deltas, damage, settings."""
+"""Compressed objects (format versions 2 and 3): round trips, partial reads, XOR deltas, damage, settings.
+
+Tests that hold for both codecs run for each; version 3 internals are in test_rans.py.
+"""
 
 from __future__ import annotations
 
@@ -27,6 +30,8 @@ from mmpack import (
 )
 from mmpack._io import FileReader
 
+CODECS = ["rans", "zstd"]
+
 
 def _compressed(ms, setting="zstd", **kwargs) -> bytes:
     buffer = io.BytesIO()
@@ -44,42 +49,47 @@ def _header(blob: bytes) -> fileformat.Header:
     ids=["ffnn48", "cnn-batchnorm", "fp16-bf16-fp64-int64", "one-model"],
 )
 @pytest.mark.parametrize("chunk_bytes", [64, 4096, compression.DEFAULT_CHUNK_BYTES])
-def test_compressed_round_trip_through_a_path_whole_and_in_part(tmp_path, build, chunk_bytes):
+@pytest.mark.parametrize("codec", CODECS)
+def test_compressed_round_trip_through_a_path_whole_and_in_part(tmp_path, build, chunk_bytes, codec):
     ms = ModelSet.from_modules(build())
     path = tmp_path / "set.mmpack"
-    mmpack.save(ms, path, compression=Compression(chunk_bytes=chunk_bytes), metadata={"k": "v"})
+    mmpack.save(ms, path, compression=Compression(codec=codec, chunk_bytes=chunk_bytes), metadata={"k": "v"})
     assert mmpack.load(path).equal(ms)
     picks = [len(ms) - 1, 0, len(ms) // 2]
     assert mmpack.load(path, indices=picks).equal(ms.select(picks))
     assert mmpack.load(io.BytesIO(path.read_bytes()), indices=picks).equal(ms.select(picks))
 
 
-def test_compressed_objects_are_version_2_and_uncompressed_stay_version_1():
+def test_compressed_objects_are_version_2_or_3_and_uncompressed_stay_version_1():
     ms = ModelSet.from_modules(ffnn_models(20))
-    plain, packed = io.BytesIO(), _compressed(ms)
+    plain, packed, coded = io.BytesIO(), _compressed(ms), _compressed(ms, "rans")
     mmpack.save(ms, plain)
     assert struct.unpack_from("<I", plain.getvalue(), 8)[0] == 1
     assert struct.unpack_from("<I", packed, 8)[0] == 2
+    assert struct.unpack_from("<I", coded, 8)[0] == 3
     header = _header(packed)
     assert header.layout.chunking is not None and header.layout.chunking.delta == "none"
     assert header.layout.chunking.widths == (4,) * 7
-    assert fileformat.encode(ms, compression=Compression()).tobytes() == packed
+    assert fileformat.encode(ms, compression=Compression(codec="zstd")).tobytes() == packed
+    assert fileformat.encode(ms, compression=Compression()).tobytes() == coded  # rans is the default codec
 
 
-def test_float_weights_compress_below_raw_and_below_plain_zstd():
+@pytest.mark.parametrize("codec", CODECS)
+def test_float_weights_compress_below_raw_and_below_plain_zstd(codec):
     import zstandard
 
     ms = ModelSet.from_modules(ffnn_models(300))
     raw = b"".join(t.numpy().tobytes() for t in ms.tensors.values())
-    packed = _compressed(ms)
+    packed = _compressed(ms, codec)
     plain_zstd = len(zstandard.ZstdCompressor(level=3).compress(raw))
     assert len(packed) < 0.95 * len(raw)
     assert len(packed) < plain_zstd
 
 
-def test_reading_one_model_decodes_only_the_chunks_that_hold_it():
+@pytest.mark.parametrize("codec", CODECS)
+def test_reading_one_model_decodes_only_the_chunks_that_hold_it(codec):
     ms = ModelSet.from_modules(ffnn_models(400))
-    blob = _compressed(ms, Compression(chunk_bytes=16 * 1024))
+    blob = _compressed(ms, Compression(codec=codec, chunk_bytes=16 * 1024))
     reader = CountingReader(blob)
     assert mmpack.load(reader, indices=[321]).equal(ms.select([321]))
     assert reader.bytes_read < 0.1 * len(blob)
@@ -88,24 +98,26 @@ def test_reading_one_model_decodes_only_the_chunks_that_hold_it():
     assert full.bytes_read >= len(blob) - 64
 
 
+@pytest.mark.parametrize("codec", CODECS)
 @given(model_sets(), st.integers(1, 300), st.data())
-def test_any_model_set_round_trips_compressed(ms, chunk_bytes, data):
-    blob = _compressed(ms, Compression(chunk_bytes=chunk_bytes))
+def test_any_model_set_round_trips_compressed(codec, ms, chunk_bytes, data):
+    blob = _compressed(ms, Compression(codec=codec, chunk_bytes=chunk_bytes))
     assert mmpack.load(io.BytesIO(blob)).equal(ms)
     if len(ms):
         indices = data.draw(st.lists(st.integers(0, len(ms) - 1), max_size=6))
         assert mmpack.load(io.BytesIO(blob), indices=indices).equal(ms.select(indices))
 
 
+@pytest.mark.parametrize("codec", CODECS)
 @given(model_sets(), st.integers(0, 2**31), st.integers(0, 7))
-def test_a_flipped_bit_never_yields_wrong_values(ms, where, bit):
-    blob = bytearray(_compressed(ms, Compression(chunk_bytes=64)))
+def test_a_flipped_bit_never_yields_wrong_values(codec, ms, where, bit):
+    blob = bytearray(_compressed(ms, Compression(codec=codec, chunk_bytes=64)))
     blob[where % len(blob)] ^= 1 << bit
     try:
         loaded = mmpack.load(io.BytesIO(bytes(blob)))
     except MMPackError:
         return
-    assert loaded.equal(ms)  # a bit no decoder reads (a zstd frame's unused bits)
+    assert loaded.equal(ms)  # a bit no decoder reads (a zstd frame's unused bits, a metadata value)
 
 
 def test_a_corrupt_frame_is_an_integrity_error():
@@ -120,12 +132,14 @@ def test_a_corrupt_frame_is_an_integrity_error():
 
 
 def _rewrite(blob: bytes, edit) -> bytes:
+    """The object with its header edited (and checksummed again), at its own format version."""
+    version = struct.unpack_from("<I", blob, 8)[0]
     length = struct.unpack_from("<Q", blob, 16)[0]
     document = json.loads(blob[32 : 32 + length])
     edit(document)
     body = json.dumps(document).encode()
     start = -(-(32 + length) // 64) * 64
-    prefix = struct.pack("<8sIIQQ", b"\x89MMPACK\n", 2, 0, len(body), mmpack._native.xxh3_64(body)) + body
+    prefix = struct.pack("<8sIIQQ", b"\x89MMPACK\n", version, 0, len(body), mmpack._native.xxh3_64(body)) + body
     return prefix + bytes(-len(prefix) % 64) + blob[start:]
 
 
@@ -152,15 +166,17 @@ def test_compression_headers_that_lie_are_rejected(edit, message):
         mmpack.load(io.BytesIO(_rewrite(blob, edit)))
 
 
-def test_a_version_1_header_with_a_compression_key_is_rejected():
-    blob = _compressed(ModelSet.from_modules(ffnn_models(3)))
+@pytest.mark.parametrize("codec", CODECS)
+def test_a_version_1_header_with_a_compression_key_is_rejected(codec):
+    blob = _compressed(ModelSet.from_modules(ffnn_models(3)), codec)
     forged = bytearray(blob)
     forged[8:12] = struct.pack("<I", 1)
     with pytest.raises(FormatError, match="version 1 header"):
         mmpack.load(io.BytesIO(bytes(forged)))
 
 
-def test_xor_rows_round_trip_against_their_reference():
+@pytest.mark.parametrize("codec", CODECS)
+def test_xor_rows_round_trip_against_their_reference(codec):
     base = ModelSet.from_modules(ffnn_models(40))
     tensors = {name: t.clone() for name, t in base.tensors.items()}
     for t in tensors.values():
@@ -168,10 +184,11 @@ def test_xor_rows_round_trip_against_their_reference():
     new = ModelSet(base.architecture, tensors)
     changed = new.hashes() != base.hashes()
     holders = np.flatnonzero(changed.any(axis=1))
-    image, header = fileformat.encode_rows(new, changed, new.hashes(), compression=Compression(),
+    setting = Compression(codec=codec)
+    image, header = fileformat.encode_rows(new, changed, new.hashes(), compression=setting,
                                            reference=base.select(holders))
     assert header.layout.chunking.delta == "xor"
-    plain, _ = fileformat.encode_rows(new, changed, new.hashes(), compression=Compression())
+    plain, _ = fileformat.encode_rows(new, changed, new.hashes(), compression=setting)
     assert len(image) < len(plain)  # fine-tuned rows share their high bytes with the reference
     source = FileReader(io.BytesIO(image.tobytes()))
     models = np.concatenate([np.flatnonzero(changed[:, j]) for j in range(changed.shape[1])])
@@ -215,13 +232,19 @@ def test_bad_compression_settings_are_typed_errors():
     with pytest.raises(CompressionError, match="unknown codec"):
         Compression(codec="gzip")
     with pytest.raises(CompressionError, match="level"):
-        Compression(level=0)
+        Compression(codec="zstd", level=0)
+    with pytest.raises(CompressionError, match="level is a zstd setting"):
+        Compression(level=9)
     with pytest.raises(CompressionError, match="chunk_bytes"):
         Compression(chunk_bytes=0)
     with pytest.raises(CompressionError, match="xor"):
         Compression(xor="yes")
     assert isinstance(CompressionError("x"), ValueError)
-    assert compression.resolve("none") is None and compression.resolve("zstd") == Compression()
+    assert compression.resolve("none") is None and compression.resolve("zstd") == Compression(codec="zstd")
+    assert compression.resolve("rans") == Compression()
+    assert Compression().describe() == "rans" and Compression(codec="zstd", level=9).describe() == "zstd-9"
+    for setting in (Compression(), Compression(codec="zstd"), Compression(codec="zstd", level=9)):
+        assert Compression.described(setting.describe()) == setting
 
 
 def test_missing_zstandard_is_explained(monkeypatch):
@@ -249,12 +272,13 @@ def test_element_widths_follow_the_dtype():
     assert compression.rows_per_chunk(0, 262144) == 262144
 
 
-def test_compressed_decoding_is_safe_from_many_threads(tmp_path):
+@pytest.mark.parametrize("codec", CODECS)
+def test_compressed_decoding_is_safe_from_many_threads(tmp_path, codec):
     from concurrent.futures import ThreadPoolExecutor
 
     ms = ModelSet.from_modules(ffnn_models(120))
     path = tmp_path / "set.mmpack"
-    mmpack.save(ms, path, compression=Compression(chunk_bytes=8192))
+    mmpack.save(ms, path, compression=Compression(codec=codec, chunk_bytes=8192))
 
     def load(k: int) -> bool:
         picks = [k % 120, (k * 7) % 120]
@@ -264,15 +288,17 @@ def test_compressed_decoding_is_safe_from_many_threads(tmp_path):
         assert all(pool.map(load, range(12)))
 
 
-def test_whole_chunks_decode_in_place_and_partial_ones_through_scratch():
+@pytest.mark.parametrize("codec", CODECS)
+def test_whole_chunks_decode_in_place_and_partial_ones_through_scratch(codec):
     ms = ModelSet.from_modules(ffnn_models(60))
-    blob = _compressed(ms, Compression(chunk_bytes=9216 * 10))  # fc2/fc3 weights: 10 rows per chunk
+    blob = _compressed(ms, Compression(codec=codec, chunk_bytes=9216 * 10))  # fc2/fc3 weights: 10 rows per chunk
     for picks in (list(range(10, 40)), list(range(10, 40))[::-1], list(range(5, 45)), [30, 31, 32, 10, 11]):
         assert mmpack.load(io.BytesIO(blob), indices=picks).equal(ms.select(picks))
 
 
-def test_a_forged_row_count_cannot_make_the_reader_build_a_huge_table():
-    blob = _compressed(ModelSet.from_modules(ffnn_models(3)))
+@pytest.mark.parametrize("codec", CODECS)
+def test_a_forged_row_count_cannot_make_the_reader_build_a_huge_table(codec):
+    blob = _compressed(ModelSet.from_modules(ffnn_models(3)), codec)
     forged = _rewrite(blob, lambda d: d["compression"]["chunk_rows"].__setitem__(0, 1) or d.update(n_models=2**32 - 1))
     with pytest.raises(FormatError):
         mmpack.load(io.BytesIO(forged))

@@ -142,7 +142,7 @@ def _save_with(ms, compressor_options, **kwargs) -> bytes:
     compression._compressor = patched
     try:
         buffer = io.BytesIO()
-        mmpack.save(ms, buffer, compression=Compression(**kwargs))
+        mmpack.save(ms, buffer, compression=Compression(codec="zstd", **kwargs))
         return buffer.getvalue()
     finally:
         compression._compressor = original

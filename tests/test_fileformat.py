@@ -142,7 +142,7 @@ def test_trailing_bytes_are_rejected(indices):
         (b"PK\x03\x04 a zip file, maybe torch.save", FormatError, "magic"),
         (b"\x89MMPACK\n", FormatError, "magic"),
         (os.urandom(4096), FormatError, "magic"),
-        (struct.pack("<8sIIQQ", b"\x89MMPACK\n", 3, 0, 10, 0), UnsupportedFormatVersionError, "version 3"),
+        (struct.pack("<8sIIQQ", b"\x89MMPACK\n", 4, 0, 10, 0), UnsupportedFormatVersionError, "version 4"),
         (struct.pack("<8sIIQQ", b"\x89MMPACK\n", 1, 4, 10, 0), FormatError, "flags"),
         (struct.pack("<8sIIQQ", b"\x89MMPACK\n", 1, 0, 2**40, 0), FormatError, "header length"),
         (struct.pack("<8sIIQQ", b"\x89MMPACK\n", 1, 0, 100, 0) + b"{}", IntegrityError, "ends inside the header"),

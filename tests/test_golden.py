@@ -90,15 +90,15 @@ def _planes(chunking, header, widths):
             yield length, min(chunking.chunk_rows[j], rows - c * chunking.chunk_rows[j]) * spec.nbytes // widths[j]
 
 
-def test_version_2_xor_rows_golden_file_decodes_against_its_reference():
+def _xor_rows_golden_file_decodes_against_its_reference(name: str, version: int) -> None:
     from golden_sets import golden_v2_update
 
     from mmpack._io import FileReader
 
     new, changed, reference = golden_v2_update()
-    with open(GOLDEN_DIR / "v2_rows_xor_zstd.mmpack", "rb") as f, FileReader(f) as source:
+    with open(GOLDEN_DIR / name, "rb") as f, FileReader(f) as source:
         header = fileformat.read_header(source)
-        assert header.layout.chunking.delta == "xor"
+        assert header.layout.chunking.delta == "xor" and header.layout.version == version
         index = fileformat.read_row_index(source, header)
         assert [ids.tolist() for ids in index] == [np.flatnonzero(changed[:, j]).tolist() for j in range(7)]
         assert np.array_equal(fileformat.read_hash_table(source, header), new.hashes())
@@ -119,6 +119,10 @@ def test_version_2_xor_rows_golden_file_decodes_against_its_reference():
             assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
 
 
+def test_version_2_xor_rows_golden_file_decodes_against_its_reference():
+    _xor_rows_golden_file_decodes_against_its_reference("v2_rows_xor_zstd.mmpack", 2)
+
+
 def test_version_2_writer_still_produces_the_golden_bytes_with_the_same_zstd():
     from golden_sets import golden_v2_images, zstd_library_version
 
@@ -127,3 +131,67 @@ def test_version_2_writer_still_produces_the_golden_bytes_with_the_same_zstd():
         pytest.skip(f"zstd {zstd_library_version()} may encode differently from {recorded}; reading is tested above")
     for name, blob in golden_v2_images().items():
         assert blob == (GOLDEN_DIR / name).read_bytes(), name
+
+
+def test_version_3_golden_file_loads_to_the_expected_values():
+    from golden_sets import GOLDEN_V2_MODELS, golden_v1_modelset
+
+    expected = golden_v1_modelset(GOLDEN_V2_MODELS)
+    path = GOLDEN_DIR / "v3_stacked_rans.mmpack"
+    assert mmpack.load(path).equal(expected)
+    assert mmpack.load(path, indices=[47, 3, 20]).equal(expected.select([47, 3, 20]))
+    with open(path, "rb") as f:
+        header = fileformat.read_header(mmpack._io.FileReader(f))
+    assert struct.unpack_from("<I", path.read_bytes(), 8)[0] == 3
+    chunking = header.layout.chunking
+    assert chunking.delta == "none" and chunking.chunk_rows == (10, 32, 25, 85, 32, 64, 85)
+
+
+def test_version_3_xor_rows_golden_file_decodes_against_its_reference():
+    _xor_rows_golden_file_decodes_against_its_reference("v3_rows_xor_rans.mmpack", 3)
+
+
+def test_version_3_writer_still_produces_the_golden_bytes():
+    # mmpack's own encoder, integer decisions only: the bytes do not depend on a library version.
+    from golden_sets import golden_v3_images
+
+    for name, blob in golden_v3_images().items():
+        assert blob == (GOLDEN_DIR / name).read_bytes(), name
+
+
+def test_the_spec_decoder_reads_the_version_3_golden_files_and_they_use_every_code():
+    import rans_reference
+
+    from mmpack import dtypes
+    from mmpack._io import FileReader
+
+    seen = set()
+    for name in ("v3_stacked_rans.mmpack", "v3_rows_xor_rans.mmpack"):
+        blob = (GOLDEN_DIR / name).read_bytes()
+        header = fileformat.read_header(FileReader(io.BytesIO(blob)))
+        chunking, layout = header.layout.chunking, header.layout
+        decoded = {}
+        for j, spec in enumerate(header.architecture.tensors):
+            start = header.data_start + layout.tensor_offsets[j]
+            family, e = rans_reference.layout_of(dtypes.dtype_name(spec.dtype))
+            table = rans_reference.parse_table_block(blob[start : start + chunking.tables[j]],
+                                                     rans_reference.field_widths(family, e))
+            for field in table:
+                seen.add(field["mode"])
+                seen.update("zero symbol" for s in field.get("symbols", []) if s["zero"])
+                seen.update("raw bits" for s in field.get("symbols", []) if not s["zero"] and s["r"])
+            pieces, at = [], start + chunking.tables[j]
+            for c, length in enumerate(chunking.lengths[j]):
+                rows = min(chunking.chunk_rows[j], layout.rows[j] - c * chunking.chunk_rows[j])
+                pieces.append(rans_reference.decode_chunk(blob[at : at + length], table, family, e,
+                                                          rows * spec.nbytes // e))
+                at += length
+            decoded[spec.name] = b"".join(pieces)
+        if name.startswith("v3_stacked"):
+            from golden_sets import GOLDEN_V2_MODELS, golden_v1_modelset
+
+            expected = golden_v1_modelset(GOLDEN_V2_MODELS)
+            for spec in header.architecture.tensors:
+                raw = expected.tensors[spec.name].contiguous().view(torch.uint8).numpy().tobytes()
+                assert decoded[spec.name] == raw
+    assert seen == {"raw", "constant", "rans", "zero symbol", "raw bits"}

@@ -321,7 +321,8 @@ def test_interrupted_and_partial_reads_are_resumed(files, tmp_path):
     subprocess.run(["cc", "-shared", "-fPIC", "-O1", "-o", str(shim), str(source), "-ldl"], check=True)
     data = tmp_path / "data.bin"
     np.random.default_rng(9).integers(0, 256, 4 << 20, dtype=np.uint8).tofile(data)
-    env = dict(os.environ, LD_PRELOAD=str(shim))
+    # After any library already preloaded (the sanitizer run's libasan must stay first).
+    env = dict(os.environ, LD_PRELOAD=":".join(filter(None, [os.environ.get("LD_PRELOAD"), str(shim)])))
     # Run outside the checkout: `python -c` puts the working directory first on sys.path, and the
     # source tree has no compiled extension.
     result = subprocess.run([sys.executable, "-c", textwrap.dedent(_SHIM_CHILD), str(data)], env=env,

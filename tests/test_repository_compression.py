@@ -65,10 +65,11 @@ def test_compressed_chain_with_xor_deltas_recovers_every_version(tmp_path, build
     assert all(r.details["compression"] == "zstd-3" and r.details["xor_base"] == ids[0] for r in records[1:])
 
 
-def test_compression_stores_less_and_xor_less_still(tmp_path):
+@pytest.mark.parametrize("codec", ["rans", "zstd"])
+def test_compression_stores_less_and_xor_less_still(tmp_path, codec):
     ms = ModelSet.from_modules(ffnn_models(200))
     sizes = {}
-    for name, setting in [("raw", None), ("zstd", Compression(xor=False)), ("xor", Compression())]:
+    for name, setting in [("raw", None), ("zstd", Compression(codec, xor=False)), ("xor", Compression(codec))]:
         repo = Repository(tmp_path / name, fsync=False, compression=setting)
         ids, sets = _chain(repo, ms, cycles=1)
         sizes[name] = [repo.storage_bytes(v) for v in ids]
@@ -87,7 +88,7 @@ def test_save_overrides_the_repository_default(tmp_path):
     assert repo.version(v2).details["xor_base"] == v1  # a raw full version is a fine XOR reference
     assert repo.recover(v2).equal(fine_tune(ms, [1], [2], 0))
     plain = Repository(tmp_path / "b", fsync=False)
-    w1 = plain.save(ms, compression=Compression(level=9))
+    w1 = plain.save(ms, compression=Compression(codec="zstd", level=9))
     w2 = plain.save(fine_tune(ms, [3], [], 1), approach="update", base=w1)
     assert plain.version(w1).details["compression"] == "zstd-9"
     assert "compression" not in plain.version(w2).details  # a raw delta on a compressed full version

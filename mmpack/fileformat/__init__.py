@@ -10,6 +10,7 @@ from mmpack.fileformat.header import (
     FORMAT_VERSION,
     MAGIC,
     MAX_HEADER_BYTES,
+    RANS_FORMAT_VERSION,
     ROWS,
     STACKED,
     Header,
@@ -48,6 +49,7 @@ from mmpack.fileformat.writing import (
 __all__ = [
     "ALIGNMENT",
     "COMPRESSED_FORMAT_VERSION",
+    "RANS_FORMAT_VERSION",
     "FORMAT_VERSION",
     "MAGIC",
     "MAX_HEADER_BYTES",

@@ -14,12 +14,14 @@ from mmpack import _json, _native
 from mmpack.architecture import Architecture
 from mmpack.compression import Chunking, element_width
 from mmpack.errors import FormatError, IntegrityError, MMPackError, UnsupportedFormatVersionError
+from mmpack.rans import RansChunking
 from mmpack.store.base import Reader
 
 MAGIC = b"\x89MMPACK\n"
 FORMAT_VERSION = 1  # what uncompressed objects are written as
-COMPRESSED_FORMAT_VERSION = 2  # version 1 plus compressed tensor sections
-READABLE_VERSIONS = (FORMAT_VERSION, COMPRESSED_FORMAT_VERSION)
+COMPRESSED_FORMAT_VERSION = 2  # version 1 plus zstd-compressed tensor sections
+RANS_FORMAT_VERSION = 3  # version 1 plus rANS-coded tensor sections
+READABLE_VERSIONS = (FORMAT_VERSION, COMPRESSED_FORMAT_VERSION, RANS_FORMAT_VERSION)
 ALIGNMENT = 64
 MAX_HEADER_BYTES = 16 * 2**20
 MAX_DATA_BYTES = 2**62  # a data section this large cannot be a file; offsets stay far from u64 overflow
@@ -49,7 +51,8 @@ class Layout:
     ``rows[j]`` is the number of stored rows of tensor j: ``n_models`` for the
     stacked layout, the number of changed models for the rows layout, whose
     model ids then sit in the row index. ``chunking`` describes compressed
-    tensor sections (format version 2); None for raw ones.
+    tensor sections (format version 2 for :class:`Chunking`, 3 for
+    :class:`~mmpack.rans.RansChunking`); None for raw ones.
     """
 
     kind: str
@@ -61,21 +64,28 @@ class Layout:
     hashes_offset: int
     hashes_length: int
     data_length: int
-    chunking: Chunking | None = None
+    chunking: Chunking | RansChunking | None = None
 
     @classmethod
-    def stacked(cls, architecture: Architecture, n_models: int, chunking: Chunking | None = None) -> Layout:
+    def stacked(
+        cls, architecture: Architecture, n_models: int, chunking: Chunking | RansChunking | None = None
+    ) -> Layout:
         return cls._build(STACKED, architecture, n_models, (n_models,) * len(architecture), chunking)
 
     @classmethod
     def of_rows(
-        cls, architecture: Architecture, n_models: int, rows: Sequence[int], chunking: Chunking | None = None
+        cls,
+        architecture: Architecture,
+        n_models: int,
+        rows: Sequence[int],
+        chunking: Chunking | RansChunking | None = None,
     ) -> Layout:
         return cls._build(ROWS, architecture, n_models, tuple(rows), chunking)
 
     @classmethod
     def _build(
-        cls, kind: str, architecture: Architecture, n_models: int, rows: tuple[int, ...], chunking: Chunking | None
+        cls, kind: str, architecture: Architecture, n_models: int, rows: tuple[int, ...],
+        chunking: Chunking | RansChunking | None,
     ) -> Layout:
         offsets, lengths, end = [], [], 0
         for j, (spec, count) in enumerate(zip(architecture.tensors, rows)):
@@ -96,7 +106,9 @@ class Layout:
     @property
     def version(self) -> int:
         """The format version an object with this layout is written as."""
-        return FORMAT_VERSION if self.chunking is None else COMPRESSED_FORMAT_VERSION
+        if self.chunking is None:
+            return FORMAT_VERSION
+        return RANS_FORMAT_VERSION if isinstance(self.chunking, RansChunking) else COMPRESSED_FORMAT_VERSION
 
     @property
     def tail_offset(self) -> int:
@@ -216,7 +228,7 @@ def _parse_header(body: bytes, version: int) -> tuple[Architecture, int, Layout,
     kind = document.get("layout") if isinstance(document, dict) else None
     if kind not in _KEYS:
         raise FormatError(f"unsupported layout {kind!r}; expected one of {sorted(_KEYS)}")
-    expected_keys = _KEYS[kind] | ({"compression"} if version == COMPRESSED_FORMAT_VERSION else set())
+    expected_keys = _KEYS[kind] | ({"compression"} if version != FORMAT_VERSION else set())
     if set(document) != expected_keys:
         raise FormatError(
             f"a version {version} header of layout {kind!r} must have keys {sorted(expected_keys)}, "
@@ -234,14 +246,18 @@ def _parse_header(body: bytes, version: int) -> tuple[Architecture, int, Layout,
         rows = [t.get("rows") if isinstance(t, dict) else None for t in document["tensors"]]
         if len(rows) != len(architecture) or not all(_is_count(r, n_models + 1) for r in rows):
             raise FormatError(f"row counts {rows!r} do not fit {n_models} models")
-    chunking = None
+    chunking: Chunking | RansChunking | None = None
+    specs = architecture.tensors
     if version == COMPRESSED_FORMAT_VERSION:
-        specs = architecture.tensors
         chunking = Chunking.from_json(
             document["compression"], [element_width(s.dtype) for s in specs], [s.nbytes for s in specs], rows
         )
-        if kind == STACKED and chunking.delta != "none":
-            raise FormatError("only rows-layout objects may hold XOR deltas")
+    elif version == RANS_FORMAT_VERSION:
+        chunking = RansChunking.from_json(
+            document["compression"], [s.dtype for s in specs], [s.nbytes for s in specs], rows
+        )
+    if chunking is not None and kind == STACKED and chunking.delta != "none":
+        raise FormatError("only rows-layout objects may hold XOR deltas")
     layout = Layout._build(kind, architecture, n_models, tuple(rows), chunking)
     expected_tensors = [{"offset": o, "length": n} for o, n in zip(layout.tensor_offsets, layout.tensor_lengths)]
     if kind == ROWS:

@@ -14,8 +14,9 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from mmpack import _io, _native, compression, packing
+from mmpack import _io, _native, packing
 from mmpack.errors import FormatError, IntegrityError
+from mmpack.fileformat import compressed
 from mmpack.fileformat.header import ROWS, STACKED, Header, Reader
 from mmpack.modelset import ModelSet, normalize_indices
 
@@ -225,78 +226,9 @@ def _read_one(request: RowRequest, destinations: list[np.ndarray]) -> np.ndarray
 
 def _read_compressed(request: RowRequest, destinations: list[np.ndarray]) -> np.ndarray:
     """Decode the chunks that hold the requested rows and copy (or XOR) those rows into place."""
-    header, source = request.header, request.source
-    layout, arch = header.layout, header.architecture
-    chunking = layout.chunking
-    assert chunking is not None and request.counts is not None
-    hashes = np.empty(request.n_rows(), U64)
-    if len(hashes) == 0:
-        return hashes
-    t = request.tensors.astype(np.int64)
-    first, counts, dst = (
-        request.stored_rows.astype(np.int64),
-        request.counts.astype(np.int64),
-        request.dst_rows.astype(np.int64),
-    )
-    if np.any(first < 0) or np.any(first + counts > np.array(layout.rows, np.int64)[t]):
-        raise FormatError("a requested row lies outside the object's stored rows")
-    # Cut the runs at chunk boundaries: piece k is rows [begin, end) of one chunk of tensor t.
-    per_chunk = np.array(chunking.chunk_rows, np.int64)[t]
-    first_chunk, last_chunk = first // per_chunk, (first + counts - 1) // per_chunk
-    n_pieces = np.where(counts > 0, last_chunk - first_chunk + 1, 0)
-    run = np.repeat(np.arange(len(t)), n_pieces)
-    chunk = first_chunk[run] + np.arange(len(run)) - np.repeat(np.cumsum(n_pieces) - n_pieces, n_pieces)
-    begin = np.maximum(first[run], chunk * per_chunk[run])
-    end = np.minimum(first[run] + counts[run], (chunk + 1) * per_chunk[run])
-    hash_at = (np.cumsum(counts) - counts)[run] + begin - first[run]
-    target = dst[run] + begin - first[run]
-    tensor = t[run]
-    key = tensor * (int(chunk.max()) + 1) + chunk
-    order = np.argsort(key, kind="stable")
-    groups = np.split(order, np.flatnonzero(np.diff(key[order])) + 1)
-    row_bytes = [s.nbytes for s in arch.tensors]
-
-    def decode(group: np.ndarray) -> None:
-        j, c = int(tensor[group[0]]), int(chunk[group[0]])
-        rows_per_chunk, width = chunking.chunk_rows[j], chunking.widths[j]
-        start, stop = (int(x) for x in chunking.starts[j][c : c + 2])
-        payload = source.read(header.data_start + layout.tensor_offsets[j] + start, stop - start, "a chunk")
-        chunk_first = c * rows_per_chunk
-        count = min(chunk_first + rows_per_chunk, layout.rows[j]) - chunk_first
-        plane_lengths = chunking.lengths[j][c * width : (c + 1) * width]
-        size = row_bytes[j]
-        if (
-            not request.xor
-            and len(group) == 1
-            and begin[group[0]] == chunk_first
-            and end[group[0]] - chunk_first == count
-        ):
-            # The whole chunk lands on consecutive rows (full reads of stacked objects): decode
-            # in place and hash the rows there, sparing a copy through a scratch buffer.
-            k = group[0]
-            at = int(target[k]) * size
-            into = destinations[j][at : at + count * size]
-            compression.decode_chunk(payload, plane_lengths, width, into)
-            _native.hash_rows(into, size, hashes[hash_at[k] : hash_at[k] + count])
-            return
-        raw = np.empty(count * size, np.uint8)
-        compression.decode_chunk(payload, plane_lengths, width, raw)
-        # One segment per row (at most the chunk's rows), each hashed as it lands.
-        n = (end[group] - begin[group]).astype(np.int64)
-        within = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
-        rows_from = np.repeat(begin[group] - chunk_first, n) + within
-        rows_to = np.repeat(target[group], n) + within
-        out = np.empty(len(rows_from), U64)
-        _native.copy_segments(
-            [raw], np.zeros(len(out), U64), rows_from.astype(U64) * U64(size), destinations,
-            np.full(len(out), j, U64), rows_to.astype(U64) * U64(size), np.full(len(out), size, U64), out,
-            xor=request.xor,
-        )
-        hashes[np.repeat(hash_at[group], n) + within] = out
-
-    total = sum(int((end[g] - begin[g]).sum()) * row_bytes[int(tensor[g[0]])] for g in groups)
-    compression.parallel_map(decode, groups, total)
-    return hashes
+    assert request.counts is not None
+    return compressed.read_rows(request.source, request.header, request.tensors, request.stored_rows, request.counts,
+                                request.dst_rows, destinations, request.xor)
 
 
 def read_rows(

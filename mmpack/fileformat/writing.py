@@ -11,7 +11,8 @@ from typing import BinaryIO
 import numpy as np
 from torch import nn
 
-from mmpack import _io, _native, packing
+from mmpack import _io, _native, packing, rans
+from mmpack.compression import CODEC as ZSTD
 from mmpack.compression import DELTA_NONE, DELTA_XOR, Chunking, Compression, element_width, rows_per_chunk
 from mmpack.compression import encode_rows as encode_chunks
 from mmpack.compression import resolve as resolve_compression
@@ -131,19 +132,32 @@ def _compressed_image(
     *,
     xor: bool = False,
 ) -> tuple[np.ndarray, Header]:
-    """A version 2 image: each tensor's stored rows (``data[j]``, contiguous) encoded in chunks,
-    then the row index (rows layout, when ``row_index`` is given) and the hash table."""
+    """A compressed image (version 2 for zstd, 3 for rans): each tensor's stored rows (``data[j]``,
+    contiguous) encoded in chunks, then the row index (rows layout, when ``row_index`` is given)
+    and the hash table."""
     arch = models.architecture
-    chunk_rows, lengths, pieces = [], [], []
-    for spec, n_rows, rows_data in zip(arch.tensors, rows, data):
-        chunk_rows.append(rows_per_chunk(spec.nbytes, compression.chunk_bytes))
-        encoded, stored_lengths = encode_chunks(
-            rows_data, n_rows, spec.nbytes, element_width(spec.dtype), chunk_rows[-1], compression.level
+    delta = DELTA_XOR if xor else DELTA_NONE
+    chunk_rows = [rows_per_chunk(spec.nbytes, compression.chunk_bytes) for spec in arch.tensors]
+    pieces: list[list[np.ndarray]] = []
+    chunking: Chunking | rans.RansChunking
+    if compression.codec == ZSTD:
+        lengths = []
+        for spec, n_rows, rows_data, per_chunk in zip(arch.tensors, rows, data, chunk_rows):
+            encoded, stored_lengths = encode_chunks(
+                rows_data, n_rows, spec.nbytes, element_width(spec.dtype), per_chunk, compression.zstd_level
+            )
+            pieces.append(encoded)
+            lengths.append(tuple(stored_lengths))
+        widths = tuple(element_width(s.dtype) for s in arch.tensors)
+        chunking = Chunking(delta, tuple(chunk_rows), tuple(lengths), widths)
+    else:
+        sections = [rans.encode_rows(rows_data, n_rows, spec.nbytes, spec.dtype, per_chunk)
+                    for spec, n_rows, rows_data, per_chunk in zip(arch.tensors, rows, data, chunk_rows)]
+        pieces = [[section.data] for section in sections]
+        chunking = rans.RansChunking(
+            delta, tuple(chunk_rows), tuple(s.table_length for s in sections), tuple(s.chunk_lengths for s in sections),
+            tuple(rans.layout_code(spec.dtype) for spec in arch.tensors),
         )
-        pieces.append(encoded)
-        lengths.append(tuple(stored_lengths))
-    chunking = Chunking(DELTA_XOR if xor else DELTA_NONE, tuple(chunk_rows), tuple(lengths),
-                        tuple(element_width(s.dtype) for s in arch.tensors))
     if row_index is None:
         layout = Layout.stacked(arch, len(models), chunking)
     else:

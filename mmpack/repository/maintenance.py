@@ -381,10 +381,7 @@ def _chain_root(tables: Tables, replaced: dict[str, VersionRecord], record: Vers
 
 def _compression_of(record: VersionRecord) -> Compression | None:
     described = record.details.get("compression")
-    if not described:
-        return None
-    level = described.rsplit("-", 1)[-1]
-    return Compression(level=int(level)) if level.isdigit() else Compression()
+    return Compression.described(described) if described else None
 
 
 def _remove(objects: ObjectStore, keys: list[str]) -> None:

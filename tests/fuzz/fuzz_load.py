@@ -7,7 +7,8 @@ Any input must either load or raise an MMPackError: any other exception, a
 crash or a hang is a bug. The corpus starts from valid files (the golden file
 and a few small sets) so mutations explore the header parser and the
 integrity checks rather than the magic-bytes check alone; compressed copies
-of them take mutations into the chunk table and the zstd frames.
+of them (both codecs) take mutations into the chunk tables, the zstd frames,
+and the rANS table blocks and chunks.
 """
 
 from __future__ import annotations
@@ -50,8 +51,10 @@ def seed_corpus() -> None:
     }
     for name, ms in sets.items():
         mmpack.save(ms, CORPUS / f"{name}.mmpack")
-        # Compressed (format version 2) files, with small chunks so there are many.
-        mmpack.save(ms, CORPUS / f"{name}-zstd.mmpack", compression=mmpack.Compression(chunk_bytes=256))
+        # Compressed (format versions 2 and 3) files, with small chunks so there are many.
+        for codec in ("zstd", "rans"):
+            setting = mmpack.Compression(codec=codec, chunk_bytes=256)
+            mmpack.save(ms, CORPUS / f"{name}-{codec}.mmpack", compression=setting)
 
 
 def resigned(data: bytes) -> bytes:

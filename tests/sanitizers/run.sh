@@ -4,6 +4,9 @@
 # separate build and takes a few minutes); run it whenever csrc/ changes:
 #
 #   tests/sanitizers/run.sh [pytest args...]
+#   tests/sanitizers/run.sh --fuzz tests/fuzz/fuzz_rans.py [atheris args...]
+#
+# The second form runs a fuzz target against the instrumented module instead.
 #
 # Python itself is not instrumented, so libasan is preloaded and leak
 # detection is off (the interpreter keeps memory until exit by design).
@@ -21,11 +24,14 @@ cp "$build"/_native*.so "$stage/mmpack/"
 asan=$(g++ -print-file-name=libasan.so)
 ubsan=$(g++ -print-file-name=libubsan.so)
 cd "$stage"  # python -m pytest puts the working directory first on sys.path
-LD_PRELOAD="$asan:$ubsan" \
-ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
-UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
-PYTHONPATH="$stage" \
-  python -m pytest -c "$root/pyproject.toml" --rootdir "$root" -p no:cacheprovider -q \
+export LD_PRELOAD="$asan:$ubsan" ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
+  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 PYTHONPATH="$stage"
+if [ "${1:-}" = "--fuzz" ]; then
+  target=$2
+  shift 2
+  exec python "$root/$target" "$@"
+fi
+python -m pytest -c "$root/pyproject.toml" --rootdir "$root" -p no:cacheprovider -q \
     "$root/tests/test_native.py" "$root/tests/test_transform.py" "$root/tests/test_compression.py" "$root/tests/test_fileformat.py" "$root/tests/test_modelset.py" \
     "$root/tests/test_read_kernel.py" "$root/tests/test_compression_frames.py" "$root/tests/test_bool_rows.py" \
-    "$root/tests/test_changing_files.py" "$root/tests/test_golden.py" "$@"
+    "$root/tests/test_changing_files.py" "$root/tests/test_golden.py" "$root/tests/test_rans.py" "$@"

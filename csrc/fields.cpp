@@ -1,0 +1,1215 @@
+#include "mmpack/fields.hpp"
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <mutex>
+#include <new>
+#include <type_traits>
+
+#include "bits.hpp"
+#include "mmpack/parallel.hpp"
+#include "rans_internal.hpp"
+
+namespace mmpack::fields {
+
+namespace {
+
+using std::size_t;
+using std::uint16_t;
+using std::uint32_t;
+using std::uint64_t;
+using std::uint8_t;
+
+constexpr unsigned kNoSymbol = 0xFFFF;
+constexpr size_t kBlock = 2048;  // elements decoded per round: the scratch stays in L1
+
+// -- elements and their fields ---------------------------------------------------
+
+inline uint64_t load_element(const uint8_t* p, unsigned width) noexcept {
+    uint64_t v = 0;
+    std::memcpy(&v, p, width);  // little-endian hosts only (the Python layer checks)
+    return v;
+}
+
+inline void store_element(uint8_t* p, unsigned width, uint64_t v) noexcept { std::memcpy(p, &v, width); }
+
+inline unsigned field_of(const Layout& layout, uint64_t v, unsigned f) noexcept {
+    const unsigned b = 8 * layout.width;
+    if (layout.family == Family::half) {
+        return static_cast<unsigned>(f == 0 ? (v >> 7) & 0xFF : ((v >> 15) << 7) | (v & 0x7F));
+    }
+    if (layout.family == Family::floating) {
+        if (f == 0) return static_cast<unsigned>(v >> (b - 13)) & 0xFFF;
+        if (f == 1) return static_cast<unsigned>(((v >> (b - 1)) << 3) | ((v >> (b - 16)) & 7));
+    }
+    return static_cast<unsigned>(v >> (b - 8 - 8 * f)) & 0xFF;
+}
+
+inline uint64_t head_part(const Layout& layout, unsigned head) noexcept {
+    const unsigned b = 8 * layout.width;
+    if (layout.family == Family::half) return static_cast<uint64_t>(head) << 7;
+    return static_cast<uint64_t>(head) << (layout.family == Family::floating ? b - 13 : b - 8);
+}
+
+inline uint64_t tail_part(const Layout& layout, unsigned f, unsigned value) noexcept {
+    const unsigned b = 8 * layout.width;
+    if (layout.family == Family::half) return (static_cast<uint64_t>(value >> 7) << 15) | (value & 0x7F);
+    if (layout.family == Family::floating && f == 1) {
+        return (static_cast<uint64_t>(value >> 3) << (b - 1)) | (static_cast<uint64_t>(value & 7) << (b - 16));
+    }
+    return static_cast<uint64_t>(value) << (b - 8 - 8 * f);
+}
+
+// Calls body(width, family) with both as compile-time constants (std::integral_constant).
+template <typename Body>
+auto dispatch_layout(const Layout& layout, Body body) {
+    using F = Family;
+    switch (layout.family) {
+        case F::half: return body(std::integral_constant<unsigned, 2>{}, std::integral_constant<F, F::half>{});
+        case F::floating:
+            if (layout.width == 2) return body(std::integral_constant<unsigned, 2>{}, std::integral_constant<F, F::floating>{});
+            if (layout.width == 4) return body(std::integral_constant<unsigned, 4>{}, std::integral_constant<F, F::floating>{});
+            return body(std::integral_constant<unsigned, 8>{}, std::integral_constant<F, F::floating>{});
+        case F::integer: break;
+    }
+    if (layout.width == 1) return body(std::integral_constant<unsigned, 1>{}, std::integral_constant<F, F::integer>{});
+    if (layout.width == 2) return body(std::integral_constant<unsigned, 2>{}, std::integral_constant<F, F::integer>{});
+    if (layout.width == 4) return body(std::integral_constant<unsigned, 4>{}, std::integral_constant<F, F::integer>{});
+    return body(std::integral_constant<unsigned, 8>{}, std::integral_constant<F, F::integer>{});
+}
+
+// -- fixed-point logarithms (decisions must not depend on the C library) --------
+
+// log2(x) * 2^16, rounded down (up to the squarings' truncation), for x >= 1.
+uint64_t log2_q16(uint64_t x) noexcept {
+    const unsigned whole = 63u - static_cast<unsigned>(__builtin_clzll(x));
+    // y = x / 2^whole in [1, 2) as m / 2^31.
+    uint64_t m = whole >= 31 ? x >> (whole - 31) : x << (31 - whole);
+    uint64_t result = static_cast<uint64_t>(whole) << 16;
+    for (int bit = 15; bit >= 0; --bit) {
+        m = (m * m) >> 31;  // y^2 in [1, 4); m < 2^32 keeps the product below 2^64
+        if (m >= (uint64_t{1} << 32)) {
+            result |= uint64_t{1} << bit;
+            m >>= 1;
+        }
+    }
+    return result;
+}
+
+const std::array<uint32_t, rans::kScale + 1>& small_logs() noexcept {
+    static const auto table = [] {
+        std::array<uint32_t, rans::kScale + 1> t{};
+        for (uint32_t f = 1; f <= rans::kScale; ++f) t[f] = static_cast<uint32_t>(log2_q16(f));
+        return t;
+    }();
+    return table;
+}
+
+// -- choosing a field's code -------------------------------------------------------
+
+struct Candidate {
+    Field field;
+    double cost_bits = 0;  // estimated stored bits, tables and per-chunk costs included
+};
+
+struct Block {
+    uint32_t value;
+    unsigned raw_bits;
+    uint64_t count;
+};
+
+// Frequencies >= 1 summing to kScale that keep sum(count * log2(1 / freq)) near its least.
+std::vector<uint16_t> quantize(const std::vector<uint64_t>& counts) {
+    const auto& logs = small_logs();
+    uint64_t total = 0;
+    for (const uint64_t c : counts) total += c;
+    std::vector<uint32_t> f(counts.size());
+    uint64_t sum = 0;
+    for (size_t k = 0; k < counts.size(); ++k) {
+        const uint64_t scaled = counts[k] * rans::kScale / total;  // counts stay far below 2^52
+        f[k] = static_cast<uint32_t>(std::max<uint64_t>(1, scaled));
+        sum += f[k];
+    }
+    while (sum < rans::kScale) {  // give a slot where it saves the most
+        size_t best = 0;
+        uint64_t gain = 0;
+        for (size_t k = 0; k < f.size(); ++k) {
+            const uint64_t g = counts[k] * (logs[f[k] + 1] - logs[f[k]]);
+            if (g > gain) gain = g, best = k;
+        }
+        ++f[best];
+        ++sum;
+    }
+    while (sum > rans::kScale) {  // take a slot where it costs the least
+        size_t best = 0;
+        uint64_t loss = std::numeric_limits<uint64_t>::max();
+        for (size_t k = 0; k < f.size(); ++k) {
+            if (f[k] < 2) continue;
+            const uint64_t l = counts[k] * (logs[f[k]] - logs[f[k] - 1]);
+            if (l < loss) loss = l, best = k;
+        }
+        --f[best];
+        --sum;
+    }
+    return {f.begin(), f.end()};
+}
+
+// In 2^-16 bits per element (1/16 bit): what the slower decoding of a symbol with raw bits
+// is worth. Symbols with raw bits then cover only rare values, and the vector loops rarely
+// leave their fast path.
+constexpr double kRawBitsPenalty = 4096.0;
+
+// The aligned blocks of a field's values (node i of level r holds values [i << r, (i + 1) << r)),
+// with their counts and the ideal cost of coding each as one symbol.
+class ValueTree {
+public:
+    ValueTree(const std::vector<uint64_t>& hist, unsigned bits, uint64_t total) : bits_(bits) {
+        const double log_total = static_cast<double>(log2_q16(total));
+        count_.resize(bits + 1);
+        cost_.resize(bits + 1);
+        for (unsigned r = 0; r <= bits; ++r) {
+            const size_t nodes = hist.size() >> r;
+            count_[r].resize(nodes);
+            cost_[r].resize(nodes);
+            for (size_t i = 0; i < nodes; ++i) {
+                const uint64_t c = r == 0 ? hist[i] : count_[r - 1][2 * i] + count_[r - 1][2 * i + 1];
+                count_[r][i] = c;
+                // A block with raw bits also pays kRawBitsPenalty per element: decoders take a
+                // slower path for its symbols, so only rare values should share a symbol.
+                if (c == 0) continue;  // (cost 0) most nodes of a small or peaked histogram are empty
+                const double per_element = log_total - static_cast<double>(log2_q16(c)) +
+                                           (r == 0 ? 0.0 : static_cast<double>(r) * 65536.0 + kRawBitsPenalty);
+                cost_[r][i] = static_cast<double>(c) * per_element;
+            }
+        }
+    }
+
+    // The partition that minimises cost + entry_cost per symbol (in 2^-16 bits), ascending.
+    std::vector<Block> blocks(double entry_cost) const {
+        std::vector<std::vector<double>> best(bits_ + 1);
+        std::vector<std::vector<uint8_t>> whole(bits_ + 1);
+        for (unsigned r = 0; r <= bits_; ++r) {
+            const size_t nodes = count_[r].size();
+            best[r].resize(nodes);
+            whole[r].resize(nodes);
+            for (size_t i = 0; i < nodes; ++i) {
+                const double alone = count_[r][i] == 0 ? 0.0 : cost_[r][i] + entry_cost;
+                const double split = r == 0 ? alone : best[r - 1][2 * i] + best[r - 1][2 * i + 1];
+                whole[r][i] = r == 0 || alone <= split;
+                best[r][i] = std::min(alone, split);
+            }
+        }
+        std::vector<Block> blocks;
+        std::vector<std::pair<unsigned, size_t>> stack{{bits_, 0}};  // depth first, left child first
+        while (!stack.empty()) {
+            const auto [r, i] = stack.back();
+            stack.pop_back();
+            if (count_[r][i] == 0) continue;
+            if (whole[r][i]) {
+                blocks.push_back({static_cast<uint32_t>(i << r), r, count_[r][i]});
+            } else {
+                stack.push_back({r - 1, 2 * i + 1});
+                stack.push_back({r - 1, 2 * i});
+            }
+        }
+        // One block holding more than one value: split it, so that a table has two
+        // symbols (one value alone is a constant instead).
+        while (blocks.size() == 1 && blocks[0].raw_bits > 0) {
+            const unsigned r = blocks[0].raw_bits - 1;
+            const size_t left = static_cast<size_t>(blocks[0].value) >> r;
+            blocks.clear();
+            for (const size_t i : {left, left + 1}) {
+                if (count_[r][i] > 0) blocks.push_back({static_cast<uint32_t>(i << r), r, count_[r][i]});
+            }
+        }
+        return blocks;
+    }
+
+private:
+    unsigned bits_;
+    std::vector<std::vector<uint64_t>> count_;
+    std::vector<std::vector<double>> cost_;
+};
+
+// The best rANS code of a field with histogram hist (plus `zeros` zero elements when the
+// head has the zero symbol), or nothing (cost infinite) when a table cannot describe it.
+Candidate rans_candidate(const std::vector<uint64_t>& hist, unsigned bits, uint64_t zeros, size_t chunks) {
+    uint64_t total = zeros;
+    for (const uint64_t c : hist) total += c;
+    Candidate none;
+    none.cost_bits = std::numeric_limits<double>::infinity();
+    if (total == 0) return none;
+    const unsigned cap = rans::kMaxSymbols - (zeros > 0 ? 1 : 0);
+    constexpr double kEntryBits = 32.0;
+    const ValueTree tree(hist, bits, total);
+    const double entry = kEntryBits * 65536.0;
+    std::vector<Block> blocks = tree.blocks(entry);
+    if (blocks.size() > cap) {
+        // A price per symbol that makes the table fit (fewer, wider blocks): double it until
+        // it does, then bisect.
+        double low = 0, high = 65536.0;
+        while (tree.blocks(entry + high).size() > cap) high *= 2;
+        for (int iteration = 0; iteration < 40; ++iteration) {
+            const double middle = (low + high) / 2;
+            (tree.blocks(entry + middle).size() > cap ? low : high) = middle;
+        }
+        blocks = tree.blocks(entry + high);
+    }
+    std::vector<uint64_t> counts;
+    Field field;
+    field.mode = Mode::rans;
+    if (zeros > 0) {
+        field.symbols.push_back({0, static_cast<uint8_t>(kZeroCode), 0});
+        counts.push_back(zeros);
+    }
+    for (const Block& b : blocks) {
+        field.symbols.push_back({static_cast<uint16_t>(b.value), static_cast<uint8_t>(b.raw_bits), 0});
+        counts.push_back(b.count);
+    }
+    if (field.symbols.size() < 2 || field.symbols.size() > rans::kMaxSymbols) return none;
+    const std::vector<uint16_t> freqs = quantize(counts);
+    const auto& logs = small_logs();
+    double code = 0;
+    for (size_t k = 0; k < counts.size(); ++k) {
+        field.symbols[k].freq = freqs[k];
+        const double raw = field.symbols[k].zero() ? 0.0 : field.symbols[k].raw_bits;
+        code += static_cast<double>(counts[k]) * ((12.0 * 65536.0 - logs[freqs[k]]) / 65536.0 + raw);
+    }
+    Candidate c;
+    c.field = std::move(field);
+    c.cost_bits = 8 + 16 + kEntryBits * static_cast<double>(counts.size()) + code +
+                  static_cast<double>(chunks) * (64 + 8 * rans::kStateBytes);
+    return c;
+}
+
+// The cheapest code of one field (hist over its values, `zeros` zero elements coded by the head).
+Candidate choose_field(const std::vector<uint64_t>& hist, unsigned bits, uint64_t zeros, size_t chunks) {
+    uint64_t total = 0;
+    unsigned distinct = 0;
+    uint16_t only = 0;
+    for (size_t v = 0; v < hist.size(); ++v) {
+        total += hist[v];
+        if (hist[v]) ++distinct, only = static_cast<uint16_t>(v);
+    }
+    Candidate best;
+    best.field.mode = Mode::raw;
+    best.cost_bits = 8 + static_cast<double>(total) * bits + 32.0 * static_cast<double>(chunks);
+    if (zeros == 0 && distinct <= 1) {
+        Candidate constant;
+        constant.field.mode = Mode::constant;
+        constant.field.constant = only;
+        constant.cost_bits = 8 + 16;
+        return constant;
+    }
+    Candidate coded = rans_candidate(hist, bits, zeros, chunks);
+    if (coded.cost_bits < best.cost_bits) return coded;
+    if (zeros > 0) best.cost_bits = std::numeric_limits<double>::infinity();  // zeros need the head's table
+    return best;
+}
+
+struct Histograms {
+    std::vector<std::vector<uint64_t>> fields;  // per field, over every element
+    std::vector<char> noise;  // per field: a sample found its values uniform, so it is not counted (coded raw)
+    uint64_t zeros = 0;       // elements whose every bit is zero
+};
+
+Histograms empty_histograms(const Layout& layout) {
+    Histograms h;
+    for (unsigned f = 0; f < layout.width; ++f) h.fields.emplace_back(size_t{1} << layout.bits(f), 0);
+    h.noise.assign(layout.width, 0);
+    return h;
+}
+
+// Counts elements [begin, end): zeros and field 0 always, the other fields unless noise.
+// The head goes to four interleaved counters per value, so that runs of one exponent do
+// not wait on their own increments; they are summed at the end.
+template <unsigned W, Family F>
+void count_fields(const uint8_t* bytes, size_t begin, size_t end, const std::vector<char>& noise, Histograms& h) {
+    const Layout layout{W, F};
+    const size_t values = h.fields[0].size();
+    std::vector<uint32_t> head(4 * values, 0);
+    uint64_t zeros = 0;
+    bool any_tail = false;
+    for (unsigned f = 1; f < W; ++f) any_tail = any_tail || !noise[f];
+    for (size_t start = begin; start < end; start += size_t{1} << 30) {  // 32-bit counters
+        const size_t stop = std::min(end, start + (size_t{1} << 30));
+        size_t i = start;
+        for (; i + 4 <= stop; i += 4) {
+            for (unsigned k = 0; k < 4; ++k) {
+                const uint64_t v = load_element(bytes + (i + k) * W, W);
+                zeros += v == 0;
+                ++head[k * values + field_of(layout, v, 0)];
+            }
+        }
+        for (; i < stop; ++i) {
+            const uint64_t v = load_element(bytes + i * W, W);
+            zeros += v == 0;
+            ++head[field_of(layout, v, 0)];
+        }
+        for (size_t k = 0; k < values; ++k) {
+            h.fields[0][k] += uint64_t{head[k]} + head[values + k] + head[2 * values + k] + head[3 * values + k];
+        }
+        std::fill(head.begin(), head.end(), 0);
+    }
+    if (any_tail) {
+        for (size_t i = begin; i < end; ++i) {
+            const uint64_t v = load_element(bytes + i * W, W);
+            for (unsigned f = 1; f < W; ++f) {
+                if (!noise[f]) ++h.fields[f][field_of(layout, v, f)];
+            }
+        }
+    }
+    h.zeros += zeros;
+}
+
+void count_fields(const Layout& layout, const uint8_t* bytes, size_t begin, size_t end, const std::vector<char>& noise,
+                  Histograms& h) {
+    dispatch_layout(layout, [&](auto w, auto family) {
+        count_fields<decltype(w)::value, decltype(family)::value>(bytes, begin, end, noise, h);
+        return 0;
+    });
+}
+
+// Empirical entropy of a histogram, in bits per value (a decision aid only: the choice of
+// raw over rANS for a field never depends on it alone being exact).
+double entropy_bits(const std::vector<uint64_t>& hist) {
+    uint64_t total = 0;
+    for (const uint64_t c : hist) total += c;
+    if (total == 0) return 0;
+    const double log_total = static_cast<double>(log2_q16(total));
+    double sum = 0;
+    for (const uint64_t c : hist) {
+        if (c) sum += static_cast<double>(c) * (log_total - static_cast<double>(log2_q16(c)));
+    }
+    return sum / static_cast<double>(total) / 65536.0;
+}
+
+// Fields 1 and up whose values a sample (every 16th run of 256 elements) finds uniform to
+// within the sample's own bias: the low mantissa bytes of trained weights. They are coded
+// raw without being counted, which spares most of the counting pass on float data.
+std::vector<char> noise_fields(const Layout& layout, const uint8_t* bytes, size_t n) {
+    std::vector<char> noise(layout.width, 0);
+    constexpr size_t kRun = 256, kEvery = 16;
+    if (n < 16 * kRun * kEvery) return noise;  // small tensors: count everything
+    Histograms sample = empty_histograms(layout);
+    for (size_t begin = 0; begin < n; begin += kRun * kEvery) {
+        count_fields(layout, bytes, begin, std::min(n, begin + kRun), noise, sample);
+    }
+    uint64_t sampled = 0;
+    for (const uint64_t c : sample.fields[0]) sampled += c;
+    for (unsigned f = 1; f < layout.width; ++f) {
+        const double k = layout.bits(f);
+        const double bias = (std::exp2(k) - 1) / (2.0 * static_cast<double>(sampled) * 0.6931471805599453);
+        noise[f] = entropy_bits(sample.fields[f]) > k - std::max(0.02, 2 * bias);
+    }
+    return noise;
+}
+
+Histograms histograms(ConstBytes data, const Layout& layout) {
+    const unsigned w = layout.width;
+    const size_t n = data.size / w;
+    const auto* bytes = reinterpret_cast<const uint8_t*>(data.data);
+    constexpr size_t kPiece = 1 << 16;
+    const size_t pieces = (n + kPiece - 1) / kPiece;
+    Histograms total = empty_histograms(layout);
+    total.noise = noise_fields(layout, bytes, n);
+    std::mutex lock;
+    std::atomic<bool> out_of_memory{false};
+    parallel_by_weight(
+        pieces, [&](size_t p) { return static_cast<uint64_t>(std::min(p * kPiece, n)) * w; },
+        [&](size_t first, size_t last) {
+            try {  // nothing may escape a worker thread
+                Histograms h = empty_histograms(layout);
+                count_fields(layout, bytes, first * kPiece, std::min(n, last * kPiece), total.noise, h);
+                const std::lock_guard<std::mutex> guard(lock);  // sums: the order does not matter
+                total.zeros += h.zeros;
+                for (unsigned f = 0; f < w; ++f) {
+                    for (size_t v = 0; v < h.fields[f].size(); ++v) total.fields[f][v] += h.fields[f][v];
+                }
+            } catch (const std::bad_alloc&) {
+                out_of_memory = true;
+            }
+        });
+    if (out_of_memory) throw std::bad_alloc();
+    return total;
+}
+
+}  // namespace
+
+bool valid_layout(unsigned width, Family family) noexcept {
+    if (family == Family::half) return width == 2;
+    if (family == Family::floating) return width == 2 || width == 4 || width == 8;
+    return width == 1 || width == 2 || width == 4 || width == 8;
+}
+
+bool Model::has_zero() const noexcept {
+    return !fields.empty() && fields[0].mode == Mode::rans && !fields[0].symbols.empty() && fields[0].symbols[0].zero();
+}
+
+Model choose_model(ConstBytes data, Layout layout, size_t chunk_elements) {
+    const unsigned w = layout.width;
+    const size_t n = data.size / w;
+    const size_t chunks = chunk_elements == 0 ? 1 : (n + chunk_elements - 1) / chunk_elements;
+    Histograms h = histograms(data, layout);
+    Model model;
+    model.layout = layout;
+    // Without a zero symbol: every field codes every element.
+    double plain_cost = 0;
+    std::vector<Field> plain;
+    const auto raw_field = [&](size_t count, unsigned f) {
+        Candidate c;
+        c.cost_bits = 8 + static_cast<double>(count) * layout.bits(f) + 32.0 * static_cast<double>(chunks);
+        return c;
+    };
+    for (unsigned f = 0; f < w; ++f) {
+        Candidate c = h.noise[f] ? raw_field(n, f) : choose_field(h.fields[f], layout.bits(f), 0, chunks);
+        plain_cost += c.cost_bits;
+        plain.push_back(std::move(c.field));
+    }
+    model.fields = std::move(plain);
+    if (h.zeros == 0 || h.zeros == n) return model;
+    // With one: zero elements cost one head symbol, and the other fields skip them.
+    double zero_cost = 0;
+    std::vector<Field> with_zero;
+    for (unsigned f = 0; f < w; ++f) {
+        if (h.noise[f]) {
+            Candidate c = raw_field(n - h.zeros, f);
+            zero_cost += c.cost_bits;
+            with_zero.push_back(std::move(c.field));
+            continue;
+        }
+        std::vector<uint64_t> nonzero = h.fields[f];
+        nonzero[0] -= h.zeros;  // a zero element has every field 0
+        Candidate c = choose_field(nonzero, layout.bits(f), f == 0 ? h.zeros : 0, chunks);
+        zero_cost += c.cost_bits;
+        with_zero.push_back(std::move(c.field));
+    }
+    if (zero_cost < plain_cost) model.fields = std::move(with_zero);
+    return model;
+}
+
+// -- the table block --------------------------------------------------------------
+
+namespace {
+
+void put16(std::vector<uint8_t>& out, unsigned v) {
+    out.push_back(static_cast<uint8_t>(v));
+    out.push_back(static_cast<uint8_t>(v >> 8));
+}
+
+void put32(std::vector<uint8_t>& out, size_t v) {
+    for (unsigned b = 0; b < 4; ++b) out.push_back(static_cast<uint8_t>(v >> (8 * b)));
+}
+
+inline unsigned get16(const uint8_t* p) noexcept { return p[0] | (static_cast<unsigned>(p[1]) << 8); }
+
+inline uint32_t get32(const uint8_t* p) noexcept {
+    return p[0] | (static_cast<uint32_t>(p[1]) << 8) | (static_cast<uint32_t>(p[2]) << 16) |
+           (static_cast<uint32_t>(p[3]) << 24);
+}
+
+}  // namespace
+
+void write_model(const Model& model, std::vector<uint8_t>& out) {
+    for (const Field& field : model.fields) {
+        out.push_back(static_cast<uint8_t>(field.mode));
+        if (field.mode == Mode::constant) put16(out, field.constant);
+        if (field.mode != Mode::rans) continue;
+        put16(out, static_cast<unsigned>(field.symbols.size()));
+        for (const Symbol& s : field.symbols) {
+            put16(out, s.value | (static_cast<unsigned>(s.raw_bits) << 12));
+            put16(out, s.freq);
+        }
+    }
+}
+
+const char* read_model(ConstBytes block, Layout layout, Model& out) {
+    if (!valid_layout(layout.width, layout.family)) return "unsupported element layout";
+    const auto* p = reinterpret_cast<const uint8_t*>(block.data);
+    const uint8_t* const end = p + block.size;
+    out = Model{};
+    out.layout = layout;
+    for (unsigned f = 0; f < layout.n_fields(); ++f) {
+        const unsigned bits = layout.bits(f);
+        if (p == end) return "a table block ends before its fields";
+        Field field;
+        const unsigned mode = *p++;
+        if (mode > static_cast<unsigned>(Mode::rans)) return "a field has an unknown mode";
+        field.mode = static_cast<Mode>(mode);
+        if (field.mode == Mode::constant) {
+            if (end - p < 2) return "a table block ends inside a constant";
+            field.constant = static_cast<uint16_t>(get16(p));
+            p += 2;
+            if (field.constant >> bits) return "a field's constant does not fit the field";
+        } else if (field.mode == Mode::rans) {
+            if (end - p < 2) return "a table block ends inside a symbol count";
+            const unsigned n = get16(p);
+            p += 2;
+            if (n < 2 || n > rans::kMaxSymbols) return "a symbol table has fewer than 2 or more than 256 symbols";
+            if (static_cast<size_t>(end - p) < 4 * static_cast<size_t>(n)) return "a table block ends inside a symbol table";
+            uint32_t sum = 0;
+            uint32_t next_free = 0;  // the lowest value a further symbol may start at
+            for (unsigned k = 0; k < n; ++k) {
+                const unsigned word = get16(p);
+                Symbol s;
+                s.value = static_cast<uint16_t>(word & 0xFFF);
+                s.raw_bits = static_cast<uint8_t>(word >> 12);
+                s.freq = static_cast<uint16_t>(get16(p + 2));
+                p += 4;
+                if (s.freq == 0) return "a symbol has frequency 0";
+                sum += s.freq;
+                if (s.zero()) {
+                    if (f != 0 || k != 0 || s.value != 0) return "a zero-element symbol is not the first symbol of a head";
+                    field.symbols.push_back(s);
+                    continue;
+                }
+                if (s.raw_bits > bits || (s.value >> bits) != 0) return "a symbol does not fit its field";
+                const uint32_t span = uint32_t{1} << s.raw_bits;
+                if (s.value % span != 0) return "a symbol's value is not a multiple of its range";
+                if (s.value < next_free) return "symbols are not in ascending order of disjoint ranges";
+                next_free = s.value + span;
+                if (next_free > (uint32_t{1} << bits)) return "a symbol does not fit its field";
+                field.symbols.push_back(s);
+            }
+            if (sum != rans::kScale) return "symbol frequencies do not sum to 4096";
+        }
+        out.fields.push_back(std::move(field));
+    }
+    if (p != end) return "a table block has bytes after its fields";
+    return nullptr;
+}
+
+// -- encoding ---------------------------------------------------------------------
+
+struct Encoder::Impl {
+    Model model;
+    struct Coded {
+        std::vector<rans::EncodeSymbol> table;
+        std::vector<uint16_t> symbol_of;  // field value -> symbol, kNoSymbol where none covers it
+        unsigned zero_symbol = kNoSymbol;
+    };
+    std::vector<Coded> coded;  // per field
+};
+
+Encoder::Encoder(const Model& model) : impl_(std::make_unique<Impl>()) {
+    impl_->model = model;
+    impl_->coded.resize(model.fields.size());
+    for (size_t f = 0; f < model.fields.size(); ++f) {
+        const Field& field = model.fields[f];
+        if (field.mode != Mode::rans) continue;
+        Impl::Coded& c = impl_->coded[f];
+        std::vector<uint16_t> freqs;
+        for (const Symbol& s : field.symbols) freqs.push_back(s.freq);
+        c.table.resize(freqs.size());
+        rans::build_encode_symbols(freqs.data(), static_cast<unsigned>(freqs.size()), c.table.data());
+        c.symbol_of.assign(size_t{1} << model.layout.bits(static_cast<unsigned>(f)), kNoSymbol);
+        for (size_t k = 0; k < field.symbols.size(); ++k) {
+            const Symbol& s = field.symbols[k];
+            if (s.zero()) {
+                c.zero_symbol = static_cast<unsigned>(k);
+                continue;
+            }
+            for (uint32_t v = s.value; v < s.value + (uint32_t{1} << s.raw_bits); ++v) c.symbol_of[v] = static_cast<uint16_t>(k);
+        }
+    }
+}
+
+Encoder::~Encoder() = default;
+
+namespace {
+
+// Every field's values in element order: the head in head[0..n), field f >= 1 in
+// tails[(f - 1) * n ...]; with `skip_zero`, the other fields skip zero elements (zero[i] = 1).
+// Returns the number of elements the other fields hold.
+template <unsigned W, Family F>
+size_t split_fields(const uint8_t* bytes, size_t n, bool skip_zero, uint16_t* head, uint8_t* tails, uint8_t* zero) {
+    const Layout layout{W, F};
+    size_t m = 0;
+    for (size_t i = 0; i < n; ++i) {
+        const uint64_t v = load_element(bytes + i * W, W);
+        head[i] = static_cast<uint16_t>(field_of(layout, v, 0));
+        if (skip_zero) {
+            zero[i] = v == 0;
+            if (v == 0) continue;
+        }
+        for (unsigned f = 1; f < W; ++f) tails[(f - 1) * n + m] = static_cast<uint8_t>(field_of(layout, v, f));
+        ++m;
+    }
+    return m;
+}
+
+size_t split_fields(const Layout& layout, const uint8_t* bytes, size_t n, bool skip_zero, uint16_t* head,
+                    uint8_t* tails, uint8_t* zero) {
+    return dispatch_layout(layout, [&](auto w, auto family) {
+        return split_fields<decltype(w)::value, decltype(family)::value>(bytes, n, skip_zero, head, tails, zero);
+    });
+}
+
+// Appends count values of `bits` bits, LSB first.
+template <typename T>
+void pack(const T* values, size_t count, unsigned bits, std::vector<uint8_t>& out) {
+    const size_t at = out.size();
+    out.resize(at + bits::packed_bytes(count, bits), 0);
+    uint8_t* p = out.data() + at;
+    if (bits == 8) {
+        for (size_t i = 0; i < count; ++i) p[i] = static_cast<uint8_t>(values[i]);
+    } else if (bits == 4) {
+        for (size_t i = 0; i < count; ++i) p[i >> 1] |= static_cast<uint8_t>((values[i] & 0xF) << ((i & 1) * 4));
+    } else {
+        bits::Writer writer(out);
+        out.resize(at);
+        for (size_t i = 0; i < count; ++i) writer.write(bits, values[i]);
+        writer.flush();
+    }
+}
+
+}  // namespace
+
+namespace {
+
+// The common case in one pass: the head rANS-coded without the zero symbol, every other
+// field raw (trained floating-point weights). Symbols, raw bits and the raw fields' streams
+// come out of the same loop over the elements.
+template <unsigned W, Family F>
+const char* encode_head_only(const uint8_t* bytes, size_t n, const Field& head, const std::uint16_t* symbol_of,
+                             const rans::EncodeSymbol* table, std::vector<uint8_t>& out) {
+    const Layout layout{W, F};
+    std::vector<uint8_t> symbols(n), raw_bits;
+    // The symbols first: a lookup per element, nothing else in the loop.
+    for (size_t i = 0; i < n; ++i) {
+        const unsigned s = symbol_of[field_of(layout, load_element(bytes + i * W, W), 0)];
+        if (s == kNoSymbol) return "data does not fit the model (a value no symbol covers)";
+        symbols[i] = static_cast<uint8_t>(s);
+    }
+    uint8_t raw_count[rans::kMaxSymbols] = {};
+    bool any_raw = false;
+    for (size_t k = 0; k < head.symbols.size(); ++k) {
+        raw_count[k] = head.symbols[k].raw_bits;
+        any_raw = any_raw || raw_count[k] > 0;
+    }
+    if (any_raw) {  // rare values' low bits, in element order
+        bits::Writer writer(raw_bits);
+        for (size_t i = 0; i < n; ++i) {
+            const unsigned s = symbols[i];
+            if (raw_count[s]) {
+                writer.write(raw_count[s], field_of(layout, load_element(bytes + i * W, W), 0) - head.symbols[s].value);
+            }
+        }
+        writer.flush();
+    }
+    // The other fields as their streams: plain loops the compiler vectorises.
+    size_t tail_length[8] = {};
+    size_t tail_start[8] = {};
+    size_t tails = 0;
+    for (unsigned f = 1; f < W; ++f) {
+        tail_start[f] = tails;
+        tail_length[f] = bits::packed_bytes(n, layout.bits(f));
+        tails += tail_length[f];
+    }
+    std::vector<uint8_t> tail(tails, 0);
+#pragma GCC unroll 8
+    for (unsigned f = 1; f < W; ++f) {
+        uint8_t* plane = tail.data() + tail_start[f];
+        if (layout.bits(f) == 4) {
+            size_t i = 0;
+            for (; i + 1 < n; i += 2) {
+                plane[i >> 1] = static_cast<uint8_t>(field_of(layout, load_element(bytes + i * W, W), f) |
+                                                     field_of(layout, load_element(bytes + (i + 1) * W, W), f) << 4);
+            }
+            if (i < n) plane[i >> 1] = static_cast<uint8_t>(field_of(layout, load_element(bytes + i * W, W), f));
+        } else {
+            for (size_t i = 0; i < n; ++i) plane[i] = static_cast<uint8_t>(field_of(layout, load_element(bytes + i * W, W), f));
+        }
+    }
+    std::vector<uint8_t> stream;
+    stream.reserve(2 * n + rans::kStateBytes);
+    rans::encode(symbols.data(), n, table, stream);
+    const size_t sizes[] = {stream.size(), raw_bits.size()};
+    for (const size_t length : sizes) {
+        if (length > std::numeric_limits<uint32_t>::max()) return "a chunk's stream exceeds 4 GiB";
+        put32(out, length);
+    }
+    for (unsigned f = 1; f < W; ++f) {
+        if (tail_length[f] > std::numeric_limits<uint32_t>::max()) return "a chunk's stream exceeds 4 GiB";
+        put32(out, tail_length[f]);
+    }
+    out.insert(out.end(), stream.begin(), stream.end());
+    out.insert(out.end(), raw_bits.begin(), raw_bits.end());
+    out.insert(out.end(), tail.begin(), tail.end());
+    return nullptr;
+}
+
+}  // namespace
+
+const char* Encoder::encode(ConstBytes data, std::vector<uint8_t>& out) const {
+    const Model& model = impl_->model;
+    const Layout& layout = model.layout;
+    const unsigned w = layout.width;
+    const size_t n = data.size / w;
+    const bool zero = model.has_zero();
+    bool head_only = model.fields[0].mode == Mode::rans && !zero;
+    for (unsigned f = 1; f < w; ++f) head_only = head_only && model.fields[f].mode == Mode::raw;
+    if (head_only) {
+        const Impl::Coded& c = impl_->coded[0];
+        return dispatch_layout(layout, [&](auto width, auto family) {
+            return encode_head_only<decltype(width)::value, decltype(family)::value>(
+                reinterpret_cast<const uint8_t*>(data.data), n, model.fields[0], c.symbol_of.data(), c.table.data(), out);
+        });
+    }
+    std::vector<uint16_t> head(n);
+    std::vector<uint8_t> tails((w - 1) * n);
+    std::vector<uint8_t> is_zero(zero ? n : 0);
+    const size_t m = split_fields(layout, reinterpret_cast<const uint8_t*>(data.data), n, zero, head.data(),
+                                  tails.data(), is_zero.data());
+    std::vector<size_t> directory;
+    std::vector<uint8_t> streams;
+    streams.reserve(data.size + data.size / 8 + 256);
+    std::vector<uint8_t> symbols(n);
+    std::vector<uint8_t> raw_bits;
+    for (unsigned f = 0; f < w; ++f) {
+        const Field& field = model.fields[f];
+        const size_t count = f == 0 ? n : m;
+        const unsigned bits = layout.bits(f);
+        const uint8_t* tail = f == 0 ? nullptr : tails.data() + (f - 1) * n;
+        auto value = [&](size_t i) -> unsigned { return f == 0 ? head[i] : tail[i]; };
+        if (field.mode == Mode::constant) {
+            for (size_t i = 0; i < count; ++i) {
+                if (value(i) != field.constant) return "data does not fit the model (a constant field varies)";
+            }
+            continue;
+        }
+        const size_t before = streams.size();
+        if (field.mode == Mode::raw) {
+            if (f == 0) {
+                pack(head.data(), count, bits, streams);
+            } else {
+                pack(tail, count, bits, streams);
+            }
+            directory.push_back(streams.size() - before);
+            continue;
+        }
+        const Impl::Coded& c = impl_->coded[f];
+        raw_bits.clear();
+        bits::Writer writer(raw_bits);
+        for (size_t i = 0; i < count; ++i) {
+            unsigned s;
+            if (f == 0 && zero && is_zero[i]) {
+                s = c.zero_symbol;
+            } else {
+                const unsigned v = value(i);
+                s = c.symbol_of[v];
+                if (s == kNoSymbol) return "data does not fit the model (a value no symbol covers)";
+                const Symbol& sym = field.symbols[s];
+                if (sym.raw_bits) writer.write(sym.raw_bits, v - sym.value);
+            }
+            symbols[i] = static_cast<uint8_t>(s);
+        }
+        writer.flush();
+        rans::encode(symbols.data(), count, c.table.data(), streams);
+        directory.push_back(streams.size() - before);
+        streams.insert(streams.end(), raw_bits.begin(), raw_bits.end());
+        directory.push_back(raw_bits.size());
+    }
+    for (const size_t length : directory) {
+        if (length > std::numeric_limits<uint32_t>::max()) return "a chunk's stream exceeds 4 GiB";
+        put32(out, length);
+    }
+    out.insert(out.end(), streams.begin(), streams.end());
+    return nullptr;
+}
+
+// -- decoding ---------------------------------------------------------------------
+
+namespace {
+
+struct Coded {
+    std::unique_ptr<rans::DecodeTable> table;
+    std::array<uint16_t, rans::kMaxSymbols> value{};
+    std::array<uint8_t, rans::kMaxSymbols> raw_bits{};
+    std::array<uint32_t, rans::kMaxSymbols> fused{};  // floating heads: value << shift, bit 31: raw bits follow
+    int zero_symbol = -1;
+    bool any_raw_bits = false;
+};
+
+// Reads `count` values of `bits` bits from a raw field at a cursor, bounds-checked.
+struct RawCursor {
+    const uint8_t* data = nullptr;
+    size_t size = 0;
+    size_t index = 0;  // values read so far
+
+    template <typename T>
+    bool take(unsigned bits, size_t count, T* out) noexcept {
+        if (count > size * 8 / bits - index) return false;  // (index + count) * bits <= size * 8
+        if (bits == 8) {
+            for (size_t k = 0; k < count; ++k) out[k] = data[index + k];
+        } else if (bits == 4) {
+            for (size_t k = 0; k < count; ++k) {
+                const size_t i = index + k;
+                out[k] = static_cast<T>((data[i >> 1] >> ((i & 1) * 4)) & 0xF);
+            }
+        } else {  // 12 bits: two bytes hold every value (its first bit is at 0 or 4)
+            for (size_t k = 0; k < count; ++k) {
+                const size_t bit = (index + k) * 12;
+                const size_t at = bit >> 3;
+                const unsigned pair = data[at] | (at + 1 < size ? static_cast<unsigned>(data[at + 1]) << 8 : 0u);
+                out[k] = static_cast<T>((pair >> (bit & 7)) & 0xFFF);
+            }
+        }
+        index += count;
+        return true;
+    }
+
+    bool finished(unsigned bits) const noexcept {
+        if (bits::packed_bytes(index, bits) != size) return false;
+        const unsigned used = static_cast<unsigned>((index * bits) % 8);
+        return used == 0 || (data[size - 1] >> used) == 0;
+    }
+};
+
+const char* const kCorrupt = "a chunk's streams do not decode to its elements";
+
+struct FieldReader {
+    Mode mode = Mode::raw;
+    RawCursor raw;
+    rans::Decoder stream;
+    bool started = false;
+    bits::Reader low_bits;
+};
+
+}  // namespace
+
+struct Decoder::Impl {
+    Model model;
+    std::vector<Coded> coded;
+    unsigned directory_entries = 0;
+    bool fast_float32 = false;
+    bool fast_float16 = false;
+};
+
+Decoder::Decoder(const Model& model) : impl_(std::make_unique<Impl>()) {
+    Impl& m = *impl_;
+    m.model = model;
+    m.coded.resize(model.fields.size());
+    const Layout& layout = model.layout;
+    for (size_t f = 0; f < model.fields.size(); ++f) {
+        const Field& field = model.fields[f];
+        if (field.mode == Mode::raw) m.directory_entries += 1;
+        if (field.mode != Mode::rans) continue;
+        m.directory_entries += 2;
+        Coded& c = m.coded[f];
+        c.table = std::make_unique<rans::DecodeTable>();
+        std::vector<uint16_t> freqs;
+        for (const Symbol& s : field.symbols) freqs.push_back(s.freq);
+        rans::build_decode_table(freqs.data(), static_cast<unsigned>(freqs.size()), *c.table);
+        const bool fusable_width = (layout.family == Family::floating && layout.width <= 4) || layout.family == Family::half;
+        const unsigned shift = !fusable_width ? 0 : layout.family == Family::half ? 7 : 8 * layout.width - 13;
+        for (size_t k = 0; k < field.symbols.size(); ++k) {
+            const Symbol& s = field.symbols[k];
+            c.value[k] = s.value;
+            if (s.zero()) {
+                c.zero_symbol = static_cast<int>(k);
+                continue;
+            }
+            c.raw_bits[k] = s.raw_bits;
+            c.any_raw_bits |= s.raw_bits > 0;
+            if (fusable_width) {
+                c.fused[k] = (static_cast<uint32_t>(s.value) << shift) | (s.raw_bits ? 0x80000000u : 0u);
+            }
+        }
+    }
+    // The fused loops need every other field as plain bytes or nibbles: raw fields are read in
+    // place, the others decoded to scratch first.
+    const bool fusable = layout.family != Family::integer && model.fields[0].mode == Mode::rans && !model.has_zero();
+    m.fast_float32 = fusable && layout.width == 4;
+    m.fast_float16 = fusable && layout.width == 2;
+}
+
+Decoder::~Decoder() = default;
+
+namespace {
+
+// Decodes `count` symbols of a rANS field and maps them to values (raw low bits added);
+// zero[i] = 1 for the zero-element symbol (heads only).
+template <typename T>
+bool rans_values(FieldReader& r, const Coded& c, size_t count, uint8_t* symbols, T* values, uint8_t* zero) noexcept {
+    if (count == 0) return true;
+    if (!r.started) return false;  // symbols wanted from an empty stream
+    if (!r.stream.decode(*c.table, count, symbols)) return false;
+    for (size_t i = 0; i < count; ++i) {
+        const unsigned s = symbols[i];
+        unsigned v = c.value[s];
+        if (c.any_raw_bits && c.raw_bits[s]) {
+            uint32_t low = 0;
+            if (!r.low_bits.read(c.raw_bits[s], low)) return false;
+            v |= low;
+        }
+        values[i] = static_cast<T>(v);
+        if (zero != nullptr) zero[i] = static_cast<int>(s) == c.zero_symbol;
+    }
+    return true;
+}
+
+template <typename T>
+bool field_values(FieldReader& r, const Field& field, const Coded& c, unsigned bits, size_t count, uint8_t* symbols,
+                  T* values, uint8_t* zero) noexcept {
+    switch (r.mode) {
+        case Mode::constant:
+            std::fill(values, values + count, static_cast<T>(field.constant));
+            if (zero != nullptr) std::fill(zero, zero + count, uint8_t{0});
+            return true;
+        case Mode::raw:
+            if (zero != nullptr) std::fill(zero, zero + count, uint8_t{0});
+            return r.raw.take(bits, count, values);
+        case Mode::rans:
+            return rans_values(r, c, count, symbols, values, zero);
+    }
+    return false;
+}
+
+// The scalar tail of a fused run (and the whole run without AVX2): elements [i, n).
+bool fused_scalar(FieldReader* readers, const Coded& head, const uint8_t* const* tails, const Layout& layout,
+                  size_t i, size_t n, uint8_t* out) noexcept {
+    rans::Decoder& d = readers[0].stream;
+    bits::Reader& raw = readers[0].low_bits;
+    const unsigned shift = layout.width == 4 ? 19 : layout.family == Family::half ? 7 : 3;
+    for (; i < n; ++i) {
+        uint8_t s;
+        if (!rans::decode_step(d, *head.table, s)) return false;
+        uint32_t v = head.fused[s];
+        if (v >> 31) {
+            uint32_t low = 0;
+            if (!raw.read(head.raw_bits[s], low)) return false;
+            v = (v & 0x7FFFFFFFu) | (low << shift);
+        }
+        if (layout.width == 4) {
+            const unsigned q = (tails[1][i >> 1] >> ((i & 1) * 4)) & 0xF;
+            const uint32_t element = v | ((q & 7u) << 16) | (static_cast<uint32_t>(q >> 3) << 31) |
+                                     (static_cast<uint32_t>(tails[2][i]) << 8) | tails[3][i];
+            std::memcpy(out + 4 * i, &element, 4);  // any alignment: the AVX2 loop stores unaligned too
+        } else {
+            const bool half = layout.family == Family::half;
+            const unsigned q = half ? tails[1][i] : (tails[1][i >> 1] >> ((i & 1) * 4)) & 0xF;
+            const unsigned rest = half ? (q & 0x7Fu) | ((q >> 7) << 15) : (q & 7u) | ((q >> 3) << 15);
+            const auto element = static_cast<uint16_t>(v | rest);
+            std::memcpy(out + 2 * i, &element, 2);
+        }
+    }
+    return true;
+}
+
+enum class Planes { ready, not_fusable, corrupt, no_memory };
+
+// Fields 1 and up of a chunk as the fused loops read them: raw fields in place, the others
+// decoded into this thread's scratch (nibble fields packed two to a byte). not_fusable when
+// a raw field's stream has the wrong length (the generic loop then reports the chunk corrupt);
+// nothing is consumed in that case.
+Planes tail_planes(FieldReader* readers, const Model& model, const std::vector<Coded>& coded, size_t n,
+                   const uint8_t** tails) noexcept {
+    thread_local std::vector<uint8_t> scratch[3];
+    thread_local std::vector<uint8_t> values;
+    const Layout& layout = model.layout;
+    for (unsigned f = 1; f < layout.width; ++f) {
+        if (readers[f].mode == Mode::raw && readers[f].raw.size != bits::packed_bytes(n, layout.bits(f))) {
+            return Planes::not_fusable;
+        }
+    }
+    for (unsigned f = 1; f < layout.width; ++f) {
+        FieldReader& r = readers[f];
+        const unsigned bits = layout.bits(f);
+        if (r.mode == Mode::raw) {
+            tails[f] = r.raw.data;
+            r.raw.index = n;
+            continue;
+        }
+        std::vector<uint8_t>& plane = scratch[f - 1];
+        try {
+            plane.resize(bits::packed_bytes(n, bits) + 16);
+            if (bits == 4) values.resize(n);
+        } catch (const std::bad_alloc&) {
+            return Planes::no_memory;
+        }
+        uint8_t* target = bits == 4 ? values.data() : plane.data();
+        uint8_t symbols[kBlock];
+        for (size_t done = 0; done < n; done += kBlock) {
+            const size_t b = std::min(kBlock, n - done);
+            if (!field_values(r, model.fields[f], coded[f], bits, b, symbols, target + done, static_cast<uint8_t*>(nullptr))) {
+                return Planes::corrupt;
+            }
+        }
+        if (bits == 4) {
+            std::fill(plane.begin(), plane.end(), uint8_t{0});
+            for (size_t i = 0; i < n; ++i) plane[i >> 1] |= static_cast<uint8_t>(values[i] << ((i & 1) * 4));
+        }
+        tails[f] = plane.data();
+    }
+    return Planes::ready;
+}
+
+template <unsigned W, Family F>
+void assemble(const uint16_t* head, const uint8_t* zero, const uint8_t (*tails)[kBlock], size_t count, uint8_t* dst) {
+    const Layout layout{W, F};
+    size_t k = 0;
+    for (size_t i = 0; i < count; ++i) {
+        uint64_t v = 0;
+        if (!zero[i]) {
+            v = head_part(layout, head[i]);
+            for (unsigned f = 1; f < W; ++f) v |= tail_part(layout, f, tails[f - 1][k]);
+            ++k;
+        }
+        store_element(dst + i * W, W, v);
+    }
+}
+
+}  // namespace
+
+// One chunk being decoded: its directory's streams, and how far the elements are done.
+struct Decoder::Chunk {
+    FieldReader readers[8];
+    const uint8_t* tails[4] = {};
+    rans::FusedHead fused;
+    size_t n = 0;
+    size_t done = 0;  // elements written by a fused loop
+    uint8_t* dst = nullptr;
+    bool is_fused = false;
+    bool failed = false;  // a fused loop stopped on corrupt raw bits
+};
+
+const char* Decoder::open(ConstBytes chunk, MutableBytes out, Chunk& c) const noexcept {
+    const Impl& m = *impl_;
+    const Model& model = m.model;
+    const Layout& layout = model.layout;
+    const unsigned w = layout.width;
+    if (out.size % w != 0) return "a chunk's output is not whole elements";
+    c.n = out.size / w;
+    c.dst = reinterpret_cast<uint8_t*>(out.data);
+    const auto* bytes = reinterpret_cast<const uint8_t*>(chunk.data);
+    // The directory, then every stream where it says.
+    const size_t directory_bytes = 4 * static_cast<size_t>(m.directory_entries);
+    if (chunk.size < directory_bytes) return "a chunk is shorter than its directory";
+    size_t position = directory_bytes;
+    size_t entry = 0;
+    auto next_stream = [&](size_t& start, size_t& length) {
+        length = get32(bytes + 4 * entry++);
+        start = position;
+        if (length > chunk.size - position) return false;
+        position += length;
+        return true;
+    };
+    for (unsigned f = 0; f < w; ++f) {
+        FieldReader& r = c.readers[f];
+        r.mode = model.fields[f].mode;
+        size_t start = 0, length = 0;
+        if (r.mode == Mode::raw) {
+            if (!next_stream(start, length)) return "a chunk's directory points past its end";
+            r.raw = RawCursor{bytes + start, length, 0};
+        } else if (r.mode == Mode::rans) {
+            if (!next_stream(start, length)) return "a chunk's directory points past its end";
+            if (length > 0) {
+                if (!r.stream.start(ConstBytes{chunk.data + start, length})) return "a rANS stream has a malformed start";
+                r.started = true;
+            }
+            if (!next_stream(start, length)) return "a chunk's directory points past its end";
+            r.low_bits = bits::Reader(bytes + start, length);
+        }
+    }
+    if (position != chunk.size) return "a chunk has bytes its directory does not account for";
+    if (m.fast_float32 || m.fast_float16) {
+        switch (tail_planes(c.readers, model, m.coded, c.n, c.tails)) {
+            case Planes::corrupt: return kCorrupt;
+            case Planes::no_memory: return "out of memory for a chunk's scratch";
+            case Planes::not_fusable: break;
+            case Planes::ready:
+                if (c.n > 0 && !c.readers[0].started) return kCorrupt;
+                c.is_fused = true;
+                const Coded& head = m.coded[0];
+                c.fused = rans::FusedHead{head.table.get(), head.fused.data(), head.raw_bits.data(),
+                                          layout.width == 4 ? 19u : layout.family == Family::half ? 7u : 3u};
+        }
+    }
+    return nullptr;
+}
+
+// The AVX2 fused loop over a chunk's whole groups; marks the chunk failed on corrupt raw bits.
+void Decoder::run_fused(Chunk& c, const Layout& layout) noexcept {
+    if (!rans::have_avx2() || c.n < rans::kLanes) return;
+    const bool half = layout.family == Family::half;
+    rans::FusedStream s;
+    s.decoder = &c.readers[0].stream;
+    s.head = &c.fused;
+    s.raw = &c.readers[0].low_bits;
+    if (layout.width == 4) {
+        s.tails[0] = c.tails[1];
+        s.tails[1] = c.tails[2];
+        s.tails[2] = c.tails[3];
+    } else {
+        s.tails[0] = c.tails[1];
+    }
+    s.out = c.dst;
+    bool ok = true;
+    const size_t groups = c.n / rans::kLanes;
+    const size_t done = layout.width == 4 ? rans::decode_float32_groups_avx2(&s, 1, groups, ok)
+                                          : rans::decode_float16_groups_avx2(&s, 1, half, groups, ok);
+    c.failed = !ok;
+    c.done = done * rans::kLanes;
+}
+
+const char* Decoder::finish(Chunk& c) const noexcept {
+    const Impl& m = *impl_;
+    const Model& model = m.model;
+    const Layout& layout = model.layout;
+    const unsigned w = layout.width;
+    const size_t n = c.n;
+    FieldReader* readers = c.readers;
+    uint8_t* dst = c.dst;
+    size_t nonzero_total = n;  // values of fields 1 and up
+    if (c.is_fused) {
+        run_fused(c, layout);
+        if (c.failed || !fused_scalar(readers, m.coded[0], c.tails, layout, c.done, n, dst)) return kCorrupt;
+    } else {
+        alignas(64) uint16_t head[kBlock];
+        alignas(64) uint8_t zero[kBlock];
+        alignas(64) uint8_t tails[7][kBlock];
+        alignas(64) uint8_t symbols[kBlock];
+        for (size_t done = 0; done < n;) {
+            const size_t b = std::min(kBlock, n - done);
+            if (!field_values(readers[0], model.fields[0], m.coded[0], layout.bits(0), b, symbols, head, zero)) {
+                return kCorrupt;
+            }
+            size_t nonzero = b;
+            for (size_t i = 0; i < b; ++i) nonzero -= zero[i];
+            nonzero_total -= b - nonzero;
+            for (unsigned f = 1; f < w; ++f) {
+                if (!field_values(readers[f], model.fields[f], m.coded[f], layout.bits(f), nonzero, symbols, tails[f - 1],
+                                  static_cast<uint8_t*>(nullptr))) {
+                    return kCorrupt;
+                }
+            }
+            dispatch_layout(layout, [&](auto width, auto family) {
+                assemble<decltype(width)::value, decltype(family)::value>(head, zero, tails, b, dst + done * w);
+                return 0;
+            });
+            done += b;
+        }
+    }
+    for (unsigned f = 0; f < w; ++f) {
+        const FieldReader& r = readers[f];
+        if (r.mode == Mode::raw && !r.raw.finished(layout.bits(f))) return kCorrupt;
+        if (r.mode != Mode::rans) continue;
+        // A field without values has an empty stream; one with values ends where it began.
+        const bool has_values = (f == 0 ? n : nonzero_total) > 0;
+        if (r.started != has_values || (r.started && !r.stream.finished()) || !r.low_bits.finished()) return kCorrupt;
+    }
+    return nullptr;
+}
+
+const char* Decoder::decode(ConstBytes chunk, MutableBytes out) const noexcept {
+    Chunk c;
+    const char* error = open(chunk, out, c);
+    return error != nullptr ? error : finish(c);
+}
+
+}  // namespace mmpack::fields

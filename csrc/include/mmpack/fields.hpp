@@ -1,0 +1,116 @@
+// The codec of format version 3 (docs/FORMAT.md, "Compressed objects,
+// version 3"): every element is cut into *fields* by bit position, each field
+// of a tensor is coded one way for all its chunks (stored as it is, one
+// constant, or rANS with a table the tensor's chunks share), and a chunk is a
+// small directory followed by each field's streams.
+//
+// Floating-point elements: the head is the 12 bits below the sign (the
+// exponent, and the top mantissa bits of float32 and bfloat16), so one symbol
+// codes the exponent together with the mantissa bits that depend on it; the
+// nibble holds the sign and the next three bits; the low bytes follow as byte
+// planes. Integers: the head is the top byte, the other bytes are planes.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "mmpack/rans.hpp"
+#include "mmpack/span.hpp"
+
+namespace mmpack::fields {
+
+// floating: float32, bfloat16, float64 (head 12 bits, nibble, byte planes);
+// half: float16 (head 8 bits: exponent and top 3 mantissa bits; then a byte:
+// sign and the low 7 bits); integer: everything else (top byte, byte planes).
+enum class Family : std::uint8_t { floating = 0, integer = 1, half = 2 };
+
+struct Layout {
+    unsigned width = 1;  // bytes per element (one component of a complex value)
+    Family family = Family::integer;
+
+    // One field per byte of the element: head, then nibble (floating) or planes.
+    constexpr unsigned n_fields() const noexcept { return width; }
+    // Width of a field in bits (inline: the kernels' loops ask for every element).
+    constexpr unsigned bits(unsigned field) const noexcept {
+        if (family == Family::floating) return field == 0 ? 12 : field == 1 ? 4 : 8;
+        return 8;
+    }
+};
+
+// Floating: widths 2, 4 and 8; integer: 1, 2, 4 and 8.
+bool valid_layout(unsigned width, Family family) noexcept;
+
+enum class Mode : std::uint8_t { raw = 0, constant = 1, rans = 2 };
+
+inline constexpr unsigned kZeroCode = 15;  // raw-bits code of the zero-element symbol
+inline constexpr unsigned kMaxRawBits = 12;
+
+struct Symbol {
+    std::uint16_t value = 0;   // lowest field value the symbol stands for
+    std::uint8_t raw_bits = 0;  // its low bits, stored raw; kZeroCode: the zero element
+    std::uint16_t freq = 0;
+    bool zero() const noexcept { return raw_bits == kZeroCode; }
+};
+
+struct Field {
+    Mode mode = Mode::raw;
+    std::uint16_t constant = 0;
+    std::vector<Symbol> symbols;  // rans: table order (the zero symbol first, then ascending values)
+};
+
+struct Model {
+    Layout layout;
+    std::vector<Field> fields;
+    bool has_zero() const noexcept;
+};
+
+// The table block of a tensor (its fields' modes and tables), as stored.
+void write_model(const Model& model, std::vector<std::uint8_t>& out);
+// Parses and checks a table block; nullptr when valid, else what is wrong.
+const char* read_model(ConstBytes block, Layout layout, Model& out);
+
+// The model an encoder uses for `data` (whole elements of one tensor), which
+// will be cut into chunks of `chunk_elements`: per field the smallest of raw,
+// constant and rANS by an estimate that counts tables and per-chunk costs.
+Model choose_model(ConstBytes data, Layout layout, std::size_t chunk_elements);
+
+// A model with its encoding tables built.
+class Encoder {
+public:
+    explicit Encoder(const Model& model);
+    ~Encoder();
+    Encoder(const Encoder&) = delete;
+    Encoder& operator=(const Encoder&) = delete;
+    // Appends the encoded chunk of data.size / width elements to out; nullptr
+    // on success, or why data does not fit the model.
+    const char* encode(ConstBytes data, std::vector<std::uint8_t>& out) const;
+
+private:
+    struct Impl;
+    std::unique_ptr<Impl> impl_;
+};
+
+// A model with its decoding tables built; decode() may run on many threads at once.
+class Decoder {
+public:
+    explicit Decoder(const Model& model);
+    ~Decoder();
+    Decoder(const Decoder&) = delete;
+    Decoder& operator=(const Decoder&) = delete;
+    // Decodes one chunk into out (out.size / width elements): nullptr on
+    // success, else why the chunk is corrupt. Never reads outside chunk or
+    // writes outside out.
+    const char* decode(ConstBytes chunk, MutableBytes out) const noexcept;
+
+private:
+    struct Impl;
+    struct Chunk;
+    const char* open(ConstBytes chunk, MutableBytes out, Chunk& c) const noexcept;
+    static void run_fused(Chunk& c, const Layout& layout) noexcept;
+    const char* finish(Chunk& c) const noexcept;
+    std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace mmpack::fields

@@ -1,0 +1,88 @@
+// rANS: the entropy coder of format version 3 (docs/FORMAT.md, "The rANS
+// stream"). Sixteen interleaved 32-bit states, 16-bit renormalisation and a
+// 12-bit probability scale: symbol i of a stream is coded by state i mod 16,
+// so a decoder keeps sixteen independent dependency chains in flight (or two
+// AVX2 vectors of eight lanes), and every decoding step reads at most one
+// 16-bit word.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include "mmpack/span.hpp"
+
+namespace mmpack::rans {
+
+inline constexpr unsigned kScaleBits = 12;
+inline constexpr std::uint32_t kScale = 1u << kScaleBits;
+inline constexpr unsigned kLanes = 16;
+inline constexpr std::uint32_t kLow = 1u << 16;  // states live in [kLow, 2^32)
+inline constexpr std::size_t kStateBytes = kLanes * 4;
+inline constexpr unsigned kMaxSymbols = 256;
+
+// slot -> freq | (slot - start) << 12 | symbol << 24, for the 4096 slots.
+struct DecodeTable {
+    alignas(64) std::uint32_t slot[kScale];
+};
+
+// freqs[0..n) >= 1 summing to kScale, 2 <= n <= kMaxSymbols (callers validate).
+void build_decode_table(const std::uint16_t* freqs, unsigned n, DecodeTable& table) noexcept;
+
+// Division-free encoding of one symbol: x / freq as a multiplication by a
+// reciprocal, exact for every 32-bit state.
+struct EncodeSymbol {
+    std::uint32_t x_max = 0;  // states at or above it emit a word first
+    std::uint64_t rcp = 0;
+    std::uint16_t freq = 0;
+    std::uint16_t start = 0;
+    std::uint16_t shift = 0;
+};
+
+void build_encode_symbols(const std::uint16_t* freqs, unsigned n, EncodeSymbol* out) noexcept;
+
+// Appends the stream coding symbols[0..count) (indices into table) to out:
+// the sixteen final states, then the words. Nothing for count == 0.
+void encode(const std::uint8_t* symbols, std::size_t count, const EncodeSymbol* table, std::vector<std::uint8_t>& out);
+
+// Decodes one stream. Reads never pass `end`: a stream that runs out of
+// words, or whose states do not return to kLow, is reported as corrupt.
+struct Decoder {
+    std::uint32_t x[kLanes] = {};
+    const std::uint8_t* next = nullptr;  // next 16-bit word
+    const std::uint8_t* end = nullptr;
+    std::size_t lane = 0;  // lane of the next symbol
+
+    // False when the stream is shorter than its states, has an odd length or
+    // a state below kLow.
+    bool start(ConstBytes stream) noexcept;
+    // Decodes count symbols into out; false when the words run out.
+    bool decode(const DecodeTable& table, std::size_t count, std::uint8_t* out) noexcept;
+    // True when every state is back at kLow and every word was read.
+    bool finished() const noexcept;
+};
+
+// One scalar decoding step of lane `lane`; false when a word is needed past end.
+inline bool decode_step(Decoder& d, const DecodeTable& table, std::uint8_t& symbol) noexcept {
+    std::uint32_t& x = d.x[d.lane];
+    const std::uint32_t e = table.slot[x & (kScale - 1)];
+    x = (e & 0xFFF) * (x >> kScaleBits) + ((e >> 12) & 0xFFF);
+    if (x < kLow) {
+        if (d.end - d.next < 2) return false;
+        x = (x << 16) | (static_cast<std::uint32_t>(d.next[0]) | static_cast<std::uint32_t>(d.next[1]) << 8);
+        d.next += 2;
+    }
+    symbol = static_cast<std::uint8_t>(e >> 24);
+    d.lane = (d.lane + 1) % kLanes;
+    return true;
+}
+
+// Name of the decoding loop this CPU runs ("avx2" or "scalar").
+const char* simd_path() noexcept;
+// True when the CPU has AVX2 and BMI2 and the vector loops are enabled.
+bool have_avx2() noexcept;
+// Forces the portable loops (false) or lets the CPU's best run (true, the
+// default); tests compare the two.
+void set_simd_enabled(bool enabled) noexcept;
+
+}  // namespace mmpack::rans

@@ -1,0 +1,156 @@
+#include "mmpack/rans.hpp"
+
+#include <atomic>
+#include <cstring>
+
+#include "rans_internal.hpp"
+
+namespace mmpack::rans {
+
+void build_decode_table(const std::uint16_t* freqs, unsigned n, DecodeTable& table) noexcept {
+    std::uint32_t start = 0;
+    for (unsigned s = 0; s < n; ++s) {
+        const std::uint32_t f = freqs[s];
+        for (std::uint32_t k = 0; k < f; ++k) table.slot[start + k] = f | (k << 12) | (s << 24);
+        start += f;
+    }
+}
+
+void build_encode_symbols(const std::uint16_t* freqs, unsigned n, EncodeSymbol* out) noexcept {
+    std::uint32_t start = 0;
+    for (unsigned s = 0; s < n; ++s) {
+        const std::uint32_t f = freqs[s];
+        EncodeSymbol& e = out[s];
+        e.x_max = f << (32 - kScaleBits);  // ((kLow >> kScaleBits) << 16) * f
+        e.freq = static_cast<std::uint16_t>(f);
+        e.start = static_cast<std::uint16_t>(start);
+        // x / f = (x * rcp) >> (32 + shift), exact for every x < 2^32 (a 33-bit reciprocal
+        // rounded up; the 32-bit one of rans_byte.h is exact only below 2^31, and states
+        // here reach 2^32 - 1).
+        std::uint32_t shift = 0;
+        while ((std::uint32_t{1} << shift) < f) ++shift;
+        e.shift = static_cast<std::uint16_t>(shift);
+        e.rcp = ((std::uint64_t{1} << (32 + shift)) + f - 1) / f;
+        start += f;
+    }
+}
+
+namespace {
+
+// (x * rcp) >> 32 for a 32-bit x and a reciprocal of up to 45 bits, without 128-bit integers.
+inline std::uint64_t mul_high(std::uint32_t x, std::uint64_t rcp) noexcept {
+    const std::uint64_t low = static_cast<std::uint64_t>(x) * static_cast<std::uint32_t>(rcp);
+    const std::uint64_t high = static_cast<std::uint64_t>(x) * (rcp >> 32);
+    return high + (low >> 32);
+}
+
+inline void encode_one(std::uint32_t& x, const EncodeSymbol& s, std::uint8_t*& p) noexcept {
+    // Branch-free renormalisation (about 40 % of steps emit a word): the word is stored in
+    // any case, and kept only when the pointer moves past it. The scratch buffer holds a
+    // word per symbol and the states in front, so p - 2 never leaves it.
+    const unsigned emit = x >= s.x_max;
+    const auto word = static_cast<std::uint16_t>(x);  // little-endian hosts (the Python layer checks)
+    std::memcpy(p - 2, &word, 2);
+    p -= 2 * emit;
+    x >>= 16 * emit;
+    const auto q = static_cast<std::uint32_t>(mul_high(x, s.rcp) >> s.shift);
+    x = (q << kScaleBits) + (x - q * s.freq) + s.start;
+}
+
+}  // namespace
+
+void encode(const std::uint8_t* symbols, std::size_t count, const EncodeSymbol* table, std::vector<std::uint8_t>& out) {
+    if (count == 0) return;
+    // Words are produced last symbol first, so they are written backwards from the end of
+    // a scratch buffer: at most one word per symbol, then the states in front.
+    std::vector<std::uint8_t> scratch(2 * count + kStateBytes);
+    std::uint8_t* const end = scratch.data() + scratch.size();
+    std::uint8_t* p = end;
+    std::uint32_t x[kLanes];
+    for (auto& v : x) v = kLow;
+    std::size_t i = count;
+    // The last, partial group first (its symbols sit on lanes 0..r-1), then whole groups.
+    for (std::size_t r = count % kLanes; r > 0; --r) {
+        --i;
+        encode_one(x[r - 1], table[symbols[i]], p);
+    }
+    while (i > 0) {
+        i -= kLanes;
+        const std::uint8_t* group = symbols + i;
+        for (unsigned lane = kLanes; lane-- > 0;) encode_one(x[lane], table[group[lane]], p);
+    }
+    p -= kStateBytes;
+    for (unsigned lane = 0; lane < kLanes; ++lane) {
+        for (unsigned b = 0; b < 4; ++b) p[4 * lane + b] = static_cast<std::uint8_t>(x[lane] >> (8 * b));
+    }
+    out.insert(out.end(), p, end);
+}
+
+bool Decoder::start(ConstBytes stream) noexcept {
+    const auto* bytes = reinterpret_cast<const std::uint8_t*>(stream.data);
+    if (stream.size < kStateBytes || stream.size % 2 != 0) return false;
+    for (unsigned lane = 0; lane < kLanes; ++lane) {
+        std::uint32_t v = 0;
+        for (unsigned b = 0; b < 4; ++b) v |= static_cast<std::uint32_t>(bytes[4 * lane + b]) << (8 * b);
+        if (v < kLow) return false;
+        x[lane] = v;
+    }
+    next = bytes + kStateBytes;
+    end = bytes + stream.size;
+    lane = 0;
+    return true;
+}
+
+bool Decoder::decode(const DecodeTable& table, std::size_t count, std::uint8_t* out) noexcept {
+    std::size_t i = 0;
+    while (i < count && lane != 0) {
+        if (!decode_step(*this, table, out[i])) return false;
+        ++i;
+    }
+    if (have_avx2()) i += kLanes * decode_groups_avx2(*this, table, (count - i) / kLanes, out + i);
+    for (; i < count; ++i) {
+        if (!decode_step(*this, table, out[i])) return false;
+    }
+    return true;
+}
+
+bool Decoder::finished() const noexcept {
+    for (const std::uint32_t v : x) {
+        if (v != kLow) return false;
+    }
+    return next == end;
+}
+
+namespace {
+
+std::atomic<bool> g_simd_enabled{true};
+
+bool cpu_has_avx2() noexcept {
+#if defined(MMPACK_HAVE_AVX2_TU)
+    static const bool supported = [] {
+        __builtin_cpu_init();
+        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("bmi2");
+    }();
+    return supported;
+#else
+    return false;
+#endif
+}
+
+}  // namespace
+
+bool have_avx2() noexcept { return cpu_has_avx2() && g_simd_enabled.load(std::memory_order_relaxed); }
+
+void set_simd_enabled(bool enabled) noexcept { g_simd_enabled.store(enabled); }
+
+const char* simd_path() noexcept { return have_avx2() ? "avx2" : "scalar"; }
+
+#if !defined(MMPACK_HAVE_AVX2_TU)
+// No AVX2 translation unit on this architecture: have_avx2() is false, so these never run.
+std::size_t decode_groups_avx2(Decoder&, const DecodeTable&, std::size_t, std::uint8_t*) noexcept { return 0; }
+std::size_t decode_float32_groups_avx2(FusedStream*, unsigned, std::size_t, bool&) noexcept { return 0; }
+std::size_t decode_float16_groups_avx2(FusedStream*, unsigned, bool, std::size_t, bool&) noexcept { return 0; }
+#endif
+
+
+}  // namespace mmpack::rans

@@ -1,0 +1,52 @@
+// Between the portable and the AVX2 translation units of the decoder; not
+// part of the kernels' interface. The AVX2 loops are called only when
+// rans::have_avx2(), and only on whole groups of kLanes symbols starting at
+// lane 0; the portable code finishes whatever they leave.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "bits.hpp"
+#include "mmpack/rans.hpp"
+
+namespace mmpack::rans {
+
+// Decodes up to `groups` groups of kLanes symbols while at least 32 bytes of
+// words remain (so the vector loads stay inside the stream). Returns the
+// groups decoded.
+std::size_t decode_groups_avx2(Decoder& d, const DecodeTable& table, std::size_t groups, std::uint8_t* out) noexcept;
+
+// A floating-point head field prepared for the fused loops: per symbol, the
+// head value already shifted into place with bit 31 set when the symbol has
+// raw low bits (then raw_bits says how many, read from the bit stream).
+struct FusedHead {
+    const DecodeTable* table = nullptr;
+    const std::uint32_t* value = nullptr;  // kMaxSymbols entries
+    const std::uint8_t* raw_bits = nullptr;  // kMaxSymbols entries
+    unsigned shift = 0;
+};
+
+// One chunk in a fused loop: its head's decoder and raw bits, its other fields as plain
+// bytes (nibbles packed two to a byte), and where its elements go (any alignment).
+struct FusedStream {
+    Decoder* decoder = nullptr;
+    const FusedHead* head = nullptr;
+    bits::Reader* raw = nullptr;
+    const std::uint8_t* tails[3] = {};  // fields 1, 2, 3
+    std::uint8_t* out = nullptr;
+};
+
+// float32 chunks whose head is rANS-coded: element i = head | nibble's low 3 bits << 16 |
+// nibble's bit 3 << 31 | tails[1][i] << 8 | tails[2][i]. `count` (1 or 2) chunks advance
+// together, group by group, so that two chunks' dependency chains overlap (the state update
+// waits on a gather). Returns the groups decoded (the same for every chunk); ok becomes false
+// when a chunk's raw bits run out.
+std::size_t decode_float32_groups_avx2(FusedStream* streams, unsigned count, std::size_t groups, bool& ok) noexcept;
+
+// 16-bit floats the same way. bfloat16 (half false): element i = head | nibble's low 3 bits |
+// nibble's bit 3 << 15; float16 (half true): head | tails[0][i]'s low 7 bits | its bit 7 << 15.
+std::size_t decode_float16_groups_avx2(FusedStream* streams, unsigned count, bool half, std::size_t groups,
+                                       bool& ok) noexcept;
+
+}  // namespace mmpack::rans

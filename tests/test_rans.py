@@ -1,0 +1,464 @@
+"""Format version 3 (rANS fields): the bit transform on every dtype, the spec's own decoder, the kernels' API.
+
+The field transform must give back every bit of every element: NaN payloads,
+infinities, signed zeros and subnormals of each floating dtype, any bytes of
+the integer and bool dtypes. ``rans_reference`` decodes what the kernels
+encode from docs/FORMAT.md alone, and the vector and portable decoders must
+agree with each other on every input.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import rans_reference
+import torch
+from helpers import ffnn_models
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import mmpack
+from mmpack import Compression, FormatError, IntegrityError, ModelSet, _native, dtypes, fileformat, rans
+from mmpack._io import FileReader
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.complex64, torch.complex128,
+          torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool,
+          torch.float8_e4m3fn, torch.float8_e5m2]
+FLOAT_BITS = {  # (bits, exponent bits) of the floating element types
+    torch.float32: (32, 8), torch.float64: (64, 11), torch.float16: (16, 5), torch.bfloat16: (16, 8),
+    torch.complex64: (32, 8), torch.complex128: (64, 11),
+}
+
+
+def special_floats(bits: int, exponent: int, rng: np.random.Generator, n: int) -> np.ndarray:
+    """n elements of `bits` bits (as uint64) mixing NaNs with random payloads, infinities, signed
+    zeros, subnormals, extreme normals and random bits."""
+    mantissa = bits - 1 - exponent
+    top = (1 << exponent) - 1
+    sign = rng.integers(0, 2, n, dtype=np.uint64) << np.uint64(bits - 1)
+    payload = rng.integers(0, 1 << min(mantissa, 62), n, dtype=np.uint64) & np.uint64((1 << mantissa) - 1)
+    kind = rng.integers(0, 7, n)
+    exp = np.select(
+        [kind == 0, kind == 1, kind == 2, kind == 3, kind == 4, kind == 5],
+        [top, top, 0, 0, 1, top - 1],
+        rng.integers(0, top + 1, n),
+    ).astype(np.uint64)
+    payload = np.where(kind == 0, payload | np.uint64(1), payload)  # NaN: a non-zero payload
+    payload = np.where((kind == 1) | (kind == 3), np.uint64(0), payload)  # infinities, zeros
+    return sign | (exp << np.uint64(mantissa)) | payload
+
+
+def element_bytes(dtype: torch.dtype, values: np.ndarray) -> np.ndarray:
+    width = rans.element_bytes(dtype)
+    return values.astype(f"<u{width}").view(np.uint8) if width > 1 else values.astype(np.uint8)
+
+
+def mixed_bytes(dtype: torch.dtype, rng: np.random.Generator, n: int) -> np.ndarray:
+    """n elements' bytes of `dtype`: special values (floats) or random bytes, some runs of zero elements."""
+    width = rans.element_bytes(dtype)
+    if dtype in FLOAT_BITS:
+        raw = element_bytes(dtype, special_floats(*FLOAT_BITS[dtype], rng, n)).copy()
+    else:
+        raw = rng.integers(0, 256, n * width, dtype=np.uint8)
+    zero = rng.random(n) < rng.random()
+    raw.reshape(n, width)[zero] = 0
+    return raw
+
+
+def encode(raw: np.ndarray, rows: int, dtype: torch.dtype, chunk_rows: int) -> rans.Encoded:
+    return rans.encode_rows(raw, rows, len(raw) // rows if rows else 0, dtype, chunk_rows)
+
+
+def decode_native(encoded: rans.Encoded, raw_length: int, rows: int, chunk_rows: int, dtype: torch.dtype) -> np.ndarray:
+    row_bytes = raw_length // rows
+    out = np.full(raw_length, 0xA5, np.uint8)
+    starts = np.cumsum([encoded.table_length, *encoded.chunk_lengths])
+    jobs = [(0, 0, int(starts[c]), length, 0, c * chunk_rows * row_bytes,
+             min(chunk_rows, rows - c * chunk_rows) * row_bytes, 0, 0)
+            for c, length in enumerate(encoded.chunk_lengths)]
+    rans.decode([encoded.data[: encoded.table_length]], [rans.layout_code(dtype)], [encoded.data],
+                np.array(jobs, np.uint64), [out], None)
+    return out
+
+
+def decode_reference(encoded: rans.Encoded, raw_length: int, rows: int, chunk_rows: int, dtype: torch.dtype) -> bytes:
+    layout, e = rans_reference.layout_of(dtypes.dtype_name(dtype))
+    table = rans_reference.parse_table_block(bytes(encoded.data[: encoded.table_length]),
+                                             rans_reference.field_widths(layout, e))
+    row_bytes = raw_length // rows
+    out, at = b"", encoded.table_length
+    for c, length in enumerate(encoded.chunk_lengths):
+        n = min(chunk_rows, rows - c * chunk_rows) * row_bytes // e
+        out += rans_reference.decode_chunk(bytes(encoded.data[at : at + length]), table, layout, e, n)
+        at += length
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), rows=st.integers(1, 12), per_row=st.integers(1, 40),
+       chunk_rows=st.integers(1, 12))
+def test_every_bit_of_every_dtype_round_trips(dtype, seed, rows, per_row, chunk_rows):
+    rng = np.random.default_rng(seed)
+    raw = mixed_bytes(dtype, rng, rows * per_row * (2 if dtype.is_complex else 1))
+    encoded = encode(raw, rows, dtype, chunk_rows)
+    for simd in (True, False):
+        _native.rans_set_simd(simd)
+        try:
+            assert np.array_equal(decode_native(encoded, len(raw), rows, chunk_rows, dtype), raw)
+        finally:
+            _native.rans_set_simd(True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@settings(max_examples=8, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), rows=st.integers(1, 6), per_row=st.integers(1, 30), chunk_rows=st.integers(1, 6))
+def test_the_spec_decoder_reads_what_the_kernels_write(dtype, seed, rows, per_row, chunk_rows):
+    rng = np.random.default_rng(seed)
+    raw = mixed_bytes(dtype, rng, rows * per_row * (2 if dtype.is_complex else 1))
+    encoded = encode(raw, rows, dtype, chunk_rows)
+    assert decode_reference(encoded, len(raw), rows, chunk_rows, dtype) == raw.tobytes()
+
+
+def test_fields_hold_every_bit_once():
+    rng = np.random.default_rng(5)
+    for name in ("float32", "float64", "bfloat16", "float16", "int64", "int16", "uint8"):
+        layout, e = rans_reference.layout_of(name)
+        for v in [0, (1 << 8 * e) - 1, *(int(x) for x in rng.integers(0, 1 << min(8 * e, 63), 200, dtype=np.uint64))]:
+            fields = rans_reference.fields_of(layout, e, v)
+            assert all(f < 1 << k for f, k in zip(fields, rans_reference.field_widths(layout, e)))
+            assert rans_reference.element_of(layout, e, fields) == v
+        for bit in range(8 * e):  # each bit lands in exactly one field bit
+            fields = rans_reference.fields_of(layout, e, 1 << bit)
+            assert sum(bin(f).count("1") for f in fields) == 1
+
+
+def _trained_like(n: int, seed: int = 0) -> np.ndarray:
+    """float32 weights shaped like trained ones: Gaussian around a uniform init."""
+    rng = np.random.default_rng(seed)
+    return (rng.uniform(-0.14, 0.14, n) + rng.normal(0, 0.05, n)).astype("<f4").view(np.uint8)
+
+
+def test_skewed_and_sparse_data_decode_with_both_loops():
+    rng = np.random.default_rng(1)
+    cases = {
+        "99% one value": np.where(rng.random(50_000) < 0.99, 0.5, rng.normal(size=50_000)).astype("<f4"),
+        "sparse deltas": np.where(rng.random(50_000) < 0.7, 0.0, rng.normal(0, 1e-3, 50_000)).astype("<f4"),
+        "all zero": np.zeros(50_000, "<f4"),
+        "two values": rng.choice([1.0, -1.0], 50_000).astype("<f4"),
+        "trained": _trained_like(50_000).view("<f4"),
+    }
+    for name, values in cases.items():
+        raw = values.view(np.uint8)
+        encoded = encode(raw, 100, torch.float32, 7)
+        for simd in (True, False):
+            _native.rans_set_simd(simd)
+            try:
+                assert np.array_equal(decode_native(encoded, len(raw), 100, 7, torch.float32), raw), name
+            finally:
+                _native.rans_set_simd(True)
+
+
+def test_the_encoder_is_deterministic_and_picks_a_code_per_field():
+    raw = _trained_like(200_000)
+    first, second = encode(raw, 100, torch.float32, 10), encode(raw, 100, torch.float32, 10)
+    assert np.array_equal(first.data, second.data)
+    table = rans_reference.parse_table_block(bytes(first.data[: first.table_length]), [12, 4, 8, 8])
+    assert [f["mode"] for f in table] == ["rans", "raw", "raw", "raw"]  # exponent coded, mantissa noise raw
+    assert len(first.data) < 0.83 * len(raw)
+    coded = encode(np.full(4000, 2.0, "<f4").view(np.uint8), 10, torch.float32, 3)
+    modes = rans_reference.parse_table_block(bytes(coded.data[: coded.table_length]), [12, 4, 8, 8])
+    assert [f["mode"] for f in modes] == ["constant"] * 4 and sum(coded.chunk_lengths) == 0
+
+
+def test_zero_elements_take_the_zero_symbol_and_the_other_fields_skip_them():
+    rng = np.random.default_rng(2)
+    values = np.where(rng.random(40_000) < 0.6, 0.0, rng.normal(0, 1e-2, 40_000)).astype("<f4")
+    encoded = encode(values.view(np.uint8), 40, torch.float32, 8)
+    table = rans_reference.parse_table_block(bytes(encoded.data[: encoded.table_length]), [12, 4, 8, 8])
+    assert table[0]["mode"] == "rans" and table[0]["symbols"][0]["zero"]
+    assert decode_reference(encoded, values.nbytes, 40, 8, torch.float32) == values.tobytes()
+
+
+def test_float16_and_bfloat16_use_their_layouts():
+    x = torch.from_numpy(_trained_like(40_000).view("<f4"))
+    for dtype in (torch.float16, torch.bfloat16):
+        raw = x.to(dtype).view(torch.uint8).numpy()
+        encoded = encode(raw, 10, dtype, 3)
+        assert len(encoded.data) < 0.9 * len(raw)
+        assert decode_reference(encoded, len(raw), 10, 3, dtype) == raw.tobytes()
+
+
+# -- the kernels' API checks every size and range --------------------------------------------
+
+
+def _small() -> tuple[np.ndarray, rans.Encoded]:
+    raw = _trained_like(4096)
+    return raw, encode(raw, 4, torch.float32, 2)
+
+
+def _jobs(encoded: rans.Encoded, **change) -> np.ndarray:
+    starts = np.cumsum([encoded.table_length, *encoded.chunk_lengths])
+    job = dict(table=0, payload=0, offset=int(starts[0]), length=encoded.chunk_lengths[0], dst=0, dst_offset=0,
+               out=8192, row_bytes=4096, hash=0)
+    job.update(change)
+    return np.array(list(job.values()), np.uint64)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (dict(table=1), "table index"),
+        (dict(payload=3), "payload buffer index"),
+        (dict(offset=10**9), "exceeds payload"),
+        (dict(length=10**9), "exceeds payload"),
+        (dict(dst=2), "destination buffer index"),
+        (dict(dst_offset=16385), "exceeds destination"),
+        (dict(out=8191), "whole elements"),
+        (dict(row_bytes=3000), "whole rows"),
+        (dict(hash=2), "hashes"),
+    ],
+)
+def test_decode_jobs_out_of_range_are_refused_before_anything_runs(change, message):
+    raw, encoded = _small()
+    out = np.zeros(len(raw), np.uint8)
+    with pytest.raises(ValueError, match=message):
+        _native.rans_decode([encoded.data[: encoded.table_length]], np.array([4], np.uint64), [encoded.data],
+                            _jobs(encoded, **change), [out], np.zeros(3, np.uint64))
+    assert not out.any()
+
+
+def test_decode_arguments_of_the_wrong_kind_are_type_errors():
+    raw, encoded = _small()
+    table = encoded.data[: encoded.table_length]
+
+    def call(layouts, jobs, out):
+        _native.rans_decode([table], layouts, [encoded.data], jobs, [out])
+
+    with pytest.raises(ValueError, match="layout"):
+        call(np.array([3], np.uint64), _jobs(encoded), np.zeros(8192, np.uint8))
+    with pytest.raises(ValueError, match="entries"):
+        call(np.array([4, 4], np.uint64), _jobs(encoded), np.zeros(8192, np.uint8))
+    with pytest.raises(ValueError, match="9 numbers"):
+        call(np.array([4], np.uint64), _jobs(encoded)[:5], np.zeros(8192, np.uint8))
+    with pytest.raises(TypeError, match="writable"):
+        call(np.array([4], np.uint64), _jobs(encoded), bytes(8192))
+    with pytest.raises(TypeError, match="uint64"):
+        call(np.array([4], np.int32), _jobs(encoded), np.zeros(8192, np.uint8))
+
+
+def test_encode_arguments_are_checked():
+    raw = _trained_like(1024)
+    with pytest.raises(ValueError, match="rows of"):
+        _native.rans_encode(raw, 3, 1024, 1, 4)
+    with pytest.raises(ValueError, match="whole elements"):
+        _native.rans_encode(raw, 2, 2046, 1, 4)
+    with pytest.raises(ValueError, match="chunk_rows"):
+        _native.rans_encode(raw, 4, 1024, 0, 4)
+    with pytest.raises(ValueError, match="layout"):
+        _native.rans_encode(raw, 4, 1024, 1, 4 | 7 << 8)
+    empty = _native.rans_encode(np.zeros(0, np.uint8), 5, 0, 2, 4)
+    assert empty.table_length == 0 and list(empty.chunk_lengths) == [0, 0, 0] and len(bytes(empty)) == 0
+
+
+def test_corrupt_tables_and_chunks_raise_decode_errors_never_wrong_bytes():
+    raw, encoded = _small()
+    rng = np.random.default_rng(3)
+    starts = np.cumsum([encoded.table_length, *encoded.chunk_lengths])
+    jobs = np.concatenate([_jobs(encoded, offset=int(starts[c]), length=encoded.chunk_lengths[c], dst_offset=c * 8192,
+                                 hash=2 * c) for c in range(2)])
+    # Flips in the table block, the first chunk's directory or its rANS stream: the decoder must
+    # notice most (raw fields decode whatever their bits; only the hashes can tell).
+    head_stream = int(encoded.data[encoded.table_length : encoded.table_length + 4].view("<u4")[0])
+    coded_end = encoded.table_length + 20 + head_stream
+    errors = 0
+    for _ in range(300):
+        forged = encoded.data.copy()
+        at = int(rng.integers(0, coded_end))
+        forged[at] ^= np.uint8(1 << int(rng.integers(0, 8)))
+        out = np.zeros(len(raw), np.uint8)
+        try:
+            _native.rans_decode([forged[: encoded.table_length]], np.array([4], np.uint64), [forged], jobs, [out],
+                                np.zeros(4, np.uint64))
+        except _native.DecodeError as exc:
+            errors += 1
+            assert isinstance(exc, ValueError) and isinstance(exc.args[1], int)
+            continue
+        # Decoded without complaint: the values are right, or the rows' hashes show they are not.
+        hashes = np.zeros(4, np.uint64)
+        _native.hash_rows(out, 4096, hashes)
+        expected = np.zeros(4, np.uint64)
+        _native.hash_rows(raw, 4096, expected)
+        assert np.array_equal(out, raw) or not np.array_equal(hashes, expected)
+    assert errors > 200
+
+
+def test_truncated_and_padded_chunks_are_corrupt():
+    raw, encoded = _small()
+    chunk = encoded.data[encoded.table_length : encoded.table_length + encoded.chunk_lengths[0]]
+    table = encoded.data[: encoded.table_length]
+    for forged in (chunk[:-1], chunk[:10], np.concatenate([chunk, np.zeros(1, np.uint8)]), chunk[:0]):
+        job = np.array([0, 0, 0, len(forged), 0, 0, 8192, 0, 0], np.uint64)
+        with pytest.raises(_native.DecodeError):
+            _native.rans_decode([table], np.array([4], np.uint64), [forged], job, [np.zeros(8192, np.uint8)])
+
+
+@pytest.mark.parametrize(
+    "table",
+    [b"", b"\x00\x00\x00", b"\x00\x00\x00\x00\x00", b"\x03\x00\x00\x00", b"\x01\x00\x10\x00\x00\x00",
+     b"\x02\x01\x00\x00\x00\x00\x10\x00\x00\x00",  # one symbol
+     b"\x02\x02\x00\x00\x00\x00\x08\x01\x00\xff\x07\x00\x00\x00",  # sums to 4095
+     b"\x02\x02\x00\x05\x00\x00\x08\x01\x00\x00\x08\x00\x00\x00",  # descending values
+     b"\x02\x02\x00\x01\x10\x00\x08\x04\x00\x00\x08\x00\x00\x00",  # base not a multiple of its range
+     b"\x02\x02\x00\x00\xd0\x00\x08\x00\x00\x00\x08\x00\x00\x00"],  # 13 raw bits on a 12-bit field
+)
+def test_tables_that_break_the_rules_are_refused(table):
+    with pytest.raises(_native.DecodeError, match="table block"):
+        _native.rans_decode([np.frombuffer(table, np.uint8)], np.array([4], np.uint64), [np.zeros(0, np.uint8)],
+                            np.array([0, 0, 0, 0, 0, 0, 0, 0, 0], np.uint64), [np.zeros(0, np.uint8)])
+
+
+def test_decoding_many_jobs_from_many_threads_at_once():
+    raw = _trained_like(400_000)
+    rows = 100
+    encoded = encode(raw, rows, torch.float32, 7)
+
+    def run(_: int) -> bool:
+        return np.array_equal(decode_native(encoded, len(raw), rows, 7, torch.float32), raw)
+
+    with ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(run, range(8)))
+
+
+# -- version 3 objects --------------------------------------------------------------------------
+
+
+def _saved(ms: ModelSet, **setting) -> bytes:
+    buffer = io.BytesIO()
+    mmpack.save(ms, buffer, compression=Compression(**setting))
+    return buffer.getvalue()
+
+
+def _rewrite(blob: bytes, edit, version: int | None = None) -> bytes:
+    length = struct.unpack_from("<Q", blob, 16)[0]
+    document = json.loads(blob[32 : 32 + length])
+    edit(document)
+    body = json.dumps(document).encode()
+    start = -(-(32 + length) // 64) * 64
+    version = struct.unpack_from("<I", blob, 8)[0] if version is None else version
+    prefix = struct.pack("<8sIIQQ", b"\x89MMPACK\n", version, 0, len(body), _native.xxh3_64(body)) + body
+    return prefix + bytes(-len(prefix) % 64) + blob[start:]
+
+
+def test_a_version_3_object_describes_its_tables_and_chunks():
+    ms = ModelSet.from_modules(ffnn_models(40))
+    blob = _saved(ms, chunk_bytes=9216 * 8)
+    assert struct.unpack_from("<I", blob, 8)[0] == 3
+    header = fileformat.read_header(FileReader(io.BytesIO(blob)))
+    chunking = header.layout.chunking
+    assert isinstance(chunking, rans.RansChunking)
+    assert chunking.chunk_rows[1] == 8 and len(chunking.lengths[1]) == 5
+    assert all(t > 0 for t in chunking.tables)
+    assert header.layout.tensor_lengths[1] == chunking.tables[1] + sum(chunking.lengths[1])
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda d: d["compression"].pop("tables"), "keys"),
+        (lambda d: d["compression"].update(codec="zstd"), "unsupported codec"),
+        (lambda d: d["compression"].update(transform="byte-planes"), "unsupported codec"),
+        (lambda d: d["compression"].update(delta="xor"), "XOR"),
+        (lambda d: d["compression"]["tables"].pop(), "tables"),
+        (lambda d: d["compression"]["tables"].__setitem__(0, 2), "table block"),
+        (lambda d: d["compression"]["tables"].__setitem__(0, 10**6), "table block"),
+        (lambda d: d["compression"]["tables"].__setitem__(0, -1), "tables"),
+        (lambda d: d["compression"]["chunks"][1].pop(), "chunks"),
+        (lambda d: d["compression"]["chunks"][1].__setitem__(0, -5), "chunk lengths"),
+        (lambda d: d["compression"]["chunks"][1].__setitem__(0, d["compression"]["chunks"][1][0] + 1), "sections"),
+    ],
+)
+def test_version_3_headers_that_lie_are_rejected(edit, message):
+    blob = _saved(ModelSet.from_modules(ffnn_models(20)), chunk_bytes=9216 * 8)
+    with pytest.raises(FormatError, match=message):
+        mmpack.load(io.BytesIO(_rewrite(blob, edit)))
+
+
+def test_each_version_reads_only_its_own_compression_object():
+    ms = ModelSet.from_modules(ffnn_models(4))
+    with pytest.raises(FormatError, match="chunk_rows|keys|codec"):
+        mmpack.load(io.BytesIO(_rewrite(_saved(ms), lambda d: None, version=2)))
+    with pytest.raises(FormatError, match="keys|codec"):
+        mmpack.load(io.BytesIO(_rewrite(_saved(ms, codec="zstd"), lambda d: None, version=3)))
+
+
+def test_a_corrupt_chunk_in_a_file_is_an_integrity_error():
+    ms = ModelSet.from_modules(ffnn_models(30))
+    blob = bytearray(_saved(ms))
+    header = fileformat.read_header(FileReader(io.BytesIO(bytes(blob))))
+    at = header.data_start + header.layout.tensor_offsets[1] + header.layout.chunking.tables[1] + 100
+    blob[at : at + 16] = bytes(16)
+    with pytest.raises(IntegrityError):
+        mmpack.load(io.BytesIO(bytes(blob)))
+    blob = bytearray(_saved(ms))
+    blob[header.data_start + header.layout.tensor_offsets[1]] = 7  # the first field's mode
+    with pytest.raises(IntegrityError, match="table block"):
+        mmpack.load(io.BytesIO(bytes(blob)), indices=[3])
+
+
+def test_zero_element_tensors_store_nothing():
+    arch = mmpack.Architecture(
+        (mmpack.TensorSpec("empty", "parameter", torch.float32, (0, 3)),
+         mmpack.TensorSpec("w", "parameter", torch.float32, (2,))), None)
+    ms = ModelSet(arch, {"empty": torch.zeros(5, 0, 3), "w": torch.arange(10.0).reshape(5, 2)})
+    blob = _saved(ms)
+    header = fileformat.read_header(FileReader(io.BytesIO(blob)))
+    assert header.layout.chunking.tables[0] == 0 and not any(header.layout.chunking.lengths[0])
+    assert mmpack.load(io.BytesIO(blob)).equal(ms)
+    assert mmpack.load(io.BytesIO(blob), indices=[4, 1]).equal(ms.select([4, 1]))
+
+
+def test_rans_objects_are_smaller_than_zstd_ones_on_trained_like_weights():
+    ms = ModelSet.from_modules(ffnn_models(200))
+    assert len(_saved(ms)) < len(_saved(ms, codec="zstd"))
+
+
+def test_reads_in_many_rounds_with_empty_tensors_and_xor_rows(monkeypatch):
+    """Small rounds (a chunk or two each) give the same rows and hashes as one round."""
+    from mmpack.fileformat import compressed
+
+    arch = mmpack.Architecture(
+        (mmpack.TensorSpec("w", "parameter", torch.float32, (30,)),
+         mmpack.TensorSpec("none", "buffer", torch.float32, (0,)),
+         mmpack.TensorSpec("h", "parameter", torch.float16, (7,))), None)
+    rng = np.random.default_rng(4)
+    ms = ModelSet(arch, {"w": torch.from_numpy(rng.normal(0, 0.1, (60, 30)).astype("f4")),
+                         "none": torch.zeros(60, 0),
+                         "h": torch.from_numpy(rng.normal(0, 1, (60, 7)).astype("f2"))})
+    blob = _saved(ms, chunk_bytes=400)
+    expected = mmpack.load(io.BytesIO(blob), indices=[5, 59, 6, 0, 31])
+    monkeypatch.setattr(compressed, "_ROUND_BYTES", 300)
+    assert mmpack.load(io.BytesIO(blob)).equal(ms)
+    assert mmpack.load(io.BytesIO(blob), indices=[5, 59, 6, 0, 31]).equal(expected)
+    # XOR rows of a rows-layout object, through many rounds.
+    new = ModelSet(arch, {k: (v * 1.001).to(v.dtype) if v.numel() else v for k, v in ms.tensors.items()})
+    changed = new.hashes() != ms.hashes()
+    changed[:, 1] = True  # the empty tensor's rows too
+    holders = np.flatnonzero(changed.any(axis=1))
+    image, header = fileformat.encode_rows(new, changed, new.hashes(), compression=Compression(chunk_bytes=400),
+                                           reference=ms.select(holders))
+    source = FileReader(io.BytesIO(image.tobytes()))
+    models = np.concatenate([np.flatnonzero(changed[:, j]) for j in range(3)])
+    columns = np.concatenate([np.full(changed[:, j].sum(), j) for j in range(3)])
+    stored = np.concatenate([np.arange(changed[:, j].sum()) for j in range(3)])
+    out = {n: t.clone() for n, t in ms.tensors.items()}
+    views = [out[s.name].view(-1).view(torch.uint8).numpy() for s in arch.tensors]
+    hashes = fileformat.read_rows_many([fileformat.RowRequest(source, header, columns, stored, models, xor=True)],
+                                       views)[0]
+    assert ModelSet(arch, out).equal(new)
+    assert np.array_equal(hashes, new.hashes()[models, columns])
