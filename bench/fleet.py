@@ -2,7 +2,7 @@
 model from a repository just opened, and Dask workers writing one compressed version.
 
     python bench/fleet.py [--models 1000000] [--slice 50000] [--dir DIR] [--dask-models 100000]
-                          [--s3-models 20000] [--sweep] [--no-dask] [--no-s3]
+                          [--s3-models 20000] [--sweep] [--no-dask] [--no-s3] [--no-main]
 
 The set is FFNN-48 models (19,972 bytes of float32 each: 20 GB for 10^6),
 generated slice by slice (``--slice`` models, 1 GB by default) from a seed
@@ -33,7 +33,9 @@ inside the generator is measured and subtracted from every streamed case
   ``distributed.LocalCluster`` of one worker process, then of two (one
   thread each, mmpack's and torch's thread counts set to 1 in each worker),
   each task generating and writing its slice; wall times of the whole
-  write and commit, medians of 3.
+  write and commit, medians of 3, and the tasks' CPU seconds over the wall
+  time: the cores the workers actually got (fewer than two when other
+  processes share the machine's two).
 * ``--sweep``: the shard-size measurement behind the default (16 MiB to
   1 GiB shards on a set of ``--dask-models`` models).
 
@@ -75,6 +77,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--sweep", action="store_true", help="also measure shard sizes from 16 MiB to 1 GiB")
     parser.add_argument("--no-dask", action="store_true", help="skip the Dask case")
     parser.add_argument("--no-s3", action="store_true", help="skip the S3 case (no moto or s3fs installed)")
+    parser.add_argument("--no-main", action="store_true",
+                        help="skip the streamed cases of --models (to measure the S3, Dask or sweep cases alone)")
     return parser.parse_args()
 
 
@@ -287,7 +291,10 @@ def _dask_worker_setup() -> None:
 
 
 def _dask_write(handle, first: int, count: int):
-    return handle.write(first, make_slice(first, count))
+    """A worker's task: make its slice and write it; the receipt and the CPU seconds the task took."""
+    start = time.thread_time()
+    receipt = handle.write(first, make_slice(first, count))
+    return receipt, time.thread_time() - start
 
 
 def dask_scaling(args, directory: str) -> dict | None:
@@ -298,6 +305,7 @@ def dask_scaling(args, directory: str) -> dict | None:
     n, size = args.dask_models, max(1, args.dask_models // 10)
     check_room(directory, n * ARCHITECTURE.nbytes_per_model)
     walls: dict[int, list[float]] = {1: [], 2: []}
+    busy: dict[int, list[float]] = {1: [], 2: []}  # CPU seconds of the tasks over the wall time: cores in use
     stored = 0
     for workers in (1, 2):
         with distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
@@ -312,15 +320,18 @@ def dask_scaling(args, directory: str) -> dict | None:
                 writer = repo.open_version()
                 futures = [client.submit(_dask_write, writer.handle, a, min(size, n - a), pure=False)
                            for a in range(0, n, size)]
-                vid = writer.commit(client.gather(futures))
+                done = client.gather(futures)
+                vid = writer.commit([receipt for receipt, _ in done])
                 walls[workers].append(time.perf_counter() - start)
+                busy[workers].append(sum(cpu for _, cpu in done) / walls[workers][-1])
                 stored = repo.storage_bytes(vid)
                 if run == 0 and not repo.recover(vid, [n - 1]).equal(model(n - 1, n, size)):
                     raise AssertionError("the Dask version does not hold the generated models")
                 repo.close()
                 shutil.rmtree(root)
     return {"one": statistics.median(walls[1]), "two": statistics.median(walls[2]), "stored": stored,
-            "raw": n * ARCHITECTURE.nbytes_per_model}
+            "raw": n * ARCHITECTURE.nbytes_per_model, "cores": {k: statistics.median(v) for k, v in busy.items()},
+            "load": os.getloadavg()[0]}
 
 
 def sweep(args, directory: str) -> list[list[str]]:
@@ -359,54 +370,14 @@ def main() -> None:
     directory = args.dir or tempfile.mkdtemp(prefix="mmpack-fleet-")
     os.makedirs(directory, exist_ok=True)
     try:
-        results = main_set(args, directory)
-        rows = []
-        for name in ("raw write floor (ndarray.tofile)", "Baseline save, streamed", "raw read floor (numpy.fromfile)",
-                     "full recovery, streamed", "update cycle, 1 % (streamed)"):
-            case = results[name]
-            rows.append([name, f"{case.seconds:.1f}", gb_s(case), f"{case.peak / 1e9:.2f}"])
-        print_table(["case", "seconds", "GB/s", "peak RSS GB"], rows)
-        save, write = results["Baseline save, streamed"], results["raw write floor (ndarray.tofile)"]
-        recover, read = results["full recovery, streamed"], results["raw read floor (numpy.fromfile)"]
-        update = results["update cycle, 1 % (streamed)"]
-        stored, changed_rows, update_shards = results["_update"]
-        print(f"\nshards of the full version: {results['_shards']}; of the update: {update_shards}")
-        targets = [
-            ("Baseline save, streamed >= 80 % of the raw write floor", write.seconds / save.seconds, ">=", 0.8),
-            ("Baseline save peak RSS <= 2 GB", save.peak / 1e9, "<=", 2.0),
-            ("full recovery, streamed >= 80 % of the raw read floor", read.seconds / recover.seconds, ">=", 0.8),
-            ("full recovery peak RSS <= 2 GB", recover.peak / 1e9, "<=", 2.0),
-            ("update cycle time <= 10 % of the full save's", update.seconds / save.seconds, "<=", 0.10),
-            ("update stored <= 1.1 x its changed rows", stored / changed_rows, "<=", 1.1),
-            ("one model, repository just opened, local <= 10 ms", results["_one_local"] * 1e3, "<=", 10.0),
-        ]
-        if not args.no_s3:
-            found = s3_one_model(args)
-            if found is None:
-                print("S3 case skipped: moto or s3fs is not installed")
-            else:
-                requests, seconds, detail = found
-                print(f"one model from an S3 repository just opened ({args.s3_models:,} models, {detail['shards']} "
-                      f"shards, 20 ms per request): {requests:.0f} requests, {seconds * 1e3:.0f} ms; by kind "
-                      f"{detail['kinds']}")
-                targets.append(("one model on S3: <= 4 requests", requests, "<=", 4))
-        if not args.no_dask:
-            found = dask_scaling(args, directory)
-            if found is None:
-                print("Dask case skipped: distributed is not installed")
-            else:
-                print(f"one compressed version of {args.dask_models:,} models by Dask workers: 1 worker "
-                      f"{found['one']:.1f} s, 2 workers {found['two']:.1f} s; stored/raw "
-                      f"{found['stored'] / found['raw']:.3f}")
-                targets.append(("2 Dask workers >= 1.6 x one worker", found["one"] / found["two"], ">=", 1.6))
+        targets = []
+        if not args.no_main:
+            targets = report_main_set(args, directory)
+        targets += other_cases(args, directory)
         print()
         for label, value, op, limit in targets:
             met = value >= limit if op == ">=" else value <= limit
             print(f"[{'met' if met else 'MISSED'}] {label}: {value:.3f}")
-        print(f"\nupdate cycle: stored {stored / 1e6:.2f} MB for {changed_rows / 1e6:.2f} MB of changed rows")
-        print("generating the slices (excluded above): " + ", ".join(
-            f"{name} {results[name].generating:.1f} s" for name in
-            ("raw write floor (ndarray.tofile)", "Baseline save, streamed", "update cycle, 1 % (streamed)")))
         if args.sweep:
             print(f"\nshard sizes, {args.dask_models:,} models:")
             print_table(["shard", "shards", "save GB/s", "recover GB/s", "1 model ms", "tail kB"],
@@ -414,6 +385,63 @@ def main() -> None:
     finally:
         if args.dir is None:
             shutil.rmtree(directory, ignore_errors=True)
+
+
+def report_main_set(args, directory: str) -> list:
+    """The streamed cases of the set: print their table, return their targets."""
+    results = main_set(args, directory)
+    rows = []
+    for name in ("raw write floor (ndarray.tofile)", "Baseline save, streamed", "raw read floor (numpy.fromfile)",
+                 "full recovery, streamed", "update cycle, 1 % (streamed)"):
+        case = results[name]
+        rows.append([name, f"{case.seconds:.1f}", gb_s(case), f"{case.peak / 1e9:.2f}"])
+    print_table(["case", "seconds", "GB/s", "peak RSS GB"], rows)
+    save, write = results["Baseline save, streamed"], results["raw write floor (ndarray.tofile)"]
+    recover, read = results["full recovery, streamed"], results["raw read floor (numpy.fromfile)"]
+    update = results["update cycle, 1 % (streamed)"]
+    stored, changed_rows, update_shards = results["_update"]
+    print(f"\nshards of the full version: {results['_shards']}; of the update: {update_shards}")
+    targets = [
+        ("Baseline save, streamed >= 80 % of the raw write floor", write.seconds / save.seconds, ">=", 0.8),
+        ("Baseline save peak RSS <= 2 GB", save.peak / 1e9, "<=", 2.0),
+        ("full recovery, streamed >= 80 % of the raw read floor", read.seconds / recover.seconds, ">=", 0.8),
+        ("full recovery peak RSS <= 2 GB", recover.peak / 1e9, "<=", 2.0),
+        ("update cycle time <= 10 % of the full save's", update.seconds / save.seconds, "<=", 0.10),
+        ("update stored <= 1.1 x its changed rows", stored / changed_rows, "<=", 1.1),
+        ("one model, repository just opened, local <= 10 ms", results["_one_local"] * 1e3, "<=", 10.0),
+    ]
+    print(f"\nupdate cycle: stored {stored / 1e6:.2f} MB for {changed_rows / 1e6:.2f} MB of changed rows")
+    print("generating the slices (excluded above): " + ", ".join(
+        f"{name} {results[name].generating:.1f} s" for name in
+        ("raw write floor (ndarray.tofile)", "Baseline save, streamed", "update cycle, 1 % (streamed)")))
+    return targets
+
+
+def other_cases(args, directory: str) -> list:
+    """The S3 and Dask cases: print their figures, return their targets."""
+    targets = []
+    if not args.no_s3:
+        found = s3_one_model(args)
+        if found is None:
+            print("S3 case skipped: moto or s3fs is not installed")
+        else:
+            requests, seconds, detail = found
+            print(f"one model from an S3 repository just opened ({args.s3_models:,} models, {detail['shards']} "
+                  f"shards, 20 ms per request): {requests:.0f} requests, {seconds * 1e3:.0f} ms; by kind "
+                  f"{detail['kinds']}")
+            targets.append(("one model on S3: <= 4 requests", requests, "<=", 4))
+    if not args.no_dask:
+        found = dask_scaling(args, directory)
+        if found is None:
+            print("Dask case skipped: distributed is not installed")
+        else:
+            print(f"one compressed version of {args.dask_models:,} models by Dask workers: 1 worker "
+                  f"{found['one']:.1f} s, 2 workers {found['two']:.1f} s; stored/raw "
+                  f"{found['stored'] / found['raw']:.3f}; the tasks' CPU time over the wall time (cores they "
+                  f"got): {found['cores'][1]:.2f} and {found['cores'][2]:.2f}; load average after: "
+                  f"{found['load']:.1f} on {os.cpu_count()} CPUs")
+            targets.append(("2 Dask workers >= 1.6 x one worker", found["one"] / found["two"], ">=", 1.6))
+    return targets
 
 
 if __name__ == "__main__":

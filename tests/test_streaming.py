@@ -122,6 +122,16 @@ def test_a_stream_past_its_base_or_of_another_architecture_is_refused(tmp_path, 
         repo.save_stream([(0, ModelSet.from_modules(mixed_models(2)))], approach="update", base=v1)
 
 
+def test_only_baseline_and_update_versions_are_written_in_slices(tmp_path, base_set):
+    repo = repository(tmp_path / "repo", base_set)
+    v1 = repo.save(base_set)
+    for approach in ("provenance", "auto"):
+        with pytest.raises(InvalidArgumentError, match="baseline or update"):
+            repo.open_version(approach, base=v1)
+    with pytest.raises(InvalidArgumentError, match="slice_models"):
+        repo.recover_stream(v1, 0)
+
+
 def test_a_writer_commits_once_and_only_its_own_receipts(tmp_path, base_set):
     repo = repository(tmp_path / "repo", base_set)
     writer, other = repo.open_version(), repo.open_version()
