@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from mmpack import packing, staging
+from mmpack._gc import gc_paused
 from mmpack.architecture import Architecture, TensorSpec
 from mmpack.errors import ArchitectureMismatchError, InvalidArgumentError, MMPackError, ModelIndexError
 
@@ -94,7 +95,7 @@ class ModelSet:
             raise TypeError(f"model {bad} is a {type(models[bad]).__name__}, not an nn.Module")
         architecture = Architecture.from_module(models[0])
         layout = packing.ModuleLayout(models[0], architecture)
-        with packing.gc_paused():
+        with gc_paused():
             stacked = packing.stack_columns(layout.tensors_of(models), architecture, len(models))
         return cls._trusted(architecture, stacked, len(models))
 
@@ -285,7 +286,7 @@ class ModelSet:
             raise ArchitectureMismatchError(f"modules are unlike this model set: {difference}")
         layout = packing.ModuleLayout(models[0], theirs)
         source = self._host()  # the native scatter reads host bytes; device modules take copies from there
-        with packing.gc_paused():
+        with gc_paused():
             targets = layout.tensors_of(models)
             packing.check_columns(targets, self._architecture, self._n_models)  # sizes guard the raw writes
             packing.scatter_to_modules(source._tensors, self._architecture, targets, self._n_models)

@@ -18,7 +18,6 @@ import torch
 from torch import nn
 
 from mmpack import _native
-from mmpack._gc import gc_paused  # noqa: F401 (ModelSet pauses the collector through packing)
 from mmpack.architecture import Architecture, TensorSpec
 from mmpack.errors import ArchitectureMismatchError
 
