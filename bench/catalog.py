@@ -8,7 +8,8 @@ models, then Update versions that each change one tensor (``fc4.weight``)
 of 20 models. Then, side by side in one run (medians of ``--runs``):
 
 * locally, a repository just opened (a new ``Repository``): listing every
-  version, finding the newest, one version by id and (format 2) by tag,
+  version (and, beside it, reading every field of every record listed, which
+  checkpoints build on first read), finding the newest, one version by id and (format 2) by tag,
   the history of one model, and recovering one model of the newest version;
 * the bytes one such Update version adds beyond its changed rows (the
   version's own objects and catalog entry), and what the catalog costs on top
@@ -97,6 +98,13 @@ def median(action, runs: int) -> float:
     return statistics.median(times)
 
 
+def read_every_field(root: str) -> list:
+    """What ``mmpack log`` and a caller walking the whole history pay: a checkpoint's records build
+    their objects, change lists and times on first read."""
+    fields = ("id", "created", "message", "objects", "changes", "details")
+    return [[getattr(record, name) for name in fields] for record in Repository(root).versions()]
+
+
 def local_figures(root: str, length: int, runs: int, expected: ModelSet) -> dict[str, float]:
     newest = f"v{length}"
     opened = Repository(root)
@@ -105,6 +113,7 @@ def local_figures(root: str, length: int, runs: int, expected: ModelSet) -> dict
     assert Repository(root).recover(newest, [17]).equal(expected.select([17]))
     figures = {
         "open + list": median(lambda: Repository(root).versions(), runs),
+        "open + list, every field of every record read": median(lambda: read_every_field(root), runs),
         "open + newest": median(lambda: Repository(root).versions()[-1], runs),
         "open + one by id": median(lambda: Repository(root).version(f"v{length // 2}"), runs),
         "history of model 17": median(lambda: opened.history(17), runs),

@@ -12,6 +12,7 @@ docs/REPOSITORY.md ("Checkpoints").
 from __future__ import annotations
 
 import base64
+import dataclasses
 import re
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -87,7 +88,11 @@ def encode(records: list[VersionRecord], approaches: list[str], fingerprints: li
 def decode(data: Any, approach_names: Any, fingerprints: list[str], architectures: dict[str, Architecture],
            next_version: int, *, shards: bool = False) -> list[VersionRecord]:
     """Check the columns whole (the rules of ``documents.record_from_json``, per column) and build the
-    records. Raises ``_json.Malformed`` on anything the spec does not allow."""
+    records. Raises ``_json.Malformed`` on anything the spec does not allow.
+
+    Every check runs here, on whole columns; what the records then hold is built per record only
+    when first read: a record's objects, change list and time (see :class:`ColumnRecord`). Listing
+    10,000 versions pays for parsing and checking, not for 30,000 objects nobody reads."""
     from mmpack.approaches import APPROACHES
 
     columns = _json.fields(data, FIELDS, what="versions")
@@ -104,11 +109,15 @@ def decode(data: Any, approach_names: Any, fingerprints: list[str], architecture
     if not _ints(columns["approach"], 0, len(approaches)) or not _ints(columns["architecture"], 0, len(fingerprints)):
         raise _json.Malformed("versions.approach and versions.architecture must index their tables")
     kinds = [approaches[a] for a in columns["approach"]]
+    delta = np.array([a.delta for a in approaches], dtype=bool)[np.array(columns["approach"], dtype=np.int64)]
     bases = columns["base"]
-    known = [(b, i) for b, i in zip(bases, ids) if b is not None]
-    if not _ints([b for b, _ in known], 1, next_version) or any(b >= i for b, i in known):
+    known = [b for b in bases if b is not None]
+    if not _ints(known, 1, next_version):
         raise _json.Malformed("every base must be an earlier version number, or null")
-    if any(a.delta and b is None for a, b in zip(kinds, bases)):
+    base_numbers = np.array([0 if b is None else b for b in bases], dtype=np.int64)
+    if np.any(base_numbers >= np.array(ids, dtype=np.int64)):
+        raise _json.Malformed("every base must be an earlier version number, or null")
+    if np.any(delta & (base_numbers == 0)):
         raise _json.Malformed("a delta version needs a base")
     n_models = columns["n_models"]
     if not _ints(n_models, 0, documents.MAX_MODELS):
@@ -117,26 +126,91 @@ def decode(data: Any, approach_names: Any, fingerprints: list[str], architecture
         if not _ints(columns[name], 0, 2**63):
             raise _json.Malformed(f"versions.{name} must be non-negative integers")
     for name in ("message", "reason"):
-        if not all(isinstance(v, str) for v in columns[name]):
+        if not set(map(type, columns[name])) <= {str}:
             raise _json.Malformed(f"versions.{name} must be strings")
-    created = _times(columns["created"], columns["created_offset"], n)
     fps = [fingerprints[a] for a in columns["architecture"]]
-    objects = _objects(columns["objects"], kinds, n_models, shards)
+    block = _Block(
+        _times(columns["created"], columns["created_offset"], n),
+        _objects(columns["objects"], kinds, n_models, shards),
+        _changes(columns["changes"], fps, architectures, n),
+    )
+    has_change = np.array([c is not None for c in block.changes.counts], dtype=bool)
+    no_base = np.array([b is None for b in bases], dtype=bool)
+    wrong = (delta & ~has_change) | (~delta & has_change & no_base)
+    if wrong.any():
+        raise _json.Malformed(f"version {ids[int(np.argmax(wrong))]}: a delta needs a change list, a version "
+                              "without a base has none")
+    beyond = block.changes.last_model() >= np.array(n_models, dtype=np.int64)
+    if beyond.any():
+        k = int(np.argmax(beyond))
+        raise _json.Malformed(f"the change list of version {ids[k]} names models beyond its {n_models[k]}")
     details = _details(columns["details"], n)
-    changes = _changes(columns["changes"], fps, architectures, n)
+    new = object.__new__
+    vids = [f"v{i}" for i in ids]
+    base_ids = [None if b is None else f"v{b}" for b in bases]
+    names = [a.name for a in kinds]
+    flags = delta.tolist()
     records = []
-    for k in range(n):
-        approach, change = kinds[k], changes[k]
-        if (change is None) if approach.delta else (change is not None and bases[k] is None):
-            raise _json.Malformed(f"version {ids[k]}: a delta needs a change list, a version without a base has none")
-        if change is not None and len(change.models) and change.models[-1] >= n_models[k]:
-            raise _json.Malformed(f"the change list of version {ids[k]} names models beyond its {n_models[k]}")
-        records.append(VersionRecord(
-            f"v{ids[k]}", approach.name, f"v{bases[k]}" if bases[k] is not None else None, n_models[k], created[k],
-            columns["message"][k], columns["reason"][k], fps[k], objects[k], change, details[k],
-            columns["architecture_bytes"][k], columns["entry_bytes"][k], approach.delta,
-        ))
+    for k, (message, reason, detail) in enumerate(zip(columns["message"], columns["reason"], details)):
+        record = new(ColumnRecord)
+        d = record.__dict__
+        d["id"], d["approach"], d["base"], d["n_models"], d["message"], d["reason"] = (
+            vids[k], names[k], base_ids[k], n_models[k], message, reason)
+        d["architecture"], d["details"], d["architecture_bytes"], d["manifest_bytes"], d["delta"] = (
+            fps[k], detail, columns["architecture_bytes"][k], columns["entry_bytes"][k], flags[k])
+        d["_block"], d["_row"] = block, k
+        records.append(record)
     return records
+
+
+class _Lazy:
+    """A record field built from its columns on first read, then kept in the record like any other
+    (a non-data descriptor: a value in the instance wins, so ``dataclasses.replace`` still works)."""
+
+    def __init__(self, build) -> None:
+        self.build = build
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, record, owner=None):
+        if record is None:
+            return self
+        value = self.build(record._block, record._row)
+        record.__dict__[self.name] = value  # two threads may both build it: equal values, either wins
+        return value
+
+
+class ColumnRecord(VersionRecord):
+    """A :class:`~mmpack.records.VersionRecord` read from a checkpoint's columns, checked whole
+    when the checkpoint was read; its ``created``, ``objects`` and ``changes`` are built on first
+    read. Compares, prints and pickles as the plain record it stands for."""
+
+    created = _Lazy(lambda block, k: block.times.at(k))
+    objects = _Lazy(lambda block, k: block.objects.at(k))
+    changes = _Lazy(lambda block, k: block.changes.at(k))
+
+    def _plain(self) -> VersionRecord:
+        return VersionRecord(*(getattr(self, f.name) for f in dataclasses.fields(VersionRecord)))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, VersionRecord):
+            return NotImplemented
+        return self._plain() == (other._plain() if isinstance(other, ColumnRecord) else other)
+
+    __hash__ = VersionRecord.__hash__
+
+    def __reduce__(self):
+        return VersionRecord, tuple(getattr(self, f.name) for f in dataclasses.fields(VersionRecord))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Block:
+    """The decoded columns a checkpoint's records share."""
+
+    times: _Times
+    objects: _Objects
+    changes: _ChangeLists
 
 
 def _ints(values: list, low: int, high: int) -> bool:
@@ -159,22 +233,53 @@ def _unblob(text: Any, dtype: str, n: int, what: str) -> np.ndarray:
     return np.frombuffer(raw, dtype=dtype)
 
 
-def _times(micros: Any, offsets: Any, n: int) -> list[datetime]:
+class _Times:
+    """Creation times: instants in microseconds since the epoch, and each one's UTC offset."""
+
+    def __init__(self, instants: list[int], offsets: list[int]) -> None:
+        self.instants, self.offsets = instants, offsets
+        # The epoch in each offset's zone, once: adding to it gives the instant in that zone directly.
+        self.epochs = {o: EPOCH.astimezone(timezone(timedelta(seconds=o))) for o in set(offsets)}
+
+    def at(self, k: int) -> datetime:
+        return self.epochs[self.offsets[k]] + timedelta(microseconds=self.instants[k])
+
+
+def _times(micros: Any, offsets: Any, n: int) -> _Times:
     instants = _unblob(micros, "<i8", n, "versions.created").tolist()
     if not _ints(offsets, -86399, 86400):
         raise _json.Malformed("versions.created_offset must be UTC offsets in seconds")
-    # The epoch in each offset's zone, once: adding to it gives the instant in that zone directly.
-    epochs = {o: EPOCH.astimezone(timezone(timedelta(seconds=o))) for o in set(offsets)}
-    return [epochs[o] + timedelta(microseconds=t) for t, o in zip(instants, offsets)]
+    return _Times(instants, offsets)
 
 
-def _objects(data: Any, kinds: list, n_models: list[int], shards: bool) -> list[tuple[ObjectRef, ...]]:
+class _Objects:
+    """Every version's object references, column by column; ``starts[k]`` is version ``k``'s first."""
+
+    def __init__(self, starts: list[int], tokens: str, kinds: list[int], sizes: list[int], digests: list[int],
+                 pins: list[int], pinned: list[int], spans: tuple[list, list, list] | None) -> None:
+        self.starts, self.tokens, self.kinds, self.sizes = starts, tokens, kinds, sizes
+        self.digests, self.pins, self.pinned, self.spans = digests, pins, pinned, spans
+
+    def at(self, k: int) -> tuple[ObjectRef, ...]:
+        first = self.starts[k]
+        refs = []
+        for j in range(first, self.starts[k + 1]):
+            if self.spans is None:  # catalog version 1: one object of every model, a delta's second its table
+                span = (0, None, j > first)
+            else:
+                span = self.spans[0][j], self.spans[1][j], self.spans[2][j]
+            refs.append(ObjectRef(f"objects/{self.tokens[20 * j : 20 * j + 20]}{SUFFIXES[self.kinds[j]]}",
+                                  self.sizes[j], self.digests[j], self.pins[j] if self.pinned[j] else None, *span))
+        return tuple(refs)
+
+
+def _objects(data: Any, kinds: list, n_models: list[int], shards: bool) -> _Objects:
     n = len(kinds)
     columns = _json.fields(data, OBJECT_FIELDS + (SHARD_FIELDS if shards else ()), what="versions.objects")
     counts = columns["count"]
-    if not isinstance(counts, list) or len(counts) != n or not all(
-        type(c) is int and (0 <= c <= documents.MAX_SHARDS if shards else 1 <= c <= 1 + kind.delta)
-        for c, kind in zip(counts, kinds)
+    allowed = documents.MAX_SHARDS if shards else 1 + np.array([kind.delta for kind in kinds], dtype=np.int64)
+    if not isinstance(counts, list) or len(counts) != n or not _ints(counts, 0 if shards else 1, 2**63) or np.any(
+        np.array(counts, dtype=np.int64) > allowed
     ):
         raise _json.Malformed("versions.objects.count must give each version one object (a delta: or two), or "
                               "its shards")
@@ -198,32 +303,59 @@ def _objects(data: Any, kinds: list, n_models: list[int], shards: bool) -> list[
     if wrong.any():
         k = int(np.searchsorted(starts, np.flatnonzero(wrong)[0], side="right")) - 1
         raise _json.Malformed(f"version {k + 1} of the checkpoint lists an object of the wrong kind")
-    owner = np.repeat(np.arange(len(counts)), counts)
+    spans = None
     if shards:  # every model-set object states its range; a document 0, 0, 0 (it holds every model)
-        firsts = _unblob(columns["first"], "<u8", total, "versions.objects.first").astype(np.int64)
-        sizes = _unblob(columns["models"], "<u8", total, "versions.objects.models").astype(np.int64)
+        firsts = _unblob(columns["first"], "<u8", total, "versions.objects.first")
+        sizes = _unblob(columns["models"], "<u8", total, "versions.objects.models")
         tables = np.array(columns["table"], dtype=bool)
         if np.any(document & ((firsts != 0) | (sizes != 0) | tables)):
             raise _json.Malformed("a document of the checkpoint is given a range")
-        beyond = np.flatnonzero(firsts + sizes > np.array(n_models, dtype=np.int64)[owner])
-        if len(beyond):
-            raise _json.Malformed(f"version {int(owner[beyond[0]]) + 1} of the checkpoint names a range beyond "
-                                  "its models")
-        spans = [(0, None, False) if d else (f, s, t)
-                 for d, f, s, t in zip(document.tolist(), firsts.tolist(), sizes.tolist(), tables.tolist())]
-    else:  # catalog version 1: one object holding every model, a delta's second its table object
-        spans = [(0, None, j > a) for j, a in enumerate(starts[owner].tolist())]
-    refs = [
-        ObjectRef(f"objects/{tokens[20 * j : 20 * j + 20]}{SUFFIXES[kind]}", size, digest, pin if pinned else None,
-                  *span)
-        for j, (kind, size, digest, pin, pinned, span) in enumerate(
-            zip(columns["kind"], columns["bytes"], digests, pins, columns["pinned"], spans))
-    ]
-    out = [tuple(refs[a:b]) for a, b in zip(starts[:-1].tolist(), starts[1:].tolist())]
-    if shards:
-        for k, found in enumerate(out):
-            documents.check_shards(found, n_models[k], kinds[k].delta, kinds[k].object_kind == "document")
-    return out
+        _check_shards(starts, firsts, sizes, tables, document, kinds, n_models)
+        counted = np.where(document, -1, sizes.astype(np.int64)).tolist()
+        spans = (firsts.tolist(), [None if c < 0 else c for c in counted], tables.tolist())
+    return _Objects(starts.tolist(), tokens, columns["kind"], columns["bytes"], digests, pins, columns["pinned"],
+                    spans)
+
+
+def _check_shards(starts: np.ndarray, firsts: np.ndarray, sizes: np.ndarray, tables: np.ndarray,
+                  document: np.ndarray, kinds: list, n_models: list[int]) -> None:
+    """``documents.check_shards`` for every version at once (tests/test_catalog_columns.py holds the
+    two to the same verdicts): object ``j`` is compared with object ``j - 1`` of its version."""
+    counts = np.diff(starts)
+    owner = np.repeat(np.arange(len(counts)), counts)
+    total = len(owner)
+    if np.any(firsts >= documents.MAX_MODELS) or np.any(sizes >= documents.MAX_MODELS):
+        raise _json.Malformed("an object of the checkpoint names a range beyond 2**32 models")
+    models = np.array(n_models, dtype=np.int64)
+    delta = np.array([kind.delta for kind in kinds], dtype=bool)
+    documented = np.array([kind.object_kind == "document" for kind in kinds], dtype=bool)
+    held = models[owner]
+    first = np.where(document, 0, firsts.astype(np.int64))
+    stop = np.where(document, held, first + sizes.astype(np.int64))
+    after = np.zeros(total, dtype=bool)  # object j follows another object of its version
+    after[1:] = owner[1:] == owner[:-1]
+    previous_table = np.roll(tables, 1)
+    previous_stop = np.roll(stop, 1)
+    grouped = after & (tables == previous_table)  # follows an object of the same group (data or table)
+    tiled = tables | ~(delta | documented)[owner]  # groups that must hold every model once
+    last = np.ones(total, dtype=bool)
+    last[:-1] = ~grouped[1:]
+    data = counts - np.bincount(owner, weights=tables, minlength=len(counts)).astype(np.int64)
+
+    def refuse(broken: np.ndarray, message: str, *, of_objects: bool = True) -> None:
+        if broken.any():
+            k = int(owner[np.argmax(broken)]) if of_objects else int(np.argmax(broken))
+            raise _json.Malformed(f"version {k + 1} of the checkpoint: {message}")
+
+    refuse(after & previous_table & ~tables, "a version lists its data objects before its table objects")
+    refuse(tables & ~delta[owner], "only a delta version has table objects")
+    refuse(documented & (data != 1), "a provenance version has one document, holding every model", of_objects=False)
+    refuse(stop > held, "an object names a range beyond its models")
+    refuse((grouped & (first < previous_stop)) | ((stop == first) & (held != 0)),
+           "objects must hold disjoint, ascending, non-empty ranges of the models")
+    refuse(tiled & ((grouped & (first != previous_stop)) | (~grouped & (first != 0)) | (last & (stop != held))),
+           "the objects of a group must hold every model once")
+    refuse(~delta & (data == 0), "a full version needs at least one data object", of_objects=False)
 
 
 def _details(data: Any, n: int) -> list[dict[str, Any]]:
@@ -241,13 +373,41 @@ def _details(data: Any, n: int) -> list[dict[str, Any]]:
     return out
 
 
-def _changes(data: Any, fingerprints: list[str], architectures: dict[str, Architecture], n: int) -> list:
+class _ChangeLists:
+    """Every change list: one array of model ids, their masks unpacked (one ``[ids, tensors]`` array
+    when the versions share an architecture, else packed rows per version), sliced per version."""
+
+    def __init__(self, counts: list, models: np.ndarray, starts: list[int], unpacked: np.ndarray | None,
+                 masks: np.ndarray, mask_starts: list[int], widths: list[int]) -> None:
+        self.counts, self.models, self.starts, self.unpacked = counts, models, starts, unpacked
+        self.masks, self.mask_starts, self.widths = masks, mask_starts, widths
+
+    def at(self, k: int) -> Changes | None:
+        count = self.counts[k]
+        if count is None:
+            return None
+        a, b = self.starts[k], self.starts[k + 1]
+        if self.unpacked is not None:
+            bits = self.unpacked[a:b]
+        else:
+            width = self.widths[k]
+            packed = self.masks[self.mask_starts[k] : self.mask_starts[k + 1]].reshape(count, (width + 7) // 8)
+            bits = np.unpackbits(packed, axis=1, count=width).astype(bool)
+        return Changes(self.models[a:b], bits)
+
+    def last_model(self) -> np.ndarray:
+        """The last model id of each version's change list; -1 where it has none."""
+        ends = np.array(self.starts[1:], dtype=np.int64)
+        found = np.diff(np.array(self.starts, dtype=np.int64)) > 0
+        return np.where(found, self.models[np.maximum(ends - 1, 0)] if len(self.models) else -1, -1)
+
+
+def _changes(data: Any, fingerprints: list[str], architectures: dict[str, Architecture], n: int) -> _ChangeLists:
     """Every change list at once: one array of model ids, one of packed masks, unpacked in one call
-    when the versions share an architecture, then sliced per version (views, no copies)."""
+    when the versions share an architecture."""
     data = _json.fields(data, ("count", "models", "masks"), what="versions.changes")
     counts = data["count"]
-    if not isinstance(counts, list) or len(counts) != n or not all(c is None or (type(c) is int and c >= 0)
-                                                                    for c in counts):
+    if not isinstance(counts, list) or len(counts) != n or not _ints([c for c in counts if c is not None], 0, 2**63):
         raise _json.Malformed("versions.changes.count must give a count (or null) per version")
     sizes = np.array([c or 0 for c in counts], dtype=np.int64)
     models = documents.unpack_u32(data["models"], "versions.changes.models")
@@ -260,7 +420,8 @@ def _changes(data: Any, fingerprints: list[str], architectures: dict[str, Archit
         first[starts[1:-1]] = True
         if not first[down].all():
             raise _json.Malformed("a change list of the checkpoint is not ascending")
-    widths = np.array([len(architectures[fp]) for fp in fingerprints], dtype=np.int64)
+    width_of = {fp: len(architectures[fp]) for fp in set(fingerprints)}
+    widths = np.array([width_of[fp] for fp in fingerprints], dtype=np.int64)
     row = (widths + 7) // 8
     try:
         masks = np.frombuffer(base64.b64decode(_json.string(data["masks"], "versions.changes.masks"), validate=True),
@@ -270,20 +431,10 @@ def _changes(data: Any, fingerprints: list[str], architectures: dict[str, Archit
     mask_bytes = sizes * row
     if len(masks) != int(mask_bytes.sum()):
         raise _json.Malformed("versions.changes.masks holds another number of bytes than its counts")
-    uniform = len(set(widths.tolist())) <= 1
-    if uniform and len(masks):
-        unpacked = np.unpackbits(masks.reshape(-1, int(row[0])), axis=1, count=int(widths[0])).astype(bool)
+    unpacked = None
+    if len(set(widths.tolist())) <= 1:
+        width = int(widths[0]) if n else 0
+        unpacked = (np.unpackbits(masks.reshape(-1, int(row[0])), axis=1, count=width).astype(bool) if len(masks)
+                    else np.zeros((0, width), dtype=bool))
     mask_starts = np.concatenate([[0], np.cumsum(mask_bytes)])
-    out: list[Changes | None] = []
-    for k, count in enumerate(counts):
-        if count is None:
-            out.append(None)
-            continue
-        ids = models[starts[k] : starts[k + 1]]
-        if uniform:
-            bits = unpacked[starts[k] : starts[k + 1]] if len(masks) else np.zeros((0, int(widths[k])), bool)
-        else:
-            packed = masks[mask_starts[k] : mask_starts[k + 1]].reshape(count, int(row[k]))
-            bits = np.unpackbits(packed, axis=1, count=int(widths[k])).astype(bool)
-        out.append(Changes(ids, bits))
-    return out
+    return _ChangeLists(counts, models, starts.tolist(), unpacked, masks, mask_starts.tolist(), widths.tolist())
