@@ -1,6 +1,7 @@
 """The catalog of repository format 2 against format 1: opening, listing, history, requests, metadata.
 
-    python bench/catalog.py [--models 5000] [--versions 10000] [--runs 5] [--latency 0.020] [--no-s3]
+    python bench/catalog.py [--models 5000] [--versions 10000] [--runs 5] [--latency 0.020] [--s3-runs 1]
+                            [--no-s3] [--keep DIR]
 
 Two repositories of each format are built with the same saves: one of 10
 versions and one of ``--versions``, a Baseline of ``--models`` FFNN-48
@@ -54,6 +55,8 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--versions", type=int, default=10000)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--latency", type=float, default=0.020)
+    parser.add_argument("--s3-runs", type=int, default=1,
+                        help="runs of each S3 case (format 1 over 10,000 versions takes minutes a run)")
     parser.add_argument("--no-s3", action="store_true")
     parser.add_argument("--dir", default=None, help="where to build (default: a temporary directory)")
     parser.add_argument("--keep", default=None, metavar="DIR",
@@ -204,7 +207,7 @@ def main() -> int:
                 for (fmt, n), root in sorted(roots.items()):
                     print(f"  copying format {fmt}, {n} versions to S3", flush=True)
                     seconds, requests, kinds = s3_figures(root, f"s3://bench/f{fmt}-{n}", options, args.latency,
-                                                          args.runs, n, newest[n])
+                                                          args.s3_runs, n, newest[n])
                     s3_rows.append([f"format {fmt}", str(n), str(requests), f"{seconds:.2f}",
                                     ", ".join(f"{k} {v}" for k, v in sorted(kinds.items()))])
             finally:
