@@ -101,6 +101,7 @@ class DatasetRef:
 
     @property
     def path(self) -> str:
+        """The dataset's local path (``uri`` without a ``file://`` prefix)."""
         return self.uri[len("file://") :] if self.uri.startswith("file://") else self.uri
 
     def problem(self) -> str | None:

@@ -176,6 +176,8 @@ class VersionRecord:
 
     @property
     def stored_bytes(self) -> int:
+        """What the version added to the store: its objects, its catalog entry (or manifest) and
+        the architecture record if it introduced one."""
         return sum(o.bytes for o in self.objects) + self.architecture_bytes + self.manifest_bytes
 
     @cached_property
@@ -203,5 +205,6 @@ class VersionRecord:
         return not self.delta
 
     def describe(self) -> str:
+        """One line for messages: ``"v7 (update on v6, 5000 models)"``."""
         base = f" on {self.base}" if self.base else ""
         return f"{self.id} ({self.approach}{base}, {self.n_models} models)"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import subprocess
 import sys
 import tempfile
@@ -28,3 +29,12 @@ def test_every_public_name_is_documented_and_importable():
     for name in mmpack.__all__:
         value = getattr(mmpack, name)
         assert (getattr(value, "__doc__", None) or "").strip(), f"mmpack.{name} has no docstring"
+    for name in mmpack.__all__:
+        value = getattr(mmpack, name)
+        if not isinstance(value, type):
+            continue
+        for member, attribute in vars(value).items():
+            if member.startswith("_") or not (callable(attribute) or isinstance(attribute, property)):
+                continue
+            doc = attribute.__doc__ if isinstance(attribute, property) else inspect.getdoc(getattr(value, member))
+            assert (doc or "").strip(), f"mmpack.{name}.{member} has no docstring"

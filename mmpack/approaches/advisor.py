@@ -160,6 +160,7 @@ class Estimate:
     recover_seconds: float
 
     def to_json(self) -> dict[str, Any]:
+        """The estimate as a version's ``details["estimates"]`` keep it."""
         return {"stored_bytes": int(self.stored_bytes), "recover_seconds": round(float(self.recover_seconds), 6)}
 
 

@@ -44,6 +44,7 @@ class VerifyReport:
 
     @property
     def ok(self) -> bool:
+        """True when verification found no problem."""
         return not self.problems
 
     def __str__(self) -> str:

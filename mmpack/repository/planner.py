@@ -86,6 +86,7 @@ class RecoveryPlan:
 
     @property
     def pieces(self) -> int:
+        """How many pieces the plan reads or rebuilds, in all."""
         return sum(map(len, self.reads)) + sum(map(len, self.rebuilds))
 
     def __repr__(self) -> str:

@@ -80,10 +80,12 @@ class Receipt:
 
     @property
     def stop(self) -> int:
+        """One past the last model of the receipt's slice."""
         return self.first + self.count
 
     @property
     def bytes(self) -> int:
+        """What the slice's objects hold, in bytes."""
         return sum(o.bytes for o in self.objects)
 
 

@@ -51,6 +51,7 @@ class TagMove:
     message: str
 
     def to_json(self) -> dict[str, Any]:
+        """The move as the tag log's JSON (``mmpack log --tags --json``; docs/REPOSITORY.md)."""
         return {"seq": self.seq, "time": self.time.isoformat(), "name": self.name, "from": self.before,
                 "to": self.after, "message": self.message}
 

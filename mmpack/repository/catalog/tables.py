@@ -170,6 +170,7 @@ class Diff:
 
     @property
     def pairs(self) -> int:
+        """How many (model, tensor) pairs differ."""
         return sum(len(t) for t in self.tensors)
 
     def __len__(self) -> int:
