@@ -90,7 +90,7 @@ def test_results_are_bit_exact_whatever_the_executor(history, make_executor):
 
 def test_recovery_on_a_dask_cluster(history):
     distributed = pytest.importorskip("distributed")
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
         with distributed.Client(cluster) as client:
             fresh = Repository(history["root"] / "repo")
             got = fresh.recover(history["ids"][2], allow_import=True, executor=client.get_executor())
