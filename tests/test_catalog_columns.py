@@ -4,6 +4,7 @@ the per-record rules (``documents.check_shards``) on every generated list of obj
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
 import pickle
@@ -181,3 +182,14 @@ def test_a_record_read_from_columns_pickles_compares_and_replaces_as_a_plain_one
         moved = dataclasses.replace(r, manifest_bytes=r.manifest_bytes + 1)
         assert moved.manifest_bytes == r.manifest_bytes + 1 and moved.objects == r.objects
         assert r != moved and r == r
+
+
+@pytest.mark.parametrize("instant", [-(2**63), 2**63 - 1, -62135596800 * 10**6, 253402300799 * 10**6])
+def test_a_time_no_datetime_holds_is_refused_when_the_checkpoint_is_read(instant):
+    written = breaking("baseline", 4, [(0, 4, False)])
+    body = json.loads(json.dumps(columns.encode(written, APPROACH_NAMES, FINGERPRINTS, shards=True)))
+    body["created"] = base64.b64encode(np.array([0, instant], dtype="<i8").tobytes()).decode()
+    with pytest.raises(_json.Malformed, match="years 1 to 9999"):
+        columns.decode(body, APPROACH_NAMES, FINGERPRINTS, ARCHITECTURES, 3, shards=True)
+    body["created"] = base64.b64encode(np.array([0, 0], dtype="<i8").tobytes()).decode()
+    assert [r.created for r in columns.decode(body, APPROACH_NAMES, FINGERPRINTS, ARCHITECTURES, 3, shards=True)]

@@ -245,11 +245,18 @@ class _Times:
         return self.epochs[self.offsets[k]] + timedelta(microseconds=self.instants[k])
 
 
+# Instants a datetime holds in any UTC offset (a day inside datetime's own range at each end).
+_FIRST_INSTANT = (datetime(1, 1, 2, tzinfo=timezone.utc) - EPOCH) // timedelta(microseconds=1)
+_LAST_INSTANT = (datetime(9999, 12, 30, tzinfo=timezone.utc) - EPOCH) // timedelta(microseconds=1)
+
+
 def _times(micros: Any, offsets: Any, n: int) -> _Times:
-    instants = _unblob(micros, "<i8", n, "versions.created").tolist()
+    instants = _unblob(micros, "<i8", n, "versions.created")
+    if n and (int(instants.min()) < _FIRST_INSTANT or int(instants.max()) > _LAST_INSTANT):
+        raise _json.Malformed("versions.created holds a time outside the years 1 to 9999")
     if not _ints(offsets, -86399, 86400):
         raise _json.Malformed("versions.created_offset must be UTC offsets in seconds")
-    return _Times(instants, offsets)
+    return _Times(instants.tolist(), offsets)
 
 
 class _Objects:
