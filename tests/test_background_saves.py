@@ -31,6 +31,15 @@ def fleet(n: int = 40, seed: int = 0) -> ModelSet:
     return ModelSet.from_modules(ffnn_models(n, seed))
 
 
+def hold_the_saver(repo: mmpack.Repository) -> threading.Event:
+    """Occupy the repository's background saver, and one place of its pending saves, with a job
+    that waits until the returned event is set (10 s at most)."""
+    gate = threading.Event()
+    repo._saver.reserve()
+    repo._saver.submit(background.Job(lambda job, base: gate.wait(10)))
+    return gate
+
+
 def bump(ms: ModelSet, rows=slice(None), by: float = 1.0) -> None:
     """An optimizer step's worth of in-place change."""
     with torch.no_grad():
@@ -228,9 +237,7 @@ def test_close_and_with_wait_for_pending_saves_and_report_failures_nobody_saw(tm
 def test_pending_saves_are_bounded_and_prune_and_gc_queue_behind_them(tmp_path):
     repo = mmpack.Repository(tmp_path / "r", max_pending_saves=1)
     ms = fleet()
-    gate = threading.Event()
-    repo._saver.reserve()
-    repo._saver.submit(background.Job(lambda job, base: gate.wait(10)))
+    gate = hold_the_saver(repo)
     started = threading.Event()
 
     def submit():
@@ -285,9 +292,7 @@ def test_saves_killed_with_saves_pending_leave_only_complete_versions(tmp_path):
 def test_saves_from_a_futures_callback_do_not_wait_for_themselves(tmp_path):
     repo = mmpack.Repository(tmp_path / "r", max_pending_saves=4)
     ms = fleet()
-    gate = threading.Event()
-    repo._saver.reserve()
-    repo._saver.submit(background.Job(lambda job, base: gate.wait(10)))  # keep a save queued behind the first
+    gate = hold_the_saver(repo)  # keep a save queued behind the first
     first = repo.save(ms, blocking=False)
     later = repo.save(ms, blocking=False)
     seen = {}

@@ -111,13 +111,12 @@ def decode(data: Any, approach_names: Any, fingerprints: list[str], architecture
     kinds = [approaches[a] for a in columns["approach"]]
     delta = np.array([a.delta for a in approaches], dtype=bool)[np.array(columns["approach"], dtype=np.int64)]
     bases = columns["base"]
-    known = [b for b in bases if b is not None]
-    if not _ints(known, 1, next_version):
+    base_numbers = np.array([0 if b is None else b for b in bases], dtype=np.int64)  # 0: no base
+    no_base = base_numbers == 0
+    if not _ints([b for b in bases if b is not None], 1, next_version) or np.any(
+            base_numbers >= np.array(ids, dtype=np.int64)):
         raise _json.Malformed("every base must be an earlier version number, or null")
-    base_numbers = np.array([0 if b is None else b for b in bases], dtype=np.int64)
-    if np.any(base_numbers >= np.array(ids, dtype=np.int64)):
-        raise _json.Malformed("every base must be an earlier version number, or null")
-    if np.any(delta & (base_numbers == 0)):
+    if np.any(delta & no_base):
         raise _json.Malformed("a delta version needs a base")
     n_models = columns["n_models"]
     if not _ints(n_models, 0, documents.MAX_MODELS):
@@ -135,7 +134,6 @@ def decode(data: Any, approach_names: Any, fingerprints: list[str], architecture
         _changes(columns["changes"], fps, architectures, n),
     )
     has_change = np.array([c is not None for c in block.changes.counts], dtype=bool)
-    no_base = np.array([b is None for b in bases], dtype=bool)
     wrong = (delta & ~has_change) | (~delta & has_change & no_base)
     if wrong.any():
         raise _json.Malformed(f"version {ids[int(np.argmax(wrong))]}: a delta needs a change list, a version "
@@ -165,7 +163,9 @@ def decode(data: Any, approach_names: Any, fingerprints: list[str], architecture
 
 class _Lazy:
     """A record field built from its columns on first read, then kept in the record like any other
-    (a non-data descriptor: a value in the instance wins, so ``dataclasses.replace`` still works)."""
+    (a non-data descriptor: a value in the instance wins, so ``dataclasses.replace`` still works).
+    Not ``functools.cached_property``: before Python 3.12 it takes one lock per class on every
+    first read, which listing 10,000 records and reading them from many threads would contend for."""
 
     def __init__(self, build) -> None:
         self.build = build
@@ -184,14 +184,23 @@ class _Lazy:
 class ColumnRecord(VersionRecord):
     """A :class:`~mmpack.records.VersionRecord` read from a checkpoint's columns, checked whole
     when the checkpoint was read; its ``created``, ``objects`` and ``changes`` are built on first
-    read. Compares, prints and pickles as the plain record it stands for."""
+    read. Compares, prints and pickles as the plain record it stands for.
+
+    Example::
+
+        record = repo.versions()[-1]   # a ColumnRecord when it comes from a checkpoint
+        record.objects                 # built now, kept from then on
+    """
 
     created = _Lazy(lambda block, k: block.times.at(k))
     objects = _Lazy(lambda block, k: block.objects.at(k))
     changes = _Lazy(lambda block, k: block.changes.at(k))
 
+    def _values(self) -> tuple:
+        return tuple(getattr(self, f.name) for f in dataclasses.fields(VersionRecord))
+
     def _plain(self) -> VersionRecord:
-        return VersionRecord(*(getattr(self, f.name) for f in dataclasses.fields(VersionRecord)))
+        return VersionRecord(*self._values())
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, VersionRecord):
@@ -201,7 +210,7 @@ class ColumnRecord(VersionRecord):
     __hash__ = VersionRecord.__hash__
 
     def __reduce__(self):
-        return VersionRecord, tuple(getattr(self, f.name) for f in dataclasses.fields(VersionRecord))
+        return VersionRecord, self._values()
 
 
 @dataclasses.dataclass(frozen=True)
