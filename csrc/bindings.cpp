@@ -451,6 +451,29 @@ std::unique_ptr<EncodedSection> py_rans_encode(const py::handle& data, std::uint
     return section;
 }
 
+std::vector<std::string> py_rans_simd_paths() {
+    using mmpack::rans::Simd;
+    std::vector<std::string> paths;
+    for (int level = 0; level <= static_cast<int>(mmpack::rans::best_simd()); ++level) {
+        paths.emplace_back(mmpack::rans::simd_name(static_cast<Simd>(level)));
+    }
+    return paths;
+}
+
+void py_rans_set_simd(const std::string& path) {
+    using mmpack::rans::Simd;
+    for (const Simd level : {Simd::scalar, Simd::avx2, Simd::avx512}) {
+        if (path != mmpack::rans::simd_name(level)) continue;
+        if (level > mmpack::rans::best_simd()) {
+            throw py::value_error("this CPU cannot run the " + path + " rANS loops (it runs up to " +
+                                  mmpack::rans::simd_name(mmpack::rans::best_simd()) + ")");
+        }
+        mmpack::rans::limit_simd(level);
+        return;
+    }
+    throw py::value_error("unknown rANS loops " + path + ": expected scalar, avx2 or avx512");
+}
+
 constexpr std::size_t kJobColumns = 9;
 
 [[noreturn]] void raise_decode_error(const std::string& message, std::size_t job) {
@@ -558,8 +581,26 @@ void py_rans_decode(const py::sequence& tables, const py::handle& layouts, const
                 };
                 for (std::size_t k = first; k < last; ++k) {
                     const Job& job = work[k];
-                    errors[k] = decoders[job.table]->decode(mmpack::ConstBytes{job.payload, job.length},
-                                                            mmpack::MutableBytes{job.out, job.out_length});
+                    const mmpack::fields::Decoder& decoder = *decoders[job.table];
+                    unsigned together = 1;
+                    while (together < mmpack::rans::kMaxTogether && k + together < last &&
+                           work[k + together].table == job.table) {
+                        ++together;
+                    }
+                    if (together > 1) {
+                        mmpack::ConstBytes chunks[mmpack::rans::kMaxTogether];
+                        mmpack::MutableBytes outs[mmpack::rans::kMaxTogether];
+                        for (unsigned t = 0; t < together; ++t) {
+                            chunks[t] = {work[k + t].payload, work[k + t].length};
+                            outs[t] = {work[k + t].out, work[k + t].out_length};
+                        }
+                        decoder.decode_together(chunks, outs, together, &errors[k]);
+                        for (unsigned t = 0; t < together; ++t) hash(k + t);
+                        k += together - 1;
+                        continue;
+                    }
+                    errors[k] = decoder.decode(mmpack::ConstBytes{job.payload, job.length},
+                                               mmpack::MutableBytes{job.out, job.out_length});
                     hash(k);
                 }
             },
@@ -645,9 +686,14 @@ PYBIND11_MODULE(_native, m) {
           "dst[dst index] at dst offset; with row bytes > 0 the XXH3-64 of each decoded row goes to\n"
           "hashes[first hash + r]. Every range is checked first; jobs must write disjoint ranges and run\n"
           "on the kernels' threads. A corrupt table or chunk raises DecodeError.");
-    m.def("rans_simd_path", &mmpack::rans::simd_path, "Instruction set of the rANS decoding loops.");
-    m.def("rans_set_simd", &mmpack::rans::set_simd_enabled, py::arg("enabled"),
-          "Let the rANS decoder use the CPU's vector loops (True, the default) or force the portable ones.");
+    m.def("rans_simd_path", [] { return mmpack::rans::simd_name(mmpack::rans::simd()); },
+          "Instruction set of the rANS loops in use.");
+    m.def("rans_simd_paths", &py_rans_simd_paths,
+          "Instruction sets of the rANS loops this CPU can run, portable first.");
+    m.def("rans_set_simd", &py_rans_set_simd, py::arg("path"),
+          "Cap the rANS loops (decoding and encoding) at path (one of rans_simd_paths(); the best, the\n"
+          "default, lets the CPU's best run); every path writes and reads the same bytes, and tests and\n"
+          "benchmarks compare them.");
     m.def("set_max_threads", &mmpack::set_max_threads, py::arg("n"),
           "Threads the kernels may use (0 restores the default: hardware threads, at most 16).");
     m.def("max_threads", &mmpack::max_threads, "Threads the kernels may use.");

@@ -12,6 +12,7 @@
 
 #include "bits.hpp"
 #include "mmpack/parallel.hpp"
+#include "fields_internal.hpp"
 #include "rans_internal.hpp"
 
 namespace mmpack::fields {
@@ -588,8 +589,9 @@ const char* read_model(ConstBytes block, Layout layout, Model& out) {
 struct Encoder::Impl {
     Model model;
     struct Coded {
-        std::vector<rans::EncodeSymbol> table;
+        std::unique_ptr<rans::EncodeTable> table;
         std::vector<uint16_t> symbol_of;  // field value -> symbol, kNoSymbol where none covers it
+        std::vector<uint16_t> head_lookup;  // the same for head_symbols_avx512 (fields_internal.hpp)
         unsigned zero_symbol = kNoSymbol;
     };
     std::vector<Coded> coded;  // per field
@@ -604,8 +606,8 @@ Encoder::Encoder(const Model& model) : impl_(std::make_unique<Impl>()) {
         Impl::Coded& c = impl_->coded[f];
         std::vector<uint16_t> freqs;
         for (const Symbol& s : field.symbols) freqs.push_back(s.freq);
-        c.table.resize(freqs.size());
-        rans::build_encode_symbols(freqs.data(), static_cast<unsigned>(freqs.size()), c.table.data());
+        c.table = std::make_unique<rans::EncodeTable>();
+        rans::build_encode_table(freqs.data(), static_cast<unsigned>(freqs.size()), *c.table);
         c.symbol_of.assign(size_t{1} << model.layout.bits(static_cast<unsigned>(f)), kNoSymbol);
         for (size_t k = 0; k < field.symbols.size(); ++k) {
             const Symbol& s = field.symbols[k];
@@ -614,6 +616,11 @@ Encoder::Encoder(const Model& model) : impl_(std::make_unique<Impl>()) {
                 continue;
             }
             for (uint32_t v = s.value; v < s.value + (uint32_t{1} << s.raw_bits); ++v) c.symbol_of[v] = static_cast<uint16_t>(k);
+        }
+        c.head_lookup.assign(c.symbol_of.size() + 1, kNoHeadSymbol);
+        for (size_t v = 0; v < c.symbol_of.size(); ++v) {
+            const unsigned k = c.symbol_of[v];
+            if (k != kNoSymbol) c.head_lookup[v] = static_cast<uint16_t>(k | (field.symbols[k].raw_bits ? kHasRawBits : 0));
         }
     }
 }
@@ -676,28 +683,50 @@ namespace {
 // come out of the same loop over the elements.
 template <unsigned W, Family F>
 const char* encode_head_only(const uint8_t* bytes, size_t n, const Field& head, const std::uint16_t* symbol_of,
-                             const rans::EncodeSymbol* table, std::vector<uint8_t>& out) {
+                             const std::uint16_t* head_lookup,
+                             const rans::EncodeTable& table, std::vector<uint8_t>& out) {
     const Layout layout{W, F};
-    std::vector<uint8_t> symbols(n), raw_bits;
-    // The symbols first: a lookup per element, nothing else in the loop.
-    for (size_t i = 0; i < n; ++i) {
-        const unsigned s = symbol_of[field_of(layout, load_element(bytes + i * W, W), 0)];
-        if (s == kNoSymbol) return "data does not fit the model (a value no symbol covers)";
-        symbols[i] = static_cast<uint8_t>(s);
-    }
+    // Every byte of these is written before it is read: left uninitialised.
+    const std::unique_ptr<uint8_t[]> symbols(new uint8_t[n]);
+    std::vector<uint8_t> raw_bits;
     uint8_t raw_count[rans::kMaxSymbols] = {};
     bool any_raw = false;
     for (size_t k = 0; k < head.symbols.size(); ++k) {
         raw_count[k] = head.symbols[k].raw_bits;
         any_raw = any_raw || raw_count[k] > 0;
     }
-    if (any_raw) {  // rare values' low bits, in element order
-        bits::Writer writer(raw_bits);
-        for (size_t i = 0; i < n; ++i) {
-            const unsigned s = symbols[i];
-            if (raw_count[s]) {
-                writer.write(raw_count[s], field_of(layout, load_element(bytes + i * W, W), 0) - head.symbols[s].value);
+    const auto head_value = [&](size_t i) { return field_of(layout, load_element(bytes + i * W, W), 0); };
+    bits::Writer writer(raw_bits);
+    const auto write_raw = [&](size_t i) {
+        const unsigned s = symbols[i];
+        writer.write(raw_count[s], head_value(i) - head.symbols[s].value);
+    };
+    // The symbols first (a lookup per element), then the rare values' low bits in element order.
+    size_t vector_done = 0;
+    constexpr bool vector_layout = (W == 4 && F == Family::floating) || (W == 2 && F != Family::integer);
+    if (vector_layout && rans::simd() == rans::Simd::avx512) {
+        const size_t groups = n / rans::kLanes;
+        const std::unique_ptr<uint16_t[]> raw_lanes(new uint16_t[groups + 1]);
+        constexpr unsigned shift = F == Family::half ? 7 : 8 * W - 13;
+        constexpr unsigned mask = F == Family::half ? 0xFF : 0xFFF;
+        if (!head_symbols_avx512(bytes, groups, W, shift, mask, head_lookup, symbols.get(), raw_lanes.get())) {
+            return "data does not fit the model (a value no symbol covers)";
+        }
+        vector_done = groups * rans::kLanes;
+        for (size_t g = 0; g < groups && any_raw; ++g) {
+            for (unsigned lanes = raw_lanes[g]; lanes != 0; lanes &= lanes - 1) {
+                write_raw(g * rans::kLanes + static_cast<unsigned>(__builtin_ctz(lanes)));
             }
+        }
+    }
+    for (size_t i = vector_done; i < n; ++i) {
+        const unsigned s = symbol_of[head_value(i)];
+        if (s == kNoSymbol) return "data does not fit the model (a value no symbol covers)";
+        symbols[i] = static_cast<uint8_t>(s);
+    }
+    if (any_raw) {
+        for (size_t i = vector_done; i < n; ++i) {
+            if (raw_count[symbols[i]]) write_raw(i);
         }
         writer.flush();
     }
@@ -710,10 +739,10 @@ const char* encode_head_only(const uint8_t* bytes, size_t n, const Field& head, 
         tail_length[f] = bits::packed_bytes(n, layout.bits(f));
         tails += tail_length[f];
     }
-    std::vector<uint8_t> tail(tails, 0);
+    const std::unique_ptr<uint8_t[]> tail(new uint8_t[tails]);  // every byte written below
 #pragma GCC unroll 8
     for (unsigned f = 1; f < W; ++f) {
-        uint8_t* plane = tail.data() + tail_start[f];
+        uint8_t* plane = tail.get() + tail_start[f];
         if (layout.bits(f) == 4) {
             size_t i = 0;
             for (; i + 1 < n; i += 2) {
@@ -727,7 +756,7 @@ const char* encode_head_only(const uint8_t* bytes, size_t n, const Field& head, 
     }
     std::vector<uint8_t> stream;
     stream.reserve(2 * n + rans::kStateBytes);
-    rans::encode(symbols.data(), n, table, stream);
+    rans::encode(symbols.get(), n, table, stream);
     const size_t sizes[] = {stream.size(), raw_bits.size()};
     for (const size_t length : sizes) {
         if (length > std::numeric_limits<uint32_t>::max()) return "a chunk's stream exceeds 4 GiB";
@@ -739,7 +768,7 @@ const char* encode_head_only(const uint8_t* bytes, size_t n, const Field& head, 
     }
     out.insert(out.end(), stream.begin(), stream.end());
     out.insert(out.end(), raw_bits.begin(), raw_bits.end());
-    out.insert(out.end(), tail.begin(), tail.end());
+    out.insert(out.end(), tail.get(), tail.get() + tails);
     return nullptr;
 }
 
@@ -757,7 +786,7 @@ const char* Encoder::encode(ConstBytes data, std::vector<uint8_t>& out) const {
         const Impl::Coded& c = impl_->coded[0];
         return dispatch_layout(layout, [&](auto width, auto family) {
             return encode_head_only<decltype(width)::value, decltype(family)::value>(
-                reinterpret_cast<const uint8_t*>(data.data), n, model.fields[0], c.symbol_of.data(), c.table.data(), out);
+                reinterpret_cast<const uint8_t*>(data.data), n, model.fields[0], c.symbol_of.data(), c.head_lookup.data(), *c.table, out);
         });
     }
     std::vector<uint16_t> head(n);
@@ -809,7 +838,7 @@ const char* Encoder::encode(ConstBytes data, std::vector<uint8_t>& out) const {
             symbols[i] = static_cast<uint8_t>(s);
         }
         writer.flush();
-        rans::encode(symbols.data(), count, c.table.data(), streams);
+        rans::encode(symbols.data(), count, *c.table, streams);
         directory.push_back(streams.size() - before);
         streams.insert(streams.end(), raw_bits.begin(), raw_bits.end());
         directory.push_back(raw_bits.size());
@@ -831,6 +860,10 @@ struct Coded {
     std::array<uint16_t, rans::kMaxSymbols> value{};
     std::array<uint8_t, rans::kMaxSymbols> raw_bits{};
     std::array<uint32_t, rans::kMaxSymbols> fused{};  // floating heads: value << shift, bit 31: raw bits follow
+    // The same as bytes for the AVX-512 loop's byte permutes: the value's low byte, and its
+    // high bits with bit 7 set when raw bits follow.
+    alignas(64) std::array<uint8_t, rans::kMaxSymbols> fused_low{};
+    alignas(64) std::array<uint8_t, rans::kMaxSymbols> fused_high{};
     int zero_symbol = -1;
     bool any_raw_bits = false;
 };
@@ -918,6 +951,8 @@ Decoder::Decoder(const Model& model) : impl_(std::make_unique<Impl>()) {
             c.any_raw_bits |= s.raw_bits > 0;
             if (fusable_width) {
                 c.fused[k] = (static_cast<uint32_t>(s.value) << shift) | (s.raw_bits ? 0x80000000u : 0u);
+                c.fused_low[k] = static_cast<uint8_t>(s.value);
+                c.fused_high[k] = static_cast<uint8_t>((s.value >> 8) | (s.raw_bits ? 0x80u : 0u));
             }
         }
     }
@@ -1004,12 +1039,13 @@ bool fused_scalar(FieldReader* readers, const Coded& head, const uint8_t* const*
 enum class Planes { ready, not_fusable, corrupt, no_memory };
 
 // Fields 1 and up of a chunk as the fused loops read them: raw fields in place, the others
-// decoded into this thread's scratch (nibble fields packed two to a byte). not_fusable when
-// a raw field's stream has the wrong length (the generic loop then reports the chunk corrupt);
-// nothing is consumed in that case.
+// decoded into this thread's scratch for `slot` (nibble fields packed two to a byte; chunks
+// decoded together each have a slot). not_fusable when a raw field's stream has the wrong
+// length (the generic loop then reports the chunk corrupt); nothing is consumed in that case.
 Planes tail_planes(FieldReader* readers, const Model& model, const std::vector<Coded>& coded, size_t n,
-                   const uint8_t** tails) noexcept {
-    thread_local std::vector<uint8_t> scratch[3];
+                   unsigned slot, const uint8_t** tails) noexcept {
+    thread_local std::vector<uint8_t> slots[rans::kMaxTogether][3];
+    std::vector<uint8_t>* const scratch = slots[slot];
     thread_local std::vector<uint8_t> values;
     const Layout& layout = model.layout;
     for (unsigned f = 1; f < layout.width; ++f) {
@@ -1078,7 +1114,7 @@ struct Decoder::Chunk {
     bool failed = false;  // a fused loop stopped on corrupt raw bits
 };
 
-const char* Decoder::open(ConstBytes chunk, MutableBytes out, Chunk& c) const noexcept {
+const char* Decoder::open(ConstBytes chunk, MutableBytes out, unsigned slot, Chunk& c) const noexcept {
     const Impl& m = *impl_;
     const Model& model = m.model;
     const Layout& layout = model.layout;
@@ -1118,7 +1154,7 @@ const char* Decoder::open(ConstBytes chunk, MutableBytes out, Chunk& c) const no
     }
     if (position != chunk.size) return "a chunk has bytes its directory does not account for";
     if (m.fast_float32 || m.fast_float16) {
-        switch (tail_planes(c.readers, model, m.coded, c.n, c.tails)) {
+        switch (tail_planes(c.readers, model, m.coded, c.n, slot, c.tails)) {
             case Planes::corrupt: return kCorrupt;
             case Planes::no_memory: return "out of memory for a chunk's scratch";
             case Planes::not_fusable: break;
@@ -1127,34 +1163,54 @@ const char* Decoder::open(ConstBytes chunk, MutableBytes out, Chunk& c) const no
                 c.is_fused = true;
                 const Coded& head = m.coded[0];
                 c.fused = rans::FusedHead{head.table.get(), head.fused.data(), head.raw_bits.data(),
+                                          head.fused_low.data(), head.fused_high.data(),
                                           layout.width == 4 ? 19u : layout.family == Family::half ? 7u : 3u};
         }
     }
     return nullptr;
 }
 
-// The AVX2 fused loop over a chunk's whole groups; marks the chunk failed on corrupt raw bits.
-void Decoder::run_fused(Chunk& c, const Layout& layout) noexcept {
-    if (!rans::have_avx2() || c.n < rans::kLanes) return;
+// The vector fused loop over the whole groups of `count` chunks (more than one only with
+// AVX-512, whose registers hold their states), from where each chunk is done; marks a chunk
+// failed on corrupt raw bits.
+void Decoder::run_fused(Chunk* const* chunks, unsigned count, const Layout& layout) noexcept {
+    const rans::Simd level = rans::simd();
+    if (level == rans::Simd::scalar) return;
     const bool half = layout.family == Family::half;
-    rans::FusedStream s;
-    s.decoder = &c.readers[0].stream;
-    s.head = &c.fused;
-    s.raw = &c.readers[0].low_bits;
-    if (layout.width == 4) {
-        s.tails[0] = c.tails[1];
-        s.tails[1] = c.tails[2];
-        s.tails[2] = c.tails[3];
-    } else {
-        s.tails[0] = c.tails[1];
+    rans::FusedStream streams[rans::kMaxTogether];
+    size_t groups = SIZE_MAX;
+    for (unsigned k = 0; k < count; ++k) {
+        Chunk& c = *chunks[k];
+        rans::FusedStream& s = streams[k];
+        s.decoder = &c.readers[0].stream;
+        s.head = &c.fused;
+        s.raw = &c.readers[0].low_bits;
+        // Fields 1-3 of float32 (a nibble, two bytes), or field 1 of 16-bit floats (a nibble
+        // for bfloat16, a byte for float16); c.done is a multiple of the group size.
+        const bool nibbles = layout.width == 4 || !half;
+        s.tails[0] = c.tails[1] + (nibbles ? c.done / 2 : c.done);
+        if (layout.width == 4) {
+            s.tails[1] = c.tails[2] + c.done;
+            s.tails[2] = c.tails[3] + c.done;
+        }
+        s.out = c.dst + c.done * layout.width;
+        groups = std::min(groups, (c.n - c.done) / rans::kLanes);
     }
-    s.out = c.dst;
-    bool ok = true;
-    const size_t groups = c.n / rans::kLanes;
-    const size_t done = layout.width == 4 ? rans::decode_float32_groups_avx2(&s, 1, groups, ok)
-                                          : rans::decode_float16_groups_avx2(&s, 1, half, groups, ok);
-    c.failed = !ok;
-    c.done = done * rans::kLanes;
+    if (groups == 0) return;
+    size_t done = 0;
+    bool ok[rans::kMaxTogether] = {true, true, true, true};
+    if (level == rans::Simd::avx512) {
+        done = layout.width == 4 ? rans::decode_float32_groups_avx512(streams, count, groups, ok)
+                                 : rans::decode_float16_groups_avx512(streams, count, half, groups, ok);
+    } else {
+        done = layout.width == 4 ? rans::decode_float32_groups_avx2(streams, count, groups, ok[0])
+                                 : rans::decode_float16_groups_avx2(streams, count, half, groups, ok[0]);
+        for (unsigned k = 1; k < count; ++k) ok[k] = ok[0];
+    }
+    for (unsigned k = 0; k < count; ++k) {
+        chunks[k]->failed = !ok[k];
+        chunks[k]->done += done * rans::kLanes;
+    }
 }
 
 const char* Decoder::finish(Chunk& c) const noexcept {
@@ -1167,7 +1223,8 @@ const char* Decoder::finish(Chunk& c) const noexcept {
     uint8_t* dst = c.dst;
     size_t nonzero_total = n;  // values of fields 1 and up
     if (c.is_fused) {
-        run_fused(c, layout);
+        Chunk* const self = &c;
+        if (!c.failed) run_fused(&self, 1, layout);
         if (c.failed || !fused_scalar(readers, m.coded[0], c.tails, layout, c.done, n, dst)) return kCorrupt;
     } else {
         alignas(64) uint16_t head[kBlock];
@@ -1208,8 +1265,30 @@ const char* Decoder::finish(Chunk& c) const noexcept {
 
 const char* Decoder::decode(ConstBytes chunk, MutableBytes out) const noexcept {
     Chunk c;
-    const char* error = open(chunk, out, c);
+    const char* error = open(chunk, out, 0, c);
     return error != nullptr ? error : finish(c);
 }
+
+void Decoder::decode_together(const ConstBytes* chunks, const MutableBytes* outs, unsigned count,
+                              const char** errors) const noexcept {
+    Chunk c[rans::kMaxTogether];
+    Chunk* fused[rans::kMaxTogether];
+    unsigned n_fused = 0;
+    for (unsigned k = 0; k < count; ++k) {
+        errors[k] = open(chunks[k], outs[k], k, c[k]);
+        if (errors[k] == nullptr && c[k].is_fused) fused[n_fused++] = &c[k];
+    }
+    if (n_fused > 1 && rans::simd() == rans::Simd::avx512) run_fused(fused, n_fused, impl_->model.layout);
+    for (unsigned k = 0; k < count; ++k) {
+        if (errors[k] == nullptr) errors[k] = finish(c[k]);
+    }
+}
+
+#if !defined(MMPACK_HAVE_AVX2_TU)
+// No vector translation units on this architecture: rans::simd() is Simd::scalar, so this never runs.
+bool head_symbols_avx512(const uint8_t*, size_t, unsigned, unsigned, unsigned, const uint16_t*, uint8_t*, uint16_t*) noexcept {
+    return false;
+}
+#endif
 
 }  // namespace mmpack::fields

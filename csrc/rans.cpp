@@ -1,7 +1,9 @@
 #include "mmpack/rans.hpp"
 
+#include <algorithm>
 #include <atomic>
 #include <cstring>
+#include <memory>
 
 #include "rans_internal.hpp"
 
@@ -16,11 +18,12 @@ void build_decode_table(const std::uint16_t* freqs, unsigned n, DecodeTable& tab
     }
 }
 
-void build_encode_symbols(const std::uint16_t* freqs, unsigned n, EncodeSymbol* out) noexcept {
+void build_encode_table(const std::uint16_t* freqs, unsigned n, EncodeTable& table) noexcept {
     std::uint32_t start = 0;
     for (unsigned s = 0; s < n; ++s) {
         const std::uint32_t f = freqs[s];
-        EncodeSymbol& e = out[s];
+        table.packed[s] = f | start << 16;
+        EncodeSymbol& e = table.symbol[s];
         e.x_max = f << (32 - kScaleBits);  // ((kLow >> kScaleBits) << 16) * f
         e.freq = static_cast<std::uint16_t>(f);
         e.start = static_cast<std::uint16_t>(start);
@@ -59,12 +62,15 @@ inline void encode_one(std::uint32_t& x, const EncodeSymbol& s, std::uint8_t*& p
 
 }  // namespace
 
-void encode(const std::uint8_t* symbols, std::size_t count, const EncodeSymbol* table, std::vector<std::uint8_t>& out) {
+void encode(const std::uint8_t* symbols, std::size_t count, const EncodeTable& encode_table, std::vector<std::uint8_t>& out) {
+    const EncodeSymbol* const table = encode_table.symbol;
     if (count == 0) return;
     // Words are produced last symbol first, so they are written backwards from the end of
     // a scratch buffer: at most one word per symbol, then the states in front.
-    std::vector<std::uint8_t> scratch(2 * count + kStateBytes);
-    std::uint8_t* const end = scratch.data() + scratch.size();
+    // Left uninitialised: only the bytes from the final p on are copied out, all written.
+    const std::size_t scratch_bytes = 2 * count + kStateBytes;
+    const std::unique_ptr<std::uint8_t[]> scratch(new std::uint8_t[scratch_bytes]);
+    std::uint8_t* const end = scratch.get() + scratch_bytes;
     std::uint8_t* p = end;
     std::uint32_t x[kLanes];
     for (auto& v : x) v = kLow;
@@ -73,6 +79,10 @@ void encode(const std::uint8_t* symbols, std::size_t count, const EncodeSymbol* 
     for (std::size_t r = count % kLanes; r > 0; --r) {
         --i;
         encode_one(x[r - 1], table[symbols[i]], p);
+    }
+    if (simd() == Simd::avx512) {
+        encode_groups_avx512(symbols, i / kLanes, encode_table, x, p);
+        i = 0;
     }
     while (i > 0) {
         i -= kLanes;
@@ -107,7 +117,12 @@ bool Decoder::decode(const DecodeTable& table, std::size_t count, std::uint8_t* 
         if (!decode_step(*this, table, out[i])) return false;
         ++i;
     }
-    if (have_avx2()) i += kLanes * decode_groups_avx2(*this, table, (count - i) / kLanes, out + i);
+    const Simd level = simd();
+    if (level == Simd::avx512) {
+        i += kLanes * decode_groups_avx512(*this, table, (count - i) / kLanes, out + i);
+    } else if (level == Simd::avx2) {
+        i += kLanes * decode_groups_avx2(*this, table, (count - i) / kLanes, out + i);
+    }
     for (; i < count; ++i) {
         if (!decode_step(*this, table, out[i])) return false;
     }
@@ -123,33 +138,52 @@ bool Decoder::finished() const noexcept {
 
 namespace {
 
-std::atomic<bool> g_simd_enabled{true};
+std::atomic<int> g_simd_limit{static_cast<int>(Simd::avx512)};
 
-bool cpu_has_avx2() noexcept {
+Simd cpu_simd() noexcept {
 #if defined(MMPACK_HAVE_AVX2_TU)
-    static const bool supported = [] {
+    // __builtin_cpu_supports also checks that the OS saves the registers' state (XGETBV).
+    static const Simd supported = [] {
         __builtin_cpu_init();
-        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("bmi2");
+        if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("bmi2"))) return Simd::scalar;
+        const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                            __builtin_cpu_supports("avx512vbmi");
+        return avx512 ? Simd::avx512 : Simd::avx2;
     }();
     return supported;
 #else
-    return false;
+    return Simd::scalar;
 #endif
 }
 
 }  // namespace
 
-bool have_avx2() noexcept { return cpu_has_avx2() && g_simd_enabled.load(std::memory_order_relaxed); }
+Simd best_simd() noexcept { return cpu_simd(); }
 
-void set_simd_enabled(bool enabled) noexcept { g_simd_enabled.store(enabled); }
+Simd simd() noexcept {
+    return static_cast<Simd>(std::min(static_cast<int>(cpu_simd()), g_simd_limit.load(std::memory_order_relaxed)));
+}
 
-const char* simd_path() noexcept { return have_avx2() ? "avx2" : "scalar"; }
+void limit_simd(Simd most) noexcept { g_simd_limit.store(static_cast<int>(most)); }
+
+const char* simd_name(Simd level) noexcept {
+    switch (level) {
+        case Simd::avx512: return "avx512";
+        case Simd::avx2: return "avx2";
+        case Simd::scalar: break;
+    }
+    return "scalar";
+}
 
 #if !defined(MMPACK_HAVE_AVX2_TU)
-// No AVX2 translation unit on this architecture: have_avx2() is false, so these never run.
+// No vector translation units on this architecture: simd() is Simd::scalar, so these never run.
 std::size_t decode_groups_avx2(Decoder&, const DecodeTable&, std::size_t, std::uint8_t*) noexcept { return 0; }
 std::size_t decode_float32_groups_avx2(FusedStream*, unsigned, std::size_t, bool&) noexcept { return 0; }
 std::size_t decode_float16_groups_avx2(FusedStream*, unsigned, bool, std::size_t, bool&) noexcept { return 0; }
+std::size_t decode_groups_avx512(Decoder&, const DecodeTable&, std::size_t, std::uint8_t*) noexcept { return 0; }
+void encode_groups_avx512(const std::uint8_t*, std::size_t, const EncodeTable&, std::uint32_t*, std::uint8_t*&) noexcept {}
+std::size_t decode_float32_groups_avx512(FusedStream*, unsigned, std::size_t, bool*) noexcept { return 0; }
+std::size_t decode_float16_groups_avx512(FusedStream*, unsigned, bool, std::size_t, bool*) noexcept { return 0; }
 #endif
 
 

@@ -12,6 +12,7 @@
 #include <cstring>
 
 #include "rans_internal.hpp"
+#include "simd_nibbles.hpp"
 
 namespace mmpack::rans {
 
@@ -86,13 +87,6 @@ inline bool head_values(__m256i entry, const FusedHead& head, bits::Reader& raw,
     }
     values = _mm256_load_si256(reinterpret_cast<const __m256i*>(v));
     return true;
-}
-
-// The 16 nibbles of a group (8 bytes, low nibble first) as 16 bytes in element order.
-inline __m128i nibble_bytes(const std::uint8_t* nibbles) noexcept {
-    const __m128i packed = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(nibbles));
-    const __m128i low4 = _mm_set1_epi8(0x0F);
-    return _mm_unpacklo_epi8(_mm_and_si128(packed, low4), _mm_and_si128(_mm_srli_epi16(packed, 4), low4));
 }
 
 inline __m256i widen8(const std::uint8_t* bytes) noexcept {

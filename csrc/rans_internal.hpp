@@ -24,6 +24,10 @@ struct FusedHead {
     const DecodeTable* table = nullptr;
     const std::uint32_t* value = nullptr;  // kMaxSymbols entries
     const std::uint8_t* raw_bits = nullptr;  // kMaxSymbols entries
+    // The unshifted values as bytes (64-byte aligned, kMaxSymbols each): the low byte, and
+    // the high bits with bit 7 set when the symbol has raw low bits.
+    const std::uint8_t* value_low = nullptr;
+    const std::uint8_t* value_high = nullptr;
     unsigned shift = 0;
 };
 
@@ -48,5 +52,19 @@ std::size_t decode_float32_groups_avx2(FusedStream* streams, unsigned count, std
 // nibble's bit 3 << 15; float16 (half true): head | tails[0][i]'s low 7 bits | its bit 7 << 15.
 std::size_t decode_float16_groups_avx2(FusedStream* streams, unsigned count, bool half, std::size_t groups,
                                        bool& ok) noexcept;
+
+// The same loops with AVX-512 (a chunk's sixteen states are one vector), called only when
+// rans::simd() is Simd::avx512. `count` (1 to kMaxTogether) chunks of one tensor (they share one head's
+// tables) advance together; a chunk whose raw
+// bits run out gets ok[k] false, and every other chunk has the returned groups decoded.
+// Encodes `groups` whole groups of symbols, the last first, from the states x (updated) into
+// the words below p (moved down past them): the same words as the scalar loop. Needs 32
+// writable bytes below p's final place (the scratch's room for the states).
+void encode_groups_avx512(const std::uint8_t* symbols, std::size_t groups, const EncodeTable& table, std::uint32_t* x,
+                          std::uint8_t*& p) noexcept;
+std::size_t decode_groups_avx512(Decoder& d, const DecodeTable& table, std::size_t groups, std::uint8_t* out) noexcept;
+std::size_t decode_float32_groups_avx512(FusedStream* streams, unsigned count, std::size_t groups, bool* ok) noexcept;
+std::size_t decode_float16_groups_avx512(FusedStream* streams, unsigned count, bool half, std::size_t groups,
+                                         bool* ok) noexcept;
 
 }  // namespace mmpack::rans

@@ -9,9 +9,11 @@ agree with each other on every input.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import struct
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -74,15 +76,33 @@ def encode(raw: np.ndarray, rows: int, dtype: torch.dtype, chunk_rows: int) -> r
     return rans.encode_rows(raw, rows, len(raw) // rows if rows else 0, dtype, chunk_rows)
 
 
-def decode_native(encoded: rans.Encoded, raw_length: int, rows: int, chunk_rows: int, dtype: torch.dtype) -> np.ndarray:
+SIMD_PATHS = _native.rans_simd_paths()  # this CPU's decoding loops, portable first
+
+
+@contextlib.contextmanager
+def simd_path(path: str) -> Iterator[None]:
+    """Decode with the ``path`` loops inside the block, with the CPU's best after it."""
+    _native.rans_set_simd(path)
+    try:
+        yield
+    finally:
+        _native.rans_set_simd(SIMD_PATHS[-1])
+
+
+def decode_jobs(encoded: rans.Encoded, raw_length: int, rows: int, chunk_rows: int) -> np.ndarray:
+    """One decode job per chunk of ``encoded``, each into its rows of one output."""
     row_bytes = raw_length // rows
-    out = np.full(raw_length, 0xA5, np.uint8)
     starts = np.cumsum([encoded.table_length, *encoded.chunk_lengths])
-    jobs = [(0, 0, int(starts[c]), length, 0, c * chunk_rows * row_bytes,
-             min(chunk_rows, rows - c * chunk_rows) * row_bytes, 0, 0)
-            for c, length in enumerate(encoded.chunk_lengths)]
+    return np.array([(0, 0, int(starts[c]), length, 0, c * chunk_rows * row_bytes,
+                      min(chunk_rows, rows - c * chunk_rows) * row_bytes, 0, 0)
+                     for c, length in enumerate(encoded.chunk_lengths)], np.uint64)
+
+
+def decode_native(encoded: rans.Encoded, raw_length: int, rows: int, chunk_rows: int, dtype: torch.dtype) -> np.ndarray:
+    out = np.full(raw_length, 0xA5, np.uint8)
+    jobs = decode_jobs(encoded, raw_length, rows, chunk_rows)
     rans.decode([encoded.data[: encoded.table_length]], [rans.layout_code(dtype)], [encoded.data],
-                np.array(jobs, np.uint64), [out], None)
+                jobs, [out], None)
     return out
 
 
@@ -107,12 +127,9 @@ def test_every_bit_of_every_dtype_round_trips(dtype, seed, rows, per_row, chunk_
     rng = np.random.default_rng(seed)
     raw = mixed_bytes(dtype, rng, rows * per_row * (2 if dtype.is_complex else 1))
     encoded = encode(raw, rows, dtype, chunk_rows)
-    for simd in (True, False):
-        _native.rans_set_simd(simd)
-        try:
-            assert np.array_equal(decode_native(encoded, len(raw), rows, chunk_rows, dtype), raw)
-        finally:
-            _native.rans_set_simd(True)
+    for path in SIMD_PATHS:
+        with simd_path(path):
+            assert np.array_equal(decode_native(encoded, len(raw), rows, chunk_rows, dtype), raw), path
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -156,12 +173,98 @@ def test_skewed_and_sparse_data_decode_with_both_loops():
     for name, values in cases.items():
         raw = values.view(np.uint8)
         encoded = encode(raw, 100, torch.float32, 7)
-        for simd in (True, False):
-            _native.rans_set_simd(simd)
-            try:
-                assert np.array_equal(decode_native(encoded, len(raw), 100, 7, torch.float32), raw), name
-            finally:
-                _native.rans_set_simd(True)
+        for path in SIMD_PATHS:
+            with simd_path(path):
+                assert np.array_equal(decode_native(encoded, len(raw), 100, 7, torch.float32), raw), (name, path)
+
+
+FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the dtypes of the fused loops
+
+
+def _trained_rows(dtype: torch.dtype, rows: int, per_row: int, seed: int) -> np.ndarray:
+    values = torch.from_numpy(_trained_like(rows * per_row, seed).view("<f4").copy()).to(dtype)
+    return values.view(torch.uint8).numpy().copy()
+
+
+def _decode_all(encoded: rans.Encoded, raw_length: int, rows: int, chunk_rows: int, dtype: torch.dtype,
+                payload: np.ndarray) -> tuple[np.ndarray, int | None]:
+    """Every chunk of ``payload`` (an encoded section) in one call: the output and the job a
+    DecodeError names (None without one)."""
+    out = np.full(raw_length, 0xA5, np.uint8)
+    jobs = decode_jobs(encoded, raw_length, rows, chunk_rows)
+    try:
+        _native.rans_decode([encoded.data[: encoded.table_length]], np.array([rans.layout_code(dtype)], np.uint64),
+                            [payload], jobs.reshape(-1), [out])
+    except _native.DecodeError as exc:
+        return out, exc.args[1]
+    return out, None
+
+
+@pytest.mark.parametrize("dtype", FUSED_DTYPES, ids=str)
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), rows=st.integers(1, 40), chunk_rows=st.integers(1, 9))
+def test_chunks_decoded_together_match_the_portable_loops(dtype, seed, rows, chunk_rows):
+    # Up to four chunks of a tensor share the AVX-512 loop, chunks of any length among them.
+    raw = _trained_rows(dtype, rows, 37, seed)
+    encoded = encode(raw, rows, dtype, chunk_rows)
+    for path in SIMD_PATHS:
+        with simd_path(path):
+            out, failed = _decode_all(encoded, len(raw), rows, chunk_rows, dtype, encoded.data)
+            assert failed is None and np.array_equal(out, raw), path
+
+
+@pytest.mark.parametrize("dtype", FUSED_DTYPES, ids=str)
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), corrupt=st.integers(0, 6), at=st.floats(0, 1, exclude_max=True),
+       flip=st.integers(1, 255))
+def test_a_corrupt_chunk_decoded_with_others_fails_alone_and_alike_on_every_loop(dtype, seed, corrupt, at, flip):
+    rows, chunk_rows = 35, 5  # seven chunks of 185 elements: groups of four, three and one
+    raw = _trained_rows(dtype, rows, 37, seed)
+    encoded = encode(raw, rows, dtype, chunk_rows)
+    payload = encoded.data.copy()
+    start = encoded.table_length + sum(encoded.chunk_lengths[:corrupt])
+    payload[start + int(at * encoded.chunk_lengths[corrupt])] ^= flip
+    results = []
+    for path in SIMD_PATHS:
+        with simd_path(path):
+            out, failed = _decode_all(encoded, len(raw), rows, chunk_rows, dtype, payload)
+        assert failed in (None, corrupt), path
+        chunk = slice(corrupt * chunk_rows * len(raw) // rows, (corrupt + 1) * chunk_rows * len(raw) // rows)
+        others = np.ones(len(raw), bool)
+        others[chunk] = False
+        assert np.array_equal(out[others], raw[others]), path
+        results.append((failed, out[chunk].tobytes() if failed is None else None))
+    assert all(r == results[0] for r in results), dict(zip(SIMD_PATHS, results))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), rows=st.integers(1, 30), per_row=st.integers(1, 300),
+       chunk_rows=st.integers(1, 12), trained=st.booleans())
+def test_every_loop_encodes_the_same_bytes(dtype, seed, rows, per_row, chunk_rows, trained):
+    # The vector encoder (rANS words, head symbols and their raw bits) against the portable one.
+    rng = np.random.default_rng(seed)
+    if trained and dtype in FUSED_DTYPES:
+        raw = _trained_rows(dtype, rows, per_row, seed)
+    else:
+        raw = mixed_bytes(dtype, rng, rows * per_row * (2 if dtype.is_complex else 1))
+    encodings = {}
+    for path in SIMD_PATHS:
+        with simd_path(path):
+            encoded = encode(raw, rows, dtype, chunk_rows)
+            encodings[path] = (encoded.data.tobytes(), encoded.table_length, encoded.chunk_lengths)
+    assert all(e == encodings["scalar"] for e in encodings.values())
+    assert np.array_equal(decode_native(encoded, len(raw), rows, chunk_rows, dtype), raw)
+
+
+def test_simd_paths_are_named_and_checked():
+    assert SIMD_PATHS[0] == "scalar" and _native.rans_simd_path() == SIMD_PATHS[-1]
+    with pytest.raises(ValueError, match="unknown rANS loops"):
+        _native.rans_set_simd("neon")
+    for path in ("avx2", "avx512"):
+        if path not in SIMD_PATHS:
+            with pytest.raises(ValueError, match="cannot run"):
+                _native.rans_set_simd(path)
 
 
 def test_the_encoder_is_deterministic_and_picks_a_code_per_field():

@@ -3,8 +3,9 @@
     python tests/fuzz/fuzz_rans.py -atheris_runs=200000 tests/fuzz/corpus_rans
 
 An input is a layout, an element count, a table block and a chunk (see
-``split``). The kernels decode it twice, with their vector loops and with
-the portable ones, and for small chunks the spec's own decoder
+``split``). The kernels decode it with each of the CPU's loops (portable,
+AVX2, AVX-512; the vector ones also as three copies in one call, which the
+AVX-512 loop decodes together), and for small chunks the spec's own decoder
 (``tests/rans_reference.py``) decodes it too: all must accept it with the
 same bytes or all reject it (the kernels with ``DecodeError``, the spec
 decoder with ``Corrupt``). Anything else, a crash or a hang is a bug. The
@@ -83,18 +84,27 @@ def seed_corpus() -> None:
                 (CORPUS / f"{index}-{kind}-{n}").write_bytes(join(index, n, table, chunk))
 
 
-def decode(code: int, width: int, n: int, table: bytes, chunk: bytes, simd: bool) -> bytes | None:
-    out = np.zeros(n * width, np.uint8)
-    job = np.array([0, 0, 0, len(chunk), 0, 0, n * width, 0, 0], np.uint64)
-    _native.rans_set_simd(simd)
+SIMD_PATHS = _native.rans_simd_paths()  # portable first
+
+
+def decode(code: int, width: int, n: int, table: bytes, chunk: bytes, path: str, copies: int = 1) -> bytes | None:
+    """The chunk decoded with the ``path`` loops, as ``copies`` jobs of one call (so the vector
+    loop decodes them together); None when rejected. Every copy must come out the same."""
+    size = n * width
+    out = np.zeros(copies * size, np.uint8)
+    jobs = np.array([[0, 0, 0, len(chunk), 0, k * size, size, 0, 0] for k in range(copies)], np.uint64)
+    _native.rans_set_simd(path)
     try:
         _native.rans_decode([np.frombuffer(table, np.uint8)], np.array([code], np.uint64),
-                            [np.frombuffer(chunk, np.uint8)], job, [out])
+                            [np.frombuffer(chunk, np.uint8)], jobs.reshape(-1), [out])
     except _native.DecodeError:
         return None
     finally:
-        _native.rans_set_simd(True)
-    return out.tobytes()
+        _native.rans_set_simd(SIMD_PATHS[-1])
+    copy = out[:size].tobytes()
+    if out.tobytes() != copy * copies:
+        raise AssertionError(f"copies of one chunk decoded together differ ({path})")
+    return copy
 
 
 def reference(layout: str, width: int, n: int, table: bytes, chunk: bytes) -> bytes | None:
@@ -111,9 +121,13 @@ def test_one_input(data: bytes) -> None:
         return
     index, n, table, chunk = parts
     code, layout, width = LAYOUTS[index]
-    vector, portable = decode(code, width, n, table, chunk, True), decode(code, width, n, table, chunk, False)
-    if vector != portable:
-        raise AssertionError(f"the vector and portable decoders disagree on layout {layout}/{width}, n={n}")
+    portable = decode(code, width, n, table, chunk, SIMD_PATHS[0])
+    for path in SIMD_PATHS[1:]:
+        for copies in (1, 3):
+            if decode(code, width, n, table, chunk, path, copies) != portable:
+                raise AssertionError(f"the {path} and portable decoders disagree on layout {layout}/{width}, n={n} "
+                                     f"({copies} copies)")
+    vector = portable
     if n <= REFERENCE_ELEMENTS:
         spec = reference(layout, width, n, table, chunk)
         if spec != vector:

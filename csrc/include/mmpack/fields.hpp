@@ -103,12 +103,19 @@ public:
     // success, else why the chunk is corrupt. Never reads outside chunk or
     // writes outside out.
     const char* decode(ConstBytes chunk, MutableBytes out) const noexcept;
+    // Decodes `count` (at most rans::kMaxTogether) chunks at once, their
+    // dependency chains overlapping in the vector loop: errors[k] is what
+    // decode() would return for chunk k.
+    void decode_together(const ConstBytes* chunks, const MutableBytes* outs, unsigned count,
+                         const char** errors) const noexcept;
 
 private:
     struct Impl;
     struct Chunk;
-    const char* open(ConstBytes chunk, MutableBytes out, Chunk& c) const noexcept;
-    static void run_fused(Chunk& c, const Layout& layout) noexcept;
+    // Reads a chunk's directory and streams into c; `slot` (below rans::kMaxTogether) is the
+    // thread's scratch for its decoded tail fields, one per chunk decoded together.
+    const char* open(ConstBytes chunk, MutableBytes out, unsigned slot, Chunk& c) const noexcept;
+    static void run_fused(Chunk* const* chunks, unsigned count, const Layout& layout) noexcept;
     const char* finish(Chunk& c) const noexcept;
     std::unique_ptr<Impl> impl_;
 };

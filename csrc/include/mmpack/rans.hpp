@@ -20,6 +20,8 @@ inline constexpr unsigned kLanes = 16;
 inline constexpr std::uint32_t kLow = 1u << 16;  // states live in [kLow, 2^32)
 inline constexpr std::size_t kStateBytes = kLanes * 4;
 inline constexpr unsigned kMaxSymbols = 256;
+// Chunks of one tensor the AVX-512 loop decodes together (their chains of states overlap).
+inline constexpr unsigned kMaxTogether = 4;
 
 // slot -> freq | (slot - start) << 12 | symbol << 24, for the 4096 slots.
 struct DecodeTable {
@@ -39,11 +41,20 @@ struct EncodeSymbol {
     std::uint16_t shift = 0;
 };
 
-void build_encode_symbols(const std::uint16_t* freqs, unsigned n, EncodeSymbol* out) noexcept;
+// A field's encoding table: per symbol the scalar loop's entry, and the
+// vector loop's (freq | start << 16); entries past the alphabet stay zero.
+struct EncodeTable {
+    EncodeSymbol symbol[kMaxSymbols];
+    alignas(64) std::uint32_t packed[kMaxSymbols] = {};
+};
 
-// Appends the stream coding symbols[0..count) (indices into table) to out:
-// the sixteen final states, then the words. Nothing for count == 0.
-void encode(const std::uint8_t* symbols, std::size_t count, const EncodeSymbol* table, std::vector<std::uint8_t>& out);
+// freqs[0..n) as for build_decode_table.
+void build_encode_table(const std::uint16_t* freqs, unsigned n, EncodeTable& table) noexcept;
+
+// Appends the stream coding symbols[0..count) (indices into the table's
+// alphabet) to out: the sixteen final states, then the words. Nothing for
+// count == 0. Every loop (simd()) writes the same bytes.
+void encode(const std::uint8_t* symbols, std::size_t count, const EncodeTable& table, std::vector<std::uint8_t>& out);
 
 // Decodes one stream. Reads never pass `end`: a stream that runs out of
 // words, or whose states do not return to kLow, is reported as corrupt.
@@ -77,12 +88,18 @@ inline bool decode_step(Decoder& d, const DecodeTable& table, std::uint8_t& symb
     return true;
 }
 
-// Name of the decoding loop this CPU runs ("avx2" or "scalar").
-const char* simd_path() noexcept;
-// True when the CPU has AVX2 and BMI2 and the vector loops are enabled.
-bool have_avx2() noexcept;
-// Forces the portable loops (false) or lets the CPU's best run (true, the
-// default); tests compare the two.
-void set_simd_enabled(bool enabled) noexcept;
+// The decoding loops, from the portable ones up; each vector level decodes
+// exactly what the portable loops decode (tests compare them all).
+enum class Simd : int { scalar = 0, avx2 = 1, avx512 = 2 };
+
+// The best loops this CPU (and its OS, for the vector registers) can run.
+Simd best_simd() noexcept;
+// The loops in use: best_simd(), capped by limit_simd.
+Simd simd() noexcept;
+// Caps the loops in use at `most` (Simd::avx512, the default, lets the CPU's
+// best run); tests and benchmarks compare the levels.
+void limit_simd(Simd most) noexcept;
+// "scalar", "avx2" or "avx512".
+const char* simd_name(Simd level) noexcept;
 
 }  // namespace mmpack::rans

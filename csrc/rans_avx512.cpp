@@ -1,0 +1,250 @@
+// The rANS decoding loops with AVX-512: the sixteen states are one vector.
+// This file alone is compiled with -mavx512f -mavx512bw -mavx512vbmi -mbmi2 -mpopcnt;
+// rans.cpp and fields.cpp call it only after the CPU (and the OS, for the
+// vector registers' state) reported them.
+//
+// One step: gather each lane's table entry, x = freq * (x >> 12) + bias,
+// then the lanes whose state fell below 2^16 take the next words in lane
+// order (an expand under the lane mask), exactly as the scalar loop reads
+// them one lane after the other. With one vector per step instead of two,
+// the loop holds everything in registers and issues half the instructions
+// of the AVX2 one.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "rans_internal.hpp"
+#include "simd_nibbles.hpp"
+
+namespace mmpack::rans {
+
+namespace {
+
+// At least this many bytes of words must remain before a step: the
+// unconditional 32-byte load then stays inside the stream.
+constexpr std::ptrdiff_t kGroupBytes = 32;
+
+inline __m512i step(__m512i& x, const DecodeTable& table, const std::uint8_t*& next) noexcept {
+    const __m512i mask12 = _mm512_set1_epi32(0xFFF);
+    const __m512i entry = _mm512_i32gather_epi32(_mm512_and_si512(x, mask12), table.slot, 4);
+    const __m512i freq = _mm512_and_si512(entry, mask12);
+    const __m512i bias = _mm512_and_si512(_mm512_srli_epi32(entry, 12), mask12);
+    const __m512i decoded = _mm512_add_epi32(_mm512_mullo_epi32(freq, _mm512_srli_epi32(x, kScaleBits)), bias);
+    const __mmask16 need = _mm512_cmplt_epu32_mask(decoded, _mm512_set1_epi32(static_cast<int>(kLow)));
+    const __m512i words = _mm512_maskz_expand_epi32(
+        need, _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(next))));
+    x = _mm512_mask_or_epi32(decoded, need, _mm512_slli_epi32(decoded, 16), words);
+    next += 2 * static_cast<unsigned>(_mm_popcnt_u32(need));
+    return entry;
+}
+
+inline __m512i symbols_of(__m512i entry) noexcept { return _mm512_srli_epi32(entry, 24); }
+
+// A 256-entry byte table in four vectors, and its lookup for 64 indices at once (two
+// two-vector byte permutes, chosen by each index's top bit).
+struct ByteTable {
+    __m512i part[4];
+    explicit ByteTable(const std::uint8_t* table) noexcept {
+        for (unsigned k = 0; k < 4; ++k) part[k] = _mm512_load_si512(table + 64 * k);
+    }
+    __m512i operator()(__m512i index) const noexcept {
+        const __m512i low = _mm512_permutex2var_epi8(part[0], index, part[1]);
+        const __m512i high = _mm512_permutex2var_epi8(part[2], index, part[3]);
+        return _mm512_mask_blend_epi8(_mm512_movepi8_mask(index), low, high);
+    }
+};
+
+// Sixteen lanes' values of group I of four from the looked-up bytes.
+template <int I>
+inline __m512i group_values(__m512i low, __m512i high) noexcept {
+    return _mm512_or_si512(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(low, I)),
+                           _mm512_slli_epi32(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(high, I)), 8));
+}
+
+// Head values of the 64 elements whose symbols are `symbols` (of which the first `used` are
+// decoded ones), shifted into place, with the raw low bits of the rare symbols that have them
+// added in element order. False when the raw bits run out.
+inline bool head_values(const std::uint8_t* symbols, std::size_t used, const FusedHead& head, const ByteTable& low_table,
+                        const ByteTable& high_table, bits::Reader& raw, __m512i* values) noexcept {
+    const __m512i index = _mm512_load_si512(symbols);
+    const __m512i low = low_table(index);
+    const __m512i high = high_table(index);
+    std::uint64_t special = _mm512_movepi8_mask(high);
+    if (used < 64) special &= (std::uint64_t{1} << used) - 1;
+    const __m512i high_bits = _mm512_and_si512(high, _mm512_set1_epi8(0x7F));
+    values[0] = group_values<0>(low, high_bits);
+    values[1] = group_values<1>(low, high_bits);
+    values[2] = group_values<2>(low, high_bits);
+    values[3] = group_values<3>(low, high_bits);
+    // Built in registers, element by element (a vector reloaded from lanes stored one by one
+    // would wait for the stores).
+    while (special != 0) {
+        const unsigned at = static_cast<unsigned>(__builtin_ctzll(special));
+        std::uint32_t bits = 0;
+        if (!raw.read(head.raw_bits[symbols[at]], bits)) return false;
+        __m512i& v = values[at / 16];
+        v = _mm512_mask_or_epi32(v, static_cast<__mmask16>(1u << (at % 16)), v, _mm512_set1_epi32(static_cast<int>(bits)));
+        special &= special - 1;
+    }
+    const __m128i shift = _mm_cvtsi32_si128(static_cast<int>(head.shift));
+    for (unsigned i = 0; i < 4; ++i) values[i] = _mm512_sll_epi32(values[i], shift);
+    return true;
+}
+
+inline __m512i widen16(const std::uint8_t* bytes) noexcept {
+    return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes)));
+}
+
+// Groups of a block: the rANS steps of a block run first, into its symbols, and the head
+// values, raw bits and other fields after, so that the branch on rare raw bits never stalls
+// the chain of states (each step waits on a gather).
+constexpr std::size_t kBlockGroups = 64;
+
+// The loop shared by both element types, over `kCount` chunks stepping together (two chunks'
+// chains overlap). Emit(stream, first element, head values) writes sixteen elements of one
+// chunk. A chunk whose raw bits run out is marked failed; the others finish the block, so
+// every chunk not failed has the returned groups done.
+template <unsigned kCount, typename Emit>
+std::size_t fused_groups(FusedStream* streams, std::size_t groups, bool* ok, Emit emit) noexcept {
+    __m512i x[kCount];
+    const std::uint8_t* next[kCount];
+    const std::uint8_t* ends[kCount];
+    for (unsigned k = 0; k < kCount; ++k) {
+        x[k] = _mm512_loadu_si512(streams[k].decoder->x);
+        next[k] = streams[k].decoder->next;
+        ends[k] = streams[k].decoder->end;
+        ok[k] = true;
+    }
+    // Groups are looked up four at a time, so the last four of a block may hold symbols of an
+    // earlier block (looked up, never used); zeroed so that none is ever uninitialised.
+    alignas(64) std::uint8_t symbols[kCount][kBlockGroups * kLanes] = {};
+    // The chunks are of one tensor: they share their head's tables.
+    const FusedHead& head = *streams[0].head;
+    const ByteTable low_table(head.value_low);
+    const ByteTable high_table(head.value_high);
+    std::size_t g = 0;
+    bool failed = false;
+    bool room = true;
+    while (g < groups && room && !failed) {
+        const std::size_t block = std::min(kBlockGroups, groups - g);
+        std::size_t stepped = 0;
+        for (; stepped < block; ++stepped) {
+            // Unrolled, so that the states stay in registers (a state reloaded from the stack
+            // lengthens the chain by a store-forwarding delay).
+#pragma GCC unroll 4
+            for (unsigned k = 0; k < kCount; ++k) room = room && ends[k] - next[k] >= kGroupBytes;
+            if (!room) break;
+#pragma GCC unroll 4
+            for (unsigned k = 0; k < kCount; ++k) {
+                const __m512i symbol = symbols_of(step(x[k], *head.table, next[k]));
+                _mm_store_si128(reinterpret_cast<__m128i*>(symbols[k] + stepped * kLanes), _mm512_cvtepi32_epi8(symbol));
+            }
+        }
+        for (unsigned k = 0; k < kCount; ++k) {
+            for (std::size_t i = 0; i < stepped && ok[k]; i += 4) {
+                __m512i values[4];
+                const std::size_t used = std::min<std::size_t>(4, stepped - i) * kLanes;
+                if (!head_values(symbols[k] + i * kLanes, used, head, low_table, high_table, *streams[k].raw, values)) {
+                    ok[k] = false;
+                    failed = true;
+                    break;
+                }
+                for (std::size_t j = 0; j < 4 && i + j < stepped; ++j) emit(streams[k], (g + i + j) * kLanes, values[j]);
+            }
+        }
+        g += stepped;
+    }
+    for (unsigned k = 0; k < kCount; ++k) {
+        _mm512_storeu_si512(streams[k].decoder->x, x[k]);
+        streams[k].decoder->next = next[k];
+    }
+    return g;
+}
+
+template <typename Emit>
+std::size_t fused(FusedStream* streams, unsigned count, std::size_t groups, bool* ok, Emit emit) noexcept {
+    switch (count) {
+        case 4: return fused_groups<4>(streams, groups, ok, emit);
+        case 3: return fused_groups<3>(streams, groups, ok, emit);
+        case 2: return fused_groups<2>(streams, groups, ok, emit);
+        default: return fused_groups<1>(streams, groups, ok, emit);
+    }
+}
+
+}  // namespace
+
+void encode_groups_avx512(const std::uint8_t* symbols, std::size_t groups, const EncodeTable& table, std::uint32_t* x,
+                          std::uint8_t*& p) noexcept {
+    __m512i state = _mm512_loadu_si512(x);
+    std::uint8_t* out = p;
+    const __m512i low16 = _mm512_set1_epi32(0xFFFF);
+    for (std::size_t g = groups; g-- > 0;) {
+        const __m512i symbol = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(symbols + g * kLanes)));
+        const __m512i entry = _mm512_i32gather_epi32(symbol, table.packed, 4);
+        const __m512i freq = _mm512_and_si512(entry, low16);
+        const __m512i start = _mm512_srli_epi32(entry, 16);
+        // Lanes at or above freq << 20 emit their low word first. The words go below `out` in
+        // lane order (the decoder reads them so): compressed, then moved to the top lanes, so
+        // that a 32-byte store ending at `out` writes them and only scratch below.
+        const __mmask16 emit = _mm512_cmpge_epu32_mask(state, _mm512_slli_epi32(freq, 32 - kScaleBits));
+        const unsigned n = static_cast<unsigned>(_mm_popcnt_u32(emit));
+        const __m512i words = _mm512_maskz_expand_epi32(static_cast<__mmask16>(0xFFFF0000u >> n),
+                                                        _mm512_maskz_compress_epi32(emit, state));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out - 32), _mm512_cvtepi32_epi16(words));
+        out -= 2 * n;
+        state = _mm512_mask_srli_epi32(state, emit, state, 16);
+        // x / freq in double precision is exact after truncation: x < 2^32 and freq < 2^12, so
+        // a quotient that is not an integer lies at least 2^-12 below the next one, far more
+        // than the division's rounding (at most 2^-21).
+        const __m256i q_low = _mm512_cvttpd_epu32(_mm512_div_pd(_mm512_cvtepu32_pd(_mm512_castsi512_si256(state)),
+                                                                _mm512_cvtepu32_pd(_mm512_castsi512_si256(freq))));
+        const __m256i q_high = _mm512_cvttpd_epu32(_mm512_div_pd(_mm512_cvtepu32_pd(_mm512_extracti64x4_epi64(state, 1)),
+                                                                 _mm512_cvtepu32_pd(_mm512_extracti64x4_epi64(freq, 1))));
+        const __m512i q = _mm512_inserti64x4(_mm512_castsi256_si512(q_low), q_high, 1);
+        const __m512i r = _mm512_sub_epi32(state, _mm512_mullo_epi32(q, freq));
+        state = _mm512_add_epi32(_mm512_add_epi32(_mm512_slli_epi32(q, kScaleBits), r), start);
+    }
+    _mm512_storeu_si512(x, state);
+    p = out;
+}
+
+std::size_t decode_groups_avx512(Decoder& d, const DecodeTable& table, std::size_t groups, std::uint8_t* out) noexcept {
+    __m512i x = _mm512_loadu_si512(d.x);
+    const std::uint8_t* next = d.next;
+    std::size_t g = 0;
+    for (; g < groups && d.end - next >= kGroupBytes; ++g) {
+        const __m512i symbols = symbols_of(step(x, table, next));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + g * kLanes), _mm512_cvtepi32_epi8(symbols));
+    }
+    _mm512_storeu_si512(d.x, x);
+    d.next = next;
+    return g;
+}
+
+std::size_t decode_float32_groups_avx512(FusedStream* streams, unsigned count, std::size_t groups, bool* ok) noexcept {
+    const __m512i low3 = _mm512_set1_epi32(7);
+    return fused(streams, count, groups, ok, [&](const FusedStream& s, std::size_t base, __m512i value) {
+        const __m512i q = _mm512_cvtepu8_epi32(nibble_bytes(s.tails[0] + base / 2));
+        const __m512i tail = _mm512_or_si512(
+            _mm512_or_si512(_mm512_slli_epi32(_mm512_and_si512(q, low3), 16), _mm512_slli_epi32(_mm512_srli_epi32(q, 3), 31)),
+            _mm512_or_si512(_mm512_slli_epi32(widen16(s.tails[1] + base), 8), widen16(s.tails[2] + base)));
+        _mm512_storeu_si512(s.out + 4 * base, _mm512_or_si512(value, tail));
+    });
+}
+
+std::size_t decode_float16_groups_avx512(FusedStream* streams, unsigned count, bool half_layout, std::size_t groups,
+                                         bool* ok) noexcept {
+    const __m512i low = _mm512_set1_epi32(half_layout ? 0x7F : 7);
+    const unsigned sign_shift = half_layout ? 7 : 3;
+    return fused(streams, count, groups, ok, [&](const FusedStream& s, std::size_t base, __m512i value) {
+        const __m128i q16 = half_layout ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(s.tails[0] + base))
+                                        : nibble_bytes(s.tails[0] + base / 2);
+        const __m512i q = _mm512_cvtepu8_epi32(q16);
+        const __m512i sign = _mm512_slli_epi32(_mm512_srl_epi32(q, _mm_cvtsi32_si128(static_cast<int>(sign_shift))), 15);
+        const __m512i element = _mm512_or_si512(value, _mm512_or_si512(_mm512_and_si512(q, low), sign));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(s.out + 2 * base), _mm512_cvtepi32_epi16(element));
+    });
+}
+
+}  // namespace mmpack::rans
