@@ -587,20 +587,14 @@ void py_rans_decode(const py::sequence& tables, const py::handle& layouts, const
                            work[k + together].table == job.table) {
                         ++together;
                     }
-                    if (together > 1) {
-                        mmpack::ConstBytes chunks[mmpack::rans::kMaxTogether];
-                        mmpack::MutableBytes outs[mmpack::rans::kMaxTogether];
-                        for (unsigned t = 0; t < together; ++t) {
-                            chunks[t] = {work[k + t].payload, work[k + t].length};
-                            outs[t] = {work[k + t].out, work[k + t].out_length};
-                        }
-                        decoder.decode_together(chunks, outs, together, &errors[k]);
-                        for (unsigned t = 0; t < together; ++t) hash(k + t);
-                        k += together - 1;
-                        continue;
+                    mmpack::ConstBytes chunks[mmpack::rans::kMaxTogether];
+                    mmpack::MutableBytes outs[mmpack::rans::kMaxTogether];
+                    for (unsigned t = 0; t < together; ++t) {
+                        chunks[t] = {work[k + t].payload, work[k + t].length};
+                        outs[t] = {work[k + t].out, work[k + t].out_length};
                     }
-                    errors[k] = decoder.decode(mmpack::ConstBytes{job.payload, job.length},
-                                               mmpack::MutableBytes{job.out, job.out_length});
+                    decoder.decode_together(chunks, outs, together, &errors[k]);
+                    for (unsigned t = 0; t + 1 < together; ++t) hash(k++);
                     hash(k);
                 }
             },

@@ -617,6 +617,7 @@ Encoder::Encoder(const Model& model) : impl_(std::make_unique<Impl>()) {
             }
             for (uint32_t v = s.value; v < s.value + (uint32_t{1} << s.raw_bits); ++v) c.symbol_of[v] = static_cast<uint16_t>(k);
         }
+        if (f != 0) continue;  // only the head has a vector lookup
         c.head_lookup.assign(c.symbol_of.size() + 1, kNoHeadSymbol);
         for (size_t v = 0; v < c.symbol_of.size(); ++v) {
             const unsigned k = c.symbol_of[v];
