@@ -15,7 +15,7 @@
    fields), both with XOR against the previous values on deltas, and the
    ``zipnn`` package (input_format="byte") when it imports. Every contender
    is checked bit-exact after decoding. Chunks are what objects use: 256 KiB
-   of raw rows for zstd and v2, 128 KiB for v3; zipnn compresses each
+   of raw rows for zstd and v2, 64 KiB for v3; zipnn compresses each
    tensor whole.
 3. Repository level: a ``--models`` set built from the battery FFNN-48
    models (each copy jittered by a relative 1e-4, so no two rows are equal

@@ -9,6 +9,7 @@
 #include <climits>
 #include <cstring>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -222,11 +223,42 @@ void py_copy_segments(const py::sequence& src, const py::handle& src_index, cons
 // args are (message, file index, position where the file ended, wanted end).
 PyObject* g_short_read_error = nullptr;
 
+std::vector<int> descriptors(const py::sequence& fds) {
+    std::vector<int> result;
+    for (std::size_t i = 0; i < py::len(fds); ++i) {
+        const long long fd = py::cast<long long>(fds[i]);
+        if (fd < 0 || fd > INT_MAX) throw py::value_error("fds[" + std::to_string(i) + "] is not a file descriptor");
+        result.push_back(static_cast<int>(fd));
+    }
+    return result;
+}
+
 std::uint64_t checked_product(std::uint64_t a, std::uint64_t b, std::size_t run, const char* what) {
     if (a != 0 && b > UINT64_MAX / a) {
         throw py::value_error("run " + std::to_string(run) + ": " + what + " overflows 64 bits");
     }
     return a * b;
+}
+
+// ShortReadError (the file ended early) or OSError (with the file's index as its file_index)
+// for a failed read of file #file; `what` names the run or job that was reading.
+[[noreturn]] void raise_read_failure(const mmpack::ReadOutcome& outcome, std::uint64_t file, const std::string& what) {
+    if (outcome.status == mmpack::ReadOutcome::Status::end_of_file) {
+        const std::string message = "file #" + std::to_string(file) + " ends at byte " +
+                                    std::to_string(outcome.position) + "; a read of " + what +
+                                    " wanted bytes up to " + std::to_string(outcome.wanted_end);
+        PyErr_SetObject(g_short_read_error, py::make_tuple(message, file, outcome.position, outcome.wanted_end).ptr());
+        throw py::error_already_set();
+    }
+    const std::string message = std::string(std::strerror(outcome.error)) + " (reading file #" + std::to_string(file) +
+                                " at byte " + std::to_string(outcome.position) + ")";
+    // The file's index rides along, so that callers reading many objects can say whose read failed.
+    py::object error = py::reinterpret_steal<py::object>(
+        PyObject_CallObject(PyExc_OSError, py::make_tuple(outcome.error, message).ptr()));
+    if (!error) throw py::error_already_set();
+    error.attr("file_index") = file;
+    PyErr_SetObject(reinterpret_cast<PyObject*>(Py_TYPE(error.ptr())), error.ptr());
+    throw py::error_already_set();
 }
 
 void py_read_rows(const py::sequence& fds, const py::handle& fd_index, const py::handle& offsets,
@@ -245,20 +277,15 @@ void py_read_rows(const py::sequence& fds, const py::handle& fd_index, const py:
     require_same_length(n, size, "row_bytes");
     require_same_length(n, d_index, "dst_index");
     require_same_length(n, d_offset, "dst_offsets");
-    std::vector<int> descriptors;
-    for (std::size_t i = 0; i < py::len(fds); ++i) {
-        const long long fd = py::cast<long long>(fds[i]);
-        if (fd < 0 || fd > INT_MAX) throw py::value_error("fds[" + std::to_string(i) + "] is not a file descriptor");
-        descriptors.push_back(static_cast<int>(fd));
-    }
+    const std::vector<int> files = descriptors(fds);
     const std::vector<Buffer> dsts = hold_buffers(dst, true, "dst");
     std::vector<mmpack::FileRun> runs(n);
     std::uint64_t total_rows = 0;
     constexpr std::uint64_t kMaxPosition = static_cast<std::uint64_t>(INT64_MAX);  // off_t
     for (std::size_t k = 0; k < n; ++k) {
-        if (f_index[k] >= descriptors.size()) {
+        if (f_index[k] >= files.size()) {
             throw py::value_error("run " + std::to_string(k) + ": file index " + std::to_string(f_index[k]) +
-                                  " out of range (" + std::to_string(descriptors.size()) + " files)");
+                                  " out of range (" + std::to_string(files.size()) + " files)");
         }
         const std::uint64_t bytes = checked_product(size[k], count[k], k, "row_bytes * counts");
         if (offset[k] > kMaxPosition || bytes > kMaxPosition - offset[k]) {
@@ -267,7 +294,7 @@ void py_read_rows(const py::sequence& fds, const py::handle& fd_index, const py:
         }
         if (count[k] > UINT64_MAX - total_rows) throw py::value_error("the counts sum above 64 bits");
         total_rows += count[k];
-        runs[k] = mmpack::FileRun{descriptors[f_index[k]], offset[k],
+        runs[k] = mmpack::FileRun{files[f_index[k]], offset[k],
                                   locate(dsts, d_index[k], d_offset[k], bytes, k, "destination"), size[k], count[k]};
     }
     std::vector<U64Array> hash_holder;
@@ -286,20 +313,9 @@ void py_read_rows(const py::sequence& fds, const py::handle& fd_index, const py:
         outcome = mmpack::read_runs(runs.data(), runs.size(), out,
                                     xor_into ? mmpack::SegmentOp::xor_into : mmpack::SegmentOp::copy);
     }
-    if (outcome.status == mmpack::ReadOutcome::Status::ok) return;
-    const std::uint64_t file = f_index[outcome.run];
-    if (outcome.status == mmpack::ReadOutcome::Status::end_of_file) {
-        const std::string message = "file #" + std::to_string(file) + " ends at byte " +
-                                    std::to_string(outcome.position) + "; a read of run " +
-                                    std::to_string(outcome.run) + " wanted bytes up to " +
-                                    std::to_string(outcome.wanted_end);
-        PyErr_SetObject(g_short_read_error, py::make_tuple(message, file, outcome.position, outcome.wanted_end).ptr());
-        throw py::error_already_set();
+    if (outcome.status != mmpack::ReadOutcome::Status::ok) {
+        raise_read_failure(outcome, f_index[outcome.run], "run " + std::to_string(outcome.run));
     }
-    const std::string message = std::string(std::strerror(outcome.error)) + " (reading file #" + std::to_string(file) +
-                                " at byte " + std::to_string(outcome.position) + ")";
-    PyErr_SetObject(PyExc_OSError, py::make_tuple(outcome.error, message).ptr());
-    throw py::error_already_set();
 }
 
 // Checks shared by both directions of the byte-plane transform.
@@ -481,8 +497,79 @@ constexpr std::size_t kJobColumns = 9;
     throw py::error_already_set();
 }
 
-void py_rans_decode(const py::sequence& tables, const py::handle& layouts, const py::sequence& payloads,
-                    const py::handle& jobs_array, const py::sequence& dst, const py::object& hashes) {
+// Where decode jobs find their chunks: in buffers already read (a job's payload index and
+// offset locate it there), or in open files (the index names a descriptor, the offset is a file
+// position), read by the thread that decodes them into a buffer of its own, still in cache when
+// it decodes them.
+struct ChunkSource {
+    std::vector<Buffer> buffers;
+    std::vector<int> fds;
+    bool from_files = false;
+};
+
+struct DecodeJob {
+    std::size_t table;
+    const std::byte* payload;  // in a buffer; null when read from a file
+    int fd;
+    std::uint64_t position;
+    std::size_t length;
+    std::byte* out;
+    std::size_t out_length;
+    std::size_t row_bytes;
+    std::uint64_t* hashes;
+    std::uint64_t file;  // the descriptor's index, for errors
+};
+
+// One thread's buffers for chunks read from files: one per chunk decoded together, grown as
+// needed and never zeroed (each byte is read before it is decoded). They outlive a call, so that
+// reading one model (a chunk per tensor, on the calling thread) does not fault in fresh pages
+// every time: buffers of chunks of up to kKeptBytes are kept, larger ones freed after the call.
+class ChunkBuffers {
+public:
+    static constexpr std::size_t kKeptBytes = std::size_t{1} << 20;
+
+    std::byte* get(unsigned slot, std::size_t size) {
+        if (capacity_[slot] < size) {
+            buffers_[slot].reset(new std::byte[size]);
+            capacity_[slot] = size;
+        }
+        return buffers_[slot].get();
+    }
+
+    void trim() noexcept {
+        for (unsigned slot = 0; slot < mmpack::rans::kMaxTogether; ++slot) {
+            if (capacity_[slot] > kKeptBytes) {
+                buffers_[slot].reset();
+                capacity_[slot] = 0;
+            }
+        }
+    }
+
+private:
+    std::unique_ptr<std::byte[]> buffers_[mmpack::rans::kMaxTogether];
+    std::size_t capacity_[mmpack::rans::kMaxTogether] = {};
+};
+
+// The first read that failed, by job index, so that the error raised does not depend on which
+// thread got there first.
+struct ReadFailure {
+    std::mutex lock;
+    std::atomic<bool> failed{false};
+    std::size_t job = SIZE_MAX;
+    mmpack::ReadOutcome outcome;
+
+    void record(std::size_t k, const mmpack::ReadOutcome& o) {
+        std::lock_guard<std::mutex> guard(lock);
+        if (k < job) {
+            job = k;
+            outcome = o;
+        }
+        failed.store(true, std::memory_order_relaxed);
+    }
+};
+
+void rans_decode_jobs(const py::sequence& tables, const py::handle& layouts, const ChunkSource& source,
+                      const py::handle& jobs_array, const py::sequence& dst, const py::object& hashes) {
     const U64Array layout_codes(layouts, false, "layouts");
     const U64Array jobs(jobs_array, false, "jobs");
     if (layout_codes.size() != py::len(tables)) {
@@ -496,7 +583,6 @@ void py_rans_decode(const py::sequence& tables, const py::handle& layouts, const
         table_layouts.push_back(layout_from_code(layout_codes[t], "layouts[" + std::to_string(t) + "]"));
     }
     const std::vector<Buffer> table_buffers = hold_buffers(tables, false, "tables");
-    const std::vector<Buffer> payload_buffers = hold_buffers(payloads, false, "payloads");
     const std::vector<Buffer> dsts = hold_buffers(dst, true, "dst");
     std::vector<U64Array> hash_holder;
     std::uint64_t* hash_out = nullptr;
@@ -506,25 +592,33 @@ void py_rans_decode(const py::sequence& tables, const py::handle& layouts, const
         hash_out = hash_holder.back().data();
         n_hashes = hash_holder.back().size();
     }
-    struct Job {
-        std::size_t table;
-        const std::byte* payload;
-        std::size_t length;
-        std::byte* out;
-        std::size_t out_length;
-        std::size_t row_bytes;
-        std::uint64_t* hashes;
-    };
-    std::vector<Job> work(n_jobs);
+    constexpr std::uint64_t kMaxPosition = static_cast<std::uint64_t>(INT64_MAX);  // off_t
+    std::vector<DecodeJob> work(n_jobs);
     std::vector<char> used(table_buffers.size(), 0);
     for (std::size_t k = 0; k < n_jobs; ++k) {
         const std::uint64_t* j = jobs.data() + k * kJobColumns;
         if (j[0] >= table_buffers.size()) throw py::value_error("job " + std::to_string(k) + ": table index out of range");
-        Job& job = work[k];
+        DecodeJob& job = work[k];
         job.table = static_cast<std::size_t>(j[0]);
         used[job.table] = 1;
-        job.payload = locate(payload_buffers, j[1], j[2], j[3], k, "payload");
         job.length = static_cast<std::size_t>(j[3]);
+        job.file = j[1];
+        if (source.from_files) {
+            if (j[1] >= source.fds.size()) {
+                throw py::value_error("job " + std::to_string(k) + ": file index " + std::to_string(j[1]) +
+                                      " out of range (" + std::to_string(source.fds.size()) + " files)");
+            }
+            if (j[2] > kMaxPosition || j[3] > kMaxPosition - j[2]) {
+                throw py::value_error("job " + std::to_string(k) + ": its chunk lies beyond any file position");
+            }
+            job.payload = nullptr;
+            job.fd = source.fds[j[1]];
+            job.position = j[2];
+        } else {
+            job.payload = locate(source.buffers, j[1], j[2], j[3], k, "payload");
+            job.fd = -1;
+            job.position = 0;
+        }
         job.out = locate(dsts, j[4], j[5], j[6], k, "destination");
         job.out_length = static_cast<std::size_t>(j[6]);
         job.row_bytes = static_cast<std::size_t>(j[7]);
@@ -563,6 +657,7 @@ void py_rans_decode(const py::sequence& tables, const py::handle& layouts, const
         decoders[t] = std::make_unique<mmpack::fields::Decoder>(model);
     }
     std::vector<const char*> errors(n_jobs, nullptr);
+    ReadFailure read_failure;
     {
         py::gil_scoped_release release;
         // By decoded bytes; a thread is worth starting for 4 MiB of them (a few milliseconds of
@@ -572,15 +667,21 @@ void py_rans_decode(const py::sequence& tables, const py::handle& layouts, const
         mmpack::parallel_by_weight(
             n_jobs, [&](std::size_t k) { return prefix[k]; },
             [&](std::size_t first, std::size_t last) {
+                thread_local ChunkBuffers buffers;
+                struct Trim {
+                    ChunkBuffers& buffers;
+                    ~Trim() { buffers.trim(); }
+                } trim_after{buffers};
                 const auto hash = [&](std::size_t k) {
-                    const Job& job = work[k];
+                    const DecodeJob& job = work[k];
                     if (errors[k] == nullptr && job.hashes != nullptr) {
                         mmpack::hash_rows(mmpack::ConstBytes{job.out, job.out_length}, job.row_bytes,
                                           job.out_length / job.row_bytes, job.hashes);
                     }
                 };
                 for (std::size_t k = first; k < last; ++k) {
-                    const Job& job = work[k];
+                    if (read_failure.failed.load(std::memory_order_relaxed)) return;  // the call fails anyway
+                    const DecodeJob& job = work[k];
                     const mmpack::fields::Decoder& decoder = *decoders[job.table];
                     unsigned together = 1;
                     while (together < mmpack::rans::kMaxTogether && k + together < last &&
@@ -590,8 +691,19 @@ void py_rans_decode(const py::sequence& tables, const py::handle& layouts, const
                     mmpack::ConstBytes chunks[mmpack::rans::kMaxTogether];
                     mmpack::MutableBytes outs[mmpack::rans::kMaxTogether];
                     for (unsigned t = 0; t < together; ++t) {
-                        chunks[t] = {work[k + t].payload, work[k + t].length};
-                        outs[t] = {work[k + t].out, work[k + t].out_length};
+                        const DecodeJob& one = work[k + t];
+                        const std::byte* payload = one.payload;
+                        if (source.from_files) {
+                            std::byte* buffer = buffers.get(t, one.length);
+                            const mmpack::ReadOutcome read = mmpack::read_exact(one.fd, one.position, buffer, one.length);
+                            if (read.status != mmpack::ReadOutcome::Status::ok) {
+                                read_failure.record(k + t, read);
+                                return;
+                            }
+                            payload = buffer;
+                        }
+                        chunks[t] = {payload, one.length};
+                        outs[t] = {one.out, one.out_length};
                     }
                     decoder.decode_together(chunks, outs, together, &errors[k]);
                     for (unsigned t = 0; t + 1 < together; ++t) hash(k++);
@@ -600,9 +712,27 @@ void py_rans_decode(const py::sequence& tables, const py::handle& layouts, const
             },
             std::uint64_t{4} << 20);
     }
+    if (read_failure.failed.load()) {
+        raise_read_failure(read_failure.outcome, work[read_failure.job].file, "job " + std::to_string(read_failure.job));
+    }
     for (std::size_t k = 0; k < n_jobs; ++k) {
         if (errors[k] != nullptr) raise_decode_error(errors[k], k);
     }
+}
+
+void py_rans_decode(const py::sequence& tables, const py::handle& layouts, const py::sequence& payloads,
+                    const py::handle& jobs, const py::sequence& dst, const py::object& hashes) {
+    ChunkSource source;
+    source.buffers = hold_buffers(payloads, false, "payloads");
+    rans_decode_jobs(tables, layouts, source, jobs, dst, hashes);
+}
+
+void py_rans_decode_files(const py::sequence& tables, const py::handle& layouts, const py::sequence& fds,
+                          const py::handle& jobs, const py::sequence& dst, const py::object& hashes) {
+    ChunkSource source;
+    source.from_files = true;
+    source.fds = descriptors(fds);
+    rans_decode_jobs(tables, layouts, source, jobs, dst, hashes);
 }
 
 }  // namespace
@@ -634,7 +764,8 @@ PYBIND11_MODULE(_native, m) {
           "Run k: counts[k] rows of row_bytes[k] bytes at file position offsets[k] of fds[fd_index[k]],\n"
           "read with pread(2) into dst[dst_index[k]] at dst_offsets[k] (XORed into it with xor=True).\n"
           "hashes[i] receives the XXH3-64 of row i, rows numbered in run order. Every range is checked\n"
-          "before any byte moves; a file that ends early raises ShortReadError, a failed read OSError.");
+          "before any byte moves; a file that ends early raises ShortReadError, a failed read OSError\n"
+          "(its file_index: the index in fds of the file whose read failed).");
     g_short_read_error = PyErr_NewExceptionWithDoc(
         "mmpack._native.ShortReadError",
         "A file ended before a read of read_rows did; args: (message, file index, position, wanted end).",
@@ -680,6 +811,12 @@ PYBIND11_MODULE(_native, m) {
           "dst[dst index] at dst offset; with row bytes > 0 the XXH3-64 of each decoded row goes to\n"
           "hashes[first hash + r]. Every range is checked first; jobs must write disjoint ranges and run\n"
           "on the kernels' threads. A corrupt table or chunk raises DecodeError.");
+    m.def("rans_decode_files", &py_rans_decode_files, py::arg("tables"), py::arg("layouts"), py::arg("fds"),
+          py::arg("jobs"), py::arg("dst"), py::arg("hashes") = py::none(),
+          "rans_decode with the chunks still in files: a job's payload index names fds[index] and its\n"
+          "offset is a file position; each kernel thread reads the chunks it decodes with pread(2), so\n"
+          "reading and decoding share the threads and a chunk is decoded while it is in cache. A file\n"
+          "that ends early raises ShortReadError, a failed read OSError (with file_index, as read_rows).");
     m.def("rans_simd_path", [] { return mmpack::rans::simd_name(mmpack::rans::simd()); },
           "Instruction set of the rANS loops in use.");
     m.def("rans_simd_paths", &py_rans_simd_paths,

@@ -312,4 +312,20 @@ ReadOutcome read_runs(const FileRun* runs, std::size_t n_runs, std::uint64_t* ha
     return failure;
 }
 
+ReadOutcome read_exact(int fd, std::uint64_t position, std::byte* dst, std::uint64_t size) noexcept {
+    const std::uint64_t end = position + size;
+    while (position < end) {
+        const std::uint64_t want = std::min<std::uint64_t>(end - position, std::uint64_t{1} << 30);
+        const ssize_t got = pread(fd, dst, static_cast<std::size_t>(want), static_cast<off_t>(position));
+        if (got < 0) {
+            if (errno == EINTR) continue;
+            return ReadOutcome{ReadOutcome::Status::os_error, 0, position, end, errno};
+        }
+        if (got == 0) return ReadOutcome{ReadOutcome::Status::end_of_file, 0, position, end, 0};
+        position += static_cast<std::uint64_t>(got);
+        dst += got;
+    }
+    return ReadOutcome{};
+}
+
 }  // namespace mmpack

@@ -64,12 +64,18 @@ def read_file_rows(
     try:
         _native.read_rows(fds, fd_index, offsets, row_bytes, counts, dst, dst_index, dst_offsets, hashes)
     except _native.ShortReadError as exc:
-        message, file, position, wanted = exc.args
-        name = names[file] if file < len(names) else f"file #{file}"
-        raise IntegrityError(
-            f"file is truncated: {name} ends at byte {position}, a read needs bytes up to {wanted} "
-            "(it changed or shrank while being read)"
-        ) from None
+        raise truncated(exc, names) from None
+
+
+def truncated(error: _native.ShortReadError, names: Sequence[str]) -> IntegrityError:
+    """The IntegrityError for a native read that found a file shorter than it needed, naming the
+    file (``names[i]`` for the call's file i)."""
+    _message, file, position, wanted = error.args
+    name = names[file] if file < len(names) else f"file #{file}"
+    return IntegrityError(
+        f"file is truncated: {name} ends at byte {position}, a read needs bytes up to {wanted} "
+        "(it changed or shrank while being read)"
+    )
 
 
 def copy_runs(
@@ -164,6 +170,10 @@ class FileReader:
         """``(file descriptor, file position of the object's byte 0)`` for reads straight from a
         regular file (``read_rows_many`` reads many objects in one native call), else None."""
         return None if self._fd is None else (self._fd, self._base)
+
+    def direct_reads(self) -> contextlib.AbstractContextManager[None]:
+        """The context for reads of :meth:`descriptor` made by others: a file's failures stay OSErrors."""
+        return contextlib.nullcontext()
 
     def read_into(self, offset: int, target: memoryview, what: str) -> None:
         """Fill ``target`` with the bytes at ``offset``; bytes beyond the end are an IntegrityError."""

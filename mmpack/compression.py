@@ -45,9 +45,10 @@ T = TypeVar("T")
 CODECS = ("rans", CODEC)  # format version 3 (mmpack/rans.py), version 2 (zstd byte planes)
 DEFAULT_CODEC = "rans"
 DEFAULT_ZSTD_LEVEL = 3
-# Chunks of the rans codec cost 84 bytes each (states and directory): half the zstd codec's
-# size keeps that under 0.07 % and halves what reading one model decodes (see DESIGN-NOTES).
-DEFAULT_RANS_CHUNK_BYTES = 128 * 1024
+# Chunks of the rans codec cost 84 bytes each (states and directory): a quarter of the zstd
+# codec's size keeps that near 0.1 % and quarters what reading one model decodes (see
+# DESIGN-NOTES, "Chunks of 64 KiB").
+DEFAULT_RANS_CHUNK_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,7 @@ class Compression:
     store each changed row XORed with its value in the chain's full
     version, which fine-tuned weights share sign, exponent and high mantissa
     bits with (see docs/DESIGN-NOTES.md). ``chunk_bytes``: raw bytes per
-    independently decodable chunk (default 131072 for rans, 262144 for
+    independently decodable chunk (default 65536 for rans, 262144 for
     zstd); smaller chunks make reading a few models cheaper and compress
     slightly worse.
 

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mmpack import _native
+from mmpack import _io, _native
 from mmpack.compression import check_compression_object
 from mmpack.errors import FormatError, IntegrityError
 
@@ -159,3 +159,20 @@ def decode(
                             np.ascontiguousarray(jobs, np.uint64).reshape(-1), list(destinations), hashes)
     except _native.DecodeError as exc:
         raise IntegrityError(f"a compressed chunk does not decode ({exc.args[0]}): the data is corrupt") from None
+
+
+def decode_files(
+    tables: Sequence[Any], layouts: Sequence[int], fds: Sequence[int], jobs: np.ndarray,
+    destinations: Sequence[np.ndarray], hashes: np.ndarray | None, names: Sequence[str] = (),
+) -> None:
+    """:func:`decode` with the chunks still in open files: a job's payload index names
+    ``fds[index]`` and its offset is a file position. Each kernel thread reads the chunks it
+    decodes, so a full read needs no staging buffer and decodes chunks while they are in cache. A
+    file that ends early is an :class:`IntegrityError` naming it (``names[i]`` for ``fds[i]``)."""
+    try:
+        _native.rans_decode_files(list(tables), np.asarray(layouts, np.uint64), list(fds),
+                                  np.ascontiguousarray(jobs, np.uint64).reshape(-1), list(destinations), hashes)
+    except _native.DecodeError as exc:
+        raise IntegrityError(f"a compressed chunk does not decode ({exc.args[0]}): the data is corrupt") from None
+    except _native.ShortReadError as exc:
+        raise _io.truncated(exc, names) from None

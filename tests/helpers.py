@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
+import textwrap
 
 import torch
 from torch import nn
@@ -82,3 +86,30 @@ class CountingReader(io.RawIOBase):
         self.bytes_read += n
         self.reads += 1
         return n
+
+
+# C for a fault-injecting shim: the positioned reads the kernels make (preadv for rows, pread for
+# the chunks the rANS decoder reads itself), all routed through the shim's own
+# `static ssize_t shim(int fd, const struct iovec* iov, int n, off_t offset)`.
+PREAD_INTERPOSERS = r"""
+ssize_t preadv(int fd, const struct iovec* iov, int n, off_t offset) { return shim(fd, iov, n, offset); }
+ssize_t preadv64(int fd, const struct iovec* iov, int n, off_t offset) { return shim(fd, iov, n, offset); }
+ssize_t pread(int fd, void* buf, size_t size, off_t offset) {
+    struct iovec one = {buf, size};
+    return shim(fd, &one, 1, offset);
+}
+ssize_t pread64(int fd, void* buf, size_t size, off_t offset) { return pread(fd, buf, size, offset); }
+"""
+
+
+def run_with_shim(tmp_path, shim_source: str, child: str, *args: str) -> subprocess.CompletedProcess:
+    """Run the Python code ``child`` (with ``args``) in a subprocess with the C file ``shim_source``
+    built as a shared library and preloaded, after any library already preloaded (a sanitizer
+    run's libasan must stay first). The child runs in ``tmp_path``: ``python -c`` puts the working
+    directory first on sys.path, and the source tree has no compiled extension."""
+    source, shim = tmp_path / "shim.c", tmp_path / "shim.so"
+    source.write_text(shim_source)
+    subprocess.run(["cc", "-shared", "-fPIC", "-O1", "-o", str(shim), str(source), "-ldl"], check=True)
+    env = dict(os.environ, LD_PRELOAD=":".join(filter(None, [os.environ.get("LD_PRELOAD"), str(shim)])))
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(child), *args], env=env, capture_output=True,
+                          text=True, timeout=120, cwd=str(tmp_path))

@@ -531,8 +531,19 @@ def test_rans_objects_are_smaller_than_zstd_ones_on_trained_like_weights():
     assert len(_saved(ms)) < len(_saved(ms, codec="zstd"))
 
 
-def test_reads_in_many_rounds_with_empty_tensors_and_xor_rows(monkeypatch):
-    """Small rounds (a chunk or two each) give the same rows and hashes as one round."""
+def _opened(blob: bytes, where: str, tmp_path) -> io.IOBase:
+    """``blob`` as a stream (chunks read, then decoded) or as a file (the kernels read the chunks)."""
+    if where == "stream":
+        return io.BytesIO(blob)
+    path = tmp_path / "object.mmpack"
+    path.write_bytes(blob)
+    return open(path, "rb")
+
+
+@pytest.mark.parametrize("where", ["stream", "file"])
+def test_reads_in_many_rounds_with_empty_tensors_and_xor_rows(monkeypatch, where, tmp_path):
+    """Small rounds (a chunk or two each) give the same rows and hashes as one round, whether the
+    chunks are read before decoding (a stream) or by the threads that decode them (a file)."""
     from mmpack.fileformat import compressed
 
     arch = mmpack.Architecture(
@@ -546,8 +557,10 @@ def test_reads_in_many_rounds_with_empty_tensors_and_xor_rows(monkeypatch):
     blob = _saved(ms, chunk_bytes=400)
     expected = mmpack.load(io.BytesIO(blob), indices=[5, 59, 6, 0, 31])
     monkeypatch.setattr(compressed, "_ROUND_BYTES", 300)
-    assert mmpack.load(io.BytesIO(blob)).equal(ms)
-    assert mmpack.load(io.BytesIO(blob), indices=[5, 59, 6, 0, 31]).equal(expected)
+    with _opened(blob, where, tmp_path) as f:
+        assert mmpack.load(f).equal(ms)
+    with _opened(blob, where, tmp_path) as f:
+        assert mmpack.load(f, indices=[5, 59, 6, 0, 31]).equal(expected)
     # XOR rows of a rows-layout object, through many rounds.
     new = ModelSet(arch, {k: (v * 1.001).to(v.dtype) if v.numel() else v for k, v in ms.tensors.items()})
     changed = new.hashes() != ms.hashes()
@@ -555,13 +568,86 @@ def test_reads_in_many_rounds_with_empty_tensors_and_xor_rows(monkeypatch):
     holders = np.flatnonzero(changed.any(axis=1))
     image, header = fileformat.encode_rows(new, changed, new.hashes(), compression=Compression(chunk_bytes=400),
                                            reference=ms.select(holders))
-    source = FileReader(io.BytesIO(image.tobytes()))
-    models = np.concatenate([np.flatnonzero(changed[:, j]) for j in range(3)])
-    columns = np.concatenate([np.full(changed[:, j].sum(), j) for j in range(3)])
-    stored = np.concatenate([np.arange(changed[:, j].sum()) for j in range(3)])
-    out = {n: t.clone() for n, t in ms.tensors.items()}
-    views = [out[s.name].view(-1).view(torch.uint8).numpy() for s in arch.tensors]
-    hashes = fileformat.read_rows_many([fileformat.RowRequest(source, header, columns, stored, models, xor=True)],
-                                       views)[0]
+    with _opened(image.tobytes(), where, tmp_path) as stream:
+        source = FileReader(stream)
+        assert (source.descriptor() is None) == (where == "stream")
+        models = np.concatenate([np.flatnonzero(changed[:, j]) for j in range(3)])
+        columns = np.concatenate([np.full(changed[:, j].sum(), j) for j in range(3)])
+        stored = np.concatenate([np.arange(changed[:, j].sum()) for j in range(3)])
+        out = {n: t.clone() for n, t in ms.tensors.items()}
+        views = [out[s.name].view(-1).view(torch.uint8).numpy() for s in arch.tensors]
+        hashes = fileformat.read_rows_many([fileformat.RowRequest(source, header, columns, stored, models, xor=True)],
+                                           views)[0]
     assert ModelSet(arch, out).equal(new)
     assert np.array_equal(hashes, new.hashes()[models, columns])
+
+
+def _section_file(tmp_path, dtype: torch.dtype = torch.float32, rows: int = 64, per_row: int = 300,
+                  chunk_rows: int = 5) -> tuple[np.ndarray, rans.Encoded, object]:
+    raw = mixed_bytes(dtype, np.random.default_rng(11), rows * per_row)
+    encoded = encode(raw, rows, dtype, chunk_rows)
+    path = tmp_path / "section.bin"
+    path.write_bytes(b"x" * 7 + encoded.data.tobytes())  # the section at position 7 of its file
+    return raw, encoded, path
+
+
+@pytest.mark.parametrize("dtype", [*FUSED_DTYPES, torch.int16, torch.float64], ids=str)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_chunks_read_from_files_decode_and_hash_as_from_buffers(dtype, threads, tmp_path):
+    raw, encoded, path = _section_file(tmp_path, dtype, rows=400, chunk_rows=7)
+    rows, row_bytes = 400, len(raw) // 400
+    jobs = decode_jobs(encoded, len(raw), rows, 7)
+    jobs[:, 7] = row_bytes
+    jobs[:, 8] = jobs[:, 5] // np.uint64(row_bytes)
+    table, layouts = [encoded.data[: encoded.table_length]], [rans.layout_code(dtype)]
+    expected_hashes = np.zeros(rows, np.uint64)
+    expected = np.zeros(len(raw), np.uint8)
+    rans.decode(table, layouts, [encoded.data], jobs, [expected], expected_hashes)
+    in_file = jobs.copy()
+    in_file[:, 2] += np.uint64(7)
+    out, hashes = np.zeros(len(raw), np.uint8), np.zeros(rows, np.uint64)
+    _native.set_max_threads(threads)
+    try:
+        with open(path, "rb") as f:
+            rans.decode_files(table, layouts, [f.fileno()], in_file, [out], hashes)
+    finally:
+        _native.set_max_threads(0)
+    assert np.array_equal(out, raw) and np.array_equal(out, expected)
+    assert np.array_equal(hashes, expected_hashes)
+
+
+def test_a_chunk_beyond_the_end_of_its_file_is_a_truncation_and_a_bad_descriptor_an_os_error(tmp_path):
+    raw, encoded, path = _section_file(tmp_path)
+    jobs = decode_jobs(encoded, len(raw), 64, 5)
+    jobs[:, 2] += np.uint64(7)
+    table, layouts = [encoded.data[: encoded.table_length]], [rans.layout_code(torch.float32)]
+    out = np.zeros(len(raw), np.uint8)
+    with open(path, "r+b") as f:
+        f.truncate(7 + int(jobs[5, 2]) + 3)  # inside chunk 5
+        with pytest.raises(IntegrityError, match=r"file is truncated: section\.bin ends at byte \d+, a read needs"):
+            rans.decode_files(table, layouts, [f.fileno()], jobs, [out], None, names=["section.bin"])
+        with pytest.raises(_native.ShortReadError) as caught:
+            _native.rans_decode_files(table, np.array(layouts, np.uint64), [f.fileno()], jobs.reshape(-1), [out])
+        assert "job 5" in caught.value.args[0] and caught.value.args[1] == 0
+        with pytest.raises(ValueError, match="file index 1 out of range"):
+            bad = jobs.copy()
+            bad[3, 1] = 1
+            rans.decode_files(table, layouts, [f.fileno()], bad, [out], None)
+        with pytest.raises(ValueError, match="not a file descriptor"):
+            rans.decode_files(table, layouts, [-1], jobs, [out], None)
+    with open(path, "rb") as f:
+        fd = f.fileno()
+    with pytest.raises(OSError, match="Bad file descriptor"):
+        rans.decode_files(table, layouts, [fd], jobs, [out], None)
+
+
+def test_a_corrupt_chunk_read_from_a_file_is_an_integrity_error(tmp_path):
+    raw, encoded, path = _section_file(tmp_path)
+    jobs = decode_jobs(encoded, len(raw), 64, 5)
+    jobs[:, 2] += np.uint64(7)
+    blob = bytearray(path.read_bytes())
+    blob[int(jobs[2, 2]) : int(jobs[2, 2]) + 8] = b"\xff" * 8  # chunk 2's directory
+    path.write_bytes(bytes(blob))
+    with open(path, "rb") as f, pytest.raises(IntegrityError, match="does not decode"):
+        rans.decode_files([encoded.data[: encoded.table_length]], [rans.layout_code(torch.float32)],
+                          [f.fileno()], jobs, [np.zeros(len(raw), np.uint8)], None)

@@ -13,15 +13,13 @@ from __future__ import annotations
 import errno
 import os
 import shutil
-import subprocess
-import sys
-import textwrap
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 import xxhash
+from helpers import PREAD_INTERPOSERS, run_with_shim
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -285,9 +283,7 @@ static ssize_t shim(int fd, const struct iovec* iov, int n, off_t offset) {
     }
     return real(fd, iov, n, offset);
 }
-ssize_t preadv(int fd, const struct iovec* iov, int n, off_t offset) { return shim(fd, iov, n, offset); }
-ssize_t preadv64(int fd, const struct iovec* iov, int n, off_t offset) { return shim(fd, iov, n, offset); }
-"""
+""" + PREAD_INTERPOSERS
 
 _SHIM_CHILD = """
 import os, sys, numpy as np, xxhash
@@ -310,21 +306,28 @@ for xor in (False, True):
                           np.arange(len(picks), dtype=U64) * U64(row), hashes, xor=xor)
         assert np.array_equal(dst.reshape(-1, row), expected), (xor, row)
         assert hashes.tolist() == [xxhash.xxh3_64_intdigest(r.tobytes()) for r in expected], (xor, row)
+# Chunks of a version 3 section, read by the decoding threads from the file.
+import torch
+from mmpack import rans
+weights = (rng.standard_normal(300 * 500) * 0.05).astype(np.float32).view(np.uint8)
+encoded = rans.encode_rows(weights, 300, 2000, torch.float32, 7)
+section = os.path.join(os.path.dirname(path), "section.bin")
+encoded.data.tofile(section)
+starts = np.cumsum([encoded.table_length, *encoded.chunk_lengths])
+jobs = np.array([(0, 0, int(starts[c]), n, 0, c * 7 * 2000, min(7, 300 - 7 * c) * 2000, 0, 0)
+                 for c, n in enumerate(encoded.chunk_lengths)], U64)
+out = np.zeros(len(weights), np.uint8)
+section_fd = os.open(section, os.O_RDONLY)
+rans.decode_files([encoded.data[: encoded.table_length]], [rans.layout_code(torch.float32)], [section_fd], jobs,
+                  [out], None)
+assert np.array_equal(out, weights)
 print("ok")
 """
 
 
 @pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C compiler to build the fault-injecting shim")
 def test_interrupted_and_partial_reads_are_resumed(files, tmp_path):
-    source, shim = tmp_path / "shim.c", tmp_path / "shim.so"
-    source.write_text(_SHIM)
-    subprocess.run(["cc", "-shared", "-fPIC", "-O1", "-o", str(shim), str(source), "-ldl"], check=True)
     data = tmp_path / "data.bin"
     np.random.default_rng(9).integers(0, 256, 4 << 20, dtype=np.uint8).tofile(data)
-    # After any library already preloaded (the sanitizer run's libasan must stay first).
-    env = dict(os.environ, LD_PRELOAD=":".join(filter(None, [os.environ.get("LD_PRELOAD"), str(shim)])))
-    # Run outside the checkout: `python -c` puts the working directory first on sys.path, and the
-    # source tree has no compiled extension.
-    result = subprocess.run([sys.executable, "-c", textwrap.dedent(_SHIM_CHILD), str(data)], env=env,
-                            capture_output=True, text=True, timeout=120, cwd=str(tmp_path))
+    result = run_with_shim(tmp_path, _SHIM, _SHIM_CHILD, str(data))
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]

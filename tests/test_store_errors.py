@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import uuid
 
 import numpy as np
 import pytest
-from helpers import ffnn_models
+from helpers import PREAD_INTERPOSERS, ffnn_models, run_with_shim
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -100,6 +101,48 @@ def test_reads_through_an_open_reader_are_translated(tmp_path):
 
 class ClientFailure(Exception):
     """What a storage client raises of its own (botocore's ``NoCredentialsError``, ``EndpointConnectionError``)."""
+
+
+# Positioned reads of 16 KiB or more fail with EIO: the data reads of a recovery (rows, or the
+# chunks the rANS decoder reads itself), not the small reads of headers and hash tables.
+_EIO_SHIM = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <sys/uio.h>
+#include <unistd.h>
+static ssize_t shim(int fd, const struct iovec* iov, int n, off_t offset) {
+    static ssize_t (*real)(int, const struct iovec*, int, off_t);
+    if (!real) real = (ssize_t (*)(int, const struct iovec*, int, off_t))dlsym(RTLD_NEXT, "preadv");
+    size_t total = 0;
+    for (int i = 0; i < n; ++i) total += iov[i].iov_len;
+    if (total >= 16384) { errno = EIO; return -1; }
+    return real(fd, iov, n, offset);
+}
+""" + PREAD_INTERPOSERS
+
+_EIO_CHILD = """
+import errno, sys
+import mmpack
+repo = mmpack.Repository(sys.argv[1])
+try:
+    repo.recover("v1")
+except mmpack.StorageError as exc:
+    assert exc.errno == errno.EIO and "cannot read objects/" in str(exc), exc
+    print("StorageError")
+"""
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C compiler to build the fault-injecting shim")
+@pytest.mark.parametrize("compression", [None, "rans", "zstd"])
+def test_an_io_error_under_a_recovery_is_a_storage_error(tmp_path, compression):
+    """Reads the kernels make straight from object files (rows of raw objects, chunks the rANS
+    decoder reads itself) fail as the store's own reads do."""
+    repo = mmpack.Repository(tmp_path / "r", fsync=False)
+    repo.save(mmpack.ModelSet.from_modules(ffnn_models(300)), compression=compression)
+    repo.close()
+    result = run_with_shim(tmp_path, _EIO_SHIM, _EIO_CHILD, str(tmp_path / "r"))
+    assert result.returncode == 0 and result.stdout.strip() == "StorageError", result.stderr[-2000:]
 
 
 @pytest.fixture

@@ -173,12 +173,21 @@ def _read_rans(source: Reader, header: Header, pieces: Pieces, destinations: lis
     whole = (n_pieces == 1) & (pieces.begin[first_piece] == chunk_first)
     whole &= (pieces.end[first_piece] - chunk_first == count) & (not xor)
     tensors_used = np.unique(j)
-    tables = [source.read(header.data_start + layout.tensor_offsets[t], chunking.tables[t], "a table block")
-              for t in tensors_used.tolist()]
+    # Every table block the read needs, in one read (a block starts each tensor's section).
+    table_lengths = np.array(chunking.tables, np.int64)[tensors_used]
+    table_at = np.cumsum(table_lengths) - table_lengths
+    table_bytes = np.empty(int(table_lengths.sum()), np.uint8)
+    source.read_segments((header.data_start + np.array(layout.tensor_offsets, np.int64)[tensors_used]).astype(U64),
+                         table_lengths.astype(U64), [table_bytes], np.zeros(len(tensors_used), U64),
+                         table_at.astype(U64))
+    tables = [table_bytes[a : a + n] for a, n in zip(table_at.tolist(), table_lengths.tolist())]
     table_index = np.searchsorted(tensors_used, j)
     layouts = [chunking.layouts[t] for t in tensors_used.tolist()]
-    # Rounds: consecutive chunks up to _ROUND_BYTES of stored bytes (at least one each).
-    ends = np.cumsum(length)
+    # Rounds: consecutive chunks up to _ROUND_BYTES of staging (at least one each): the stored
+    # bytes read ahead of decoding, unless the kernels read chunks from the file themselves, and
+    # the scratch that chunks not decoded in place decode into.
+    files = source.descriptor()
+    ends = np.cumsum(np.where(whole, 0, count * size) + (0 if files else length))
     round_of = np.zeros(len(j), np.int64)
     begin, r = 0, 0
     while begin < len(j):
@@ -189,24 +198,27 @@ def _read_rans(source: Reader, header: Header, pieces: Pieces, destinations: lis
     for r in range(int(round_of[-1]) + 1):
         g = np.flatnonzero(round_of == r)
         pieces_of_round = order[(group_ends[g[0]] - n_pieces[g[0]]) : group_ends[g[-1]]]
-        _decode_round(source, pieces, pieces_of_round, n_pieces[g], j[g], c[g], size[g], offset[g], length[g],
-                      chunk_first[g], count[g], whole[g], table_index[g], tables, layouts, row_bytes, destinations,
-                      xor, hashes)
+        _decode_round(source, files, pieces, pieces_of_round, n_pieces[g], j[g], c[g], size[g], offset[g],
+                      length[g], chunk_first[g], count[g], whole[g], table_index[g], tables, layouts, row_bytes,
+                      destinations, xor, hashes)
 
 
-def _decode_round(source: Reader, pieces: Pieces, round_pieces: np.ndarray, n_pieces: np.ndarray, j: np.ndarray,
-                  c: np.ndarray, size: np.ndarray, offset: np.ndarray, length: np.ndarray, chunk_first: np.ndarray,
-                  count: np.ndarray, whole: np.ndarray, table_index: np.ndarray, tables: list, layouts: list[int],
-                  row_bytes: np.ndarray, destinations: list[np.ndarray], xor: bool, hashes: np.ndarray) -> None:
-    """Read some chunks (one positioned read per run of neighbours) and decode them in one native call."""
-    payload = _scratch("payload", int(length.sum()))
-    at = np.cumsum(length) - length
-    # The next chunk of the same tensor is one read with the one before.
-    run_start = np.concatenate([[True], (j[1:] != j[:-1]) | (c[1:] != c[:-1] + 1)])
-    starts = np.flatnonzero(run_start)
-    run_lengths = np.add.reduceat(length, starts)
-    source.read_segments(offset[starts].astype(U64), run_lengths.astype(U64), [payload], np.zeros(len(starts), U64),
-                         at[starts].astype(U64))
+def _decode_round(source: Reader, files: tuple[int, int] | None, pieces: Pieces, round_pieces: np.ndarray,
+                  n_pieces: np.ndarray, j: np.ndarray, c: np.ndarray, size: np.ndarray, offset: np.ndarray,
+                  length: np.ndarray, chunk_first: np.ndarray, count: np.ndarray, whole: np.ndarray,
+                  table_index: np.ndarray, tables: list, layouts: list[int], row_bytes: np.ndarray,
+                  destinations: list[np.ndarray], xor: bool, hashes: np.ndarray) -> None:
+    """Decode some chunks in one native call: read from the file by the threads that decode them
+    when ``files`` (the source's descriptor and base position) is given, else read first."""
+    if files is None:
+        payload = _scratch("payload", int(length.sum()))
+        at = np.cumsum(length) - length
+        # A segment per chunk: the kernels split a read among their threads by segment, and join
+        # neighbouring segments into one system call themselves.
+        source.read_segments(offset.astype(U64), length.astype(U64), [payload], np.zeros(len(j), U64),
+                             at.astype(U64))
+    else:
+        at = offset + files[1]
     decoded_bytes = np.where(whole, 0, count * size)
     scratch_at = np.cumsum(decoded_bytes) - decoded_bytes
     decoded = _scratch("decoded", int(decoded_bytes.sum()))
@@ -221,7 +233,12 @@ def _decode_round(source: Reader, pieces: Pieces, round_pieces: np.ndarray, n_pi
     jobs[:, 6] = count * size
     jobs[:, 7] = np.where(whole, size, 0)
     jobs[:, 8] = np.where(whole, pieces.hash_at[first_piece], 0)
-    rans.decode(tables, layouts, [payload], jobs, [decoded, *destinations], hashes)
+    if files is None:
+        rans.decode(tables, layouts, [payload], jobs, [decoded, *destinations], hashes)
+    else:
+        with source.direct_reads():
+            rans.decode_files(tables, layouts, [files[0]], jobs, [decoded, *destinations], hashes,
+                              [getattr(source, "name", "an object")])
     partial = ~whole
     if not partial.any():
         return

@@ -162,8 +162,16 @@ def _read_files(requests: Sequence[RowRequest], destinations: list[np.ndarray]) 
         fd_index_all, offsets, lengths, counts, dst_index, dst_offsets = (
             a[order] for a in (fd_index_all, offsets, lengths, counts, dst_index, dst_offsets))
     hashes = np.empty(total, U64)
-    _io.read_file_rows(fds, fd_index_all, offsets, lengths, counts, destinations, dst_index, dst_offsets, hashes,
-                       names=names)
+    try:
+        _io.read_file_rows(fds, fd_index_all, offsets, lengths, counts, destinations, dst_index, dst_offsets,
+                           hashes, names=names)
+    except OSError as exc:
+        failed = getattr(exc, "file_index", None)
+        if failed is None:
+            raise
+        # Raised again inside the failing object's context: as its reader's own reads would fail.
+        with next(r.source for r in requests if r.source.descriptor()[0] == fds[failed]).direct_reads():
+            raise
     if order is not None:
         # Row i of sorted run p belongs at the unsorted start of run order[p], plus i.
         original_counts = np.empty_like(counts)

@@ -12,6 +12,7 @@ import contextlib
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import BinaryIO, Protocol
 
@@ -31,9 +32,11 @@ class Reader(Protocol):
     segment (every row) into ``hashes`` when given. ``descriptor`` gives
     ``(file descriptor, position of byte 0)`` when the object is a local file
     that positioned reads may read directly (several objects then move in one
-    native call), else None. Readers never memory-map: a file changed under a
-    reader gives a typed error or bytes that fail their checksums, never a
-    crash.
+    native call), else None; ``direct_reads`` is the context to make those
+    reads in, which gives their OS failures the form the reader's own reads
+    raise (a store's :class:`~mmpack.StorageError`). Readers never
+    memory-map: a file changed under a reader gives a typed error or bytes
+    that fail their checksums, never a crash.
     """
 
     def size(self) -> int: ...
@@ -54,6 +57,8 @@ class Reader(Protocol):
     ) -> None: ...
 
     def descriptor(self) -> tuple[int, int] | None: ...
+
+    def direct_reads(self) -> AbstractContextManager[None]: ...
 
 
 Data = bytes | bytearray | memoryview | np.ndarray

@@ -6,6 +6,7 @@ import contextlib
 import os
 import time
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from typing import Any
 
 import numpy as np
@@ -171,6 +172,10 @@ class _TranslatingReader:
     def read_segments(self, *args: Any, **kwargs: Any) -> None:
         with storage_errors(*self._errors):
             self._reader.read_segments(*args, **kwargs)
+
+    def direct_reads(self) -> AbstractContextManager[None]:
+        """Reads of the descriptor made outside the reader fail as the reader's own: StorageError."""
+        return storage_errors(*self._errors)
 
     def __getattr__(self, name: str) -> Any:  # anything else the file reader offers, unchanged
         return getattr(self._reader, name)

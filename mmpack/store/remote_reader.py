@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from typing import Any
 
@@ -51,6 +52,10 @@ class RemoteReader:
     def descriptor(self) -> None:
         """Remote objects are no local files: readers fetch ranges."""
         return None
+
+    def direct_reads(self) -> contextlib.AbstractContextManager[None]:
+        """No descriptor, so no reads made outside the reader: nothing to translate."""
+        return contextlib.nullcontext()
 
     def read(self, offset: int, size: int, what: str) -> bytes:
         """``size`` bytes at ``offset``."""

@@ -48,4 +48,8 @@ struct ReadOutcome {
 ReadOutcome read_runs(const FileRun* runs, std::size_t n_runs, std::uint64_t* hashes,
                       SegmentOp op = SegmentOp::copy);
 
+// Reads `size` bytes at `position` of `fd` into `dst` on the calling thread,
+// resuming interrupted and partial reads (run 0 in the outcome).
+ReadOutcome read_exact(int fd, std::uint64_t position, std::byte* dst, std::uint64_t size) noexcept;
+
 }  // namespace mmpack
