@@ -10,6 +10,7 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <new>
 #include <string>
 #include <vector>
 
@@ -501,6 +502,9 @@ constexpr std::size_t kJobColumns = 9;
 // offset locate it there), or in open files (the index names a descriptor, the offset is a file
 // position), read by the thread that decodes them into a buffer of its own, still in cache when
 // it decodes them.
+// Bytes of chunks read from files that one thread decodes together at most.
+constexpr std::size_t kTogetherBytes = std::size_t{1} << 20;
+
 struct ChunkSource {
     std::vector<Buffer> buffers;
     std::vector<int> fds;
@@ -528,10 +532,11 @@ class ChunkBuffers {
 public:
     static constexpr std::size_t kKeptBytes = std::size_t{1} << 20;
 
-    std::byte* get(unsigned slot, std::size_t size) {
+    // Null when the memory cannot be had (an exception must not leave a worker thread).
+    std::byte* get(unsigned slot, std::size_t size) noexcept {
         if (capacity_[slot] < size) {
-            buffers_[slot].reset(new std::byte[size]);
-            capacity_[slot] = size;
+            buffers_[slot].reset(new (std::nothrow) std::byte[size]);
+            capacity_[slot] = buffers_[slot] ? size : 0;
         }
         return buffers_[slot].get();
     }
@@ -550,19 +555,26 @@ private:
     std::size_t capacity_[mmpack::rans::kMaxTogether] = {};
 };
 
-// The first read that failed, by job index, so that the error raised does not depend on which
-// thread got there first.
+// A read that failed (or a chunk buffer that could not be allocated). Other threads stop at their
+// next chunk, so which failure is found can vary with timing when several would fail; of those
+// found, the lowest job is reported.
 struct ReadFailure {
     std::mutex lock;
     std::atomic<bool> failed{false};
     std::size_t job = SIZE_MAX;
     mmpack::ReadOutcome outcome;
+    bool out_of_memory = false;
 
-    void record(std::size_t k, const mmpack::ReadOutcome& o) {
+    void record(std::size_t k, const mmpack::ReadOutcome& o) { note(k, o, false); }
+    void record_out_of_memory(std::size_t k) { note(k, mmpack::ReadOutcome{}, true); }
+
+private:
+    void note(std::size_t k, const mmpack::ReadOutcome& o, bool memory) {
         std::lock_guard<std::mutex> guard(lock);
         if (k < job) {
             job = k;
             outcome = o;
+            out_of_memory = memory;
         }
         failed.store(true, std::memory_order_relaxed);
     }
@@ -684,8 +696,13 @@ void rans_decode_jobs(const py::sequence& tables, const py::handle& layouts, con
                     const DecodeJob& job = work[k];
                     const mmpack::fields::Decoder& decoder = *decoders[job.table];
                     unsigned together = 1;
+                    // Chunks read from files step together only while small: a thread then holds at
+                    // most one large chunk's bytes (a row of 64 MiB is a chunk of its own).
+                    std::size_t held = job.length;
                     while (together < mmpack::rans::kMaxTogether && k + together < last &&
-                           work[k + together].table == job.table) {
+                           work[k + together].table == job.table &&
+                           (!source.from_files || held + work[k + together].length <= kTogetherBytes)) {
+                        held += work[k + together].length;
                         ++together;
                     }
                     mmpack::ConstBytes chunks[mmpack::rans::kMaxTogether];
@@ -695,6 +712,10 @@ void rans_decode_jobs(const py::sequence& tables, const py::handle& layouts, con
                         const std::byte* payload = one.payload;
                         if (source.from_files) {
                             std::byte* buffer = buffers.get(t, one.length);
+                            if (buffer == nullptr && one.length != 0) {
+                                read_failure.record_out_of_memory(k + t);
+                                return;
+                            }
                             const mmpack::ReadOutcome read = mmpack::read_exact(one.fd, one.position, buffer, one.length);
                             if (read.status != mmpack::ReadOutcome::Status::ok) {
                                 read_failure.record(k + t, read);
@@ -712,6 +733,7 @@ void rans_decode_jobs(const py::sequence& tables, const py::handle& layouts, con
             },
             std::uint64_t{4} << 20);
     }
+    if (read_failure.failed.load() && read_failure.out_of_memory) throw std::bad_alloc();  // MemoryError
     if (read_failure.failed.load()) {
         raise_read_failure(read_failure.outcome, work[read_failure.job].file, "job " + std::to_string(read_failure.job));
     }
@@ -768,7 +790,8 @@ PYBIND11_MODULE(_native, m) {
           "(its file_index: the index in fds of the file whose read failed).");
     g_short_read_error = PyErr_NewExceptionWithDoc(
         "mmpack._native.ShortReadError",
-        "A file ended before a read of read_rows did; args: (message, file index, position, wanted end).",
+        "A file ended before a read of read_rows or rans_decode_files did; args: (message, file index,\n"
+        "position, wanted end).",
         PyExc_EOFError, nullptr);
     if (g_short_read_error == nullptr) throw py::error_already_set();
     m.attr("ShortReadError") = py::handle(g_short_read_error);

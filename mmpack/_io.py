@@ -122,7 +122,7 @@ class FileReader:
     """Random access to an object stored in a seekable stream, from its current position on.
 
     The format code reads through this interface (``size``, ``read``,
-    ``read_into``, ``read_segments``, ``descriptor``: the ``Reader`` protocol
+    ``read_into``, ``read_segments``, ``descriptor``, ``direct_reads``: the ``Reader`` protocol
     of ``mmpack.fileformat``) so that other byte sources, such as a store's
     range reads, can stand in for a file. Regular files are read with
     positioned reads (``pread``/``preadv`` in the native kernel, the GIL
@@ -170,6 +170,11 @@ class FileReader:
         """``(file descriptor, file position of the object's byte 0)`` for reads straight from a
         regular file (``read_rows_many`` reads many objects in one native call), else None."""
         return None if self._fd is None else (self._fd, self._base)
+
+    @property
+    def name(self) -> str:
+        """The file's name (its path as opened), for errors; "the file" for streams without one."""
+        return self._name
 
     def direct_reads(self) -> contextlib.AbstractContextManager[None]:
         """The context for reads of :meth:`descriptor` made by others: a file's failures stay OSErrors."""

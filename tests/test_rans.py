@@ -543,7 +543,8 @@ def _opened(blob: bytes, where: str, tmp_path) -> io.IOBase:
 @pytest.mark.parametrize("where", ["stream", "file"])
 def test_reads_in_many_rounds_with_empty_tensors_and_xor_rows(monkeypatch, where, tmp_path):
     """Small rounds (a chunk or two each) give the same rows and hashes as one round, whether the
-    chunks are read before decoding (a stream) or by the threads that decode them (a file)."""
+    chunks are read before decoding (a stream) or by the threads that decode them (a file; its
+    full load is one round, whole chunks staging nothing, its partial and XOR reads many)."""
     from mmpack.fileformat import compressed
 
     arch = mmpack.Architecture(
@@ -584,7 +585,8 @@ def test_reads_in_many_rounds_with_empty_tensors_and_xor_rows(monkeypatch, where
 
 def _section_file(tmp_path, dtype: torch.dtype = torch.float32, rows: int = 64, per_row: int = 300,
                   chunk_rows: int = 5) -> tuple[np.ndarray, rans.Encoded, object]:
-    raw = mixed_bytes(dtype, np.random.default_rng(11), rows * per_row)
+    raw = mixed_bytes(dtype, np.random.default_rng(11), rows * per_row) if rows * per_row < 10**5 else \
+        np.resize(mixed_bytes(dtype, np.random.default_rng(11), 10**5), rows * per_row * rans.element_bytes(dtype))
     encoded = encode(raw, rows, dtype, chunk_rows)
     path = tmp_path / "section.bin"
     path.write_bytes(b"x" * 7 + encoded.data.tobytes())  # the section at position 7 of its file
@@ -593,10 +595,13 @@ def _section_file(tmp_path, dtype: torch.dtype = torch.float32, rows: int = 64, 
 
 @pytest.mark.parametrize("dtype", [*FUSED_DTYPES, torch.int16, torch.float64], ids=str)
 @pytest.mark.parametrize("threads", [1, 2])
-def test_chunks_read_from_files_decode_and_hash_as_from_buffers(dtype, threads, tmp_path):
-    raw, encoded, path = _section_file(tmp_path, dtype, rows=400, chunk_rows=7)
-    rows, row_bytes = 400, len(raw) // 400
-    jobs = decode_jobs(encoded, len(raw), rows, 7)
+@pytest.mark.parametrize("chunk_rows", [7, 1000])  # small chunks step together, chunks over 1 MiB alone
+def test_chunks_read_from_files_decode_and_hash_as_from_buffers(dtype, threads, chunk_rows, tmp_path):
+    # Over 8 MiB of output, so that two threads split the jobs (4 MiB each at least).
+    rows = -(-(9 << 20) // (300 * rans.element_bytes(dtype)))
+    raw, encoded, path = _section_file(tmp_path, dtype, rows=rows, chunk_rows=chunk_rows)
+    row_bytes = len(raw) // rows
+    jobs = decode_jobs(encoded, len(raw), rows, chunk_rows)
     jobs[:, 7] = row_bytes
     jobs[:, 8] = jobs[:, 5] // np.uint64(row_bytes)
     table, layouts = [encoded.data[: encoded.table_length]], [rans.layout_code(dtype)]

@@ -122,8 +122,9 @@ def _copy_rows(scratch: np.ndarray, parts: list[tuple], size_of: np.ndarray, des
     hashes[at] = out
 
 
-# Compressed bytes read and decoded per round: the buffers a round uses are kept per thread
-# and reused, so a full recovery does not fault in fresh pages for its compressed copy.
+# Staging per round: the scratch of chunks not decoded in place, plus the compressed bytes read
+# ahead of decoding when the kernels cannot read the file themselves. The buffers a round uses
+# are kept per thread and reused, so a read does not fault in fresh pages for them.
 _ROUND_BYTES = 8 << 20
 _KEEP_BYTES = 32 << 20  # larger buffers (one huge chunk) are not kept
 _local = threading.local()
