@@ -332,11 +332,20 @@ template <unsigned W, Family F>
 void count_fields(const uint8_t* bytes, size_t begin, size_t end, const std::vector<char>& noise, Histograms& h) {
     const Layout layout{W, F};
     const size_t values = h.fields[0].size();
-    std::vector<uint32_t> head(4 * values, 0);
     uint64_t zeros = 0;
     bool any_tail = false;
     for (unsigned f = 1; f < W; ++f) any_tail = any_tail || !noise[f];
-    for (size_t start = begin; start < end; start += size_t{1} << 30) {  // 32-bit counters
+    // Long ranges count the head into four tables (consecutive equal values then do not wait on
+    // each other's increments); short ones (the noise sample's runs) count straight into the
+    // histogram, sparing the tables' clearing and summing, which would cost more than the run.
+    const bool split = end - begin >= 16 * values;
+    std::vector<uint32_t> head(split ? 4 * values : 0, 0);
+    for (size_t i = begin; i < end && !split; ++i) {
+        const uint64_t v = load_element(bytes + i * W, W);
+        zeros += v == 0;
+        ++h.fields[0][field_of(layout, v, 0)];
+    }
+    for (size_t start = begin; start < end && split; start += size_t{1} << 30) {  // 32-bit counters
         const size_t stop = std::min(end, start + (size_t{1} << 30));
         size_t i = start;
         for (; i + 4 <= stop; i += 4) {
@@ -591,7 +600,7 @@ struct Encoder::Impl {
     struct Coded {
         std::unique_ptr<rans::EncodeTable> table;
         std::vector<uint16_t> symbol_of;  // field value -> symbol, kNoSymbol where none covers it
-        std::vector<uint16_t> head_lookup;  // the same for head_symbols_avx512 (fields_internal.hpp)
+        std::vector<uint16_t> head_lookup;  // the same for the vector head_symbols loops (fields_internal.hpp)
         unsigned zero_symbol = kNoSymbol;
     };
     std::vector<Coded> coded;  // per field
@@ -705,12 +714,14 @@ const char* encode_head_only(const uint8_t* bytes, size_t n, const Field& head, 
     // The symbols first (a lookup per element), then the rare values' low bits in element order.
     size_t vector_done = 0;
     constexpr bool vector_layout = (W == 4 && F == Family::floating) || (W == 2 && F != Family::integer);
-    if (vector_layout && rans::simd() == rans::Simd::avx512) {
+    const rans::Simd level = rans::simd();
+    if (vector_layout && level != rans::Simd::scalar) {
         const size_t groups = n / rans::kLanes;
         const std::unique_ptr<uint16_t[]> raw_lanes(new uint16_t[groups + 1]);
         constexpr unsigned shift = F == Family::half ? 7 : 8 * W - 13;
         constexpr unsigned mask = F == Family::half ? 0xFF : 0xFFF;
-        if (!head_symbols_avx512(bytes, groups, W, shift, mask, head_lookup, symbols.get(), raw_lanes.get())) {
+        const auto head_symbols = level == rans::Simd::avx512 ? head_symbols_avx512 : head_symbols_avx2;
+        if (!head_symbols(bytes, groups, W, shift, mask, head_lookup, symbols.get(), raw_lanes.get())) {
             return "data does not fit the model (a value no symbol covers)";
         }
         vector_done = groups * rans::kLanes;
@@ -865,9 +876,40 @@ struct Coded {
     // high bits with bit 7 set when raw bits follow.
     alignas(64) std::array<uint8_t, rans::kMaxSymbols> fused_low{};
     alignas(64) std::array<uint8_t, rans::kMaxSymbols> fused_high{};
+    // The run of symbols without raw bits whose values count up by one, the one coding the most
+    // elements: symbols run_first to run_first + run_last have the values symbol + run_delta.
+    // (Symbols ascend by value, so trained weights' common heads form one long run.) No run:
+    // run_first = kMaxSymbols.
+    uint32_t run_first = rans::kMaxSymbols;
+    uint32_t run_last = 0;
+    uint32_t run_delta = 0;
     int zero_symbol = -1;
     bool any_raw_bits = false;
 };
+
+// Sets c's run: of the runs of symbols it describes, the one whose frequencies sum highest.
+void find_value_run(const std::vector<Symbol>& symbols, Coded& c) noexcept {
+    uint32_t best = 0;
+    for (size_t first = 0; first < symbols.size();) {
+        if (symbols[first].zero() || symbols[first].raw_bits != 0) {
+            ++first;
+            continue;
+        }
+        size_t last = first;
+        uint32_t weight = symbols[first].freq;
+        while (last + 1 < symbols.size() && !symbols[last + 1].zero() && symbols[last + 1].raw_bits == 0 &&
+               symbols[last + 1].value == symbols[last].value + 1u) {
+            weight += symbols[++last].freq;
+        }
+        if (weight > best) {
+            best = weight;
+            c.run_first = static_cast<uint32_t>(first);
+            c.run_last = static_cast<uint32_t>(last - first);
+            c.run_delta = static_cast<uint32_t>(symbols[first].value) - static_cast<uint32_t>(first);
+        }
+        first = last + 1;
+    }
+}
 
 // Reads `count` values of `bits` bits from a raw field at a cursor, bounds-checked.
 struct RawCursor {
@@ -956,6 +998,7 @@ Decoder::Decoder(const Model& model) : impl_(std::make_unique<Impl>()) {
                 c.fused_high[k] = static_cast<uint8_t>((s.value >> 8) | (s.raw_bits ? 0x80u : 0u));
             }
         }
+        if (fusable_width) find_value_run(field.symbols, c);
     }
     // The fused loops need every other field as plain bytes or nibbles: raw fields are read in
     // place, the others decoded to scratch first.
@@ -1165,15 +1208,15 @@ const char* Decoder::open(ConstBytes chunk, MutableBytes out, unsigned slot, Chu
                 const Coded& head = m.coded[0];
                 c.fused = rans::FusedHead{head.table.get(), head.fused.data(), head.raw_bits.data(),
                                           head.fused_low.data(), head.fused_high.data(),
-                                          layout.width == 4 ? 19u : layout.family == Family::half ? 7u : 3u};
+                                          layout.width == 4 ? 19u : layout.family == Family::half ? 7u : 3u,
+                                          head.run_first, head.run_last, head.run_delta};
         }
     }
     return nullptr;
 }
 
-// The vector fused loop over the whole groups of `count` chunks (more than one only with
-// AVX-512, whose registers hold their states), from where each chunk is done; marks a chunk
-// failed on corrupt raw bits.
+// The vector fused loop over the whole groups of `count` chunks of one tensor, stepping
+// together, from where each chunk is done; marks a chunk failed on corrupt raw bits.
 void Decoder::run_fused(Chunk* const* chunks, unsigned count, const Layout& layout) noexcept {
     const rans::Simd level = rans::simd();
     if (level == rans::Simd::scalar) return;
@@ -1204,9 +1247,8 @@ void Decoder::run_fused(Chunk* const* chunks, unsigned count, const Layout& layo
         done = layout.width == 4 ? rans::decode_float32_groups_avx512(streams, count, groups, ok)
                                  : rans::decode_float16_groups_avx512(streams, count, half, groups, ok);
     } else {
-        done = layout.width == 4 ? rans::decode_float32_groups_avx2(streams, count, groups, ok[0])
-                                 : rans::decode_float16_groups_avx2(streams, count, half, groups, ok[0]);
-        for (unsigned k = 1; k < count; ++k) ok[k] = ok[0];
+        done = layout.width == 4 ? rans::decode_float32_groups_avx2(streams, count, groups, ok)
+                                 : rans::decode_float16_groups_avx2(streams, count, half, groups, ok);
     }
     for (unsigned k = 0; k < count; ++k) {
         chunks[k]->failed = !ok[k];
@@ -1279,15 +1321,18 @@ void Decoder::decode_together(const ConstBytes* chunks, const MutableBytes* outs
         errors[k] = open(chunks[k], outs[k], k, c[k]);
         if (errors[k] == nullptr && c[k].is_fused) fused[n_fused++] = &c[k];
     }
-    if (n_fused > 1 && rans::simd() == rans::Simd::avx512) run_fused(fused, n_fused, impl_->model.layout);
+    if (n_fused > 1) run_fused(fused, n_fused, impl_->model.layout);
     for (unsigned k = 0; k < count; ++k) {
         if (errors[k] == nullptr) errors[k] = finish(c[k]);
     }
 }
 
 #if !defined(MMPACK_HAVE_AVX2_TU)
-// No vector translation units on this architecture: rans::simd() is Simd::scalar, so this never runs.
+// No vector translation units on this architecture: rans::simd() is Simd::scalar, so these never run.
 bool head_symbols_avx512(const uint8_t*, size_t, unsigned, unsigned, unsigned, const uint16_t*, uint8_t*, uint16_t*) noexcept {
+    return false;
+}
+bool head_symbols_avx2(const uint8_t*, size_t, unsigned, unsigned, unsigned, const uint16_t*, uint8_t*, uint16_t*) noexcept {
     return false;
 }
 #endif

@@ -1,5 +1,6 @@
-// Between fields.cpp and its AVX-512 translation unit; not part of the
-// kernels' interface. Called only when rans::simd() is Simd::avx512.
+// Between fields.cpp and its vector translation units; not part of the
+// kernels' interface. Called only when rans::simd() is Simd::avx512 (or, for
+// the AVX2 one, Simd::avx2).
 #pragma once
 
 #include <cstddef>
@@ -18,5 +19,7 @@ inline constexpr std::uint16_t kHasRawBits = 0x100;
 // symbols have raw bits. False when a value has no symbol.
 bool head_symbols_avx512(const std::uint8_t* bytes, std::size_t groups, unsigned width, unsigned shift, unsigned mask,
                          const std::uint16_t* lookup, std::uint8_t* symbols, std::uint16_t* raw_lanes) noexcept;
+bool head_symbols_avx2(const std::uint8_t* bytes, std::size_t groups, unsigned width, unsigned shift, unsigned mask,
+                       const std::uint16_t* lookup, std::uint8_t* symbols, std::uint16_t* raw_lanes) noexcept;
 
 }  // namespace mmpack::fields

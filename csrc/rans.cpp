@@ -80,8 +80,12 @@ void encode(const std::uint8_t* symbols, std::size_t count, const EncodeTable& e
         --i;
         encode_one(x[r - 1], table[symbols[i]], p);
     }
-    if (simd() == Simd::avx512) {
+    const Simd level = simd();
+    if (level == Simd::avx512) {
         encode_groups_avx512(symbols, i / kLanes, encode_table, x, p);
+        i = 0;
+    } else if (level == Simd::avx2) {
+        encode_groups_avx2(symbols, i / kLanes, encode_table, x, p);
         i = 0;
     }
     while (i > 0) {
@@ -178,8 +182,9 @@ const char* simd_name(Simd level) noexcept {
 #if !defined(MMPACK_HAVE_AVX2_TU)
 // No vector translation units on this architecture: simd() is Simd::scalar, so these never run.
 std::size_t decode_groups_avx2(Decoder&, const DecodeTable&, std::size_t, std::uint8_t*) noexcept { return 0; }
-std::size_t decode_float32_groups_avx2(FusedStream*, unsigned, std::size_t, bool&) noexcept { return 0; }
-std::size_t decode_float16_groups_avx2(FusedStream*, unsigned, bool, std::size_t, bool&) noexcept { return 0; }
+std::size_t decode_float32_groups_avx2(FusedStream*, unsigned, std::size_t, bool*) noexcept { return 0; }
+std::size_t decode_float16_groups_avx2(FusedStream*, unsigned, bool, std::size_t, bool*) noexcept { return 0; }
+void encode_groups_avx2(const std::uint8_t*, std::size_t, const EncodeTable&, std::uint32_t*, std::uint8_t*&) noexcept {}
 std::size_t decode_groups_avx512(Decoder&, const DecodeTable&, std::size_t, std::uint8_t*) noexcept { return 0; }
 void encode_groups_avx512(const std::uint8_t*, std::size_t, const EncodeTable&, std::uint32_t*, std::uint8_t*&) noexcept {}
 std::size_t decode_float32_groups_avx512(FusedStream*, unsigned, std::size_t, bool*) noexcept { return 0; }

@@ -1,14 +1,20 @@
-// The rANS decoding loops with AVX2: the sixteen states are two vectors of
-// eight lanes. This file alone is compiled with -mavx2 -mbmi2; rans.cpp and
-// fields.cpp call it only after the CPU reported both.
+// The rANS loops with AVX2: the sixteen states are two vectors of eight
+// lanes. This file alone is compiled with -mavx2 -mbmi2 -mpopcnt; rans.cpp
+// and fields.cpp call it only after the CPU reported them.
 //
-// One step of eight lanes: gather each lane's table entry, x = freq * (x >>
-// 12) + bias, then the lanes whose state fell below 2^16 take the next words
-// in lane order (a permutation from a table indexed by the lane mask places
-// them), exactly as the scalar loop reads them one lane after the other.
+// One decoding step of eight lanes: gather each lane's table entry, x = freq *
+// (x >> 12) + bias, then the lanes whose state fell below 2^16 take the next
+// words in lane order (a permutation from a table indexed by the lane mask
+// places them), exactly as the scalar loop reads them one lane after the
+// other. A gather costs about ten cycles of throughput on the CPUs measured
+// (AMD Zen 3), and a step waits on one: up to four chunks step together, so
+// that their chains overlap, and the head values of most symbols are computed
+// rather than gathered a second time.
 #include <immintrin.h>
 
+#include <algorithm>
 #include <array>
+#include <climits>
 #include <cstring>
 
 #include "rans_internal.hpp"
@@ -69,23 +75,32 @@ inline __m256i step(__m256i& x, const DecodeTable& table, const std::uint8_t*& n
 
 inline __m256i symbols_of(__m256i entry) noexcept { return _mm256_srli_epi32(entry, 24); }
 
-// Head values of eight lanes, with the raw low bits of the rare symbols that have them
-// added in lane order (element order). False when the raw bits run out.
-inline bool head_values(__m256i entry, const FusedHead& head, bits::Reader& raw, __m256i& values) noexcept {
-    values = _mm256_i32gather_epi32(reinterpret_cast<const int*>(head.value), symbols_of(entry), 4);
-    const unsigned special = static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(values)));
-    if (special == 0) return true;
-    alignas(32) std::uint32_t v[8];
-    alignas(32) std::uint32_t e[8];
-    _mm256_store_si256(reinterpret_cast<__m256i*>(v), values);
-    _mm256_store_si256(reinterpret_cast<__m256i*>(e), entry);
-    for (unsigned lane = 0; lane < 8; ++lane) {
-        if (!(special >> lane & 1u)) continue;
-        std::uint32_t low = 0;
-        if (!raw.read(head.raw_bits[e[lane] >> 24], low)) return false;
-        v[lane] = (v[lane] & 0x7FFFFFFFu) | (low << head.shift);
+// Head values of eight elements from their symbols (one per 32-bit lane), shifted into place:
+// computed for the symbols of the head's run (most of them), looked up for the others, with the
+// raw low bits of those that have them put in, in element order. Built in registers (a vector
+// reloaded from lanes stored one by one would wait for the stores). False when the raw bits
+// run out.
+inline bool head_values(const std::uint32_t* symbols, const FusedHead& head, bits::Reader& raw, __m256i& values) noexcept {
+    const __m256i s = _mm256_load_si256(reinterpret_cast<const __m256i*>(symbols));
+    const __m256i from_first = _mm256_sub_epi32(s, _mm256_set1_epi32(static_cast<int>(head.run_first)));
+    const __m256i in_run = _mm256_cmpeq_epi32(
+        _mm256_min_epu32(from_first, _mm256_set1_epi32(static_cast<int>(head.run_last))), from_first);
+    const __m128i shift = _mm_cvtsi32_si128(static_cast<int>(head.shift));
+    values = _mm256_sll_epi32(_mm256_add_epi32(s, _mm256_set1_epi32(static_cast<int>(head.run_delta))), shift);
+    unsigned others = ~static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(in_run))) & 0xFFu;
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    while (others != 0) {
+        const unsigned at = static_cast<unsigned>(__builtin_ctz(others));
+        std::uint32_t value = head.value[symbols[at]];
+        if (value >> 31) {
+            std::uint32_t low = 0;
+            if (!raw.read(head.raw_bits[symbols[at]], low)) return false;
+            value = (value & 0x7FFFFFFFu) | (low << head.shift);
+        }
+        const __m256i here = _mm256_cmpeq_epi32(lane, _mm256_set1_epi32(static_cast<int>(at)));
+        values = _mm256_blendv_epi8(values, _mm256_set1_epi32(static_cast<int>(value)), here);
+        others &= others - 1;
     }
-    values = _mm256_load_si256(reinterpret_cast<const __m256i*>(v));
     return true;
 }
 
@@ -93,7 +108,80 @@ inline __m256i widen8(const std::uint8_t* bytes) noexcept {
     return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes)));
 }
 
+// For a mask of eight lanes, the byte shuffle that moves the low words of the set lanes (eight
+// words, lane order) to the top of a vector, still in lane order; the bytes below are zeroed.
+constexpr std::array<std::array<std::uint8_t, 16>, 256> make_compress() {
+    std::array<std::array<std::uint8_t, 16>, 256> table{};
+    for (unsigned mask = 0; mask < 256; ++mask) {
+        unsigned n = 0;
+        for (unsigned lane = 0; lane < 8; ++lane) n += mask >> lane & 1u;
+        unsigned at = 0;
+        for (; at < 16 - 2 * n; ++at) table[mask][at] = 0x80;
+        for (unsigned lane = 0; lane < 8; ++lane) {
+            if (!(mask >> lane & 1u)) continue;
+            table[mask][at++] = static_cast<std::uint8_t>(2 * lane);
+            table[mask][at++] = static_cast<std::uint8_t>(2 * lane + 1);
+        }
+    }
+    return table;
+}
+
+alignas(16) constexpr auto kCompress = make_compress();
+
+// 32-bit lanes as unsigned doubles, four at a time (AVX2 converts only signed integers).
+inline __m256d unsigned_pd(__m128i x) noexcept {
+    return _mm256_add_pd(_mm256_cvtepi32_pd(_mm_xor_si128(x, _mm_set1_epi32(INT32_MIN))), _mm256_set1_pd(2147483648.0));
+}
+
+// One encoding step of eight lanes (their symbols' table entries given), their emitted words
+// stored below `out` in lane order.
+inline void encode_step(__m256i& x, __m256i entry, std::uint8_t*& out) noexcept {
+    const __m256i freq = _mm256_and_si256(entry, _mm256_set1_epi32(0xFFFF));
+    const __m256i start = _mm256_srli_epi32(entry, 16);
+    // Lanes at or above freq << 20 emit their low word first.
+    const __m256i x_max = _mm256_slli_epi32(freq, 32 - kScaleBits);
+    const __m256i emit = _mm256_cmpeq_epi32(_mm256_max_epu32(x, x_max), x);
+    const unsigned mask = static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(emit)));
+    const __m256i low_words = _mm256_shuffle_epi8(
+        x, _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, -1, -1, -1, -1, -1, -1, -1, -1,
+                            0, 1, 4, 5, 8, 9, 12, 13, -1, -1, -1, -1, -1, -1, -1, -1));
+    const __m128i words = _mm256_castsi256_si128(_mm256_permute4x64_epi64(low_words, 0x08));
+    const __m128i kept = _mm_shuffle_epi8(words, _mm_load_si128(reinterpret_cast<const __m128i*>(kCompress[mask].data())));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out - 16), kept);
+    out -= 2 * static_cast<unsigned>(_mm_popcnt_u32(mask));
+    x = _mm256_blendv_epi8(x, _mm256_srli_epi32(x, 16), emit);
+    // x / freq in double precision is exact after truncation: x < 2^32 and freq < 2^12, so a
+    // quotient that is not an integer lies at least 2^-12 below the next one, far more than the
+    // division's rounding (at most 2^-21). Quotients stay below 2^20.
+    const __m128i q_low = _mm256_cvttpd_epi32(_mm256_div_pd(unsigned_pd(_mm256_castsi256_si128(x)),
+                                                            _mm256_cvtepi32_pd(_mm256_castsi256_si128(freq))));
+    const __m128i q_high = _mm256_cvttpd_epi32(_mm256_div_pd(unsigned_pd(_mm256_extracti128_si256(x, 1)),
+                                                             _mm256_cvtepi32_pd(_mm256_extracti128_si256(freq, 1))));
+    const __m256i q = _mm256_inserti128_si256(_mm256_castsi128_si256(q_low), q_high, 1);
+    const __m256i r = _mm256_sub_epi32(x, _mm256_mullo_epi32(q, freq));
+    x = _mm256_add_epi32(_mm256_add_epi32(_mm256_slli_epi32(q, kScaleBits), r), start);
+}
+
 }  // namespace
+
+void encode_groups_avx2(const std::uint8_t* symbols, std::size_t groups, const EncodeTable& table, std::uint32_t* x,
+                        std::uint8_t*& p) noexcept {
+    __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
+    __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 8));
+    std::uint8_t* out = p;
+    const auto* packed = reinterpret_cast<const int*>(table.packed);
+    for (std::size_t g = groups; g-- > 0;) {
+        // Lanes 15 to 8 first, as the scalar loop takes them, then 7 to 0.
+        const std::uint8_t* group = symbols + g * kLanes;
+        const __m256i entry_hi = _mm256_i32gather_epi32(packed, widen8(group + 8), 4);
+        const __m256i entry_lo = _mm256_i32gather_epi32(packed, widen8(group), 4);
+        encode_step(hi, entry_hi, out);
+        encode_step(lo, entry_lo, out);
+    }
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(x), lo);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(x + 8), hi);
+    p = out;
+}
 
 std::size_t decode_groups_avx2(Decoder& d, const DecodeTable& table, std::size_t groups, std::uint8_t* out) noexcept {
     Lanes x = load_states(d);
@@ -114,53 +202,85 @@ std::size_t decode_groups_avx2(Decoder& d, const DecodeTable& table, std::size_t
 
 namespace {
 
-constexpr unsigned kMaxStreams = 2;
+// Groups of a block: the rANS steps of a block run first, into its symbols, and the head
+// values, raw bits and other fields after, so that the branch on rare raw bits never stalls
+// the chains of states (each step waits on a gather).
+constexpr std::size_t kBlockGroups = 32;
 
-// The loop shared by both element types: Emit(stream, group base, half, head values) writes
-// eight elements of one chunk. Every chunk's two vectors step once per group.
-template <typename Emit>
-std::size_t fused_groups(FusedStream* streams, unsigned count, std::size_t groups, bool& ok, Emit emit) noexcept {
-    Lanes x[kMaxStreams];
-    const std::uint8_t* next[kMaxStreams];
-    for (unsigned k = 0; k < count; ++k) {
+// The loop shared by both element types, over `kCount` chunks stepping together (their chains
+// overlap). Emit(stream, group base, half, head values) writes eight elements of one chunk. A
+// chunk whose raw bits run out is marked failed; the others finish the block, so every chunk
+// not failed has the returned groups done.
+template <unsigned kCount, typename Emit>
+std::size_t fused_groups(FusedStream* streams, std::size_t groups, bool* ok, Emit emit) noexcept {
+    Lanes x[kCount];
+    const std::uint8_t* next[kCount];
+    const std::uint8_t* ends[kCount];
+    for (unsigned k = 0; k < kCount; ++k) {
         x[k] = load_states(*streams[k].decoder);
         next[k] = streams[k].decoder->next;
+        ends[k] = streams[k].decoder->end;
+        ok[k] = true;
     }
+    // The symbols as 32-bit lanes, ready to index the value table.
+    alignas(32) std::uint32_t symbols[kCount][kBlockGroups * kLanes];
+    // The chunks are of one tensor: they share their head's tables.
+    const FusedHead& head = *streams[0].head;
+    const DecodeTable& table = *head.table;
     std::size_t g = 0;
-    ok = true;
-    for (; g < groups && ok; ++g) {
-        bool room = true;
-        for (unsigned k = 0; k < count; ++k) room = room && streams[k].decoder->end - next[k] >= kGroupBytes;
-        if (!room) break;
-        __m256i entry[kMaxStreams][2];
-        for (unsigned half = 0; half < 2; ++half) {
-            for (unsigned k = 0; k < count; ++k) {
-                entry[k][half] = step(half == 0 ? x[k].lo : x[k].hi, *streams[k].head->table, next[k]);
+    bool failed = false;
+    bool room = true;
+    while (g < groups && room && !failed) {
+        const std::size_t block = std::min(kBlockGroups, groups - g);
+        std::size_t stepped = 0;
+        for (; stepped < block; ++stepped) {
+#pragma GCC unroll 4
+            for (unsigned k = 0; k < kCount; ++k) room = room && ends[k] - next[k] >= kGroupBytes;
+            if (!room) break;
+#pragma GCC unroll 4
+            for (unsigned k = 0; k < kCount; ++k) {
+                auto* at = reinterpret_cast<__m256i*>(symbols[k] + stepped * kLanes);
+                _mm256_store_si256(at, symbols_of(step(x[k].lo, table, next[k])));
+                _mm256_store_si256(at + 1, symbols_of(step(x[k].hi, table, next[k])));
             }
         }
-        for (unsigned k = 0; k < count && ok; ++k) {
-            for (unsigned half = 0; half < 2; ++half) {
-                __m256i value;
-                if (!head_values(entry[k][half], *streams[k].head, *streams[k].raw, value)) {
-                    ok = false;
-                    break;
+        for (unsigned k = 0; k < kCount; ++k) {
+            for (std::size_t i = 0; i < stepped && ok[k]; ++i) {
+                for (unsigned half = 0; half < 2; ++half) {
+                    __m256i value;
+                    if (!head_values(symbols[k] + i * kLanes + 8 * half, head, *streams[k].raw, value)) {
+                        ok[k] = false;
+                        failed = true;
+                        break;
+                    }
+                    emit(streams[k], (g + i) * kLanes, half, value);
                 }
-                emit(streams[k], g * kLanes, half, value);
             }
         }
+        g += stepped;
     }
-    for (unsigned k = 0; k < count; ++k) {
+    for (unsigned k = 0; k < kCount; ++k) {
         store_states(*streams[k].decoder, x[k]);
         streams[k].decoder->next = next[k];
     }
-    return ok ? g : 0;
+    return g;
+}
+
+template <typename Emit>
+std::size_t fused(FusedStream* streams, unsigned count, std::size_t groups, bool* ok, Emit emit) noexcept {
+    switch (count) {
+        case 4: return fused_groups<4>(streams, groups, ok, emit);
+        case 3: return fused_groups<3>(streams, groups, ok, emit);
+        case 2: return fused_groups<2>(streams, groups, ok, emit);
+        default: return fused_groups<1>(streams, groups, ok, emit);
+    }
 }
 
 }  // namespace
 
-std::size_t decode_float32_groups_avx2(FusedStream* streams, unsigned count, std::size_t groups, bool& ok) noexcept {
+std::size_t decode_float32_groups_avx2(FusedStream* streams, unsigned count, std::size_t groups, bool* ok) noexcept {
     const __m256i low3 = _mm256_set1_epi32(7);
-    return fused_groups(streams, count, groups, ok, [&](const FusedStream& s, std::size_t base, unsigned half,
+    return fused(streams, count, groups, ok, [&](const FusedStream& s, std::size_t base, unsigned half,
                                                           __m256i value) {
         const std::size_t at = base + 8 * half;
         const __m128i nib = nibble_bytes(s.tails[0] + base / 2);
@@ -173,10 +293,10 @@ std::size_t decode_float32_groups_avx2(FusedStream* streams, unsigned count, std
 }
 
 std::size_t decode_float16_groups_avx2(FusedStream* streams, unsigned count, bool half_layout, std::size_t groups,
-                                       bool& ok) noexcept {
+                                       bool* ok) noexcept {
     const __m256i low = _mm256_set1_epi32(half_layout ? 0x7F : 7);
     const __m128i sign_shift = _mm_cvtsi32_si128(half_layout ? 7 : 3);
-    return fused_groups(streams, count, groups, ok, [&](const FusedStream& s, std::size_t base, unsigned half,
+    return fused(streams, count, groups, ok, [&](const FusedStream& s, std::size_t base, unsigned half,
                                                           __m256i value) {
         const __m128i q16 = half_layout ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(s.tails[0] + base))
                                         : nibble_bytes(s.tails[0] + base / 2);

@@ -17,6 +17,12 @@ namespace mmpack::rans {
 // groups decoded.
 std::size_t decode_groups_avx2(Decoder& d, const DecodeTable& table, std::size_t groups, std::uint8_t* out) noexcept;
 
+// Encodes `groups` whole groups of symbols, the last first, from the states x (updated) into
+// the words below p (moved down past them): the same words as the scalar loop. Needs 16
+// writable bytes below p's final place (the scratch's room for the states).
+void encode_groups_avx2(const std::uint8_t* symbols, std::size_t groups, const EncodeTable& table, std::uint32_t* x,
+                        std::uint8_t*& p) noexcept;
+
 // A floating-point head field prepared for the fused loops: per symbol, the
 // head value already shifted into place with bit 31 set when the symbol has
 // raw low bits (then raw_bits says how many, read from the bit stream).
@@ -29,6 +35,12 @@ struct FusedHead {
     const std::uint8_t* value_low = nullptr;
     const std::uint8_t* value_high = nullptr;
     unsigned shift = 0;
+    // Symbols run_first to run_first + run_last have no raw bits and the values symbol +
+    // run_delta (before the shift): the AVX2 loop computes those instead of gathering them.
+    // run_first = kMaxSymbols when there is no such run.
+    std::uint32_t run_first = kMaxSymbols;
+    std::uint32_t run_last = 0;
+    std::uint32_t run_delta = 0;
 };
 
 // One chunk in a fused loop: its head's decoder and raw bits, its other fields as plain
@@ -42,21 +54,20 @@ struct FusedStream {
 };
 
 // float32 chunks whose head is rANS-coded: element i = head | nibble's low 3 bits << 16 |
-// nibble's bit 3 << 31 | tails[1][i] << 8 | tails[2][i]. `count` (1 or 2) chunks advance
-// together, group by group, so that two chunks' dependency chains overlap (the state update
-// waits on a gather). Returns the groups decoded (the same for every chunk); ok becomes false
-// when a chunk's raw bits run out.
-std::size_t decode_float32_groups_avx2(FusedStream* streams, unsigned count, std::size_t groups, bool& ok) noexcept;
+// nibble's bit 3 << 31 | tails[1][i] << 8 | tails[2][i]. `count` (1 to kMaxTogether) chunks of
+// one tensor (they share one head's tables) advance together, so that their dependency chains
+// overlap (each state update waits on a gather). A chunk whose raw bits run out gets ok[k]
+// false, and every other chunk has the returned groups decoded.
+std::size_t decode_float32_groups_avx2(FusedStream* streams, unsigned count, std::size_t groups, bool* ok) noexcept;
 
 // 16-bit floats the same way. bfloat16 (half false): element i = head | nibble's low 3 bits |
 // nibble's bit 3 << 15; float16 (half true): head | tails[0][i]'s low 7 bits | its bit 7 << 15.
 std::size_t decode_float16_groups_avx2(FusedStream* streams, unsigned count, bool half, std::size_t groups,
-                                       bool& ok) noexcept;
+                                       bool* ok) noexcept;
 
 // The same loops with AVX-512 (a chunk's sixteen states are one vector), called only when
-// rans::simd() is Simd::avx512. `count` (1 to kMaxTogether) chunks of one tensor (they share one head's
-// tables) advance together; a chunk whose raw
-// bits run out gets ok[k] false, and every other chunk has the returned groups decoded.
+// rans::simd() is Simd::avx512.
+//
 // Encodes `groups` whole groups of symbols, the last first, from the states x (updated) into
 // the words below p (moved down past them): the same words as the scalar loop. Needs 32
 // writable bytes below p's final place (the scratch's room for the states).

@@ -1,0 +1,43 @@
+// The encoder's head symbols with AVX2 (-mavx2): eight elements' head values
+// to symbols per gather, with the lanes whose symbols have raw bits, so that
+// the scalar pass writing raw bits visits only them.
+#include <immintrin.h>
+
+#include "fields_internal.hpp"
+
+namespace mmpack::fields {
+
+bool head_symbols_avx2(const std::uint8_t* bytes, std::size_t groups, unsigned width, unsigned shift, unsigned mask,
+                       const std::uint16_t* lookup, std::uint8_t* symbols, std::uint16_t* raw_lanes) noexcept {
+    const __m128i count = _mm_cvtsi32_si128(static_cast<int>(shift));
+    const __m256i value_mask = _mm256_set1_epi32(static_cast<int>(mask));
+    const __m256i low16 = _mm256_set1_epi32(0xFFFF);
+    const __m256i raw_flag = _mm256_set1_epi32(kHasRawBits);
+    // Symbol bytes of eight lanes: byte 0 of each lane to the low bytes of each 128-bit half.
+    const __m256i pick = _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+                                          0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
+    const auto* table = reinterpret_cast<const int*>(lookup);
+    __m256i missing = _mm256_setzero_si256();
+    for (std::size_t g = 0; g < groups; ++g) {
+        unsigned raw = 0;
+        for (unsigned half = 0; half < 2; ++half) {
+            const std::uint8_t* at = bytes + width * (16 * g + 8 * half);
+            const __m256i elements =
+                width == 4 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at))
+                           : _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(at)));
+            const __m256i value = _mm256_and_si256(_mm256_srl_epi32(elements, count), value_mask);
+            const __m256i entry = _mm256_and_si256(_mm256_i32gather_epi32(table, value, 2), low16);
+            missing = _mm256_or_si256(missing, _mm256_cmpeq_epi32(entry, low16));
+            const __m256i flagged = _mm256_cmpeq_epi32(_mm256_and_si256(entry, raw_flag), raw_flag);
+            raw |= static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(flagged))) << (8 * half);
+            const __m256i bytes_of = _mm256_shuffle_epi8(entry, pick);
+            const auto four = [&](int lane) { return static_cast<std::uint32_t>(_mm256_extract_epi32(bytes_of, lane)); };
+            const std::uint64_t eight = four(0) | static_cast<std::uint64_t>(four(4)) << 32;
+            __builtin_memcpy(symbols + 16 * g + 8 * half, &eight, 8);
+        }
+        raw_lanes[g] = static_cast<std::uint16_t>(raw);
+    }
+    return _mm256_testz_si256(missing, missing) != 0;
+}
+
+}  // namespace mmpack::fields
