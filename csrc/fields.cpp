@@ -326,8 +326,6 @@ Histograms empty_histograms(const Layout& layout) {
 }
 
 // Counts elements [begin, end): zeros and field 0 always, the other fields unless noise.
-// The head goes to four interleaved counters per value, so that runs of one exponent do
-// not wait on their own increments; they are summed at the end.
 template <unsigned W, Family F>
 void count_fields(const uint8_t* bytes, size_t begin, size_t end, const std::vector<char>& noise, Histograms& h) {
     const Layout layout{W, F};
@@ -335,8 +333,8 @@ void count_fields(const uint8_t* bytes, size_t begin, size_t end, const std::vec
     uint64_t zeros = 0;
     bool any_tail = false;
     for (unsigned f = 1; f < W; ++f) any_tail = any_tail || !noise[f];
-    // Long ranges count the head into four tables (consecutive equal values then do not wait on
-    // each other's increments); short ones (the noise sample's runs) count straight into the
+    // Long ranges count the head into four interleaved tables, summed at the end (runs of one
+    // exponent then do not wait on their own increments); short ones (the noise sample's runs) count straight into the
     // histogram, sparing the tables' clearing and summing, which would cost more than the run.
     const bool split = end - begin >= 16 * values;
     std::vector<uint32_t> head(split ? 4 * values : 0, 0);

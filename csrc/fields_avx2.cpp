@@ -30,10 +30,10 @@ bool head_symbols_avx2(const std::uint8_t* bytes, std::size_t groups, unsigned w
             missing = _mm256_or_si256(missing, _mm256_cmpeq_epi32(entry, low16));
             const __m256i flagged = _mm256_cmpeq_epi32(_mm256_and_si256(entry, raw_flag), raw_flag);
             raw |= static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(flagged))) << (8 * half);
-            const __m256i bytes_of = _mm256_shuffle_epi8(entry, pick);
-            const auto four = [&](int lane) { return static_cast<std::uint32_t>(_mm256_extract_epi32(bytes_of, lane)); };
-            const std::uint64_t eight = four(0) | static_cast<std::uint64_t>(four(4)) << 32;
-            __builtin_memcpy(symbols + 16 * g + 8 * half, &eight, 8);
+            // Then the two halves' four bytes side by side, stored as eight.
+            const __m256i bytes_of = _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(entry, pick),
+                                                                 _mm256_setr_epi32(0, 4, 0, 0, 0, 0, 0, 0));
+            _mm_storel_epi64(reinterpret_cast<__m128i*>(symbols + 16 * g + 8 * half), _mm256_castsi256_si128(bytes_of));
         }
         raw_lanes[g] = static_cast<std::uint16_t>(raw);
     }

@@ -149,7 +149,9 @@ Simd cpu_simd() noexcept {
     // __builtin_cpu_supports also checks that the OS saves the registers' state (XGETBV).
     static const Simd supported = [] {
         __builtin_cpu_init();
-        if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("bmi2"))) return Simd::scalar;
+        if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("bmi2") && __builtin_cpu_supports("popcnt"))) {
+            return Simd::scalar;
+        }
         const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                             __builtin_cpu_supports("avx512vbmi");
         return avx512 ? Simd::avx512 : Simd::avx2;

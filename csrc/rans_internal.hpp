@@ -1,7 +1,7 @@
-// Between the portable and the AVX2 translation units of the decoder; not
-// part of the kernels' interface. The AVX2 loops are called only when
-// rans::have_avx2(), and only on whole groups of kLanes symbols starting at
-// lane 0; the portable code finishes whatever they leave.
+// Between the portable and the vector translation units of the coder; not
+// part of the kernels' interface. The vector loops are called only when
+// rans::simd() names their level, and only on whole groups of kLanes symbols
+// starting at lane 0; the portable code finishes whatever they leave.
 #pragma once
 
 #include <cstddef>

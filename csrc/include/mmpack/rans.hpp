@@ -20,7 +20,7 @@ inline constexpr unsigned kLanes = 16;
 inline constexpr std::uint32_t kLow = 1u << 16;  // states live in [kLow, 2^32)
 inline constexpr std::size_t kStateBytes = kLanes * 4;
 inline constexpr unsigned kMaxSymbols = 256;
-// Chunks of one tensor the AVX-512 loop decodes together (their chains of states overlap).
+// Chunks of one tensor the vector loops decode together (their chains of states overlap).
 inline constexpr unsigned kMaxTogether = 4;
 
 // slot -> freq | (slot - start) << 12 | symbol << 24, for the 4096 slots.
