@@ -333,35 +333,38 @@ void count_fields(const uint8_t* bytes, size_t begin, size_t end, const std::vec
     uint64_t zeros = 0;
     bool any_tail = false;
     for (unsigned f = 1; f < W; ++f) any_tail = any_tail || !noise[f];
-    // Long ranges count the head into four interleaved tables, summed at the end (runs of one
-    // exponent then do not wait on their own increments); short ones (the noise sample's runs) count straight into the
-    // histogram, sparing the tables' clearing and summing, which would cost more than the run.
-    const bool split = end - begin >= 16 * values;
-    std::vector<uint32_t> head(split ? 4 * values : 0, 0);
-    for (size_t i = begin; i < end && !split; ++i) {
-        const uint64_t v = load_element(bytes + i * W, W);
-        zeros += v == 0;
-        ++h.fields[0][field_of(layout, v, 0)];
-    }
-    for (size_t start = begin; start < end && split; start += size_t{1} << 30) {  // 32-bit counters
-        const size_t stop = std::min(end, start + (size_t{1} << 30));
-        size_t i = start;
-        for (; i + 4 <= stop; i += 4) {
-            for (unsigned k = 0; k < 4; ++k) {
-                const uint64_t v = load_element(bytes + (i + k) * W, W);
-                zeros += v == 0;
-                ++head[k * values + field_of(layout, v, 0)];
-            }
-        }
-        for (; i < stop; ++i) {
+    if (end - begin < 16 * values) {
+        // Short ranges (the noise sample's runs) count straight into the histogram: clearing and
+        // summing four tables would cost more than the run.
+        for (size_t i = begin; i < end; ++i) {
             const uint64_t v = load_element(bytes + i * W, W);
             zeros += v == 0;
-            ++head[field_of(layout, v, 0)];
+            ++h.fields[0][field_of(layout, v, 0)];
         }
-        for (size_t k = 0; k < values; ++k) {
-            h.fields[0][k] += uint64_t{head[k]} + head[values + k] + head[2 * values + k] + head[3 * values + k];
+    } else {
+        // Four interleaved tables, summed at the end: runs of one exponent then do not wait on
+        // their own increments.
+        std::vector<uint32_t> head(4 * values, 0);
+        for (size_t start = begin; start < end; start += size_t{1} << 30) {  // 32-bit counters
+            const size_t stop = std::min(end, start + (size_t{1} << 30));
+            size_t i = start;
+            for (; i + 4 <= stop; i += 4) {
+                for (unsigned k = 0; k < 4; ++k) {
+                    const uint64_t v = load_element(bytes + (i + k) * W, W);
+                    zeros += v == 0;
+                    ++head[k * values + field_of(layout, v, 0)];
+                }
+            }
+            for (; i < stop; ++i) {
+                const uint64_t v = load_element(bytes + i * W, W);
+                zeros += v == 0;
+                ++head[field_of(layout, v, 0)];
+            }
+            for (size_t k = 0; k < values; ++k) {
+                h.fields[0][k] += uint64_t{head[k]} + head[values + k] + head[2 * values + k] + head[3 * values + k];
+            }
+            std::fill(head.begin(), head.end(), 0);
         }
-        std::fill(head.begin(), head.end(), 0);
     }
     if (any_tail) {
         for (size_t i = begin; i < end; ++i) {

@@ -15,7 +15,6 @@
 #include <algorithm>
 #include <array>
 #include <climits>
-#include <cstring>
 
 #include "rans_internal.hpp"
 #include "simd_nibbles.hpp"
