@@ -190,13 +190,10 @@ def v3_contender(data: Data, xor: bool):
         out = []
         for k, (encoded, (d, row_bytes, dtype)) in enumerate(zip(stored, data.tensors)):
             per_chunk = compression.rows_per_chunk(row_bytes, RANS_CHUNK) * row_bytes
-            starts = np.cumsum([encoded.table_length, *encoded.chunk_lengths])
-            jobs = [(0, 0, int(starts[c]), length, 0, c * per_chunk, min(per_chunk, len(d) - c * per_chunk), 0, 0)
-                    for c, length in enumerate(encoded.chunk_lengths)]
             result = np.empty(len(d), np.uint8)
-            if jobs:
+            if encoded.chunk_lengths:
                 rans.decode([encoded.data[: encoded.table_length]], [rans.layout_code(dtype)], [encoded.data],
-                            np.array(jobs, np.uint64), [result], None)
+                            rans.section_jobs(encoded, per_chunk, len(d)), [result], None)
             if xor:
                 np.bitwise_xor(result, data.references[k], out=result)
             out.append(result)

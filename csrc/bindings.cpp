@@ -491,7 +491,7 @@ void py_rans_set_simd(const std::string& path) {
     throw py::value_error("unknown rANS loops " + path + ": expected scalar, avx2 or avx512");
 }
 
-constexpr std::size_t kJobColumns = 9;
+constexpr std::size_t kJobColumns = 10;
 
 [[noreturn]] void raise_decode_error(const std::string& message, std::size_t job) {
     PyErr_SetObject(g_decode_error, py::make_tuple(message, job).ptr());
@@ -519,6 +519,7 @@ struct DecodeJob {
     std::size_t length;
     std::byte* out;
     std::size_t out_length;
+    std::size_t elements;  // in the whole chunk; out_length may hold only a prefix of them
     std::size_t row_bytes;
     std::uint64_t* hashes;
     std::uint64_t file;  // the descriptor's index, for errors
@@ -588,7 +589,7 @@ void rans_decode_jobs(const py::sequence& tables, const py::handle& layouts, con
         throw py::value_error("layouts has " + std::to_string(layout_codes.size()) + " entries for " +
                               std::to_string(py::len(tables)) + " tables");
     }
-    if (jobs.size() % kJobColumns != 0) throw py::value_error("jobs must hold 9 numbers per job");
+    if (jobs.size() % kJobColumns != 0) throw py::value_error("jobs must hold 10 numbers per job");
     const std::size_t n_jobs = jobs.size() / kJobColumns;
     std::vector<mmpack::fields::Layout> table_layouts;
     for (std::size_t t = 0; t < layout_codes.size(); ++t) {
@@ -635,9 +636,12 @@ void rans_decode_jobs(const py::sequence& tables, const py::handle& layouts, con
         job.out_length = static_cast<std::size_t>(j[6]);
         job.row_bytes = static_cast<std::size_t>(j[7]);
         job.hashes = nullptr;
-        if (job.out_length % table_layouts[job.table].width != 0) {
+        const unsigned width = table_layouts[job.table].width;
+        if (job.out_length % width != 0 || j[9] % width != 0) {
             throw py::value_error("job " + std::to_string(k) + ": output is not whole elements");
         }
+        if (j[6] > j[9]) throw py::value_error("job " + std::to_string(k) + ": output is longer than its chunk");
+        job.elements = static_cast<std::size_t>(j[9] / width);
         if (job.row_bytes != 0) {
             if (job.out_length % job.row_bytes != 0) {
                 throw py::value_error("job " + std::to_string(k) + ": output is not whole rows");
@@ -707,6 +711,7 @@ void rans_decode_jobs(const py::sequence& tables, const py::handle& layouts, con
                     }
                     mmpack::ConstBytes chunks[mmpack::rans::kMaxTogether];
                     mmpack::MutableBytes outs[mmpack::rans::kMaxTogether];
+                    std::size_t elements[mmpack::rans::kMaxTogether];
                     for (unsigned t = 0; t < together; ++t) {
                         const DecodeJob& one = work[k + t];
                         const std::byte* payload = one.payload;
@@ -725,8 +730,9 @@ void rans_decode_jobs(const py::sequence& tables, const py::handle& layouts, con
                         }
                         chunks[t] = {payload, one.length};
                         outs[t] = {one.out, one.out_length};
+                        elements[t] = one.elements;
                     }
-                    decoder.decode_together(chunks, outs, together, &errors[k]);
+                    decoder.decode_together(chunks, outs, elements, together, &errors[k]);
                     for (unsigned t = 0; t + 1 < together; ++t) hash(k++);
                     hash(k);
                 }
@@ -828,12 +834,14 @@ PYBIND11_MODULE(_native, m) {
     m.attr("DecodeError") = py::handle(g_decode_error);
     m.def("rans_decode", &py_rans_decode, py::arg("tables"), py::arg("layouts"), py::arg("payloads"), py::arg("jobs"),
           py::arg("dst"), py::arg("hashes") = py::none(),
-          "Decode chunks of version 3 sections. Job k is jobs[9k:9k+9] = (table, payload, offset, length,\n"
-          "dst index, dst offset, out length, row bytes, first hash): the chunk at payloads[payload][offset:\n"
-          "offset+length] decodes with tables[table] (layout layouts[table]) into out length bytes of\n"
-          "dst[dst index] at dst offset; with row bytes > 0 the XXH3-64 of each decoded row goes to\n"
-          "hashes[first hash + r]. Every range is checked first; jobs must write disjoint ranges and run\n"
-          "on the kernels' threads. A corrupt table or chunk raises DecodeError.");
+          "Decode chunks of version 3 sections. Job k is jobs[10k:10k+10] = (table, payload, offset, length,\n"
+          "dst index, dst offset, out length, row bytes, first hash, chunk bytes): the chunk at\n"
+          "payloads[payload][offset:offset+length], which decodes to chunk bytes, decodes with\n"
+          "tables[table] (layout layouts[table]) into out length bytes of dst[dst index] at dst offset;\n"
+          "an out length below chunk bytes decodes only that prefix, whose streams' ends go unchecked\n"
+          "(check the rows against stored hashes). With row bytes > 0 the XXH3-64 of each decoded row\n"
+          "goes to hashes[first hash + r]. Every range is checked first; jobs must write disjoint ranges\n"
+          "and run on the kernels' threads. A corrupt table or chunk raises DecodeError.");
     m.def("rans_decode_files", &py_rans_decode_files, py::arg("tables"), py::arg("layouts"), py::arg("fds"),
           py::arg("jobs"), py::arg("dst"), py::arg("hashes") = py::none(),
           "rans_decode with the chunks still in files: a job's payload index names fds[index] and its\n"

@@ -1085,16 +1085,17 @@ enum class Planes { ready, not_fusable, corrupt, no_memory };
 
 // Fields 1 and up of a chunk as the fused loops read them: raw fields in place, the others
 // decoded into this thread's scratch for `slot` (nibble fields packed two to a byte; chunks
-// decoded together each have a slot). not_fusable when a raw field's stream has the wrong
-// length (the generic loop then reports the chunk corrupt); nothing is consumed in that case.
+// decoded together each have a slot), the first n of the chunk's `total` elements. not_fusable
+// when a raw field's stream has the wrong length for `total` (the generic loop then reports the
+// chunk corrupt); nothing is consumed in that case.
 Planes tail_planes(FieldReader* readers, const Model& model, const std::vector<Coded>& coded, size_t n,
-                   unsigned slot, const uint8_t** tails) noexcept {
+                   size_t total, unsigned slot, const uint8_t** tails) noexcept {
     thread_local std::vector<uint8_t> slots[rans::kMaxTogether][3];
     std::vector<uint8_t>* const scratch = slots[slot];
     thread_local std::vector<uint8_t> values;
     const Layout& layout = model.layout;
     for (unsigned f = 1; f < layout.width; ++f) {
-        if (readers[f].mode == Mode::raw && readers[f].raw.size != bits::packed_bytes(n, layout.bits(f))) {
+        if (readers[f].mode == Mode::raw && readers[f].raw.size != bits::packed_bytes(total, layout.bits(f))) {
             return Planes::not_fusable;
         }
     }
@@ -1152,20 +1153,23 @@ struct Decoder::Chunk {
     FieldReader readers[8];
     const uint8_t* tails[4] = {};
     rans::FusedHead fused;
-    size_t n = 0;
-    size_t done = 0;  // elements written by a fused loop
+    size_t n = 0;      // elements to decode
+    size_t total = 0;  // elements in the chunk: more than n for a prefix
+    size_t done = 0;   // elements written by a fused loop
     uint8_t* dst = nullptr;
     bool is_fused = false;
     bool failed = false;  // a fused loop stopped on corrupt raw bits
 };
 
-const char* Decoder::open(ConstBytes chunk, MutableBytes out, unsigned slot, Chunk& c) const noexcept {
+const char* Decoder::open(ConstBytes chunk, MutableBytes out, size_t elements, unsigned slot, Chunk& c) const noexcept {
     const Impl& m = *impl_;
     const Model& model = m.model;
     const Layout& layout = model.layout;
     const unsigned w = layout.width;
     if (out.size % w != 0) return "a chunk's output is not whole elements";
     c.n = out.size / w;
+    if (c.n > elements) return "a chunk's output is longer than its elements";
+    c.total = elements;
     c.dst = reinterpret_cast<uint8_t*>(out.data);
     const auto* bytes = reinterpret_cast<const uint8_t*>(chunk.data);
     // The directory, then every stream where it says.
@@ -1199,7 +1203,7 @@ const char* Decoder::open(ConstBytes chunk, MutableBytes out, unsigned slot, Chu
     }
     if (position != chunk.size) return "a chunk has bytes its directory does not account for";
     if (m.fast_float32 || m.fast_float16) {
-        switch (tail_planes(c.readers, model, m.coded, c.n, slot, c.tails)) {
+        switch (tail_planes(c.readers, model, m.coded, c.n, c.total, slot, c.tails)) {
             case Planes::corrupt: return kCorrupt;
             case Planes::no_memory: return "out of memory for a chunk's scratch";
             case Planes::not_fusable: break;
@@ -1296,6 +1300,7 @@ const char* Decoder::finish(Chunk& c) const noexcept {
             done += b;
         }
     }
+    if (n < c.total) return nullptr;  // a prefix: the streams go on past it
     for (unsigned f = 0; f < w; ++f) {
         const FieldReader& r = readers[f];
         if (r.mode == Mode::raw && !r.raw.finished(layout.bits(f))) return kCorrupt;
@@ -1307,19 +1312,19 @@ const char* Decoder::finish(Chunk& c) const noexcept {
     return nullptr;
 }
 
-const char* Decoder::decode(ConstBytes chunk, MutableBytes out) const noexcept {
+const char* Decoder::decode(ConstBytes chunk, MutableBytes out, size_t elements) const noexcept {
     Chunk c;
-    const char* error = open(chunk, out, 0, c);
+    const char* error = open(chunk, out, elements, 0, c);
     return error != nullptr ? error : finish(c);
 }
 
-void Decoder::decode_together(const ConstBytes* chunks, const MutableBytes* outs, unsigned count,
-                              const char** errors) const noexcept {
+void Decoder::decode_together(const ConstBytes* chunks, const MutableBytes* outs, const size_t* elements,
+                              unsigned count, const char** errors) const noexcept {
     Chunk c[rans::kMaxTogether];
     Chunk* fused[rans::kMaxTogether];
     unsigned n_fused = 0;
     for (unsigned k = 0; k < count; ++k) {
-        errors[k] = open(chunks[k], outs[k], k, c[k]);
+        errors[k] = open(chunks[k], outs[k], elements[k], k, c[k]);
         if (errors[k] == nullptr && c[k].is_fused) fused[n_fused++] = &c[k];
     }
     if (n_fused > 1) run_fused(fused, n_fused, impl_->model.layout);

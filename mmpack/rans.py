@@ -32,7 +32,7 @@ FLOATING, INTEGER, HALF = 0, 1, 2  # the layout families of docs/FORMAT.md
 _FLOATING_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.complex64, torch.complex128)
 # A chunk's table block holds at most this many bytes per field: a mode, a count and 256 symbols.
 _MAX_TABLE_BYTES_PER_FIELD = 1 + 2 + 4 * 256
-JOB_COLUMNS = 9
+JOB_COLUMNS = 10
 
 
 @functools.cache
@@ -72,6 +72,19 @@ def encode_rows(data: np.ndarray, n_rows: int, row_bytes: int, dtype: torch.dtyp
     ``chunk_rows`` rows, with one table block for all of them."""
     section = _native.rans_encode(data, n_rows, row_bytes, chunk_rows, layout_code(dtype))
     return Encoded(np.frombuffer(section, np.uint8), section.table_length, tuple(section.chunk_lengths))
+
+
+def section_jobs(encoded: Encoded, chunk_bytes: int, total: int) -> np.ndarray:
+    """Decode jobs (see :func:`decode`) for every chunk of ``encoded`` in payload 0, each whole
+    into its place in destination 0 (``total`` bytes, chunks of ``chunk_bytes``), no hashes."""
+    starts = np.cumsum([encoded.table_length, *encoded.chunk_lengths])
+    jobs = np.zeros((len(encoded.chunk_lengths), JOB_COLUMNS), np.uint64)
+    at = np.arange(len(encoded.chunk_lengths), dtype=np.uint64) * np.uint64(chunk_bytes)
+    jobs[:, 2] = starts[:-1]
+    jobs[:, 3] = encoded.chunk_lengths
+    jobs[:, 5] = at
+    jobs[:, 6] = jobs[:, 9] = np.minimum(np.uint64(chunk_bytes), np.uint64(total) - at)
+    return jobs
 
 
 @dataclass(frozen=True)
@@ -152,7 +165,8 @@ def decode(
     tables: Sequence[Any], layouts: Sequence[int], payloads: Sequence[Any], jobs: np.ndarray,
     destinations: Sequence[np.ndarray], hashes: np.ndarray | None,
 ) -> None:
-    """Run decode jobs (``JOB_COLUMNS`` numbers each, see ``_native.rans_decode``) on the kernels'
+    """Run decode jobs (``JOB_COLUMNS`` numbers each, see ``_native.rans_decode``: a job whose out
+    length is below its chunk bytes decodes only that prefix of the chunk) on the kernels'
     threads; a corrupt table block or chunk raises :class:`IntegrityError`."""
     try:
         _native.rans_decode(list(tables), np.asarray(layouts, np.uint64), list(payloads),

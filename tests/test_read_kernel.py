@@ -313,9 +313,7 @@ weights = (rng.standard_normal(300 * 500) * 0.05).astype(np.float32).view(np.uin
 encoded = rans.encode_rows(weights, 300, 2000, torch.float32, 7)
 section = os.path.join(os.path.dirname(path), "section.bin")
 encoded.data.tofile(section)
-starts = np.cumsum([encoded.table_length, *encoded.chunk_lengths])
-jobs = np.array([(0, 0, int(starts[c]), n, 0, c * 7 * 2000, min(7, 300 - 7 * c) * 2000, 0, 0)
-                 for c, n in enumerate(encoded.chunk_lengths)], U64)
+jobs = rans.section_jobs(encoded, 7 * 2000, len(weights))
 out = np.zeros(len(weights), np.uint8)
 section_fd = os.open(section, os.O_RDONLY)
 rans.decode_files([encoded.data[: encoded.table_length]], [rans.layout_code(torch.float32)], [section_fd], jobs,

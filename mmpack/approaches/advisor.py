@@ -128,11 +128,8 @@ def measured_throughputs() -> Throughputs:
 
 def _decode_all(encoded: rans.Encoded, layout: int, chunk_raw: int, total: int) -> None:
     out = np.empty(total, np.uint8)
-    starts = np.cumsum([encoded.table_length, *encoded.chunk_lengths])
-    jobs = [(0, 0, int(starts[c]), length, 0, c * chunk_raw, min(chunk_raw, total - c * chunk_raw), 0, 0)
-            for c, length in enumerate(encoded.chunk_lengths)]
     table = encoded.data[: encoded.table_length]
-    rans.decode([table], [layout], [encoded.data], np.array(jobs, np.uint64), [out], None)
+    rans.decode([table], [layout], [encoded.data], rans.section_jobs(encoded, chunk_raw, total), [out], None)
 
 
 def _best_of(action, runs: int = 3) -> float:

@@ -51,13 +51,12 @@ class Pieces:
 def plan(header: Header, tensors: np.ndarray, first: np.ndarray, counts: np.ndarray, dst: np.ndarray) -> Pieces:
     """Cut runs (``counts[k]`` rows of tensor ``tensors[k]`` from stored row ``first[k]``, to
     destination rows from ``dst[k]``) at the chunk boundaries of a compressed object."""
-    layout = header.layout
-    chunking = layout.chunking
-    assert chunking is not None
-    t, first, counts, dst = (np.asarray(a).astype(np.int64) for a in (tensors, first, counts, dst))
-    if np.any(first < 0) or np.any(first + counts > np.array(layout.rows, np.int64)[t]):
+    per = header.per_tensor
+    assert per.chunk_rows is not None
+    t, first, counts, dst = (np.asarray(a, np.int64) for a in (tensors, first, counts, dst))
+    if (first < 0).any() or (first + counts > per.rows[t]).any():
         raise FormatError("a requested row lies outside the object's stored rows")
-    per_chunk = np.array(chunking.chunk_rows, np.int64)[t]
+    per_chunk = per.chunk_rows[t]
     first_chunk, last_chunk = first // per_chunk, (first + counts - 1) // per_chunk
     n_pieces = np.where(counts > 0, last_chunk - first_chunk + 1, 0)
     run = np.repeat(np.arange(len(t)), n_pieces)
@@ -69,7 +68,8 @@ def plan(header: Header, tensors: np.ndarray, first: np.ndarray, counts: np.ndar
     tensor = t[run]
     key = tensor * (int(chunk.max(initial=0)) + 1) + chunk
     order = np.argsort(key, kind="stable")
-    starts = np.concatenate([[0], np.flatnonzero(np.diff(key[order])) + 1, [len(order)]]) if len(order) else [0]
+    ordered = key[order]
+    starts = np.concatenate(([0], np.flatnonzero(ordered[1:] != ordered[:-1]) + 1, [len(order)])) if len(order) else [0]
     return Pieces(tensor, chunk, begin, end, target, hash_at, order, np.asarray(starts, np.int64))
 
 
@@ -145,70 +145,77 @@ def _read_rans(source: Reader, header: Header, pieces: Pieces, destinations: lis
                hashes: np.ndarray) -> None:
     """Version 3: every chunk's read, decode job and row copies planned as arrays (a full read of
     5,000 FFNN-48 models touches about 400 chunks), then decoded in rounds of _ROUND_BYTES."""
-    layout, arch = header.layout, header.architecture
-    chunking = layout.chunking
-    assert isinstance(chunking, rans.RansChunking)
-    row_bytes = np.array([s.nbytes for s in arch.tensors], np.int64)
+    chunking, per = header.layout.chunking, header.per_tensor
+    assert isinstance(chunking, rans.RansChunking) and per.chunk_rows is not None
     first_piece = pieces.order[pieces.group_starts[:-1]]
     n_pieces = np.diff(pieces.group_starts)
     j, c = pieces.tensor[first_piece], pieces.chunk[first_piece]
-    size = row_bytes[j]
+    size = per.row_bytes[j]
+    order = pieces.order
     empty = size == 0
     if empty.any():  # zero-element rows: nothing is stored, every row hashes as empty bytes
         for k in pieces.order[np.repeat(empty, n_pieces)]:
             hashes[pieces.hash_at[k] : pieces.hash_at[k] + pieces.end[k] - pieces.begin[k]] = _native.xxh3_64(b"")
         keep = ~empty
         first_piece, n_pieces, j, c, size = first_piece[keep], n_pieces[keep], j[keep], c[keep], size[keep]
-        group_of_piece = np.repeat(keep, np.diff(pieces.group_starts))
-        order = pieces.order[group_of_piece]
-    else:
-        order = pieces.order
+        order = order[np.repeat(keep, np.diff(pieces.group_starts))]
     if not len(j):
         return
-    per_chunk = np.array(chunking.chunk_rows, np.int64)[j]
+    per_chunk = per.chunk_rows[j]
     chunk_first = c * per_chunk
-    count = np.minimum(chunk_first + per_chunk, np.array(layout.rows, np.int64)[j]) - chunk_first
-    position = chunking.flat_starts[chunking.flat_base[j] + c]
-    length = chunking.flat_starts[chunking.flat_base[j] + c + 1] - position
-    offset = header.data_start + np.array(layout.tensor_offsets, np.int64)[j] + position
+    count = np.minimum(chunk_first + per_chunk, per.rows[j]) - chunk_first
+    flat = chunking.flat_base[j] + c
+    position = chunking.flat_starts[flat]
+    length = chunking.flat_starts[flat + 1] - position
+    offset = per.starts[j] + position
     whole = (n_pieces == 1) & (pieces.begin[first_piece] == chunk_first)
     whole &= (pieces.end[first_piece] - chunk_first == count) & (not xor)
-    tensors_used = np.unique(j)
-    # Every table block the read needs, in one read (a block starts each tensor's section).
-    table_lengths = np.array(chunking.tables, np.int64)[tensors_used]
-    table_at = np.cumsum(table_lengths) - table_lengths
-    table_bytes = np.empty(int(table_lengths.sum()), np.uint8)
-    source.read_segments((header.data_start + np.array(layout.tensor_offsets, np.int64)[tensors_used]).astype(U64),
-                         table_lengths.astype(U64), [table_bytes], np.zeros(len(tensors_used), U64),
-                         table_at.astype(U64))
-    tables = [table_bytes[a : a + n] for a, n in zip(table_at.tolist(), table_lengths.tolist())]
-    table_index = np.searchsorted(tensors_used, j)
+    tensors_used, table_index = np.unique(j, return_inverse=True)
+    tables, read = _table_blocks(source, header, tensors_used.tolist())
     layouts = [chunking.layouts[t] for t in tensors_used.tolist()]
-    # Rounds: consecutive chunks up to _ROUND_BYTES of staging (at least one each): the stored
-    # bytes read ahead of decoding, unless the kernels read chunks from the file themselves, and
-    # the scratch that chunks not decoded in place decode into.
+    # Rounds: runs of consecutive chunks up to _ROUND_BYTES of staging (at least one each): the
+    # stored bytes read ahead of decoding, unless the kernels read chunks from the file
+    # themselves, and the scratch that chunks not decoded in place decode into.
     files = source.descriptor()
     ends = np.cumsum(np.where(whole, 0, count * size) + (0 if files else length))
-    round_of = np.zeros(len(j), np.int64)
-    begin, r = 0, 0
+    rounds, begin = [], 0
     while begin < len(j):
-        stop = max(begin + 1, int(np.searchsorted(ends, (ends[begin - 1] if begin else 0) + _ROUND_BYTES, "right")))
-        round_of[begin:stop] = r
-        begin, r = stop, r + 1
-    group_ends = np.cumsum(n_pieces)
-    for r in range(int(round_of[-1]) + 1):
-        g = np.flatnonzero(round_of == r)
-        pieces_of_round = order[(group_ends[g[0]] - n_pieces[g[0]]) : group_ends[g[-1]]]
-        _decode_round(source, files, pieces, pieces_of_round, n_pieces[g], j[g], c[g], size[g], offset[g],
-                      length[g], chunk_first[g], count[g], whole[g], table_index[g], tables, layouts, row_bytes,
-                      destinations, xor, hashes)
+        limit = (ends[begin - 1] if begin else 0) + _ROUND_BYTES
+        stop = len(j) if ends[-1] <= limit else max(begin + 1, int(np.searchsorted(ends, limit, "right")))
+        rounds.append(slice(begin, stop))
+        begin = stop
+    piece_starts = np.cumsum(n_pieces) - n_pieces
+    for r in rounds:
+        pieces_of_round = order[piece_starts[r.start] : piece_starts[r.stop - 1] + n_pieces[r.stop - 1]]
+        _decode_round(source, files, pieces, pieces_of_round, n_pieces[r], j[r], size[r], offset[r], length[r],
+                      chunk_first[r], count[r], whole[r], table_index[r], tables, layouts, destinations, xor, hashes)
+    per.table_blocks.update(read)  # only once chunks have decoded with them
+
+
+def _table_blocks(source: Reader, header: Header, tensors: list[int]) -> tuple[list[np.ndarray], dict]:
+    """The table blocks of ``tensors`` (one starts each tensor's section), and those of them that
+    had to be read: they join the header's blocks once chunks decode with them (a block read
+    wrong by a failing store is not kept)."""
+    per = header.per_tensor
+    assert per.tables is not None
+    known = per.table_blocks
+    missing = np.array([t for t in tensors if t not in known], np.int64)
+    read = {}
+    if len(missing):
+        lengths = per.tables[missing]
+        at = np.cumsum(lengths) - lengths
+        blocks = np.empty(int(lengths.sum()), np.uint8)
+        source.read_segments(per.starts[missing].astype(U64), lengths.astype(U64), [blocks],
+                             np.zeros(len(missing), U64), at.astype(U64))
+        read = {t: blocks[a : a + n] for t, a, n in zip(missing.tolist(), at.tolist(), lengths.tolist())}
+    return [known[t] if t in known else read[t] for t in tensors], read
 
 
 def _decode_round(source: Reader, files: tuple[int, int] | None, pieces: Pieces, round_pieces: np.ndarray,
-                  n_pieces: np.ndarray, j: np.ndarray, c: np.ndarray, size: np.ndarray, offset: np.ndarray,
-                  length: np.ndarray, chunk_first: np.ndarray, count: np.ndarray, whole: np.ndarray,
-                  table_index: np.ndarray, tables: list, layouts: list[int], row_bytes: np.ndarray,
-                  destinations: list[np.ndarray], xor: bool, hashes: np.ndarray) -> None:
+                  n_pieces: np.ndarray, j: np.ndarray, size: np.ndarray, offset: np.ndarray, length: np.ndarray,
+                  chunk_first: np.ndarray, count: np.ndarray, whole: np.ndarray, table_index: np.ndarray,
+                  tables: list, layouts: list[int], destinations: list[np.ndarray], xor: bool,
+                  hashes: np.ndarray) -> None:
     """Decode some chunks in one native call: read from the file by the threads that decode them
     when ``files`` (the source's descriptor and base position) is given, else read first."""
     if files is None:
@@ -220,30 +227,35 @@ def _decode_round(source: Reader, files: tuple[int, int] | None, pieces: Pieces,
                              at.astype(U64))
     else:
         at = offset + files[1]
-    decoded_bytes = np.where(whole, 0, count * size)
+    group_at = np.cumsum(n_pieces) - n_pieces
+    # A chunk not decoded in place decodes into scratch only as far as its last wanted row: a
+    # chunk's streams are read from its start, and the rows it yields are checked against their
+    # stored hashes, so the rest of it is not needed (one model of a set: about half a chunk).
+    prefix_rows = np.maximum.reduceat(pieces.end[round_pieces], group_at) - chunk_first
+    decoded_bytes = np.where(whole, 0, prefix_rows * size)
     scratch_at = np.cumsum(decoded_bytes) - decoded_bytes
-    decoded = _scratch("decoded", int(decoded_bytes.sum()))
-    first_piece = round_pieces[np.cumsum(n_pieces) - n_pieces]
-    jobs = np.empty((len(j), 9), np.uint64)
+    decoded = _scratch("decoded", int(decoded_bytes[-1] + scratch_at[-1]))
+    first_piece = round_pieces[group_at]
+    jobs = np.zeros((len(j), rans.JOB_COLUMNS), np.uint64)
     jobs[:, 0] = table_index
-    jobs[:, 1] = 0
     jobs[:, 2] = at
     jobs[:, 3] = length
     jobs[:, 4] = np.where(whole, 1 + j, 0)
     jobs[:, 5] = np.where(whole, pieces.target[first_piece] * size, scratch_at)
-    jobs[:, 6] = count * size
+    jobs[:, 6] = np.where(whole, count * size, decoded_bytes)
     jobs[:, 7] = np.where(whole, size, 0)
     jobs[:, 8] = np.where(whole, pieces.hash_at[first_piece], 0)
+    jobs[:, 9] = count * size
     if files is None:
         rans.decode(tables, layouts, [payload], jobs, [decoded, *destinations], hashes)
     else:
         with source.direct_reads():
             rans.decode_files(tables, layouts, [files[0]], jobs, [decoded, *destinations], hashes,
                               [getattr(source, "name", "an object")])
-    partial = ~whole
-    if not partial.any():
+    if whole.all():
         return
     # Rows of the other chunks, from the scratch into place (copied or XORed), hashed as they land.
+    partial = ~whole
     per_piece = np.repeat(np.arange(len(j)), n_pieces)
     k = round_pieces[np.repeat(partial, n_pieces)]
     group = per_piece[np.repeat(partial, n_pieces)]

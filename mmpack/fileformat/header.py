@@ -7,8 +7,10 @@ import json
 import struct
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from mmpack import _json, _native
 from mmpack.architecture import Architecture
@@ -126,6 +128,23 @@ class Layout:
 
 
 @dataclass(frozen=True)
+class PerTensor:
+    """A header's numbers per tensor as int64 arrays, for planning reads without Python loops:
+    stored ``rows``, where each section starts in the object (``starts``), ``row_bytes``, and for
+    compressed objects ``chunk_rows`` and (version 3) the table block lengths ``tables``.
+    ``table_blocks`` keeps, by tensor, the version 3 table blocks that chunks have decoded with:
+    an object never changes, so a reader of it reads each block once (a header belongs to one
+    opening of one object)."""
+
+    rows: np.ndarray
+    starts: np.ndarray
+    row_bytes: np.ndarray
+    chunk_rows: np.ndarray | None
+    tables: np.ndarray | None
+    table_blocks: dict[int, np.ndarray] = field(default_factory=dict, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
 class Header:
     """A parsed, validated header: what a reader knows before touching the data."""
 
@@ -140,6 +159,21 @@ class Header:
     def file_size(self) -> int:
         """Exact size of a well-formed object with this header."""
         return self.data_start + self.layout.data_length
+
+    @functools.cached_property
+    def per_tensor(self) -> PerTensor:
+        """The layout's per-tensor numbers as arrays (computed once per header)."""
+        layout, chunking = self.layout, self.layout.chunking
+
+        def array(values) -> np.ndarray:
+            return np.array(values, np.int64).reshape(-1)
+
+        return PerTensor(
+            array(layout.rows), self.data_start + array(layout.tensor_offsets),
+            array([s.nbytes for s in self.architecture.tensors]),
+            None if chunking is None else array(chunking.chunk_rows),
+            array(chunking.tables) if isinstance(chunking, RansChunking) else None,
+        )
 
 
 def encode_header(

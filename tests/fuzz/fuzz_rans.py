@@ -87,12 +87,14 @@ def seed_corpus() -> None:
 SIMD_PATHS = _native.rans_simd_paths()  # portable first
 
 
-def decode(code: int, width: int, n: int, table: bytes, chunk: bytes, path: str, copies: int = 1) -> bytes | None:
-    """The chunk decoded with the ``path`` loops, as ``copies`` jobs of one call (so the vector
-    loop decodes them together); None when rejected. Every copy must come out the same."""
-    size = n * width
+def decode(code: int, width: int, n: int, table: bytes, chunk: bytes, path: str, copies: int = 1,
+           prefix: int | None = None) -> bytes | None:
+    """The chunk (of n elements) decoded with the ``path`` loops, as ``copies`` jobs of one call
+    (so the vector loop decodes them together), or only its first ``prefix`` elements; None when
+    rejected. Every copy must come out the same."""
+    size = (n if prefix is None else prefix) * width
     out = np.zeros(copies * size, np.uint8)
-    jobs = np.array([[0, 0, 0, len(chunk), 0, k * size, size, 0, 0] for k in range(copies)], np.uint64)
+    jobs = np.array([[0, 0, 0, len(chunk), 0, k * size, size, 0, 0, n * width] for k in range(copies)], np.uint64)
     _native.rans_set_simd(path)
     try:
         _native.rans_decode([np.frombuffer(table, np.uint8)], np.array([code], np.uint64),
@@ -127,6 +129,15 @@ def test_one_input(data: bytes) -> None:
             if decode(code, width, n, table, chunk, path, copies) != portable:
                 raise AssertionError(f"the {path} and portable decoders disagree on layout {layout}/{width}, n={n} "
                                      f"({copies} copies)")
+    # A prefix (what partial reads decode): the same on every loop, and where the whole chunk
+    # decodes, the start of it.
+    prefix = len(chunk) % (n + 1)
+    cut = decode(code, width, n, table, chunk, SIMD_PATHS[0], prefix=prefix)
+    for path in SIMD_PATHS[1:]:
+        if decode(code, width, n, table, chunk, path, 2, prefix) != cut:
+            raise AssertionError(f"the {path} and portable decoders disagree on a prefix of {prefix} elements")
+    if portable is not None and cut != portable[: prefix * width]:
+        raise AssertionError(f"a prefix of {prefix} elements decodes otherwise than the whole chunk")
     vector = portable
     if n <= REFERENCE_ELEMENTS:
         spec = reference(layout, width, n, table, chunk)

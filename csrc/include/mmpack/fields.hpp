@@ -99,14 +99,16 @@ public:
     ~Decoder();
     Decoder(const Decoder&) = delete;
     Decoder& operator=(const Decoder&) = delete;
-    // Decodes one chunk into out (out.size / width elements): nullptr on
-    // success, else why the chunk is corrupt. Never reads outside chunk or
-    // writes outside out.
-    const char* decode(ConstBytes chunk, MutableBytes out) const noexcept;
+    // Decodes a chunk of `elements` elements into out: nullptr on success,
+    // else why the chunk is corrupt. When out holds fewer elements, only that
+    // prefix is decoded: the streams are read as far as it goes, so their
+    // ends are not checked (a reader keeping the rows checks them against
+    // their stored hashes). Never reads outside chunk or writes outside out.
+    const char* decode(ConstBytes chunk, MutableBytes out, size_t elements) const noexcept;
     // Decodes `count` (at most rans::kMaxTogether) chunks at once, their
     // dependency chains overlapping in the vector loop: errors[k] is what
-    // decode() would return for chunk k.
-    void decode_together(const ConstBytes* chunks, const MutableBytes* outs, unsigned count,
+    // decode(chunks[k], outs[k], elements[k]) would return.
+    void decode_together(const ConstBytes* chunks, const MutableBytes* outs, const size_t* elements, unsigned count,
                          const char** errors) const noexcept;
 
 private:
@@ -114,7 +116,7 @@ private:
     struct Chunk;
     // Reads a chunk's directory and streams into c; `slot` (below rans::kMaxTogether) is the
     // thread's scratch for its decoded tail fields, one per chunk decoded together.
-    const char* open(ConstBytes chunk, MutableBytes out, unsigned slot, Chunk& c) const noexcept;
+    const char* open(ConstBytes chunk, MutableBytes out, size_t elements, unsigned slot, Chunk& c) const noexcept;
     static void run_fused(Chunk* const* chunks, unsigned count, const Layout& layout) noexcept;
     const char* finish(Chunk& c) const noexcept;
     std::unique_ptr<Impl> impl_;
