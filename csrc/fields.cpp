@@ -9,6 +9,7 @@
 #include <mutex>
 #include <new>
 #include <type_traits>
+#include <utility>
 
 #include "bits.hpp"
 #include "mmpack/parallel.hpp"
@@ -30,15 +31,31 @@ constexpr size_t kBlock = 2048;  // elements decoded per round: the scratch stay
 
 // -- elements and their fields ---------------------------------------------------
 
-inline uint64_t load_element(const uint8_t* p, unsigned width) noexcept {
-    uint64_t v = 0;
-    std::memcpy(&v, p, width);  // little-endian hosts only (the Python layer checks)
+// The unsigned integer of W bytes: loops over elements compute fields in it, which the compiler
+// vectorises at the element's width (a field of bfloat16 elements taken through 64-bit values
+// cost four times as long: 0.44 against 0.11 ns an element).
+template <unsigned W>
+struct Element;
+template <>
+struct Element<1> { using type = uint8_t; };
+template <>
+struct Element<2> { using type = uint16_t; };
+template <>
+struct Element<4> { using type = uint32_t; };
+template <>
+struct Element<8> { using type = uint64_t; };
+
+template <unsigned W>
+inline typename Element<W>::type load_element(const uint8_t* p) noexcept {
+    typename Element<W>::type v;
+    std::memcpy(&v, p, W);  // little-endian hosts only (the Python layer checks)
     return v;
 }
 
 inline void store_element(uint8_t* p, unsigned width, uint64_t v) noexcept { std::memcpy(p, &v, width); }
 
-inline unsigned field_of(const Layout& layout, uint64_t v, unsigned f) noexcept {
+template <typename V>
+inline unsigned field_of(const Layout& layout, V v, unsigned f) noexcept {
     const unsigned b = 8 * layout.width;
     if (layout.family == Family::half) {
         return static_cast<unsigned>(f == 0 ? (v >> 7) & 0xFF : ((v >> 15) << 7) | (v & 0x7F));
@@ -63,6 +80,26 @@ inline uint64_t tail_part(const Layout& layout, unsigned f, unsigned value) noex
         return (static_cast<uint64_t>(value >> 3) << (b - 1)) | (static_cast<uint64_t>(value & 7) << (b - 16));
     }
     return static_cast<uint64_t>(value) << (b - 8 - 8 * f);
+}
+
+// Field f (of at most 8 bits) of n elements, one byte each. The pointers are restrict so that
+// the compiler vectorises the loop (a byte pointer may otherwise alias the elements).
+template <unsigned W, Family F, unsigned f>
+void take_field(const uint8_t* __restrict bytes, size_t n, uint8_t* __restrict out) noexcept {
+    constexpr Layout layout{W, F};
+    for (size_t i = 0; i < n; ++i) out[i] = static_cast<uint8_t>(field_of(layout, load_element<W>(bytes + i * W), f));
+}
+
+// Calls body(std::integral_constant<unsigned, f>{}) for f = 1 .. W - 1: a loop over one field's
+// values then sees which field it takes, and the compiler vectorises it.
+template <unsigned W, typename Body, unsigned... I>
+void for_tail_fields(Body&& body, std::integer_sequence<unsigned, I...>) {
+    (body(std::integral_constant<unsigned, I + 1>{}), ...);
+}
+
+template <unsigned W, typename Body>
+void for_tail_fields(Body&& body) {
+    for_tail_fields<W>(body, std::make_integer_sequence<unsigned, W - 1>{});
 }
 
 // Calls body(width, family) with both as compile-time constants (std::integral_constant).
@@ -330,49 +367,83 @@ template <unsigned W, Family F>
 void count_fields(const uint8_t* bytes, size_t begin, size_t end, const std::vector<char>& noise, Histograms& h) {
     const Layout layout{W, F};
     const size_t values = h.fields[0].size();
+    const size_t n = end - begin;
     uint64_t zeros = 0;
-    bool any_tail = false;
-    for (unsigned f = 1; f < W; ++f) any_tail = any_tail || !noise[f];
-    if (end - begin < 16 * values) {
+    // Fields 0 and 1 of every layout wider than a byte are taken from the element's top 16 bits:
+    // on long ranges one count of those gives both histograms (measured on trained float32
+    // weights: 0.53 ns an element, against 1.2 for field 0 and then field 1 in its own pass).
+    constexpr size_t kJointMin = size_t{1} << 18;  // clearing and summing the tables costs 2^17 steps
+    const bool joint = W >= 2 && n >= kJointMin;
+    if (n < 16 * values) {
         // Short ranges (the noise sample's runs) count straight into the histogram: clearing and
         // summing four tables would cost more than the run.
         for (size_t i = begin; i < end; ++i) {
-            const uint64_t v = load_element(bytes + i * W, W);
+            const auto v = load_element<W>(bytes + i * W);
             zeros += v == 0;
             ++h.fields[0][field_of(layout, v, 0)];
+        }
+    } else if (joint) {
+        constexpr unsigned shift = W >= 2 ? 8 * W - 16 : 0;  // (W = 1 never counts jointly)
+        // Two tables, alternate elements: runs of one value then do not wait on their own increments.
+        std::vector<uint32_t> top(2 << 16, 0);
+        uint32_t* const even = top.data();
+        uint32_t* const odd = even + (1 << 16);
+        const bool count_1 = !noise[1];
+        for (size_t start = begin; start < end; start += size_t{1} << 31) {  // 32-bit counters
+            const size_t stop = std::min(end, start + (size_t{1} << 31));
+            size_t i = start;
+            for (; i + 2 <= stop; i += 2) {
+                const auto a = load_element<W>(bytes + i * W), b = load_element<W>(bytes + (i + 1) * W);
+                zeros += (a == 0) + (b == 0);
+                ++even[a >> shift];
+                ++odd[b >> shift];
+            }
+            if (i < stop) {
+                const auto a = load_element<W>(bytes + i * W);
+                zeros += a == 0;
+                ++even[a >> shift];
+            }
+            for (uint64_t u = 0; u < (1 << 16); ++u) {
+                const uint64_t count = uint64_t{even[u]} + odd[u];
+                if (count == 0) continue;
+                h.fields[0][field_of(layout, u << shift, 0)] += count;
+                if (count_1) h.fields[1][field_of(layout, u << shift, 1)] += count;
+            }
+            std::fill(top.begin(), top.end(), 0);
         }
     } else {
         // Four interleaved tables, summed at the end: runs of one exponent then do not wait on
         // their own increments.
         std::vector<uint32_t> head(4 * values, 0);
+        uint32_t* const t0 = head.data();
+        uint32_t* const t1 = t0 + values;
+        uint32_t* const t2 = t1 + values;
+        uint32_t* const t3 = t2 + values;
         for (size_t start = begin; start < end; start += size_t{1} << 30) {  // 32-bit counters
             const size_t stop = std::min(end, start + (size_t{1} << 30));
             size_t i = start;
             for (; i + 4 <= stop; i += 4) {
-                for (unsigned k = 0; k < 4; ++k) {
-                    const uint64_t v = load_element(bytes + (i + k) * W, W);
-                    zeros += v == 0;
-                    ++head[k * values + field_of(layout, v, 0)];
-                }
+                const auto a = load_element<W>(bytes + i * W), b = load_element<W>(bytes + (i + 1) * W);
+                const auto c = load_element<W>(bytes + (i + 2) * W), d = load_element<W>(bytes + (i + 3) * W);
+                zeros += (a == 0) + (b == 0) + (c == 0) + (d == 0);
+                ++t0[field_of(layout, a, 0)];
+                ++t1[field_of(layout, b, 0)];
+                ++t2[field_of(layout, c, 0)];
+                ++t3[field_of(layout, d, 0)];
             }
             for (; i < stop; ++i) {
-                const uint64_t v = load_element(bytes + i * W, W);
+                const auto v = load_element<W>(bytes + i * W);
                 zeros += v == 0;
-                ++head[field_of(layout, v, 0)];
+                ++t0[field_of(layout, v, 0)];
             }
-            for (size_t k = 0; k < values; ++k) {
-                h.fields[0][k] += uint64_t{head[k]} + head[values + k] + head[2 * values + k] + head[3 * values + k];
-            }
+            for (size_t k = 0; k < values; ++k) h.fields[0][k] += uint64_t{t0[k]} + t1[k] + t2[k] + t3[k];
             std::fill(head.begin(), head.end(), 0);
         }
     }
-    if (any_tail) {
-        for (size_t i = begin; i < end; ++i) {
-            const uint64_t v = load_element(bytes + i * W, W);
-            for (unsigned f = 1; f < W; ++f) {
-                if (!noise[f]) ++h.fields[f][field_of(layout, v, f)];
-            }
-        }
+    for (unsigned f = 1; f < W; ++f) {
+        if (noise[f] || (f == 1 && joint)) continue;
+        std::vector<uint64_t>& hist = h.fields[f];
+        for (size_t i = begin; i < end; ++i) ++hist[field_of(layout, load_element<W>(bytes + i * W), f)];
     }
     h.zeros += zeros;
 }
@@ -648,7 +719,7 @@ size_t split_fields(const uint8_t* bytes, size_t n, bool skip_zero, uint16_t* he
     const Layout layout{W, F};
     size_t m = 0;
     for (size_t i = 0; i < n; ++i) {
-        const uint64_t v = load_element(bytes + i * W, W);
+        const auto v = load_element<W>(bytes + i * W);
         head[i] = static_cast<uint16_t>(field_of(layout, v, 0));
         if (skip_zero) {
             zero[i] = v == 0;
@@ -706,7 +777,7 @@ const char* encode_head_only(const uint8_t* bytes, size_t n, const Field& head, 
         raw_count[k] = head.symbols[k].raw_bits;
         any_raw = any_raw || raw_count[k] > 0;
     }
-    const auto head_value = [&](size_t i) { return field_of(layout, load_element(bytes + i * W, W), 0); };
+    const auto head_value = [&](size_t i) { return field_of(layout, load_element<W>(bytes + i * W), 0); };
     bits::Writer writer(raw_bits);
     const auto write_raw = [&](size_t i) {
         const unsigned s = symbols[i];
@@ -753,20 +824,24 @@ const char* encode_head_only(const uint8_t* bytes, size_t n, const Field& head, 
         tails += tail_length[f];
     }
     const std::unique_ptr<uint8_t[]> tail(new uint8_t[tails]);  // every byte written below
-#pragma GCC unroll 8
-    for (unsigned f = 1; f < W; ++f) {
+    for_tail_fields<W>([&](auto field) {
+        constexpr unsigned f = decltype(field)::value;
         uint8_t* plane = tail.get() + tail_start[f];
         if (layout.bits(f) == 4) {
-            size_t i = 0;
-            for (; i + 1 < n; i += 2) {
-                plane[i >> 1] = static_cast<uint8_t>(field_of(layout, load_element(bytes + i * W, W), f) |
-                                                     field_of(layout, load_element(bytes + (i + 1) * W, W), f) << 4);
+            // The values first, then packed two to a byte: two loops the compiler vectorises,
+            // where one loop over pairs of elements was not (0.45 against 0.8 ns an element).
+            uint8_t values[kBlock];
+            for (size_t done = 0; done < n; done += kBlock) {
+                const size_t b = std::min(kBlock, n - done);
+                take_field<W, F, f>(bytes + done * W, b, values);
+                uint8_t* to = plane + done / 2;  // kBlock is even: blocks start on whole bytes
+                for (size_t k = 0; k < b / 2; ++k) to[k] = static_cast<uint8_t>(values[2 * k] | values[2 * k + 1] << 4);
+                if (b % 2) to[b / 2] = values[b - 1];
             }
-            if (i < n) plane[i >> 1] = static_cast<uint8_t>(field_of(layout, load_element(bytes + i * W, W), f));
         } else {
-            for (size_t i = 0; i < n; ++i) plane[i] = static_cast<uint8_t>(field_of(layout, load_element(bytes + i * W, W), f));
+            take_field<W, F, f>(bytes, n, plane);
         }
-    }
+    });
     std::vector<uint8_t> stream;
     stream.reserve(2 * n + rans::kStateBytes);
     rans::encode(symbols.get(), n, table, stream);

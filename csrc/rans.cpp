@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstring>
 #include <memory>
 
@@ -34,6 +35,11 @@ void build_encode_table(const std::uint16_t* freqs, unsigned n, EncodeTable& tab
         while ((std::uint32_t{1} << shift) < f) ++shift;
         e.shift = static_cast<std::uint16_t>(shift);
         e.rcp = ((std::uint64_t{1} << (32 + shift)) + f - 1) / f;
+        // Above 1 / f by at most 1.5 ulp, so for x < 2^32, x * reciprocal rounded lies in
+        // [x / f, x / f + 2^-31]: its floor is x / f's, as a quotient that is not an integer
+        // lies at least 1 / f >= 2^-12 below the next one. (Any such value gives the same
+        // quotients, so the bytes do not depend on how the C library rounds.)
+        table.reciprocal[s] = std::nextafter(1.0 / f, 2.0);
         start += f;
     }
 }

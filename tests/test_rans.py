@@ -305,6 +305,20 @@ def test_every_loop_encodes_the_same_bytes(dtype, seed, rows, per_row, chunk_row
     assert np.array_equal(decode_native(encoded, len(raw), rows, chunk_rows, dtype), raw)
 
 
+def test_the_vector_encoders_reciprocal_divides_every_state_exactly():
+    # The AVX-512 encoder takes x / freq as floor(x * r) in double precision, r being 1 / freq
+    # rounded up by one step (build_encode_table); the quotients nearest to a wrong floor are
+    # those of exact multiples and of one below them, up to the largest state.
+    freq = np.arange(1, 4097, dtype=np.float64)[:, None]
+    reciprocal = np.nextafter(1.0 / freq, 2.0)
+    top = np.floor((2.0**32 - 1) / freq)
+    q = np.concatenate([np.arange(1, 64), *(np.arange(-64, 1) + t for t in (2.0**20, 2.0**19 + 7))])[None, :]
+    q = np.concatenate([q + 0 * freq, top - np.arange(64)[None, :]], axis=1)
+    for x in (q * freq, q * freq - 1, q * freq + freq - 1):
+        x = np.where((x >= 0) & (x < 2.0**32), x, 0)
+        assert np.array_equal(np.floor(x * reciprocal), np.floor(x / freq))
+
+
 def test_simd_paths_are_named_and_checked():
     assert SIMD_PATHS[0] == "scalar" and _native.rans_simd_path() == SIMD_PATHS[-1]
     with pytest.raises(ValueError, match="unknown rANS loops"):

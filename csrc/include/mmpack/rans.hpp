@@ -42,10 +42,13 @@ struct EncodeSymbol {
 };
 
 // A field's encoding table: per symbol the scalar loop's entry, and the
-// vector loop's (freq | start << 16); entries past the alphabet stay zero.
+// vector loops' (freq | start << 16) and 1 / freq rounded up (x / freq is
+// then floor(x * reciprocal) in double precision, exactly: see rans.cpp);
+// entries past the alphabet stay zero.
 struct EncodeTable {
     EncodeSymbol symbol[kMaxSymbols];
     alignas(64) std::uint32_t packed[kMaxSymbols] = {};
+    alignas(64) double reciprocal[kMaxSymbols] = {};
 };
 
 // freqs[0..n) as for build_decode_table.
