@@ -442,13 +442,24 @@ std::unique_ptr<EncodedSection> py_rans_encode(const py::handle& data, std::uint
                 try {  // nothing may escape a worker thread
                     std::vector<std::uint8_t>& out = first == 0 ? section->bytes : ranges[first];
                     if (first != 0) out.reserve(room(std::min(last * chunk_bytes, buf.size()) - first * chunk_bytes));
-                    for (std::size_t c = first; c < last; ++c) {
+                    const auto chunk = [&](std::size_t c) {
                         const std::size_t begin = c * chunk_bytes;
-                        const std::size_t length = std::min(chunk_bytes, buf.size() - begin);
-                        const std::size_t before = out.size();
-                        errors[c] = encoder.encode(mmpack::ConstBytes{buf.data() + begin, length}, out);
-                        section->chunk_lengths[c] = out.size() - before;
-                        if (errors[c] != nullptr) break;
+                        return mmpack::ConstBytes{buf.data() + begin, std::min(chunk_bytes, buf.size() - begin)};
+                    };
+                    // Two chunks at a time: their rANS chains overlap (encode_two).
+                    for (std::size_t c = first; c < last && errors[c] == nullptr; c += 2) {
+                        if (c + 1 < last) {
+                            const mmpack::ConstBytes two[2] = {chunk(c), chunk(c + 1)};
+                            std::size_t lengths[2] = {0, 0};
+                            errors[c] = encoder.encode_two(two, out, lengths);
+                            section->chunk_lengths[c] = lengths[0];
+                            section->chunk_lengths[c + 1] = lengths[1];
+                            if (errors[c] != nullptr) break;
+                        } else {
+                            const std::size_t before = out.size();
+                            errors[c] = encoder.encode(chunk(c), out);
+                            section->chunk_lengths[c] = out.size() - before;
+                        }
                     }
                 } catch (const std::bad_alloc&) {
                     out_of_memory = true;

@@ -758,19 +758,30 @@ void pack(const T* values, size_t count, unsigned bits, std::vector<uint8_t>& ou
 
 }  // namespace
 
+// The common case: the head rANS-coded without the zero symbol, every other field raw (trained
+// floating-point weights). A chunk's head symbols, the raw bits of the rare ones and the other
+// fields' streams, ready for the head's rANS stream (head_only_parts), then written out with
+// it (write_head_only).
+struct HeadOnlyParts {
+    size_t n = 0;
+    std::unique_ptr<uint8_t[]> symbols;
+    std::vector<uint8_t> raw_bits;
+    std::unique_ptr<uint8_t[]> tail;  // fields 1 and up, one stream after the other
+    size_t tail_length[8] = {};
+    size_t tails = 0;
+};
+
 namespace {
 
-// The common case in one pass: the head rANS-coded without the zero symbol, every other
-// field raw (trained floating-point weights). Symbols, raw bits and the raw fields' streams
-// come out of the same loop over the elements.
 template <unsigned W, Family F>
-const char* encode_head_only(const uint8_t* bytes, size_t n, const Field& head, const std::uint16_t* symbol_of,
-                             const std::uint16_t* head_lookup,
-                             const rans::EncodeTable& table, std::vector<uint8_t>& out) {
+const char* head_only_parts(const uint8_t* bytes, size_t n, const Field& head, const std::uint16_t* symbol_of,
+                            const std::uint16_t* head_lookup, HeadOnlyParts& parts) {
     const Layout layout{W, F};
     // Every byte of these is written before it is read: left uninitialised.
-    const std::unique_ptr<uint8_t[]> symbols(new uint8_t[n]);
-    std::vector<uint8_t> raw_bits;
+    parts.n = n;
+    parts.symbols.reset(new uint8_t[n]);
+    uint8_t* const symbols = parts.symbols.get();
+    std::vector<uint8_t>& raw_bits = parts.raw_bits;
     uint8_t raw_count[rans::kMaxSymbols] = {};
     bool any_raw = false;
     for (size_t k = 0; k < head.symbols.size(); ++k) {
@@ -793,7 +804,7 @@ const char* encode_head_only(const uint8_t* bytes, size_t n, const Field& head, 
         constexpr unsigned shift = F == Family::half ? 7 : 8 * W - 13;
         constexpr unsigned mask = F == Family::half ? 0xFF : 0xFFF;
         const auto head_symbols = level == rans::Simd::avx512 ? head_symbols_avx512 : head_symbols_avx2;
-        if (!head_symbols(bytes, groups, W, shift, mask, head_lookup, symbols.get(), raw_lanes.get())) {
+        if (!head_symbols(bytes, groups, W, shift, mask, head_lookup, symbols, raw_lanes.get())) {
             return "data does not fit the model (a value no symbol covers)";
         }
         vector_done = groups * rans::kLanes;
@@ -815,18 +826,16 @@ const char* encode_head_only(const uint8_t* bytes, size_t n, const Field& head, 
         writer.flush();
     }
     // The other fields as their streams: plain loops the compiler vectorises.
-    size_t tail_length[8] = {};
     size_t tail_start[8] = {};
-    size_t tails = 0;
     for (unsigned f = 1; f < W; ++f) {
-        tail_start[f] = tails;
-        tail_length[f] = bits::packed_bytes(n, layout.bits(f));
-        tails += tail_length[f];
+        tail_start[f] = parts.tails;
+        parts.tail_length[f] = bits::packed_bytes(n, layout.bits(f));
+        parts.tails += parts.tail_length[f];
     }
-    const std::unique_ptr<uint8_t[]> tail(new uint8_t[tails]);  // every byte written below
+    parts.tail.reset(new uint8_t[parts.tails]);  // every byte written below
     for_tail_fields<W>([&](auto field) {
         constexpr unsigned f = decltype(field)::value;
-        uint8_t* plane = tail.get() + tail_start[f];
+        uint8_t* plane = parts.tail.get() + tail_start[f];
         if (layout.bits(f) == 4) {
             // The values first, then packed two to a byte: two loops the compiler vectorises,
             // where one loop over pairs of elements was not (0.45 against 0.8 ns an element).
@@ -842,25 +851,73 @@ const char* encode_head_only(const uint8_t* bytes, size_t n, const Field& head, 
             take_field<W, F, f>(bytes, n, plane);
         }
     });
-    std::vector<uint8_t> stream;
-    stream.reserve(2 * n + rans::kStateBytes);
-    rans::encode(symbols.get(), n, table, stream);
-    const size_t sizes[] = {stream.size(), raw_bits.size()};
+    return nullptr;
+}
+
+const char* write_head_only(const HeadOnlyParts& parts, unsigned width, const std::vector<uint8_t>& stream,
+                            std::vector<uint8_t>& out) {
+    const size_t sizes[] = {stream.size(), parts.raw_bits.size()};
     for (const size_t length : sizes) {
         if (length > std::numeric_limits<uint32_t>::max()) return "a chunk's stream exceeds 4 GiB";
         put32(out, length);
     }
-    for (unsigned f = 1; f < W; ++f) {
-        if (tail_length[f] > std::numeric_limits<uint32_t>::max()) return "a chunk's stream exceeds 4 GiB";
-        put32(out, tail_length[f]);
+    for (unsigned f = 1; f < width; ++f) {
+        if (parts.tail_length[f] > std::numeric_limits<uint32_t>::max()) return "a chunk's stream exceeds 4 GiB";
+        put32(out, parts.tail_length[f]);
     }
     out.insert(out.end(), stream.begin(), stream.end());
-    out.insert(out.end(), raw_bits.begin(), raw_bits.end());
-    out.insert(out.end(), tail.get(), tail.get() + tails);
+    out.insert(out.end(), parts.raw_bits.begin(), parts.raw_bits.end());
+    out.insert(out.end(), parts.tail.get(), parts.tail.get() + parts.tails);
     return nullptr;
 }
 
 }  // namespace
+
+bool Encoder::head_only() const noexcept {
+    const Model& model = impl_->model;
+    bool only = model.fields[0].mode == Mode::rans && !model.has_zero();
+    for (unsigned f = 1; f < model.layout.width; ++f) only = only && model.fields[f].mode == Mode::raw;
+    return only;
+}
+
+const char* Encoder::head_only_parts(ConstBytes data, HeadOnlyParts& parts) const {
+    const Model& model = impl_->model;
+    const Impl::Coded& c = impl_->coded[0];
+    return dispatch_layout(model.layout, [&](auto width, auto family) {
+        return fields::head_only_parts<decltype(width)::value, decltype(family)::value>(
+            reinterpret_cast<const uint8_t*>(data.data), data.size / model.layout.width, model.fields[0],
+            c.symbol_of.data(), c.head_lookup.data(), parts);
+    });
+}
+
+const char* Encoder::encode_two(const ConstBytes* data, std::vector<uint8_t>& out, size_t* lengths) const {
+    if (!head_only()) {
+        for (unsigned k = 0; k < 2; ++k) {
+            const size_t before = out.size();
+            if (const char* error = encode(data[k], out)) return error;
+            lengths[k] = out.size() - before;
+        }
+        return nullptr;
+    }
+    HeadOnlyParts parts[2];
+    std::vector<uint8_t> streams[2];
+    const uint8_t* symbols[2];
+    size_t counts[2];
+    std::vector<uint8_t>* outs[2] = {&streams[0], &streams[1]};
+    for (unsigned k = 0; k < 2; ++k) {
+        if (const char* error = head_only_parts(data[k], parts[k])) return error;
+        symbols[k] = parts[k].symbols.get();
+        counts[k] = parts[k].n;
+        streams[k].reserve(2 * parts[k].n + rans::kStateBytes);
+    }
+    rans::encode_two(symbols, counts, *impl_->coded[0].table, outs);
+    for (unsigned k = 0; k < 2; ++k) {
+        const size_t before = out.size();
+        if (const char* error = write_head_only(parts[k], impl_->model.layout.width, streams[k], out)) return error;
+        lengths[k] = out.size() - before;
+    }
+    return nullptr;
+}
 
 const char* Encoder::encode(ConstBytes data, std::vector<uint8_t>& out) const {
     const Model& model = impl_->model;
@@ -868,14 +925,13 @@ const char* Encoder::encode(ConstBytes data, std::vector<uint8_t>& out) const {
     const unsigned w = layout.width;
     const size_t n = data.size / w;
     const bool zero = model.has_zero();
-    bool head_only = model.fields[0].mode == Mode::rans && !zero;
-    for (unsigned f = 1; f < w; ++f) head_only = head_only && model.fields[f].mode == Mode::raw;
-    if (head_only) {
-        const Impl::Coded& c = impl_->coded[0];
-        return dispatch_layout(layout, [&](auto width, auto family) {
-            return encode_head_only<decltype(width)::value, decltype(family)::value>(
-                reinterpret_cast<const uint8_t*>(data.data), n, model.fields[0], c.symbol_of.data(), c.head_lookup.data(), *c.table, out);
-        });
+    if (head_only()) {
+        HeadOnlyParts parts;
+        if (const char* error = head_only_parts(data, parts)) return error;
+        std::vector<uint8_t> stream;
+        stream.reserve(2 * n + rans::kStateBytes);
+        rans::encode(parts.symbols.get(), n, *impl_->coded[0].table, stream);
+        return write_head_only(parts, w, stream, out);
     }
     std::vector<uint16_t> head(n);
     std::vector<uint8_t> tails((w - 1) * n);

@@ -68,42 +68,89 @@ inline void encode_one(std::uint32_t& x, const EncodeSymbol& s, std::uint8_t*& p
 
 }  // namespace
 
-void encode(const std::uint8_t* symbols, std::size_t count, const EncodeTable& encode_table, std::vector<std::uint8_t>& out) {
-    const EncodeSymbol* const table = encode_table.symbol;
-    if (count == 0) return;
-    // Words are produced last symbol first, so they are written backwards from the end of
-    // a scratch buffer: at most one word per symbol, then the states in front.
-    // Left uninitialised: only the bytes from the final p on are copied out, all written.
-    const std::size_t scratch_bytes = 2 * count + kStateBytes;
-    const std::unique_ptr<std::uint8_t[]> scratch(new std::uint8_t[scratch_bytes]);
-    std::uint8_t* const end = scratch.get() + scratch_bytes;
-    std::uint8_t* p = end;
+namespace {
+
+// One stream being encoded. Words are produced last symbol first, so they are written
+// backwards from the end of a scratch buffer: at most one word per symbol, then the states in
+// front. Left uninitialised: only the bytes from the final p on are copied out, all written.
+class Encoding {
+public:
+    // Starts with the last, partial group (its symbols sit on lanes 0..r-1): what remains is
+    // whole groups, for the vector loops.
+    Encoding(const std::uint8_t* symbols, std::size_t count, const EncodeSymbol* table)
+        : symbols_(symbols), scratch_(new std::uint8_t[2 * count + kStateBytes]), end_(scratch_.get() + 2 * count + kStateBytes),
+          p(end_), groups(count / kLanes) {
+        for (auto& v : x) v = kLow;
+        std::size_t i = count;
+        for (std::size_t r = count % kLanes; r > 0; --r) {
+            --i;
+            encode_one(x[r - 1], table[symbols[i]], p);
+        }
+    }
+
+    // The whole groups that the vector loops left, then the states; appends the stream to out.
+    void finish(const EncodeSymbol* table, std::vector<std::uint8_t>& out) {
+        for (std::size_t g = groups; g-- > 0;) {
+            const std::uint8_t* group = symbols_ + g * kLanes;
+            for (unsigned lane = kLanes; lane-- > 0;) encode_one(x[lane], table[group[lane]], p);
+        }
+        p -= kStateBytes;
+        for (unsigned lane = 0; lane < kLanes; ++lane) {
+            for (unsigned b = 0; b < 4; ++b) p[4 * lane + b] = static_cast<std::uint8_t>(x[lane] >> (8 * b));
+        }
+        out.insert(out.end(), p, end_);
+    }
+
+    const std::uint8_t* symbols() const noexcept { return symbols_; }
+
+private:
+    const std::uint8_t* symbols_;
+    std::unique_ptr<std::uint8_t[]> scratch_;
+    std::uint8_t* end_;
+
+public:
+    std::uint8_t* p;
     std::uint32_t x[kLanes];
-    for (auto& v : x) v = kLow;
-    std::size_t i = count;
-    // The last, partial group first (its symbols sit on lanes 0..r-1), then whole groups.
-    for (std::size_t r = count % kLanes; r > 0; --r) {
-        --i;
-        encode_one(x[r - 1], table[symbols[i]], p);
-    }
+    std::size_t groups;  // whole groups not yet encoded: the first ones
+};
+
+// Runs the vector loop of this CPU over every whole group of e (none without one).
+void vector_groups(Encoding& e, const EncodeTable& table) noexcept {
     const Simd level = simd();
+    if (level == Simd::scalar) return;
     if (level == Simd::avx512) {
-        encode_groups_avx512(symbols, i / kLanes, encode_table, x, p);
-        i = 0;
-    } else if (level == Simd::avx2) {
-        encode_groups_avx2(symbols, i / kLanes, encode_table, x, p);
-        i = 0;
+        encode_groups_avx512(e.symbols(), e.groups, table, e.x, e.p);
+    } else {
+        encode_groups_avx2(e.symbols(), e.groups, table, e.x, e.p);
     }
-    while (i > 0) {
-        i -= kLanes;
-        const std::uint8_t* group = symbols + i;
-        for (unsigned lane = kLanes; lane-- > 0;) encode_one(x[lane], table[group[lane]], p);
+    e.groups = 0;
+}
+
+}  // namespace
+
+void encode(const std::uint8_t* symbols, std::size_t count, const EncodeTable& table, std::vector<std::uint8_t>& out) {
+    if (count == 0) return;
+    Encoding e(symbols, count, table.symbol);
+    vector_groups(e, table);
+    e.finish(table.symbol, out);
+}
+
+void encode_two(const std::uint8_t* const symbols[2], const std::size_t counts[2], const EncodeTable& table,
+                std::vector<std::uint8_t>* const outs[2]) {
+    if (counts[0] == 0 || counts[1] == 0 || simd() != Simd::avx512) {
+        for (unsigned k = 0; k < 2; ++k) encode(symbols[k], counts[k], table, *outs[k]);
+        return;
     }
-    p -= kStateBytes;
-    for (unsigned lane = 0; lane < kLanes; ++lane) {
-        for (unsigned b = 0; b < 4; ++b) p[4 * lane + b] = static_cast<std::uint8_t>(x[lane] >> (8 * b));
-    }
-    out.insert(out.end(), p, end);
+    Encoding a(symbols[0], counts[0], table.symbol), b(symbols[1], counts[1], table.symbol);
+    // The longer stream's extra groups (its last ones) alone, then both chains side by side.
+    Encoding& longer = a.groups >= b.groups ? a : b;
+    Encoding& shorter = a.groups >= b.groups ? b : a;
+    const std::size_t common = shorter.groups;
+    encode_groups_avx512(longer.symbols() + common * kLanes, longer.groups - common, table, longer.x, longer.p);
+    encode_group_pairs_avx512(a.symbols(), b.symbols(), common, table, a.x, a.p, b.x, b.p);
+    a.groups = b.groups = 0;
+    a.finish(table.symbol, *outs[0]);
+    b.finish(table.symbol, *outs[1]);
 }
 
 bool Decoder::start(ConstBytes stream) noexcept {
@@ -195,6 +242,8 @@ std::size_t decode_float16_groups_avx2(FusedStream*, unsigned, bool, std::size_t
 void encode_groups_avx2(const std::uint8_t*, std::size_t, const EncodeTable&, std::uint32_t*, std::uint8_t*&) noexcept {}
 std::size_t decode_groups_avx512(Decoder&, const DecodeTable&, std::size_t, std::uint8_t*) noexcept { return 0; }
 void encode_groups_avx512(const std::uint8_t*, std::size_t, const EncodeTable&, std::uint32_t*, std::uint8_t*&) noexcept {}
+void encode_group_pairs_avx512(const std::uint8_t*, const std::uint8_t*, std::size_t, const EncodeTable&, std::uint32_t*,
+                               std::uint8_t*&, std::uint32_t*, std::uint8_t*&) noexcept {}
 std::size_t decode_float32_groups_avx512(FusedStream*, unsigned, std::size_t, bool*) noexcept { return 0; }
 std::size_t decode_float16_groups_avx512(FusedStream*, unsigned, bool, std::size_t, bool*) noexcept { return 0; }
 #endif

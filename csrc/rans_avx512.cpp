@@ -174,39 +174,61 @@ std::size_t fused(FusedStream* streams, unsigned count, std::size_t groups, bool
 
 }  // namespace
 
+namespace {
+
+// One group of one stream: the sixteen states after coding `group` (the words of the lanes that
+// emit go below `out`, which moves down past them).
+inline __m512i encode_group(__m512i state, const std::uint8_t* group, const EncodeTable& table,
+                            std::uint8_t*& out) noexcept {
+    const __m512i low16 = _mm512_set1_epi32(0xFFFF);
+    const __m512i symbol = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(group)));
+    const __m512i entry = _mm512_i32gather_epi32(symbol, table.packed, 4);
+    const __m512i freq = _mm512_and_si512(entry, low16);
+    const __m512i start = _mm512_srli_epi32(entry, 16);
+    // Lanes at or above freq << 20 emit their low word first. The words go below `out` in
+    // lane order (the decoder reads them so): compressed, then moved to the top lanes, so
+    // that a 32-byte store ending at `out` writes them and only scratch below.
+    const __mmask16 emit = _mm512_cmpge_epu32_mask(state, _mm512_slli_epi32(freq, 32 - kScaleBits));
+    const unsigned n = static_cast<unsigned>(_mm_popcnt_u32(emit));
+    const __m512i words = _mm512_maskz_expand_epi32(static_cast<__mmask16>(0xFFFF0000u >> n),
+                                                    _mm512_maskz_compress_epi32(emit, state));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out - 32), _mm512_cvtepi32_epi16(words));
+    out -= 2 * n;
+    state = _mm512_mask_srli_epi32(state, emit, state, 16);
+    // x / freq as x times 1 / freq rounded up, in double precision: exact after truncation
+    // (build_encode_table argues why), and off the division's 23-cycle latency.
+    const __m512d rcp_low = _mm512_i32gather_pd(_mm512_castsi512_si256(symbol), table.reciprocal, 8);
+    const __m512d rcp_high = _mm512_i32gather_pd(_mm512_extracti64x4_epi64(symbol, 1), table.reciprocal, 8);
+    const __m256i q_low = _mm512_cvttpd_epu32(_mm512_mul_pd(_mm512_cvtepu32_pd(_mm512_castsi512_si256(state)), rcp_low));
+    const __m256i q_high = _mm512_cvttpd_epu32(_mm512_mul_pd(_mm512_cvtepu32_pd(_mm512_extracti64x4_epi64(state, 1)),
+                                                             rcp_high));
+    const __m512i q = _mm512_inserti64x4(_mm512_castsi256_si512(q_low), q_high, 1);
+    const __m512i r = _mm512_sub_epi32(state, _mm512_mullo_epi32(q, freq));
+    return _mm512_add_epi32(_mm512_add_epi32(_mm512_slli_epi32(q, kScaleBits), r), start);
+}
+
+}  // namespace
+
 void encode_groups_avx512(const std::uint8_t* symbols, std::size_t groups, const EncodeTable& table, std::uint32_t* x,
                           std::uint8_t*& p) noexcept {
     __m512i state = _mm512_loadu_si512(x);
-    std::uint8_t* out = p;
-    const __m512i low16 = _mm512_set1_epi32(0xFFFF);
-    for (std::size_t g = groups; g-- > 0;) {
-        const __m512i symbol = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(symbols + g * kLanes)));
-        const __m512i entry = _mm512_i32gather_epi32(symbol, table.packed, 4);
-        const __m512i freq = _mm512_and_si512(entry, low16);
-        const __m512i start = _mm512_srli_epi32(entry, 16);
-        // Lanes at or above freq << 20 emit their low word first. The words go below `out` in
-        // lane order (the decoder reads them so): compressed, then moved to the top lanes, so
-        // that a 32-byte store ending at `out` writes them and only scratch below.
-        const __mmask16 emit = _mm512_cmpge_epu32_mask(state, _mm512_slli_epi32(freq, 32 - kScaleBits));
-        const unsigned n = static_cast<unsigned>(_mm_popcnt_u32(emit));
-        const __m512i words = _mm512_maskz_expand_epi32(static_cast<__mmask16>(0xFFFF0000u >> n),
-                                                        _mm512_maskz_compress_epi32(emit, state));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out - 32), _mm512_cvtepi32_epi16(words));
-        out -= 2 * n;
-        state = _mm512_mask_srli_epi32(state, emit, state, 16);
-        // x / freq as x times 1 / freq rounded up, in double precision: exact after truncation
-        // (build_encode_table argues why), and off the division's 23-cycle latency.
-        const __m512d rcp_low = _mm512_i32gather_pd(_mm512_castsi512_si256(symbol), table.reciprocal, 8);
-        const __m512d rcp_high = _mm512_i32gather_pd(_mm512_extracti64x4_epi64(symbol, 1), table.reciprocal, 8);
-        const __m256i q_low = _mm512_cvttpd_epu32(_mm512_mul_pd(_mm512_cvtepu32_pd(_mm512_castsi512_si256(state)), rcp_low));
-        const __m256i q_high = _mm512_cvttpd_epu32(_mm512_mul_pd(_mm512_cvtepu32_pd(_mm512_extracti64x4_epi64(state, 1)),
-                                                                 rcp_high));
-        const __m512i q = _mm512_inserti64x4(_mm512_castsi256_si512(q_low), q_high, 1);
-        const __m512i r = _mm512_sub_epi32(state, _mm512_mullo_epi32(q, freq));
-        state = _mm512_add_epi32(_mm512_add_epi32(_mm512_slli_epi32(q, kScaleBits), r), start);
-    }
+    for (std::size_t g = groups; g-- > 0;) state = encode_group(state, symbols + g * kLanes, table, p);
     _mm512_storeu_si512(x, state);
-    p = out;
+}
+
+void encode_group_pairs_avx512(const std::uint8_t* symbols_a, const std::uint8_t* symbols_b, std::size_t groups,
+                               const EncodeTable& table, std::uint32_t* x_a, std::uint8_t*& p_a, std::uint32_t* x_b,
+                               std::uint8_t*& p_b) noexcept {
+    // Two chains in flight: measured on a standalone copy of the loop, 0.67 against 1.0 ns an
+    // element for one chain at a time.
+    __m512i a = _mm512_loadu_si512(x_a);
+    __m512i b = _mm512_loadu_si512(x_b);
+    for (std::size_t g = groups; g-- > 0;) {
+        a = encode_group(a, symbols_a + g * kLanes, table, p_a);
+        b = encode_group(b, symbols_b + g * kLanes, table, p_b);
+    }
+    _mm512_storeu_si512(x_a, a);
+    _mm512_storeu_si512(x_b, b);
 }
 
 std::size_t decode_groups_avx512(Decoder& d, const DecodeTable& table, std::size_t groups, std::uint8_t* out) noexcept {

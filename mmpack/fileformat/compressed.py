@@ -170,7 +170,8 @@ def _read_rans(source: Reader, header: Header, pieces: Pieces, destinations: lis
     offset = per.starts[j] + position
     whole = (n_pieces == 1) & (pieces.begin[first_piece] == chunk_first)
     whole &= (pieces.end[first_piece] - chunk_first == count) & (not xor)
-    tensors_used, table_index = np.unique(j, return_inverse=True)
+    new_tensor = np.concatenate(([True], j[1:] != j[:-1]))  # chunks come in tensor order
+    tensors_used, table_index = j[new_tensor], np.cumsum(new_tensor) - 1
     tables, read = _table_blocks(source, header, tensors_used.tolist())
     layouts = [chunking.layouts[t] for t in tensors_used.tolist()]
     # Rounds: runs of consecutive chunks up to _ROUND_BYTES of staging (at least one each): the

@@ -76,6 +76,8 @@ const char* read_model(ConstBytes block, Layout layout, Model& out);
 // constant and rANS by an estimate that counts tables and per-chunk costs.
 Model choose_model(ConstBytes data, Layout layout, std::size_t chunk_elements);
 
+struct HeadOnlyParts;  // a chunk's fields before its rANS stream (fields.cpp)
+
 // A model with its encoding tables built.
 class Encoder {
 public:
@@ -86,9 +88,14 @@ public:
     // Appends the encoded chunk of data.size / width elements to out; nullptr
     // on success, or why data does not fit the model.
     const char* encode(ConstBytes data, std::vector<std::uint8_t>& out) const;
+    // encode() of two chunks, data[0] then data[1], their rANS streams coded
+    // side by side; lengths[k] is what chunk k added to out.
+    const char* encode_two(const ConstBytes* data, std::vector<std::uint8_t>& out, std::size_t* lengths) const;
 
 private:
     struct Impl;
+    bool head_only() const noexcept;
+    const char* head_only_parts(ConstBytes data, HeadOnlyParts& parts) const;
     std::unique_ptr<Impl> impl_;
 };
 

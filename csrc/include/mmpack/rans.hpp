@@ -59,6 +59,12 @@ void build_encode_table(const std::uint16_t* freqs, unsigned n, EncodeTable& tab
 // count == 0. Every loop (simd()) writes the same bytes.
 void encode(const std::uint8_t* symbols, std::size_t count, const EncodeTable& table, std::vector<std::uint8_t>& out);
 
+// encode() of two symbol sequences with one table, appending stream k to
+// *outs[k]: the same bytes as two calls, their state chains side by side in
+// the AVX-512 loop (one chain waits on each step's latency).
+void encode_two(const std::uint8_t* const symbols[2], const std::size_t counts[2], const EncodeTable& table,
+                std::vector<std::uint8_t>* const outs[2]);
+
 // Decodes one stream. Reads never pass `end`: a stream that runs out of
 // words, or whose states do not return to kLow, is reported as corrupt.
 struct Decoder {
