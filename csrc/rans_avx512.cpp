@@ -164,12 +164,7 @@ std::size_t fused_groups(FusedStream* streams, std::size_t groups, bool* ok, Emi
 
 template <typename Emit>
 std::size_t fused(FusedStream* streams, unsigned count, std::size_t groups, bool* ok, Emit emit) noexcept {
-    switch (count) {
-        case 4: return fused_groups<4>(streams, groups, ok, emit);
-        case 3: return fused_groups<3>(streams, groups, ok, emit);
-        case 2: return fused_groups<2>(streams, groups, ok, emit);
-        default: return fused_groups<1>(streams, groups, ok, emit);
-    }
+    return with_chunk_count(count, [&](auto n) { return fused_groups<decltype(n)::value>(streams, groups, ok, emit); });
 }
 
 }  // namespace

@@ -6,6 +6,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <type_traits>
 
 #include "bits.hpp"
 #include "mmpack/rans.hpp"
@@ -22,6 +23,21 @@ std::size_t decode_groups_avx2(Decoder& d, const DecodeTable& table, std::size_t
 // writable bytes below p's final place (the scratch's room for the states).
 void encode_groups_avx2(const std::uint8_t* symbols, std::size_t groups, const EncodeTable& table, std::uint32_t* x,
                         std::uint8_t*& p) noexcept;
+
+// Calls body(std::integral_constant<unsigned, n>{}) with n = count (1 to kMaxTogether; 1 below):
+// the vector loops take the number of chunks stepping together as a compile-time constant, so
+// that their states stay in registers. (Instantiated in each vector translation unit with its
+// own body: no two units share an instantiation built for different instruction sets.)
+template <typename Body>
+auto with_chunk_count(unsigned count, Body body) {
+    static_assert(kMaxTogether == 4, "one case per count");
+    switch (count) {
+        case 4: return body(std::integral_constant<unsigned, 4>{});
+        case 3: return body(std::integral_constant<unsigned, 3>{});
+        case 2: return body(std::integral_constant<unsigned, 2>{});
+        default: return body(std::integral_constant<unsigned, 1>{});
+    }
+}
 
 // A floating-point head field prepared for the fused loops: per symbol, the
 // head value already shifted into place with bit 31 set when the symbol has
