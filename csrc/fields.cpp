@@ -362,6 +362,32 @@ Histograms empty_histograms(const Layout& layout) {
     return h;
 }
 
+// Counts field f (of at most 8 bits) of elements [begin, end) into hist. Four interleaved
+// tables, summed at the end: XOR deltas hold long runs of one value (zero bytes), whose
+// increments would otherwise wait on each other (measured on the battery deltas' encoder: this
+// loop, with one table and a run-time field, was a quarter of its time).
+template <unsigned W, Family F, unsigned f>
+void count_field(const uint8_t* bytes, size_t begin, size_t end, std::vector<uint64_t>& hist) {
+    constexpr Layout layout{W, F};
+    if (end - begin < 4096) {  // the noise sample's runs: clearing and summing would cost more
+        for (size_t i = begin; i < end; ++i) ++hist[field_of(layout, load_element<W>(bytes + i * W), f)];
+        return;
+    }
+    uint32_t tables[4][256] = {};
+    for (size_t start = begin; start < end; start += size_t{1} << 30) {  // 32-bit counters
+        const size_t stop = std::min(end, start + (size_t{1} << 30));
+        size_t i = start;
+        for (; i + 4 <= stop; i += 4) {
+            for (unsigned k = 0; k < 4; ++k) ++tables[k][field_of(layout, load_element<W>(bytes + (i + k) * W), f)];
+        }
+        for (; i < stop; ++i) ++tables[0][field_of(layout, load_element<W>(bytes + i * W), f)];
+        for (size_t v = 0; v < hist.size(); ++v) {
+            hist[v] += uint64_t{tables[0][v]} + tables[1][v] + tables[2][v] + tables[3][v];
+        }
+        std::memset(tables, 0, sizeof tables);
+    }
+}
+
 // Counts elements [begin, end): zeros and field 0 always, the other fields unless noise.
 template <unsigned W, Family F>
 void count_fields(const uint8_t* bytes, size_t begin, size_t end, const std::vector<char>& noise, Histograms& h) {
@@ -440,11 +466,10 @@ void count_fields(const uint8_t* bytes, size_t begin, size_t end, const std::vec
             std::fill(head.begin(), head.end(), 0);
         }
     }
-    for (unsigned f = 1; f < W; ++f) {
-        if (noise[f] || (f == 1 && joint)) continue;
-        std::vector<uint64_t>& hist = h.fields[f];
-        for (size_t i = begin; i < end; ++i) ++hist[field_of(layout, load_element<W>(bytes + i * W), f)];
-    }
+    for_tail_fields<W>([&](auto field) {
+        constexpr unsigned f = decltype(field)::value;
+        if (!noise[f] && !(f == 1 && joint)) count_field<W, F, f>(bytes, begin, end, h.fields[f]);
+    });
     h.zeros += zeros;
 }
 
@@ -968,19 +993,29 @@ const char* Encoder::encode(ConstBytes data, std::vector<uint8_t>& out) const {
         const Impl::Coded& c = impl_->coded[f];
         raw_bits.clear();
         bits::Writer writer(raw_bits);
-        for (size_t i = 0; i < count; ++i) {
-            unsigned s;
-            if (f == 0 && zero && is_zero[i]) {
-                s = c.zero_symbol;
-            } else {
-                const unsigned v = value(i);
-                s = c.symbol_of[v];
-                if (s == kNoSymbol) return "data does not fit the model (a value no symbol covers)";
-                const Symbol& sym = field.symbols[s];
-                if (sym.raw_bits) writer.write(sym.raw_bits, v - sym.value);
-            }
-            symbols[i] = static_cast<uint8_t>(s);
+        uint8_t raw_count[rans::kMaxSymbols] = {};
+        uint16_t base[rans::kMaxSymbols] = {};
+        for (size_t k = 0; k < field.symbols.size(); ++k) {
+            raw_count[k] = field.symbols[k].zero() ? 0 : field.symbols[k].raw_bits;
+            base[k] = field.symbols[k].value;
         }
+        // One loop per source (the head's 16-bit values or a tail's bytes), the zero test only
+        // where the head has the zero symbol: no per-element branch on which field this is.
+        const auto code = [&](const auto* values, bool zero_head) {
+            for (size_t i = 0; i < count; ++i) {
+                unsigned s = c.zero_symbol;
+                if (!zero_head || !is_zero[i]) {
+                    const unsigned v = values[i];
+                    s = c.symbol_of[v];
+                    if (s == kNoSymbol) return false;
+                    if (raw_count[s]) writer.write(raw_count[s], v - base[s]);
+                }
+                symbols[i] = static_cast<uint8_t>(s);
+            }
+            return true;
+        };
+        const bool fits = f == 0 ? (zero ? code(head.data(), true) : code(head.data(), false)) : code(tail, false);
+        if (!fits) return "data does not fit the model (a value no symbol covers)";
         writer.flush();
         rans::encode(symbols.data(), count, *c.table, streams);
         directory.push_back(streams.size() - before);
