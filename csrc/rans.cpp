@@ -137,7 +137,8 @@ void encode(const std::uint8_t* symbols, std::size_t count, const EncodeTable& t
 
 void encode_two(const std::uint8_t* const symbols[2], const std::size_t counts[2], const EncodeTable& table,
                 std::vector<std::uint8_t>* const outs[2]) {
-    if (counts[0] == 0 || counts[1] == 0 || simd() != Simd::avx512) {
+    const Simd level = simd();
+    if (counts[0] == 0 || counts[1] == 0 || level == Simd::scalar) {
         for (unsigned k = 0; k < 2; ++k) encode(symbols[k], counts[k], table, *outs[k]);
         return;
     }
@@ -146,8 +147,14 @@ void encode_two(const std::uint8_t* const symbols[2], const std::size_t counts[2
     Encoding& longer = a.groups >= b.groups ? a : b;
     Encoding& shorter = a.groups >= b.groups ? b : a;
     const std::size_t common = shorter.groups;
-    encode_groups_avx512(longer.symbols() + common * kLanes, longer.groups - common, table, longer.x, longer.p);
-    encode_group_pairs_avx512(a.symbols(), b.symbols(), common, table, a.x, a.p, b.x, b.p);
+    const std::uint8_t* extra = longer.symbols() + common * kLanes;
+    if (level == Simd::avx512) {
+        encode_groups_avx512(extra, longer.groups - common, table, longer.x, longer.p);
+        encode_group_pairs_avx512(a.symbols(), b.symbols(), common, table, a.x, a.p, b.x, b.p);
+    } else {
+        encode_groups_avx2(extra, longer.groups - common, table, longer.x, longer.p);
+        encode_group_pairs_avx2(a.symbols(), b.symbols(), common, table, a.x, a.p, b.x, b.p);
+    }
     a.groups = b.groups = 0;
     a.finish(table.symbol, *outs[0]);
     b.finish(table.symbol, *outs[1]);
@@ -244,6 +251,8 @@ std::size_t decode_groups_avx512(Decoder&, const DecodeTable&, std::size_t, std:
 void encode_groups_avx512(const std::uint8_t*, std::size_t, const EncodeTable&, std::uint32_t*, std::uint8_t*&) noexcept {}
 void encode_group_pairs_avx512(const std::uint8_t*, const std::uint8_t*, std::size_t, const EncodeTable&, std::uint32_t*,
                                std::uint8_t*&, std::uint32_t*, std::uint8_t*&) noexcept {}
+void encode_group_pairs_avx2(const std::uint8_t*, const std::uint8_t*, std::size_t, const EncodeTable&, std::uint32_t*,
+                             std::uint8_t*&, std::uint32_t*, std::uint8_t*&) noexcept {}
 std::size_t decode_float32_groups_avx512(FusedStream*, unsigned, std::size_t, bool*) noexcept { return 0; }
 std::size_t decode_float16_groups_avx512(FusedStream*, unsigned, bool, std::size_t, bool*) noexcept { return 0; }
 #endif

@@ -23,6 +23,10 @@ std::size_t decode_groups_avx2(Decoder& d, const DecodeTable& table, std::size_t
 // writable bytes below p's final place (the scratch's room for the states).
 void encode_groups_avx2(const std::uint8_t* symbols, std::size_t groups, const EncodeTable& table, std::uint32_t* x,
                         std::uint8_t*& p) noexcept;
+// The same for the first `groups` groups of two streams at once, step by step side by side.
+void encode_group_pairs_avx2(const std::uint8_t* symbols_a, const std::uint8_t* symbols_b, std::size_t groups,
+                             const EncodeTable& table, std::uint32_t* x_a, std::uint8_t*& p_a, std::uint32_t* x_b,
+                             std::uint8_t*& p_b) noexcept;
 
 // Calls body(std::integral_constant<unsigned, n>{}) with n = count (1 to kMaxTogether; 1 below):
 // the vector loops take the number of chunks stepping together as a compile-time constant, so

@@ -61,7 +61,7 @@ void encode(const std::uint8_t* symbols, std::size_t count, const EncodeTable& t
 
 // encode() of two symbol sequences with one table, appending stream k to
 // *outs[k]: the same bytes as two calls, their state chains side by side in
-// the AVX-512 loop (one chain waits on each step's latency).
+// the vector loops (one chain waits on each step's latency).
 void encode_two(const std::uint8_t* const symbols[2], const std::size_t counts[2], const EncodeTable& table,
                 std::vector<std::uint8_t>* const outs[2]);
 
