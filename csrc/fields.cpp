@@ -362,53 +362,55 @@ Histograms empty_histograms(const Layout& layout) {
     return h;
 }
 
-// Counts field f (of at most 8 bits) of elements [begin, end) into hist. Four interleaved
-// tables, summed at the end: XOR deltas hold long runs of one value (zero bytes), whose
-// increments would otherwise wait on each other (measured on the battery deltas' encoder: this
-// loop, with one table and a run-time field, was a quarter of its time).
+// Counts field f of elements [begin, end) into hist; returns how many elements are zero when f
+// is the head (0), else 0. Short ranges (the noise sample's runs) count straight into hist:
+// clearing and summing tables would cost more than the run. Longer ones count into four
+// interleaved tables, summed at the end: runs of one value (an exponent, the zero bytes of XOR
+// deltas) then do not wait on their own increments (a tail field counted into one table, with a
+// run-time field index, was a quarter of the deltas' encoding time).
 template <unsigned W, Family F, unsigned f>
-void count_field(const uint8_t* bytes, size_t begin, size_t end, std::vector<uint64_t>& hist) {
+uint64_t count_field(const uint8_t* bytes, size_t begin, size_t end, std::vector<uint64_t>& hist) {
     constexpr Layout layout{W, F};
-    if (end - begin < 4096) {  // the noise sample's runs: clearing and summing would cost more
-        for (size_t i = begin; i < end; ++i) ++hist[field_of(layout, load_element<W>(bytes + i * W), f)];
-        return;
+    constexpr size_t values = size_t{1} << layout.bits(f);
+    uint64_t zeros = 0;
+    const auto count = [&](size_t i, auto* counters) {
+        const auto v = load_element<W>(bytes + i * W);
+        if constexpr (f == 0) zeros += v == 0;
+        ++counters[field_of(layout, v, f)];
+    };
+    if (end - begin < 16 * values) {
+        for (size_t i = begin; i < end; ++i) count(i, hist.data());
+        return zeros;
     }
-    uint32_t tables[4][256] = {};
+    std::vector<uint32_t> tables(4 * values, 0);
     for (size_t start = begin; start < end; start += size_t{1} << 30) {  // 32-bit counters
         const size_t stop = std::min(end, start + (size_t{1} << 30));
         size_t i = start;
         for (; i + 4 <= stop; i += 4) {
-            for (unsigned k = 0; k < 4; ++k) ++tables[k][field_of(layout, load_element<W>(bytes + (i + k) * W), f)];
+            for (unsigned k = 0; k < 4; ++k) count(i + k, tables.data() + k * values);
         }
-        for (; i < stop; ++i) ++tables[0][field_of(layout, load_element<W>(bytes + i * W), f)];
-        for (size_t v = 0; v < hist.size(); ++v) {
-            hist[v] += uint64_t{tables[0][v]} + tables[1][v] + tables[2][v] + tables[3][v];
+        for (; i < stop; ++i) count(i, tables.data());
+        for (size_t v = 0; v < values; ++v) {
+            hist[v] += uint64_t{tables[v]} + tables[values + v] + tables[2 * values + v] + tables[3 * values + v];
         }
-        std::memset(tables, 0, sizeof tables);
+        std::fill(tables.begin(), tables.end(), 0);
     }
+    return zeros;
 }
 
 // Counts elements [begin, end): zeros and field 0 always, the other fields unless noise.
 template <unsigned W, Family F>
 void count_fields(const uint8_t* bytes, size_t begin, size_t end, const std::vector<char>& noise, Histograms& h) {
     const Layout layout{W, F};
-    const size_t values = h.fields[0].size();
-    const size_t n = end - begin;
     uint64_t zeros = 0;
     // Fields 0 and 1 of every layout wider than a byte are taken from the element's top 16 bits:
     // on long ranges one count of those gives both histograms (measured on trained float32
     // weights: 0.53 ns an element, against 1.2 for field 0 and then field 1 in its own pass).
     constexpr size_t kJointMin = size_t{1} << 18;  // clearing and summing the tables costs 2^17 steps
-    const bool joint = W >= 2 && n >= kJointMin;
-    if (n < 16 * values) {
-        // Short ranges (the noise sample's runs) count straight into the histogram: clearing and
-        // summing four tables would cost more than the run.
-        for (size_t i = begin; i < end; ++i) {
-            const auto v = load_element<W>(bytes + i * W);
-            zeros += v == 0;
-            ++h.fields[0][field_of(layout, v, 0)];
-        }
-    } else if (joint) {
+    const bool joint = W >= 2 && end - begin >= kJointMin;
+    if (!joint) {
+        zeros = count_field<W, F, 0>(bytes, begin, end, h.fields[0]);
+    } else {
         constexpr unsigned shift = W >= 2 ? 8 * W - 16 : 0;  // (W = 1 never counts jointly)
         // Two tables, alternate elements: runs of one value then do not wait on their own increments.
         std::vector<uint32_t> top(2 << 16, 0);
@@ -436,34 +438,6 @@ void count_fields(const uint8_t* bytes, size_t begin, size_t end, const std::vec
                 if (count_1) h.fields[1][field_of(layout, u << shift, 1)] += count;
             }
             std::fill(top.begin(), top.end(), 0);
-        }
-    } else {
-        // Four interleaved tables, summed at the end: runs of one exponent then do not wait on
-        // their own increments.
-        std::vector<uint32_t> head(4 * values, 0);
-        uint32_t* const t0 = head.data();
-        uint32_t* const t1 = t0 + values;
-        uint32_t* const t2 = t1 + values;
-        uint32_t* const t3 = t2 + values;
-        for (size_t start = begin; start < end; start += size_t{1} << 30) {  // 32-bit counters
-            const size_t stop = std::min(end, start + (size_t{1} << 30));
-            size_t i = start;
-            for (; i + 4 <= stop; i += 4) {
-                const auto a = load_element<W>(bytes + i * W), b = load_element<W>(bytes + (i + 1) * W);
-                const auto c = load_element<W>(bytes + (i + 2) * W), d = load_element<W>(bytes + (i + 3) * W);
-                zeros += (a == 0) + (b == 0) + (c == 0) + (d == 0);
-                ++t0[field_of(layout, a, 0)];
-                ++t1[field_of(layout, b, 0)];
-                ++t2[field_of(layout, c, 0)];
-                ++t3[field_of(layout, d, 0)];
-            }
-            for (; i < stop; ++i) {
-                const auto v = load_element<W>(bytes + i * W);
-                zeros += v == 0;
-                ++t0[field_of(layout, v, 0)];
-            }
-            for (size_t k = 0; k < values; ++k) h.fields[0][k] += uint64_t{t0[k]} + t1[k] + t2[k] + t3[k];
-            std::fill(head.begin(), head.end(), 0);
         }
     }
     for_tail_fields<W>([&](auto field) {
@@ -701,11 +675,16 @@ struct Encoder::Impl {
         unsigned zero_symbol = kNoSymbol;
     };
     std::vector<Coded> coded;  // per field
+    // The common case (head_only_parts): the head rANS-coded without the zero symbol, every
+    // other field raw.
+    bool head_only = false;
 };
 
 Encoder::Encoder(const Model& model) : impl_(std::make_unique<Impl>()) {
     impl_->model = model;
     impl_->coded.resize(model.fields.size());
+    impl_->head_only = model.fields[0].mode == Mode::rans && !model.has_zero();
+    for (size_t f = 1; f < model.fields.size(); ++f) impl_->head_only &= model.fields[f].mode == Mode::raw;
     for (size_t f = 0; f < model.fields.size(); ++f) {
         const Field& field = model.fields[f];
         if (field.mode != Mode::rans) continue;
@@ -898,13 +877,6 @@ const char* write_head_only(const HeadOnlyParts& parts, unsigned width, const st
 
 }  // namespace
 
-bool Encoder::head_only() const noexcept {
-    const Model& model = impl_->model;
-    bool only = model.fields[0].mode == Mode::rans && !model.has_zero();
-    for (unsigned f = 1; f < model.layout.width; ++f) only = only && model.fields[f].mode == Mode::raw;
-    return only;
-}
-
 const char* Encoder::head_only_parts(ConstBytes data, HeadOnlyParts& parts) const {
     const Model& model = impl_->model;
     const Impl::Coded& c = impl_->coded[0];
@@ -916,7 +888,7 @@ const char* Encoder::head_only_parts(ConstBytes data, HeadOnlyParts& parts) cons
 }
 
 const char* Encoder::encode_two(const ConstBytes* data, std::vector<uint8_t>& out, size_t* lengths) const {
-    if (!head_only()) {
+    if (!impl_->head_only) {
         for (unsigned k = 0; k < 2; ++k) {
             const size_t before = out.size();
             if (const char* error = encode(data[k], out)) return error;
@@ -950,7 +922,7 @@ const char* Encoder::encode(ConstBytes data, std::vector<uint8_t>& out) const {
     const unsigned w = layout.width;
     const size_t n = data.size / w;
     const bool zero = model.has_zero();
-    if (head_only()) {
+    if (impl_->head_only) {
         HeadOnlyParts parts;
         if (const char* error = head_only_parts(data, parts)) return error;
         std::vector<uint8_t> stream;

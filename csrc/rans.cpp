@@ -66,20 +66,22 @@ inline void encode_one(std::uint32_t& x, const EncodeSymbol& s, std::uint8_t*& p
     x = (q << kScaleBits) + (x - q * s.freq) + s.start;
 }
 
-}  // namespace
-
-namespace {
-
 // One stream being encoded. Words are produced last symbol first, so they are written
 // backwards from the end of a scratch buffer: at most one word per symbol, then the states in
 // front. Left uninitialised: only the bytes from the final p on are copied out, all written.
-class Encoding {
-public:
+struct Encoding {
+    const std::uint8_t* symbols;
+    std::unique_ptr<std::uint8_t[]> scratch;
+    std::uint8_t* end;
+    std::uint8_t* p;
+    std::uint32_t x[kLanes];
+    std::size_t groups;  // whole groups not yet encoded: the first ones
+
     // Starts with the last, partial group (its symbols sit on lanes 0..r-1): what remains is
     // whole groups, for the vector loops.
-    Encoding(const std::uint8_t* symbols, std::size_t count, const EncodeSymbol* table)
-        : symbols_(symbols), scratch_(new std::uint8_t[2 * count + kStateBytes]), end_(scratch_.get() + 2 * count + kStateBytes),
-          p(end_), groups(count / kLanes) {
+    Encoding(const std::uint8_t* symbols_, std::size_t count, const EncodeSymbol* table)
+        : symbols(symbols_), scratch(new std::uint8_t[2 * count + kStateBytes]),
+          end(scratch.get() + 2 * count + kStateBytes), p(end), groups(count / kLanes) {
         for (auto& v : x) v = kLow;
         std::size_t i = count;
         for (std::size_t r = count % kLanes; r > 0; --r) {
@@ -88,50 +90,39 @@ public:
         }
     }
 
+    // Groups [first, groups) with this CPU's vector loop (none without one), the last first.
+    void vector_groups(std::size_t first, const EncodeTable& table) noexcept {
+        const Simd level = simd();
+        if (level == Simd::scalar || first >= groups) return;
+        const std::uint8_t* from = symbols + first * kLanes;
+        if (level == Simd::avx512) {
+            encode_groups_avx512(from, groups - first, table, x, p);
+        } else {
+            encode_groups_avx2(from, groups - first, table, x, p);
+        }
+        groups = first;
+    }
+
     // The whole groups that the vector loops left, then the states; appends the stream to out.
     void finish(const EncodeSymbol* table, std::vector<std::uint8_t>& out) {
         for (std::size_t g = groups; g-- > 0;) {
-            const std::uint8_t* group = symbols_ + g * kLanes;
+            const std::uint8_t* group = symbols + g * kLanes;
             for (unsigned lane = kLanes; lane-- > 0;) encode_one(x[lane], table[group[lane]], p);
         }
         p -= kStateBytes;
         for (unsigned lane = 0; lane < kLanes; ++lane) {
             for (unsigned b = 0; b < 4; ++b) p[4 * lane + b] = static_cast<std::uint8_t>(x[lane] >> (8 * b));
         }
-        out.insert(out.end(), p, end_);
+        out.insert(out.end(), p, end);
     }
-
-    const std::uint8_t* symbols() const noexcept { return symbols_; }
-
-private:
-    const std::uint8_t* symbols_;
-    std::unique_ptr<std::uint8_t[]> scratch_;
-    std::uint8_t* end_;
-
-public:
-    std::uint8_t* p;
-    std::uint32_t x[kLanes];
-    std::size_t groups;  // whole groups not yet encoded: the first ones
 };
-
-// Runs the vector loop of this CPU over every whole group of e (none without one).
-void vector_groups(Encoding& e, const EncodeTable& table) noexcept {
-    const Simd level = simd();
-    if (level == Simd::scalar) return;
-    if (level == Simd::avx512) {
-        encode_groups_avx512(e.symbols(), e.groups, table, e.x, e.p);
-    } else {
-        encode_groups_avx2(e.symbols(), e.groups, table, e.x, e.p);
-    }
-    e.groups = 0;
-}
 
 }  // namespace
 
 void encode(const std::uint8_t* symbols, std::size_t count, const EncodeTable& table, std::vector<std::uint8_t>& out) {
     if (count == 0) return;
     Encoding e(symbols, count, table.symbol);
-    vector_groups(e, table);
+    e.vector_groups(0, table);
     e.finish(table.symbol, out);
 }
 
@@ -144,16 +135,12 @@ void encode_two(const std::uint8_t* const symbols[2], const std::size_t counts[2
     }
     Encoding a(symbols[0], counts[0], table.symbol), b(symbols[1], counts[1], table.symbol);
     // The longer stream's extra groups (its last ones) alone, then both chains side by side.
-    Encoding& longer = a.groups >= b.groups ? a : b;
-    Encoding& shorter = a.groups >= b.groups ? b : a;
-    const std::size_t common = shorter.groups;
-    const std::uint8_t* extra = longer.symbols() + common * kLanes;
+    const std::size_t common = std::min(a.groups, b.groups);
+    (a.groups > common ? a : b).vector_groups(common, table);
     if (level == Simd::avx512) {
-        encode_groups_avx512(extra, longer.groups - common, table, longer.x, longer.p);
-        encode_group_pairs_avx512(a.symbols(), b.symbols(), common, table, a.x, a.p, b.x, b.p);
+        encode_group_pairs_avx512(a.symbols, b.symbols, common, table, a.x, a.p, b.x, b.p);
     } else {
-        encode_groups_avx2(extra, longer.groups - common, table, longer.x, longer.p);
-        encode_group_pairs_avx2(a.symbols(), b.symbols(), common, table, a.x, a.p, b.x, b.p);
+        encode_group_pairs_avx2(a.symbols, b.symbols, common, table, a.x, a.p, b.x, b.p);
     }
     a.groups = b.groups = 0;
     a.finish(table.symbol, *outs[0]);

@@ -167,10 +167,6 @@ std::size_t fused(FusedStream* streams, unsigned count, std::size_t groups, bool
     return with_chunk_count(count, [&](auto n) { return fused_groups<decltype(n)::value>(streams, groups, ok, emit); });
 }
 
-}  // namespace
-
-namespace {
-
 // One group of one stream: the sixteen states after coding `group` (the words of the lanes that
 // emit go below `out`, which moves down past them).
 inline __m512i encode_group(__m512i state, const std::uint8_t* group, const EncodeTable& table,

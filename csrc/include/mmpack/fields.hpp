@@ -94,7 +94,6 @@ public:
 
 private:
     struct Impl;
-    bool head_only() const noexcept;
     const char* head_only_parts(ConstBytes data, HeadOnlyParts& parts) const;
     std::unique_ptr<Impl> impl_;
 };
