@@ -690,6 +690,96 @@ def test_reads_in_many_rounds_with_empty_tensors_and_xor_rows(monkeypatch, where
     assert np.array_equal(hashes, new.hashes()[models, columns])
 
 
+def _mixed_set(n: int) -> ModelSet:
+    arch = mmpack.Architecture(
+        (mmpack.TensorSpec("w", "parameter", torch.float32, (30,)),
+         mmpack.TensorSpec("none", "buffer", torch.float32, (0,)),
+         mmpack.TensorSpec("h", "parameter", torch.float16, (7,)),
+         mmpack.TensorSpec("b", "parameter", torch.bfloat16, (5, 3)),
+         mmpack.TensorSpec("steps", "buffer", torch.int64, (1,))), None)
+    rng = np.random.default_rng(5)
+    return ModelSet(arch, {"w": torch.from_numpy(rng.normal(0, 0.1, (n, 30)).astype("f4")),
+                           "none": torch.zeros(n, 0),
+                           "h": torch.from_numpy(rng.normal(0, 1, (n, 7)).astype("f2")),
+                           "b": torch.from_numpy(rng.normal(0, 1, (n, 5, 3)).astype("f4")).to(torch.bfloat16),
+                           "steps": torch.arange(n).reshape(n, 1)})
+
+
+_SMALL_READ_SET = _mixed_set(40)
+_SMALL_READ_BLOBS = {"stacked": _saved(_SMALL_READ_SET, chunk_bytes=100)}
+
+
+@pytest.mark.parametrize("where", ["stream", "file"])
+@settings(max_examples=40, deadline=None)
+@given(runs=st.lists(st.tuples(st.integers(0, 4), st.integers(0, 45), st.integers(0, 9)), min_size=1, max_size=3),
+       xor=st.booleans(), corrupt=st.one_of(st.none(), st.floats(0, 1, exclude_max=True)))
+def test_small_reads_planned_with_integers_match_the_array_plan(where, runs, xor, corrupt):
+    """Reads of a few chunks are planned with Python integers (one model's rows); every such read,
+    copied or XORed, over chunks of every kind (empty rows, several pieces of one chunk, rows out
+    of range, a corrupt chunk), gives the rows, hashes or error of the array plan. (At most 27
+    chunks here, rows of w being chunks of their own: always small enough.)"""
+    from mmpack.fileformat import compressed
+
+    blob = bytearray(_SMALL_READ_BLOBS["stacked"])
+    header = fileformat.read_header(FileReader(io.BytesIO(bytes(blob))))
+    if corrupt is not None:
+        blob[header.data_start + int(corrupt * header.layout.data_length)] ^= 0x5A
+    arch = _SMALL_READ_SET.architecture
+    t, first, counts = (np.array(x, np.int64) for x in zip(*runs))
+    dst = np.zeros(len(runs), np.int64)
+    for j in range(len(arch)):  # each tensor's runs land on distinct destination rows
+        dst[t == j] = np.cumsum(counts[t == j]) - counts[t == j]
+    results = []
+    for few in (compressed._FEW_CHUNKS, 0):
+        out = {s.name: packing.empty_stacked(60, s) for s in arch.tensors}
+        views = [packing.byte_view(out[s.name]).reshape(-1) for s in arch.tensors]
+        for v in views:  # rows the read does not write, and references for XOR reads
+            v[:] = np.random.default_rng(len(v)).integers(0, 256, len(v), np.uint8)
+        with tempfile_dir() as directory, contextlib.ExitStack() as stack:
+            stream = stack.enter_context(_opened(bytes(blob), where, directory))
+            source = FileReader(stream)
+            opened = fileformat.read_header(source)
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(compressed, "_FEW_CHUNKS", few)
+                if few == 0:
+                    assert compressed._read_rans_few(source, opened, t, first, counts, dst, views, xor,
+                                                     np.empty(int(counts.sum()), np.uint64)) is False
+                else:
+                    patch.setattr(compressed, "plan", None)  # small enough: never planned as arrays
+                try:
+                    hashes = compressed.read_rows(source, opened, t, first, counts, dst, views, xor)
+                    results.append(([v.tobytes() for v in views], hashes.tolist()))
+                except (FormatError, IntegrityError) as exc:
+                    results.append(type(exc))
+    assert results[0] == results[1]
+    if corrupt is None and (first + counts <= 40).all():
+        assert isinstance(results[0], tuple)
+
+
+def test_reads_of_many_chunks_or_rows_take_the_array_plan():
+    from mmpack.fileformat import compressed
+
+    blob = _SMALL_READ_BLOBS["stacked"]
+    source = FileReader(io.BytesIO(blob))
+    header = fileformat.read_header(source)
+    arch = _SMALL_READ_SET.architecture
+    views = [packing.byte_view(packing.empty_stacked(40, s)).reshape(-1) for s in arch.tensors]
+    for runs in ([(0, 0, 33)], [(0, k, 1) for k in range(33)], [(4, 0, 40)] * 7):  # 33 chunks; 280 rows
+        t, first, counts = (np.array(x, np.int64) for x in zip(*runs))
+        assert not compressed._read_rans_few(source, header, t, first, counts, np.zeros(len(t), np.int64), views,
+                                             False, np.empty(int(counts.sum()), np.uint64))
+    assert mmpack.load(io.BytesIO(blob)).equal(_SMALL_READ_SET)  # 33 chunks and more: the array plan
+
+
+@contextlib.contextmanager
+def tempfile_dir() -> Iterator[object]:
+    import pathlib
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as name:
+        yield pathlib.Path(name)
+
+
 def _section_file(tmp_path, dtype: torch.dtype = torch.float32, rows: int = 64, per_row: int = 300,
                   chunk_rows: int = 5) -> tuple[np.ndarray, rans.Encoded, object]:
     raw = mixed_bytes(dtype, np.random.default_rng(11), rows * per_row) if rows * per_row < 10**5 else \

@@ -10,7 +10,8 @@ rows are copied (or XORed) into place and hashed in one native call.
 Version 2 (zstd byte planes) decodes chunk by chunk on a thread pool
 (zstandard and the kernels release the GIL); version 3 (rANS fields) hands
 every chunk of a read to the kernels in one call, which decode and hash them
-on the kernels' threads.
+on the kernels' threads. A version 3 read of a few chunks (one model's rows)
+is planned with Python integers, a larger one with arrays: the same jobs.
 """
 
 from __future__ import annotations
@@ -82,6 +83,9 @@ def read_rows(
     rows numbered in run order."""
     hashes = np.empty(int(np.asarray(counts, np.int64).sum()), U64)
     if len(hashes) == 0:
+        return hashes
+    if isinstance(header.layout.chunking, rans.RansChunking) and _read_rans_few(
+            source, header, tensors, first, counts, dst, destinations, xor, hashes):
         return hashes
     pieces = plan(header, tensors, first, counts, dst)
     if isinstance(header.layout.chunking, rans.RansChunking):
@@ -200,6 +204,8 @@ def _table_blocks(source: Reader, header: Header, tensors: list[int]) -> tuple[l
     per = header.per_tensor
     assert per.tables is not None
     known = per.table_blocks
+    if all(t in known for t in tensors):
+        return [known[t] for t in tensors], {}
     missing = np.array([t for t in tensors if t not in known], np.int64)
     read = {}
     if len(missing):
@@ -219,6 +225,7 @@ def _decode_round(source: Reader, files: tuple[int, int] | None, pieces: Pieces,
                   hashes: np.ndarray) -> None:
     """Decode some chunks in one native call: read from the file by the threads that decode them
     when ``files`` (the source's descriptor and base position) is given, else read first."""
+    payload = None
     if files is None:
         payload = _scratch("payload", int(length.sum()))
         at = np.cumsum(length) - length
@@ -247,12 +254,7 @@ def _decode_round(source: Reader, files: tuple[int, int] | None, pieces: Pieces,
     jobs[:, 7] = np.where(whole, size, 0)
     jobs[:, 8] = np.where(whole, pieces.hash_at[first_piece], 0)
     jobs[:, 9] = count * size
-    if files is None:
-        rans.decode(tables, layouts, [payload], jobs, [decoded, *destinations], hashes)
-    else:
-        with source.direct_reads():
-            rans.decode_files(tables, layouts, [files[0]], jobs, [decoded, *destinations], hashes,
-                              [getattr(source, "name", "an object")])
+    _decode_jobs(source, files, tables, layouts, jobs, payload, decoded, destinations, hashes)
     if whole.all():
         return
     # Rows of the other chunks, from the scratch into place (copied or XORed), hashed as they land.
@@ -271,6 +273,119 @@ def _decode_round(source: Reader, files: tuple[int, int] | None, pieces: Pieces,
     _native.copy_segments([decoded], np.zeros(len(src), U64), src.astype(U64), destinations, tensor.astype(U64),
                           to.astype(U64), rows_size.astype(U64), out, xor=xor)
     hashes[np.repeat(pieces.hash_at[k], n) + within] = out
+
+
+def _decode_jobs(source: Reader, files: tuple[int, int] | None, tables: list, layouts: list[int], jobs: np.ndarray,
+                 payload: np.ndarray | None, decoded: np.ndarray, destinations: list[np.ndarray],
+                 hashes: np.ndarray) -> None:
+    """Run decode jobs: payload index 0 is ``payload`` (chunks read already) or, with ``files``,
+    the source's file; destination 0 is ``decoded``, destination 1 + j is tensor j's."""
+    if files is None:
+        rans.decode(tables, layouts, [payload], jobs, [decoded, *destinations], hashes)
+    else:
+        with source.direct_reads():
+            rans.decode_files(tables, layouts, [files[0]], jobs, [decoded, *destinations], hashes,
+                              [getattr(source, "name", "an object")])
+
+
+# Reads of a few chunks and rows are planned with Python integers instead of arrays: for one
+# model of a set (a chunk per tensor), numpy's microsecond or so a call was most of the read
+# (one model of 5,000 battery FFNN-48 models: 120 us of planning around 64 us of decoding).
+# Larger reads take the array plan, whose cost does not grow with their chunks.
+_FEW_CHUNKS = 32
+_FEW_ROWS = 256
+
+# A piece of a chunk: its first and end stored rows, its first destination row and first hash index.
+_Piece = tuple[int, int, int, int]
+
+
+def _few_pieces(header: Header, tensors: np.ndarray, first: np.ndarray, counts: np.ndarray, dst: np.ndarray,
+                hashes: np.ndarray) -> dict[tuple[int, int], list[_Piece]] | None:
+    """The pieces of a read by (tensor, chunk), the hashes of its empty rows written; None when
+    its runs hold more than _FEW_CHUNKS chunks or _FEW_ROWS rows."""
+    layout, chunking = header.layout, header.layout.chunking
+    assert isinstance(chunking, rans.RansChunking)
+    if len(hashes) > _FEW_ROWS or len(tensors) > _FEW_CHUNKS:
+        return None
+    row_bytes = header.per_tensor.row_bytes
+    chunks: dict[tuple[int, int], list[_Piece]] = {}
+    hash_at = 0
+    for t, a, n, d in zip(*(np.asarray(x, np.int64).tolist() for x in (tensors, first, counts, dst))):
+        if a < 0 or a + n > layout.rows[t]:
+            raise FormatError("a requested row lies outside the object's stored rows")
+        if n and not row_bytes[t]:  # zero-element rows: nothing is stored, every row hashes as empty bytes
+            hashes[hash_at : hash_at + n] = _native.xxh3_64(b"")
+        elif n:
+            per_chunk = chunking.chunk_rows[t]
+            first_chunk, last_chunk = a // per_chunk, (a + n - 1) // per_chunk
+            if len(chunks) + last_chunk - first_chunk >= _FEW_CHUNKS:  # (chunks shared by runs counted twice)
+                return None
+            for c in range(first_chunk, last_chunk + 1):
+                begin, end = max(a, c * per_chunk), min(a + n, (c + 1) * per_chunk)
+                chunks.setdefault((t, c), []).append((begin, end, d + begin - a, hash_at + begin - a))
+        hash_at += n
+    return chunks
+
+
+def _read_rans_few(source: Reader, header: Header, tensors: np.ndarray, first: np.ndarray, counts: np.ndarray,
+                   dst: np.ndarray, destinations: list[np.ndarray], xor: bool, hashes: np.ndarray) -> bool:
+    """``_read_rans`` for a read of a few chunks and rows (``_few_pieces``) staging at most
+    _ROUND_BYTES, in one native call; False, and nothing read, for any other read."""
+    chunks = _few_pieces(header, tensors, first, counts, dst, hashes)
+    if chunks is None:
+        return False
+    if not chunks:
+        return True  # empty rows only
+    layout, chunking = header.layout, header.layout.chunking
+    assert isinstance(chunking, rans.RansChunking)
+    row_bytes = header.per_tensor.row_bytes.tolist()
+    files = source.descriptor()
+    base = 0 if files is None else files[1]  # where the object starts in its file
+    tensors_used: list[int] = []
+    jobs, copies, segments = [], [], []
+    staged = scratch_at = 0
+    for t, c in sorted(chunks):  # tensor by tensor, as the array plan: chunks of one table decode together
+        pieces, size = chunks[t, c], row_bytes[t]
+        if not tensors_used or tensors_used[-1] != t:
+            tensors_used.append(t)
+        chunk_first = c * chunking.chunk_rows[t]
+        count = min(chunk_first + chunking.chunk_rows[t], layout.rows[t]) - chunk_first
+        position, stop = int(chunking.starts[t][c]), int(chunking.starts[t][c + 1])
+        offset = header.data_start + layout.tensor_offsets[t] + position
+        # The chunk's place in the staged payload, or in the file the kernels read it from.
+        job = [len(tensors_used) - 1, 0, staged if files is None else offset + base, stop - position]
+        begin, end, target, hash_at = pieces[0]
+        if not xor and len(pieces) == 1 and begin == chunk_first and end - chunk_first == count:
+            job += [1 + t, target * size, count * size, size, hash_at]  # decoded in place, hashed there
+        else:  # decoded into scratch as far as its last wanted row, then copied (or XORed) into place
+            prefix = (max(p[1] for p in pieces) - chunk_first) * size
+            job += [0, scratch_at, prefix, 0, 0]
+            for begin, end, target, hash_at in pieces:
+                copies += [(scratch_at + (begin - chunk_first + i) * size, t, (target + i) * size, size, hash_at + i)
+                           for i in range(end - begin)]
+            scratch_at += prefix
+        jobs.append(job + [count * size])
+        if files is None:
+            segments.append((offset, stop - position, staged))
+            staged += stop - position
+    if scratch_at + staged > _ROUND_BYTES:
+        return False  # the array plan splits it into rounds
+    tables, read = _table_blocks(source, header, tensors_used)
+    payload = None
+    if files is None:
+        payload = _scratch("payload", staged)
+        offsets, lengths, into = (np.array(x, U64) for x in zip(*segments))
+        source.read_segments(offsets, lengths, [payload], np.zeros(len(offsets), U64), into)
+    decoded = _scratch("decoded", scratch_at)
+    _decode_jobs(source, files, tables, [chunking.layouts[t] for t in tensors_used], np.array(jobs, U64), payload,
+                 decoded, destinations, hashes)
+    if copies:
+        src, tensor, to, sizes, hash_index = (np.array(x, U64) for x in zip(*copies))
+        out = np.empty(len(copies), U64)
+        _native.copy_segments([decoded], np.zeros(len(copies), U64), src, destinations, tensor, to, sizes, out, xor=xor)
+        hashes[hash_index.astype(np.int64)] = out
+    header.per_tensor.table_blocks.update(read)  # only once chunks have decoded with them
+    return True
 
 
 def _read_zstd(source: Reader, header: Header, pieces: Pieces, destinations: list[np.ndarray], xor: bool,
