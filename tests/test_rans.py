@@ -751,6 +751,10 @@ def test_small_reads_planned_with_integers_match_the_array_plan(where, runs, xor
                     results.append(([v.tobytes() for v in views], hashes.tolist()))
                 except (FormatError, IntegrityError) as exc:
                     results.append(type(exc))
+                    continue
+                # Again with the header's table blocks kept from the first read.
+                again = compressed.read_rows(source, opened, t, first, counts, dst, views, False)
+                assert xor or again.tolist() == hashes.tolist()
     assert results[0] == results[1]
     if corrupt is None and (first + counts <= 40).all():
         assert isinstance(results[0], tuple)
@@ -769,6 +773,32 @@ def test_reads_of_many_chunks_or_rows_take_the_array_plan():
         assert not compressed._read_rans_few(source, header, t, first, counts, np.zeros(len(t), np.int64), views,
                                              False, np.empty(int(counts.sum()), np.uint64))
     assert mmpack.load(io.BytesIO(blob)).equal(_SMALL_READ_SET)  # 33 chunks and more: the array plan
+    # More than the array plan's first round (it measures chunks decoded into scratch whole).
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(compressed, "_ROUND_BYTES", 200)
+        t, first, counts = np.zeros(2, np.int64), np.array([0, 1]), np.ones(2, np.int64)  # rows of 120 bytes
+        assert not compressed._read_rans_few(source, header, t, first, counts, np.array([0, 1]), views, True,
+                                             np.empty(2, np.uint64))
+
+
+@pytest.mark.parametrize("few", [True, False])
+@pytest.mark.parametrize("run, error", [((-1, 0, 1, 0), ValueError), ((5, 0, 1, 0), ValueError),
+                                        ((0, 0, -1, 0), ValueError), ((0, 0, 1, -1), ValueError),
+                                        ((0, -1, 1, 0), FormatError), ((0, 40, 1, 0), FormatError),
+                                        ((0, 2**63 - 1, 1, 0), FormatError)])
+def test_bad_runs_are_refused_alike_by_both_plans(few, run, error):
+    # A tensor index outside the object, a negative count or destination row, rows outside the
+    # stored ones (their end overflowing too): nothing read, the same error from either plan.
+    from mmpack.fileformat import compressed
+
+    source = FileReader(io.BytesIO(_SMALL_READ_BLOBS["stacked"]))
+    header = fileformat.read_header(source)
+    views = [packing.byte_view(packing.empty_stacked(40, s)).reshape(-1) for s in _SMALL_READ_SET.architecture.tensors]
+    t, first, counts, dst = (np.array([x, y], np.int64) for x, y in zip((2, 3, 1, 0), run))  # a good run, then a bad
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(compressed, "_FEW_CHUNKS", compressed._FEW_CHUNKS if few else 0)
+        with pytest.raises(error):
+            compressed.read_rows(source, header, t, first, counts, dst, views, False)
 
 
 @contextlib.contextmanager

@@ -49,14 +49,20 @@ class Pieces:
         return np.split(self.order, self.group_starts[1:-1]) if len(self.order) else []
 
 
+_BAD_RUN = "runs need a tensor index of the object, and row counts and destination rows from 0"
+_OUTSIDE = "a requested row lies outside the object's stored rows"
+
+
 def plan(header: Header, tensors: np.ndarray, first: np.ndarray, counts: np.ndarray, dst: np.ndarray) -> Pieces:
     """Cut runs (``counts[k]`` rows of tensor ``tensors[k]`` from stored row ``first[k]``, to
     destination rows from ``dst[k]``) at the chunk boundaries of a compressed object."""
     per = header.per_tensor
     assert per.chunk_rows is not None
     t, first, counts, dst = (np.asarray(a, np.int64) for a in (tensors, first, counts, dst))
-    if (first < 0).any() or (first + counts > per.rows[t]).any():
-        raise FormatError("a requested row lies outside the object's stored rows")
+    if len(t) and (min(t.min(), counts.min(), dst.min()) < 0 or t.max() >= len(per.rows)):
+        raise ValueError(_BAD_RUN)
+    if (first < 0).any() or (first > per.rows[t] - counts).any():  # (first + counts may overflow)
+        raise FormatError(_OUTSIDE)
     per_chunk = per.chunk_rows[t]
     first_chunk, last_chunk = first // per_chunk, (first + counts - 1) // per_chunk
     n_pieces = np.where(counts > 0, last_chunk - first_chunk + 1, 0)
@@ -81,7 +87,10 @@ def read_rows(
     """Decode the requested runs of a compressed object into ``destinations`` (byte views of
     stacked tensors), copying or (``xor``) XORing them into place; return each row's XXH3-64,
     rows numbered in run order."""
-    hashes = np.empty(int(np.asarray(counts, np.int64).sum()), U64)
+    counts = np.asarray(counts, np.int64)
+    if len(counts) and counts.min() < 0:
+        raise ValueError(_BAD_RUN)
+    hashes = np.empty(int(counts.sum()), U64)
     if len(hashes) == 0:
         return hashes
     if isinstance(header.layout.chunking, rans.RansChunking) and _read_rans_few(
@@ -302,17 +311,21 @@ _Piece = tuple[int, int, int, int]
 def _few_pieces(header: Header, tensors: np.ndarray, first: np.ndarray, counts: np.ndarray, dst: np.ndarray,
                 hashes: np.ndarray) -> dict[tuple[int, int], list[_Piece]] | None:
     """The pieces of a read by (tensor, chunk), the hashes of its empty rows written; None when
-    its runs hold more than _FEW_CHUNKS chunks or _FEW_ROWS rows."""
+    its runs hold more than _FEW_CHUNKS chunks or _FEW_ROWS rows. Bad runs raise as in ``plan``."""
     layout, chunking = header.layout, header.layout.chunking
     assert isinstance(chunking, rans.RansChunking)
     if len(hashes) > _FEW_ROWS or len(tensors) > _FEW_CHUNKS:
         return None
     row_bytes = header.per_tensor.row_bytes
+    runs = list(zip(*(np.asarray(x, np.int64).tolist() for x in (tensors, first, counts, dst))))
+    # Checked as the array plan checks them: every run's indices, then every run's rows.
+    if any(not 0 <= t < len(layout.rows) or n < 0 or d < 0 for t, _, n, d in runs):
+        raise ValueError(_BAD_RUN)
+    if any(a < 0 or a + n > layout.rows[t] for t, a, n, _ in runs):
+        raise FormatError(_OUTSIDE)
     chunks: dict[tuple[int, int], list[_Piece]] = {}
     hash_at = 0
-    for t, a, n, d in zip(*(np.asarray(x, np.int64).tolist() for x in (tensors, first, counts, dst))):
-        if a < 0 or a + n > layout.rows[t]:
-            raise FormatError("a requested row lies outside the object's stored rows")
+    for t, a, n, d in runs:
         if n and not row_bytes[t]:  # zero-element rows: nothing is stored, every row hashes as empty bytes
             hashes[hash_at : hash_at + n] = _native.xxh3_64(b"")
         elif n:
@@ -329,8 +342,8 @@ def _few_pieces(header: Header, tensors: np.ndarray, first: np.ndarray, counts: 
 
 def _read_rans_few(source: Reader, header: Header, tensors: np.ndarray, first: np.ndarray, counts: np.ndarray,
                    dst: np.ndarray, destinations: list[np.ndarray], xor: bool, hashes: np.ndarray) -> bool:
-    """``_read_rans`` for a read of a few chunks and rows (``_few_pieces``) staging at most
-    _ROUND_BYTES, in one native call; False, and nothing read, for any other read."""
+    """``_read_rans`` for a read of a few chunks and rows (``_few_pieces``) that the array plan
+    would make one round of, in one native call; False, and nothing read, for any other read."""
     chunks = _few_pieces(header, tensors, first, counts, dst, hashes)
     if chunks is None:
         return False
@@ -343,7 +356,7 @@ def _read_rans_few(source: Reader, header: Header, tensors: np.ndarray, first: n
     base = 0 if files is None else files[1]  # where the object starts in its file
     tensors_used: list[int] = []
     jobs, copies, segments = [], [], []
-    staged = scratch_at = 0
+    staged = scratch_at = round_bytes = 0
     for t, c in sorted(chunks):  # tensor by tensor, as the array plan: chunks of one table decode together
         pieces, size = chunks[t, c], row_bytes[t]
         if not tensors_used or tensors_used[-1] != t:
@@ -364,12 +377,15 @@ def _read_rans_few(source: Reader, header: Header, tensors: np.ndarray, first: n
                 copies += [(scratch_at + (begin - chunk_first + i) * size, t, (target + i) * size, size, hash_at + i)
                            for i in range(end - begin)]
             scratch_at += prefix
+            round_bytes += count * size
         jobs.append(job + [count * size])
         if files is None:
             segments.append((offset, stop - position, staged))
             staged += stop - position
-    if scratch_at + staged > _ROUND_BYTES:
-        return False  # the array plan splits it into rounds
+    if round_bytes + staged > _ROUND_BYTES:
+        # More than the array plan's first round (which it measures by whole chunks): it splits
+        # the read into rounds, so that a failing read has written the same rows either way.
+        return False
     tables, read = _table_blocks(source, header, tensors_used)
     payload = None
     if files is None:
