@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mmpack import _native, compression, rans
-from mmpack.errors import FormatError
+from mmpack.errors import FormatError, InvalidArgumentError
 from mmpack.fileformat.header import Header, Reader
 
 U64 = np.uint64
@@ -60,7 +60,7 @@ def plan(header: Header, tensors: np.ndarray, first: np.ndarray, counts: np.ndar
     assert per.chunk_rows is not None
     t, first, counts, dst = (np.asarray(a, np.int64) for a in (tensors, first, counts, dst))
     if len(t) and (min(t.min(), counts.min(), dst.min()) < 0 or t.max() >= len(per.rows)):
-        raise ValueError(_BAD_RUN)
+        raise InvalidArgumentError(_BAD_RUN)
     if (first < 0).any() or (first > per.rows[t] - counts).any():  # (first + counts may overflow)
         raise FormatError(_OUTSIDE)
     per_chunk = per.chunk_rows[t]
@@ -89,7 +89,7 @@ def read_rows(
     rows numbered in run order."""
     counts = np.asarray(counts, np.int64)
     if len(counts) and counts.min() < 0:
-        raise ValueError(_BAD_RUN)
+        raise InvalidArgumentError(_BAD_RUN)
     hashes = np.empty(int(counts.sum()), U64)
     if len(hashes) == 0:
         return hashes
@@ -308,19 +308,18 @@ _FEW_ROWS = 256
 _Piece = tuple[int, int, int, int]
 
 
-def _few_pieces(header: Header, tensors: np.ndarray, first: np.ndarray, counts: np.ndarray, dst: np.ndarray,
-                hashes: np.ndarray) -> dict[tuple[int, int], list[_Piece]] | None:
+def _few_pieces(header: Header, row_bytes: list[int], tensors: np.ndarray, first: np.ndarray, counts: np.ndarray,
+                dst: np.ndarray, hashes: np.ndarray) -> dict[tuple[int, int], list[_Piece]] | None:
     """The pieces of a read by (tensor, chunk), the hashes of its empty rows written; None when
     its runs hold more than _FEW_CHUNKS chunks or _FEW_ROWS rows. Bad runs raise as in ``plan``."""
     layout, chunking = header.layout, header.layout.chunking
     assert isinstance(chunking, rans.RansChunking)
     if len(hashes) > _FEW_ROWS or len(tensors) > _FEW_CHUNKS:
         return None
-    row_bytes = header.per_tensor.row_bytes
     runs = list(zip(*(np.asarray(x, np.int64).tolist() for x in (tensors, first, counts, dst))))
     # Checked as the array plan checks them: every run's indices, then every run's rows.
     if any(not 0 <= t < len(layout.rows) or n < 0 or d < 0 for t, _, n, d in runs):
-        raise ValueError(_BAD_RUN)
+        raise InvalidArgumentError(_BAD_RUN)
     if any(a < 0 or a + n > layout.rows[t] for t, a, n, _ in runs):
         raise FormatError(_OUTSIDE)
     chunks: dict[tuple[int, int], list[_Piece]] = {}
@@ -344,14 +343,14 @@ def _read_rans_few(source: Reader, header: Header, tensors: np.ndarray, first: n
                    dst: np.ndarray, destinations: list[np.ndarray], xor: bool, hashes: np.ndarray) -> bool:
     """``_read_rans`` for a read of a few chunks and rows (``_few_pieces``) that the array plan
     would make one round of, in one native call; False, and nothing read, for any other read."""
-    chunks = _few_pieces(header, tensors, first, counts, dst, hashes)
+    row_bytes = header.per_tensor.row_bytes.tolist()
+    chunks = _few_pieces(header, row_bytes, tensors, first, counts, dst, hashes)
     if chunks is None:
         return False
     if not chunks:
         return True  # empty rows only
     layout, chunking = header.layout, header.layout.chunking
     assert isinstance(chunking, rans.RansChunking)
-    row_bytes = header.per_tensor.row_bytes.tolist()
     files = source.descriptor()
     base = 0 if files is None else files[1]  # where the object starts in its file
     tensors_used: list[int] = []
