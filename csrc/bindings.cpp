@@ -5,12 +5,14 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <atomic>
 #include <climits>
 #include <cstring>
 #include <memory>
 #include <mutex>
 #include <new>
+#include <numeric>
 #include <string>
 #include <vector>
 
@@ -684,6 +686,9 @@ void rans_decode_jobs(const py::sequence& tables, const py::handle& layouts, con
         decoders[t] = std::make_unique<mmpack::fields::Decoder>(model);
     }
     std::vector<const char*> errors(n_jobs, nullptr);
+    // The order each thread decodes its share of the jobs in (sorted there).
+    std::vector<std::size_t> order(n_jobs);
+    std::iota(order.begin(), order.end(), std::size_t{0});
     ReadFailure read_failure;
     {
         py::gil_scoped_release release;
@@ -706,46 +711,66 @@ void rans_decode_jobs(const py::sequence& tables, const py::handle& layouts, con
                                           job.out_length / job.row_bytes, job.hashes);
                     }
                 };
-                for (std::size_t k = first; k < last; ++k) {
+                // Chunks of one layout step together, of one tensor or not (a model's small
+                // tensors are a chunk each), taken longest first so that the chunks of a group
+                // have about the same length and go on together to their ends.
+                std::sort(order.begin() + first, order.begin() + last, [&](std::size_t a, std::size_t b) {
+                    const mmpack::fields::Layout& la = table_layouts[work[a].table];
+                    const mmpack::fields::Layout& lb = table_layouts[work[b].table];
+                    if (la.width != lb.width) return la.width < lb.width;
+                    if (la.family != lb.family) return la.family < lb.family;
+                    if (work[a].out_length != work[b].out_length) return work[a].out_length > work[b].out_length;
+                    return a < b;
+                });
+                for (std::size_t i = first; i < last;) {
                     if (read_failure.failed.load(std::memory_order_relaxed)) return;  // the call fails anyway
-                    const DecodeJob& job = work[k];
-                    const mmpack::fields::Decoder& decoder = *decoders[job.table];
+                    const DecodeJob& job = work[order[i]];
+                    const mmpack::fields::Layout& layout = table_layouts[job.table];
                     unsigned together = 1;
                     // Chunks read from files step together only while small: a thread then holds at
                     // most one large chunk's bytes (a row of 64 MiB is a chunk of its own).
                     std::size_t held = job.length;
-                    while (together < mmpack::rans::kMaxTogether && k + together < last &&
-                           work[k + together].table == job.table &&
-                           (!source.from_files || held + work[k + together].length <= kTogetherBytes)) {
-                        held += work[k + together].length;
+                    while (together < mmpack::rans::kMaxTogether && i + together < last) {
+                        const DecodeJob& other = work[order[i + together]];
+                        const mmpack::fields::Layout& other_layout = table_layouts[other.table];
+                        if (other_layout.width != layout.width || other_layout.family != layout.family) break;
+                        if (source.from_files && held + other.length > kTogetherBytes) break;
+                        held += other.length;
                         ++together;
                     }
+                    const mmpack::fields::Decoder* chosen[mmpack::rans::kMaxTogether];
                     mmpack::ConstBytes chunks[mmpack::rans::kMaxTogether];
                     mmpack::MutableBytes outs[mmpack::rans::kMaxTogether];
                     std::size_t elements[mmpack::rans::kMaxTogether];
                     for (unsigned t = 0; t < together; ++t) {
-                        const DecodeJob& one = work[k + t];
+                        const std::size_t k = order[i + t];
+                        const DecodeJob& one = work[k];
                         const std::byte* payload = one.payload;
                         if (source.from_files) {
                             std::byte* buffer = buffers.get(t, one.length);
                             if (buffer == nullptr && one.length != 0) {
-                                read_failure.record_out_of_memory(k + t);
+                                read_failure.record_out_of_memory(k);
                                 return;
                             }
                             const mmpack::ReadOutcome read = mmpack::read_exact(one.fd, one.position, buffer, one.length);
                             if (read.status != mmpack::ReadOutcome::Status::ok) {
-                                read_failure.record(k + t, read);
+                                read_failure.record(k, read);
                                 return;
                             }
                             payload = buffer;
                         }
+                        chosen[t] = decoders[one.table].get();
                         chunks[t] = {payload, one.length};
                         outs[t] = {one.out, one.out_length};
                         elements[t] = one.elements;
                     }
-                    decoder.decode_together(chunks, outs, elements, together, &errors[k]);
-                    for (unsigned t = 0; t + 1 < together; ++t) hash(k++);
-                    hash(k);
+                    const char* group_errors[mmpack::rans::kMaxTogether];
+                    mmpack::fields::Decoder::decode_together(chosen, chunks, outs, elements, together, group_errors);
+                    for (unsigned t = 0; t < together; ++t) {
+                        errors[order[i + t]] = group_errors[t];
+                        hash(order[i + t]);
+                    }
+                    i += together;
                 }
             },
             std::uint64_t{4} << 20);

@@ -1358,11 +1358,11 @@ const char* Decoder::open(ConstBytes chunk, MutableBytes out, size_t elements, u
     return nullptr;
 }
 
-// The vector fused loop over the whole groups of `count` chunks of one tensor, stepping
+// The vector fused loop over the whole groups of `count` chunks of one layout, stepping
 // together, from where each chunk is done; marks a chunk failed on corrupt raw bits.
-void Decoder::run_fused(Chunk* const* chunks, unsigned count, const Layout& layout) noexcept {
+size_t Decoder::run_fused(Chunk* const* chunks, unsigned count, const Layout& layout) noexcept {
     const rans::Simd level = rans::simd();
-    if (level == rans::Simd::scalar) return;
+    if (level == rans::Simd::scalar) return 0;
     const bool half = layout.family == Family::half;
     rans::FusedStream streams[rans::kMaxTogether];
     size_t groups = SIZE_MAX;
@@ -1383,7 +1383,7 @@ void Decoder::run_fused(Chunk* const* chunks, unsigned count, const Layout& layo
         s.out = c.dst + c.done * layout.width;
         groups = std::min(groups, (c.n - c.done) / rans::kLanes);
     }
-    if (groups == 0) return;
+    if (groups == 0) return 0;
     size_t done = 0;
     bool ok[rans::kMaxTogether] = {true, true, true, true};
     if (level == rans::Simd::avx512) {
@@ -1397,6 +1397,7 @@ void Decoder::run_fused(Chunk* const* chunks, unsigned count, const Layout& layo
         chunks[k]->failed = !ok[k];
         chunks[k]->done += done * rans::kLanes;
     }
+    return done;
 }
 
 const char* Decoder::finish(Chunk& c) const noexcept {
@@ -1456,18 +1457,27 @@ const char* Decoder::decode(ConstBytes chunk, MutableBytes out, size_t elements)
     return error != nullptr ? error : finish(c);
 }
 
-void Decoder::decode_together(const ConstBytes* chunks, const MutableBytes* outs, const size_t* elements,
-                              unsigned count, const char** errors) const noexcept {
+const Layout& Decoder::layout() const noexcept { return impl_->model.layout; }
+
+void Decoder::decode_together(const Decoder* const* decoders, const ConstBytes* chunks, const MutableBytes* outs,
+                              const size_t* elements, unsigned count, const char** errors) noexcept {
     Chunk c[rans::kMaxTogether];
-    Chunk* fused[rans::kMaxTogether];
-    unsigned n_fused = 0;
-    for (unsigned k = 0; k < count; ++k) {
-        errors[k] = open(chunks[k], outs[k], elements[k], k, c[k]);
-        if (errors[k] == nullptr && c[k].is_fused) fused[n_fused++] = &c[k];
+    for (unsigned k = 0; k < count; ++k) errors[k] = decoders[k]->open(chunks[k], outs[k], elements[k], k, c[k]);
+    // The chunks step together while two or more have whole groups left: when the shortest
+    // is done (a prefix, a tensor's last chunk, a smaller tensor), the others go on without it.
+    for (;;) {
+        Chunk* fused[rans::kMaxTogether];
+        unsigned n_fused = 0;
+        for (unsigned k = 0; k < count; ++k) {
+            if (errors[k] == nullptr && c[k].is_fused && !c[k].failed && c[k].n - c[k].done >= rans::kLanes) {
+                fused[n_fused++] = &c[k];
+            }
+        }
+        // None done: a stream near its end (its last words are read by the scalar loop).
+        if (n_fused < 2 || run_fused(fused, n_fused, decoders[0]->layout()) == 0) break;
     }
-    if (n_fused > 1) run_fused(fused, n_fused, impl_->model.layout);
     for (unsigned k = 0; k < count; ++k) {
-        if (errors[k] == nullptr) errors[k] = finish(c[k]);
+        if (errors[k] == nullptr) errors[k] = decoders[k]->finish(c[k]);
     }
 }
 

@@ -231,7 +231,7 @@ namespace {
 constexpr std::size_t kBlockGroups = 32;
 
 // The loop shared by both element types, over `kCount` chunks stepping together (their chains
-// overlap). Emit(stream, group base, half, head values) writes eight elements of one chunk. A
+// overlap), each with its own head's tables (the chunks may be of different tensors). Emit(stream, group base, half, head values) writes eight elements of one chunk. A
 // chunk whose raw bits run out is marked failed; the others finish the block, so every chunk
 // not failed has the returned groups done.
 template <unsigned kCount, typename Emit>
@@ -247,9 +247,8 @@ std::size_t fused_groups(FusedStream* streams, std::size_t groups, bool* ok, Emi
     }
     // The symbols as 32-bit lanes, ready to index the value table.
     alignas(32) std::uint32_t symbols[kCount][kBlockGroups * kLanes];
-    // The chunks are of one tensor: they share their head's tables.
-    const FusedHead& head = *streams[0].head;
-    const DecodeTable& table = *head.table;
+    const DecodeTable* tables[kCount];
+    for (unsigned k = 0; k < kCount; ++k) tables[k] = streams[k].head->table;
     std::size_t g = 0;
     bool failed = false;
     bool room = true;
@@ -263,11 +262,12 @@ std::size_t fused_groups(FusedStream* streams, std::size_t groups, bool* ok, Emi
 #pragma GCC unroll 4
             for (unsigned k = 0; k < kCount; ++k) {
                 auto* at = reinterpret_cast<__m256i*>(symbols[k] + stepped * kLanes);
-                _mm256_store_si256(at, symbols_of(step(x[k].lo, table, next[k])));
-                _mm256_store_si256(at + 1, symbols_of(step(x[k].hi, table, next[k])));
+                _mm256_store_si256(at, symbols_of(step(x[k].lo, *tables[k], next[k])));
+                _mm256_store_si256(at + 1, symbols_of(step(x[k].hi, *tables[k], next[k])));
             }
         }
         for (unsigned k = 0; k < kCount; ++k) {
+            const FusedHead& head = *streams[k].head;
             for (std::size_t i = 0; i < stepped && ok[k]; ++i) {
                 for (unsigned half = 0; half < 2; ++half) {
                     __m256i value;

@@ -102,8 +102,8 @@ inline __m512i widen16(const std::uint8_t* bytes) noexcept {
 constexpr std::size_t kBlockGroups = 64;
 
 // The loop shared by both element types, over `kCount` chunks stepping together (two chunks'
-// chains overlap). Emit(stream, first element, head values) writes sixteen elements of one
-// chunk. A chunk whose raw bits run out is marked failed; the others finish the block, so
+// chains overlap), each with its own head's tables (the chunks may be of different tensors).
+// Emit(stream, first element, head values) writes sixteen elements of one chunk. A chunk whose raw bits run out is marked failed; the others finish the block, so
 // every chunk not failed has the returned groups done.
 template <unsigned kCount, typename Emit>
 std::size_t fused_groups(FusedStream* streams, std::size_t groups, bool* ok, Emit emit) noexcept {
@@ -119,10 +119,8 @@ std::size_t fused_groups(FusedStream* streams, std::size_t groups, bool* ok, Emi
     // Groups are looked up four at a time, so the last four of a block may hold symbols of an
     // earlier block (looked up, never used); zeroed so that none is ever uninitialised.
     alignas(64) std::uint8_t symbols[kCount][kBlockGroups * kLanes] = {};
-    // The chunks are of one tensor: they share their head's tables.
-    const FusedHead& head = *streams[0].head;
-    const ByteTable low_table(head.value_low);
-    const ByteTable high_table(head.value_high);
+    const DecodeTable* tables[kCount];
+    for (unsigned k = 0; k < kCount; ++k) tables[k] = streams[k].head->table;
     std::size_t g = 0;
     bool failed = false;
     bool room = true;
@@ -137,11 +135,15 @@ std::size_t fused_groups(FusedStream* streams, std::size_t groups, bool* ok, Emi
             if (!room) break;
 #pragma GCC unroll 4
             for (unsigned k = 0; k < kCount; ++k) {
-                const __m512i symbol = symbols_of(step(x[k], *head.table, next[k]));
+                const __m512i symbol = symbols_of(step(x[k], *tables[k], next[k]));
                 _mm_store_si128(reinterpret_cast<__m128i*>(symbols[k] + stepped * kLanes), _mm512_cvtepi32_epi8(symbol));
             }
         }
         for (unsigned k = 0; k < kCount; ++k) {
+            // Loaded once a block (64 groups): eight loads against a thousand elements.
+            const FusedHead& head = *streams[k].head;
+            const ByteTable low_table(head.value_low);
+            const ByteTable high_table(head.value_high);
             for (std::size_t i = 0; i < stepped && ok[k]; i += 4) {
                 __m512i values[4];
                 const std::size_t used = std::min<std::size_t>(4, stepped - i) * kLanes;

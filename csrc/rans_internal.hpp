@@ -75,7 +75,7 @@ struct FusedStream {
 
 // float32 chunks whose head is rANS-coded: element i = head | nibble's low 3 bits << 16 |
 // nibble's bit 3 << 31 | tails[1][i] << 8 | tails[2][i]. `count` (1 to kMaxTogether) chunks of
-// one tensor (they share one head's tables) advance together, so that their dependency chains
+// one layout (each with its own head's tables) advance together, so that their dependency chains
 // overlap (each state update waits on a gather). A chunk whose raw bits run out gets ok[k]
 // false, and every other chunk has the returned groups decoded.
 std::size_t decode_float32_groups_avx2(FusedStream* streams, unsigned count, std::size_t groups, bool* ok) noexcept;

@@ -286,6 +286,96 @@ def test_a_corrupt_chunk_decoded_with_others_fails_alone_and_alike_on_every_loop
     assert all(r == results[0] for r in results), dict(zip(SIMD_PATHS, results))
 
 
+_MIXED_TENSOR = st.tuples(st.sampled_from([*FUSED_DTYPES, torch.int32]), st.integers(1, 24), st.integers(1, 200),
+                          st.integers(1, 9), st.integers(-20, 20))  # dtype, rows, per row, chunk rows, scale
+
+
+def _many_tensor_jobs(tensors, seed: int):
+    """Sections of several tensors (each its own table; floats scaled by 2^scale) and one decode
+    job per chunk of each, tensor j's table, payload and destination j, hashing its rows."""
+    raws, encoded, jobs, hash_base = [], [], [], 0
+    for j, (dtype, rows, per_row, chunk_rows, scale) in enumerate(tensors):
+        if dtype.is_floating_point:
+            values = _trained_rows(torch.float32, rows, per_row, seed + j).view("<f4") * np.float32(2.0**scale)
+            raw = torch.from_numpy(values.copy()).to(dtype).view(torch.uint8).numpy().copy()
+        else:
+            raw = mixed_bytes(dtype, np.random.default_rng(seed + j), rows * per_row)
+        raws.append(raw)
+        encoded.append(encode(raw, rows, dtype, chunk_rows))
+        row_bytes = len(raw) // rows
+        tensor_jobs = decode_jobs(encoded[-1], len(raw), rows, chunk_rows)
+        tensor_jobs[:, [0, 1, 4]] = j
+        tensor_jobs[:, 7] = row_bytes
+        tensor_jobs[:, 8] = np.uint64(hash_base) + tensor_jobs[:, 5] // np.uint64(row_bytes)
+        hash_base += rows
+        jobs.append(tensor_jobs)
+    return raws, encoded, np.concatenate(jobs), hash_base
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), tensors=st.lists(_MIXED_TENSOR, min_size=2, max_size=7),
+       cuts=st.lists(st.floats(0, 1), min_size=1, max_size=8), shuffle=st.booleans(),
+       corrupt=st.one_of(st.none(), st.tuples(st.integers(0, 10**6), st.floats(0, 1, exclude_max=True),
+                                              st.integers(1, 255))),
+       from_files=st.booleans())
+def test_chunks_of_many_tensors_in_one_call_decode_as_each_alone_on_every_loop(
+        tmp_path_factory, seed, tensors, cuts, shuffle, corrupt, from_files):
+    # The kernels step chunks of one layout together whatever tensor (table) each comes from,
+    # longest first: chunks of different lengths, layouts and tables, in any job order, some
+    # decoded as prefixes, one perhaps corrupt, must each decode (and hash) as if alone.
+    raws, encoded, jobs, n_hashes = _many_tensor_jobs(tensors, seed)
+    row_bytes = jobs[:, 7]
+    whole_rows = jobs[:, 9] // row_bytes
+    prefix = np.array([cuts[k % len(cuts)] for k in range(len(jobs))])
+    jobs[:, 6] = np.minimum(whole_rows, np.ceil(whole_rows * prefix).astype(np.uint64)) * row_bytes
+    if shuffle:
+        jobs = jobs[np.random.default_rng(seed).permutation(len(jobs))]
+    payloads = [e.data.copy() for e in encoded]
+    bad_job = None
+    if corrupt is not None:
+        bad_job = corrupt[0] % len(jobs)
+        j, start, length = (int(v) for v in jobs[bad_job, [0, 2, 3]])
+        if length:
+            payloads[j][start + int(corrupt[1] * length)] ^= corrupt[2]
+        else:
+            bad_job = None
+    tables = [e.data[: e.table_length] for e in encoded]
+    layouts = np.array([rans.layout_code(t[0]) for t in tensors], np.uint64)
+    if from_files:
+        path = tmp_path_factory.mktemp("sections") / "sections.bin"
+        path.write_bytes(b"".join(p.tobytes() for p in payloads))
+        file_jobs = jobs.copy()
+        file_jobs[:, 2] += np.cumsum([0, *map(len, payloads)])[:-1].astype(np.uint64)[jobs[:, 1].astype(np.intp)]
+        file_jobs[:, 1] = 0
+    results = []
+    for path_name in SIMD_PATHS:
+        with simd_path(path_name):
+            outs = [np.full(len(r), 0xA5, np.uint8) for r in raws]
+            hashes = np.zeros(n_hashes, np.uint64)
+            failed = None
+            try:
+                if from_files:
+                    with open(path, "rb") as f:
+                        _native.rans_decode_files(tables, layouts, [f.fileno()], file_jobs.reshape(-1), outs, hashes)
+                else:
+                    _native.rans_decode(tables, layouts, payloads, jobs.reshape(-1), outs, hashes)
+            except _native.DecodeError as exc:
+                failed = exc.args[1]
+        assert failed in (None, bad_job), path_name
+        for k, (j, at, length, whole, size, first_hash) in enumerate(jobs[:, [0, 5, 6, 9, 7, 8]].tolist()):
+            if k == failed:
+                continue
+            out, raw = outs[j], raws[j]
+            if k != bad_job:
+                assert np.array_equal(out[at : at + length], raw[at : at + length]), (path_name, k)
+                rows = [_native.xxh3_64(raw[r : r + size]) for r in range(at, at + length, size)]
+                assert hashes[first_hash : first_hash + length // size].tolist() == rows, (path_name, k)
+            assert (out[at + length : at + whole] == 0xA5).all(), (path_name, k)  # nothing past the prefix
+        bad = None if bad_job is None or failed is not None else outs[int(jobs[bad_job, 0])].tobytes()
+        results.append((failed, bad))
+    assert all(r == results[0] for r in results), SIMD_PATHS
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @settings(max_examples=10, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), rows=st.integers(1, 30), per_row=st.integers(1, 300),

@@ -111,11 +111,14 @@ public:
     // ends are not checked (a reader keeping the rows checks them against
     // their stored hashes). Never reads outside chunk or writes outside out.
     const char* decode(ConstBytes chunk, MutableBytes out, size_t elements) const noexcept;
-    // Decodes `count` (at most rans::kMaxTogether) chunks at once, their
-    // dependency chains overlapping in the vector loop: errors[k] is what
-    // decode(chunks[k], outs[k], elements[k]) would return.
-    void decode_together(const ConstBytes* chunks, const MutableBytes* outs, const size_t* elements, unsigned count,
-                         const char** errors) const noexcept;
+    // Decodes `count` (at most rans::kMaxTogether) chunks at once, chunk k
+    // with decoders[k], their dependency chains overlapping in the vector
+    // loop: errors[k] is what decoders[k]->decode(chunks[k], outs[k],
+    // elements[k]) would return. The decoders may differ (chunks of several
+    // tensors go together) but must share one layout.
+    static void decode_together(const Decoder* const* decoders, const ConstBytes* chunks, const MutableBytes* outs,
+                                const size_t* elements, unsigned count, const char** errors) noexcept;
+    const Layout& layout() const noexcept;
 
 private:
     struct Impl;
@@ -123,7 +126,8 @@ private:
     // Reads a chunk's directory and streams into c; `slot` (below rans::kMaxTogether) is the
     // thread's scratch for its decoded tail fields, one per chunk decoded together.
     const char* open(ConstBytes chunk, MutableBytes out, size_t elements, unsigned slot, Chunk& c) const noexcept;
-    static void run_fused(Chunk* const* chunks, unsigned count, const Layout& layout) noexcept;
+    // Runs the vector loop over the whole groups all `count` chunks have left; returns them.
+    static size_t run_fused(Chunk* const* chunks, unsigned count, const Layout& layout) noexcept;
     const char* finish(Chunk& c) const noexcept;
     std::unique_ptr<Impl> impl_;
 };
