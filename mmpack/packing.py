@@ -36,6 +36,15 @@ def byte_view(tensor: torch.Tensor) -> np.ndarray:
     return flat.view(torch.uint8).numpy()
 
 
+# The dtypes numpy has: their tensors are made from a numpy array of that dtype directly, in a
+# quarter of the time of a byte array viewed twice (a one-model read allocates every tensor).
+_NUMPY_DTYPES = {
+    torch.float64: np.float64, torch.float32: np.float32, torch.float16: np.float16,
+    torch.complex128: np.complex128, torch.complex64: np.complex64, torch.int64: np.int64,
+    torch.int32: np.int32, torch.int16: np.int16, torch.int8: np.int8, torch.uint8: np.uint8, torch.bool: np.bool_,
+}
+
+
 def empty_stacked(n_models: int, spec: TensorSpec) -> torch.Tensor:
     """An uninitialised ``[n_models, *spec.shape]`` tensor for mmpack to fill.
 
@@ -44,10 +53,20 @@ def empty_stacked(n_models: int, spec: TensorSpec) -> torch.Tensor:
     fifth of what ``torch.empty`` memory does (measured on 2-core VMs), and
     every pack and load writes into fresh memory.
     """
+    return empty_stacked_bytes(n_models, spec)[0]
+
+
+def empty_stacked_bytes(n_models: int, spec: TensorSpec) -> tuple[torch.Tensor, np.ndarray]:
+    """:func:`empty_stacked` and its bytes (what :func:`byte_view` gives), from one allocation."""
+    shape = (n_models, *spec.shape)
+    numpy_dtype = _NUMPY_DTYPES.get(spec.dtype)
+    if numpy_dtype is not None:
+        array = np.empty(shape, numpy_dtype)
+        return torch.from_numpy(array), array.reshape(-1).view(np.uint8)
     if n_models * spec.nbytes == 0:
-        return torch.empty((n_models, *spec.shape), dtype=spec.dtype)
+        return torch.empty(shape, dtype=spec.dtype), np.empty(0, np.uint8)
     raw = np.empty(n_models * spec.nbytes, dtype=np.uint8)
-    return torch.from_numpy(raw).view(spec.dtype).view(n_models, *spec.shape)
+    return torch.from_numpy(raw).view(spec.dtype).view(shape), raw
 
 
 @dataclass(frozen=True)

@@ -260,3 +260,19 @@ def test_load_into_existing_modules_checks_every_model():
         ms.load_into(wrong)
     with pytest.raises(ArchitectureMismatchError, match="3 modules for a set of 4"):
         ms.load_into(ffnn_models(3))
+
+
+@pytest.mark.parametrize("dtype", sorted(mmpack.dtypes._BY_NAME.values(), key=str), ids=str)
+@pytest.mark.parametrize("n_models,shape", [(3, (4, 5)), (1, ()), (0, (2,)), (2, (0, 3))])
+def test_fresh_stacked_tensors_and_their_bytes_are_one_memory(dtype, n_models, shape):
+    # Readers write every row through the bytes: they must be the tensor's own, of its exact size.
+    from mmpack import packing
+    from mmpack.architecture import TensorSpec
+
+    spec = TensorSpec("t", "parameter", dtype, shape)
+    tensor, raw = packing.empty_stacked_bytes(n_models, spec)
+    assert tensor.shape == (n_models, *shape) and tensor.dtype == dtype and tensor.is_contiguous()
+    assert raw.dtype == np.uint8 and raw.shape == (n_models * spec.nbytes,)
+    raw[:] = np.arange(len(raw)) % 2  # bytes 0 and 1: a valid bool, a valid float8
+    assert np.array_equal(packing.byte_view(tensor), raw)
+    assert packing.empty_stacked(n_models, spec).shape == tensor.shape

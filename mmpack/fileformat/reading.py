@@ -92,13 +92,11 @@ class RowRequest:
 
     def segments(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(object offsets, row lengths, row counts, destination index, destination offsets) of every run."""
-        h = self.header
+        per_tensor = self.header.per_tensor
         counts = np.ones(len(self.tensors), U64) if self.counts is None else self.counts.astype(U64)
-        row_bytes = np.array([s.nbytes for s in h.architecture.tensors], dtype=U64)
-        starts = np.array(h.layout.tensor_offsets, dtype=U64) + U64(h.data_start)
         t = np.asarray(self.tensors).astype(np.intp)
-        lengths = row_bytes[t]
-        offsets = starts[t] + np.asarray(self.stored_rows).astype(U64) * lengths
+        lengths = per_tensor.row_bytes[t].astype(U64)
+        offsets = per_tensor.starts[t].astype(U64) + np.asarray(self.stored_rows).astype(U64) * lengths
         return offsets, lengths, counts, t.astype(U64), np.asarray(self.dst_rows).astype(U64) * lengths
 
 
@@ -181,6 +179,8 @@ def _read_files(requests: Sequence[RowRequest], destinations: list[np.ndarray]) 
         unsorted = np.empty_like(hashes)
         unsorted[np.arange(total, dtype=np.int64) + np.repeat(shift, counts.astype(np.int64))] = hashes
         hashes = unsorted
+    if len(requests) == 1:
+        return [hashes]
     return np.split(hashes, np.cumsum([r.n_rows() for r in requests])[:-1])
 
 

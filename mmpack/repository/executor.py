@@ -105,11 +105,14 @@ def execute_tensors(tables: Tables, plan: RecoveryPlan, *, verify: bool = True,
         raise ValueError("a plan that reorders its models cannot fill given tensors")
     if into is None:
         wanted_tensors = range(len(architecture)) if plan.tensors is None else plan.tensors.tolist()
-        into = {architecture.tensors[j].name: packing.empty_stacked(len(models), architecture.tensors[j])
-                for j in wanted_tensors}
-    tensors = into
-    destinations = [packing.byte_view(tensors[s.name]) if s.name in tensors else np.empty(0, np.uint8)
-                    for s in architecture.tensors]
+        fresh = {architecture.tensors[j].name: packing.empty_stacked_bytes(len(models), architecture.tensors[j])
+                 for j in wanted_tensors}
+        tensors = {name: tensor for name, (tensor, _) in fresh.items()}
+        views = {name: raw for name, (_, raw) in fresh.items()}
+    else:
+        tensors = into
+        views = {name: packing.byte_view(tensor) for name, tensor in into.items()}
+    destinations = [views[s.name] if s.name in views else np.empty(0, np.uint8) for s in architecture.tensors]
     if plan.rebuilds:
         context = RebuildContext(
             lambda base, wanted: recover(tables, base, wanted, verify=verify, options=options),

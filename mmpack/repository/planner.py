@@ -109,9 +109,10 @@ def plan_recovery(tables: Tables, vid: str, indices: Iterable[int] | None = None
         models = np.arange(target.n_models)
     else:
         wanted = normalize_indices(indices, target.n_models)
-        models, inverse = np.unique(wanted, return_inverse=True)
-        if not np.array_equal(models, wanted):
-            order = inverse
+        if len(wanted) > 1 and not (wanted[1:] > wanted[:-1]).all():  # not already sorted and unique
+            models, order = np.unique(wanted, return_inverse=True)
+        else:
+            models = wanted
     owner = tables.owners(chain, models, n_tensors)
     columns_of = None
     if tensors is not None:
@@ -162,11 +163,14 @@ def reads_of(record: VersionRecord, models: np.ndarray, tensors: np.ndarray, dst
 def group_by_owner(owner: np.ndarray, n_sources: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """(rows, columns) of the pairs each source owns, tensor by tensor with ascending rows (file
     order in every layout), found with one sort instead of a scan per source."""
+    height = owner.shape[0]
+    if n_sources == 1:  # a full version on its own (no deltas): it owns every pair
+        columns, rows = divmod(np.arange(owner.size), height)
+        return [(rows, columns)]
     small = np.int16 if n_sources < 2**15 else np.int32  # numpy sorts 16-bit ints by radix, in linear time
     flat = owner.T.reshape(-1).astype(small)
     order = np.argsort(flat, kind="stable")
     bounds = np.concatenate([[0], np.cumsum(np.bincount(flat, minlength=n_sources))])
-    height = owner.shape[0]
     pairs = []
     for p in range(n_sources):
         columns, rows = divmod(order[bounds[p] : bounds[p + 1]], height)
