@@ -376,6 +376,22 @@ def test_chunks_of_many_tensors_in_one_call_decode_as_each_alone_on_every_loop(
     assert all(r == results[0] for r in results), SIMD_PATHS
 
 
+@pytest.mark.parametrize("pair", [(torch.bfloat16, torch.float16), (torch.float32, torch.bfloat16),
+                                  (torch.float16, torch.int16)], ids=str)
+def test_chunks_of_two_layouts_of_one_width_never_step_together(pair):
+    # bfloat16 and float16 elements are both two bytes but assemble differently: a group mixing
+    # them would build one with the other's layout. Same-length chunks of both, in one call.
+    tensors = [(dtype, 4, 200, 9, 0) for dtype in pair]
+    raws, encoded, jobs, n_hashes = _many_tensor_jobs(tensors, 5)
+    for path_name in SIMD_PATHS:
+        with simd_path(path_name):
+            outs = [np.zeros(len(r), np.uint8) for r in raws]
+            _native.rans_decode([e.data[: e.table_length] for e in encoded],
+                                np.array([rans.layout_code(t[0]) for t in tensors], np.uint64),
+                                [e.data for e in encoded], jobs.reshape(-1), outs, np.zeros(n_hashes, np.uint64))
+        assert all(np.array_equal(o, r) for o, r in zip(outs, raws)), path_name
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @settings(max_examples=10, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), rows=st.integers(1, 30), per_row=st.integers(1, 300),
