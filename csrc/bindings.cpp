@@ -732,8 +732,7 @@ void rans_decode_jobs(const py::sequence& tables, const py::handle& layouts, con
                     std::size_t held = job.length;
                     while (together < mmpack::rans::kMaxTogether && i + together < last) {
                         const DecodeJob& other = work[order[i + together]];
-                        const mmpack::fields::Layout& other_layout = table_layouts[other.table];
-                        if (other_layout.width != layout.width || other_layout.family != layout.family) break;
+                        if (table_layouts[other.table] != layout) break;
                         if (source.from_files && held + other.length > kTogetherBytes) break;
                         held += other.length;
                         ++together;

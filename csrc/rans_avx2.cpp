@@ -231,9 +231,10 @@ namespace {
 constexpr std::size_t kBlockGroups = 32;
 
 // The loop shared by both element types, over `kCount` chunks stepping together (their chains
-// overlap), each with its own head's tables (the chunks may be of different tensors). Emit(stream, group base, half, head values) writes eight elements of one chunk. A
-// chunk whose raw bits run out is marked failed; the others finish the block, so every chunk
-// not failed has the returned groups done.
+// overlap), each with its own head's tables (the chunks may be of different tensors).
+// Emit(stream, group base, half, head values) writes eight elements of one chunk. A chunk whose
+// raw bits run out is marked failed; the others finish the block, so every chunk not failed has
+// the returned groups done.
 template <unsigned kCount, typename Emit>
 std::size_t fused_groups(FusedStream* streams, std::size_t groups, bool* ok, Emit emit) noexcept {
     Lanes x[kCount];

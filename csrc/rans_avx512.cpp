@@ -103,8 +103,9 @@ constexpr std::size_t kBlockGroups = 64;
 
 // The loop shared by both element types, over `kCount` chunks stepping together (two chunks'
 // chains overlap), each with its own head's tables (the chunks may be of different tensors).
-// Emit(stream, first element, head values) writes sixteen elements of one chunk. A chunk whose raw bits run out is marked failed; the others finish the block, so
-// every chunk not failed has the returned groups done.
+// Emit(stream, first element, head values) writes sixteen elements of one chunk. A chunk whose
+// raw bits run out is marked failed; the others finish the block, so every chunk not failed has
+// the returned groups done.
 template <unsigned kCount, typename Emit>
 std::size_t fused_groups(FusedStream* streams, std::size_t groups, bool* ok, Emit emit) noexcept {
     __m512i x[kCount];

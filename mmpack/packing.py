@@ -57,7 +57,11 @@ def empty_stacked(n_models: int, spec: TensorSpec) -> torch.Tensor:
 
 
 def empty_stacked_bytes(n_models: int, spec: TensorSpec) -> tuple[torch.Tensor, np.ndarray]:
-    """:func:`empty_stacked` and its bytes (what :func:`byte_view` gives), from one allocation."""
+    """:func:`empty_stacked` and its bytes (what :func:`byte_view` gives), from one allocation.
+
+    ``tensor, raw = empty_stacked_bytes(3, spec)``: ``raw`` is ``3 * spec.nbytes`` uint8
+    bytes of ``tensor``'s own memory, ready for a reader to fill.
+    """
     shape = (n_models, *spec.shape)
     numpy_dtype = _NUMPY_DTYPES.get(spec.dtype)
     if numpy_dtype is not None:

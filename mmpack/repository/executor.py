@@ -105,10 +105,10 @@ def execute_tensors(tables: Tables, plan: RecoveryPlan, *, verify: bool = True,
         raise ValueError("a plan that reorders its models cannot fill given tensors")
     if into is None:
         wanted_tensors = range(len(architecture)) if plan.tensors is None else plan.tensors.tolist()
-        fresh = {architecture.tensors[j].name: packing.empty_stacked_bytes(len(models), architecture.tensors[j])
-                 for j in wanted_tensors}
-        tensors = {name: tensor for name, (tensor, _) in fresh.items()}
-        views = {name: raw for name, (_, raw) in fresh.items()}
+        tensors, views = {}, {}
+        for j in wanted_tensors:
+            spec = architecture.tensors[j]
+            tensors[spec.name], views[spec.name] = packing.empty_stacked_bytes(len(models), spec)
     else:
         tensors = into
         views = {name: packing.byte_view(tensor) for name, tensor in into.items()}

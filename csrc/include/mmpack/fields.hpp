@@ -37,6 +37,10 @@ struct Layout {
         if (family == Family::floating) return field == 0 ? 12 : field == 1 ? 4 : 8;
         return 8;
     }
+    constexpr bool operator==(const Layout& other) const noexcept {
+        return width == other.width && family == other.family;
+    }
+    constexpr bool operator!=(const Layout& other) const noexcept { return !(*this == other); }
 };
 
 // Floating: widths 2, 4 and 8; integer: 1, 2, 4 and 8.
