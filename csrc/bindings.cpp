@@ -481,6 +481,24 @@ std::unique_ptr<EncodedSection> py_rans_encode(const py::handle& data, std::uint
     return section;
 }
 
+void py_rans_encoder_quotients(const py::handle& states, const py::handle& freqs, const py::handle& out) {
+    const Buffer x(states, false, "states"), f(freqs, false, "freqs"), q(out, true, "out");
+    for (const Buffer* b : {&x, &f, &q}) {
+        if (b->itemsize() != 4) throw py::type_error("states, freqs and out must hold uint32 values");
+    }
+    if (f.size() != x.size() || q.size() != x.size()) throw py::value_error("states, freqs and out differ in length");
+    const std::size_t n = x.size() / 4;
+    const auto* xs = reinterpret_cast<const std::uint32_t*>(x.data());
+    const auto* fs = reinterpret_cast<const std::uint32_t*>(f.data());
+    for (std::size_t i = 0; i < n; ++i) {
+        if (fs[i] == 0 || fs[i] >= mmpack::rans::kScale || xs[i] >= std::uint64_t{fs[i]} << 20) {
+            throw py::value_error("pair " + std::to_string(i) + " is not one the encoder divides (state " +
+                                  std::to_string(xs[i]) + ", freq " + std::to_string(fs[i]) + ")");
+        }
+    }
+    mmpack::rans::encoder_quotients(xs, fs, n, reinterpret_cast<std::uint32_t*>(q.data()));
+}
+
 std::vector<std::string> py_rans_simd_paths() {
     using mmpack::rans::Simd;
     std::vector<std::string> paths;
@@ -883,6 +901,9 @@ PYBIND11_MODULE(_native, m) {
           "offset is a file position; each kernel thread reads the chunks it decodes with pread(2), so\n"
           "reading and decoding share the threads and a chunk is decoded while it is in cache. A file\n"
           "that ends early raises ShortReadError, a failed read OSError (with file_index, as read_rows).");
+    m.def("rans_encoder_quotients", &py_rans_encoder_quotients, py::arg("states"), py::arg("freqs"), py::arg("out"),
+          "out[i] = states[i] // freqs[i] (uint32 arrays; 1 <= freq < 4096, state < freq << 20) as the\n"
+          "encoding loop in use (rans_set_simd) divides: for tests of the AVX-512 loop's estimate.");
     m.def("rans_simd_path", [] { return mmpack::rans::simd_name(mmpack::rans::simd()); },
           "Instruction set of the rANS loops in use.");
     m.def("rans_simd_paths", &py_rans_simd_paths,

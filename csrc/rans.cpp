@@ -35,11 +35,9 @@ void build_encode_table(const std::uint16_t* freqs, unsigned n, EncodeTable& tab
         while ((std::uint32_t{1} << shift) < f) ++shift;
         e.shift = static_cast<std::uint16_t>(shift);
         e.rcp = ((std::uint64_t{1} << (32 + shift)) + f - 1) / f;
-        // Above 1 / f by at most 1.5 ulp, so for x < 2^32, x * reciprocal rounded lies in
-        // [x / f, x / f + 2^-31]: its floor is x / f's, as a quotient that is not an integer
-        // lies at least 1 / f >= 2^-12 below the next one. (Any such value gives the same
-        // quotients, so the bytes do not depend on how the C library rounds.)
-        table.reciprocal[s] = std::nextafter(1.0 / f, 2.0);
+        table.plane[0][s] = static_cast<std::uint8_t>(f);
+        table.plane[1][s] = static_cast<std::uint8_t>(f >> 8 | (start & 0xF) << 4);
+        table.plane[2][s] = static_cast<std::uint8_t>(start >> 4);
         start += f;
     }
 }
@@ -118,6 +116,14 @@ struct Encoding {
 };
 
 }  // namespace
+
+void encoder_quotients(const std::uint32_t* x, const std::uint32_t* freq, std::size_t n, std::uint32_t* q) noexcept {
+    if (simd() == Simd::avx512) {
+        quotients_avx512(x, freq, n, q);
+        return;
+    }
+    for (std::size_t i = 0; i < n; ++i) q[i] = x[i] / freq[i];  // the other loops divide exactly
+}
 
 void encode(const std::uint8_t* symbols, std::size_t count, const EncodeTable& table, std::vector<std::uint8_t>& out) {
     if (count == 0) return;
@@ -235,6 +241,7 @@ std::size_t decode_float32_groups_avx2(FusedStream*, unsigned, std::size_t, bool
 std::size_t decode_float16_groups_avx2(FusedStream*, unsigned, bool, std::size_t, bool*) noexcept { return 0; }
 void encode_groups_avx2(const std::uint8_t*, std::size_t, const EncodeTable&, std::uint32_t*, std::uint8_t*&) noexcept {}
 std::size_t decode_groups_avx512(Decoder&, const DecodeTable&, std::size_t, std::uint8_t*) noexcept { return 0; }
+void quotients_avx512(const std::uint32_t*, const std::uint32_t*, std::size_t, std::uint32_t*) noexcept {}
 void encode_groups_avx512(const std::uint8_t*, std::size_t, const EncodeTable&, std::uint32_t*, std::uint8_t*&) noexcept {}
 void encode_group_pairs_avx512(const std::uint8_t*, const std::uint8_t*, std::size_t, const EncodeTable&, std::uint32_t*,
                                std::uint8_t*&, std::uint32_t*, std::uint8_t*&) noexcept {}

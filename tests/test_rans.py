@@ -412,18 +412,35 @@ def test_every_loop_encodes_the_same_bytes(dtype, seed, rows, per_row, chunk_row
     assert np.array_equal(decode_native(encoded, len(raw), rows, chunk_rows, dtype), raw)
 
 
-def test_the_vector_encoders_reciprocal_divides_every_state_exactly():
-    # The AVX-512 encoder takes x / freq as floor(x * r) in double precision, r being 1 / freq
-    # rounded up by one step (build_encode_table); the quotients nearest to a wrong floor are
-    # those of exact multiples and of one below them, up to the largest state.
-    freq = np.arange(1, 4097, dtype=np.float64)[:, None]
-    reciprocal = np.nextafter(1.0 / freq, 2.0)
-    top = np.floor((2.0**32 - 1) / freq)
-    q = np.concatenate([np.arange(1, 64), *(np.arange(-64, 1) + t for t in (2.0**20, 2.0**19 + 7))])[None, :]
-    q = np.concatenate([q + 0 * freq, top - np.arange(64)[None, :]], axis=1)
-    for x in (q * freq, q * freq - 1, q * freq + freq - 1):
-        x = np.where((x >= 0) & (x < 2.0**32), x, 0)
-        assert np.array_equal(np.floor(x * reciprocal), np.floor(x / freq))
+def _encoder_states() -> tuple[np.ndarray, np.ndarray]:
+    """Every freq with the states whose quotients a rounded estimate gets wrong first: exact
+    multiples, one below them and the last state of each quotient, for the smallest quotients,
+    those near 2^19 and 2^20 and the largest states (just below freq << 20), plus random ones."""
+    freq = np.arange(1, 4096, dtype=np.int64)[:, None]
+    q = np.concatenate([np.arange(0, 64), np.arange(-64, 1) + 2**19 + 7, np.arange(-64, 0) + 2**20])[None, :]
+    x = np.concatenate([q * freq, q * freq - 1, q * freq + freq - 1,
+                        (freq << 20) - 1 - np.arange(64)[None, :],
+                        np.random.default_rng(3).integers(0, freq << 20, (4095, 256))], axis=1)
+    freq = np.broadcast_to(freq, x.shape)
+    keep = (x >= 0) & (x < freq << 20)
+    return x[keep].astype(np.uint32), freq[keep].astype(np.uint32)
+
+
+def test_every_encoding_loop_divides_every_state_exactly():
+    # The AVX-512 encoder estimates x / freq in single precision (vrcp14ps and a Newton step)
+    # and corrects the estimate by one either way; its quotients must be exact, or the words
+    # would differ from the scalar loop's.
+    x, freq = _encoder_states()
+    for path in SIMD_PATHS:
+        with simd_path(path):
+            q = np.empty_like(x)
+            _native.rans_encoder_quotients(x, freq, q)
+        assert np.array_equal(q, x // freq), path
+    bad = np.array([1 << 20], np.uint32), np.array([1], np.uint32)
+    with pytest.raises(ValueError, match="pair 0 is not one the encoder divides"):
+        _native.rans_encoder_quotients(*bad, np.empty(1, np.uint32))
+    with pytest.raises(TypeError, match="uint32"):
+        _native.rans_encoder_quotients(x.astype(np.uint64), freq, np.empty_like(x))
 
 
 def test_simd_paths_are_named_and_checked():

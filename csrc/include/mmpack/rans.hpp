@@ -41,18 +41,24 @@ struct EncodeSymbol {
     std::uint16_t shift = 0;
 };
 
-// A field's encoding table: per symbol the scalar loop's entry, and the
-// vector loops' (freq | start << 16) and 1 / freq rounded up (x / freq is
-// then floor(x * reciprocal) in double precision, exactly: see rans.cpp);
-// entries past the alphabet stay zero.
+// A field's encoding table: per symbol the scalar loop's entry, the AVX2
+// loop's (freq | start << 16), and the same 24 bits as three byte planes for
+// the AVX-512 loop's byte permutes: freq's low byte; freq's high nibble with
+// start's low one above it; start's high byte. Entries past the alphabet
+// stay zero.
 struct EncodeTable {
     EncodeSymbol symbol[kMaxSymbols];
     alignas(64) std::uint32_t packed[kMaxSymbols] = {};
-    alignas(64) double reciprocal[kMaxSymbols] = {};
+    alignas(64) std::uint8_t plane[3][kMaxSymbols] = {};
 };
 
 // freqs[0..n) as for build_decode_table.
 void build_encode_table(const std::uint16_t* freqs, unsigned n, EncodeTable& table) noexcept;
+
+// x[i] / freq[i] for the states the encoder divides (1 <= freq[i] < kScale, x[i] < freq[i] <<
+// 20), as the encoding loop of simd() computes it: the AVX-512 loop starts from a single-
+// precision estimate, and tests check it against exact division.
+void encoder_quotients(const std::uint32_t* x, const std::uint32_t* freq, std::size_t n, std::uint32_t* q) noexcept;
 
 // Appends the stream coding symbols[0..count) (indices into the table's
 // alphabet) to out: the sixteen final states, then the words. Nothing for
