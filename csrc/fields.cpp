@@ -672,6 +672,7 @@ struct Encoder::Impl {
         std::unique_ptr<rans::EncodeTable> table;
         std::vector<uint16_t> symbol_of;  // field value -> symbol, kNoSymbol where none covers it
         std::vector<uint16_t> head_lookup;  // the same for the vector head_symbols loops (fields_internal.hpp)
+        std::unique_ptr<HeadRows> head_rows;  // the same in two levels (floating-point heads)
         unsigned zero_symbol = kNoSymbol;
     };
     std::vector<Coded> coded;  // per field
@@ -679,6 +680,40 @@ struct Encoder::Impl {
     // other field raw.
     bool head_only = false;
 };
+
+namespace {
+
+// The head lookup (kNoHeadSymbol past the values) as HeadRows: tops of sixteen values each with
+// a low, else of one. Not usable when more than kMaxSplitTops tops are split.
+std::unique_ptr<HeadRows> head_rows(const std::vector<uint16_t>& lookup, bool has_low) {
+    auto rows = std::make_unique<HeadRows>();
+    const unsigned lows = has_low ? 16 : 1;
+    const auto flags = [](uint16_t entry) -> uint8_t {
+        if (entry == kNoHeadSymbol) return kRowMissing;
+        return entry & kHasRawBits ? kRowRaw : 0;
+    };
+    unsigned split = 0;
+    for (unsigned top = 0; top < 256; ++top) {
+        const uint16_t* entries = lookup.data() + top * lows;
+        if (std::all_of(entries, entries + lows, [&](uint16_t e) { return e == entries[0]; })) {
+            rows->top_symbol[top] = static_cast<uint8_t>(entries[0]);
+            rows->top_flags[top] = flags(entries[0]);
+            continue;
+        }
+        if (split == kMaxSplitTops) return rows;
+        rows->top_symbol[top] = static_cast<uint8_t>(split);
+        rows->top_flags[top] = kRowSplit;
+        for (unsigned low = 0; low < lows; ++low) {
+            rows->row_symbol[split * 16 + low] = static_cast<uint8_t>(entries[low]);
+            rows->row_flags[split * 16 + low] = flags(entries[low]);
+        }
+        ++split;
+    }
+    rows->usable = true;
+    return rows;
+}
+
+}  // namespace
 
 Encoder::Encoder(const Model& model) : impl_(std::make_unique<Impl>()) {
     impl_->model = model;
@@ -708,6 +743,7 @@ Encoder::Encoder(const Model& model) : impl_(std::make_unique<Impl>()) {
             const unsigned k = c.symbol_of[v];
             if (k != kNoSymbol) c.head_lookup[v] = static_cast<uint16_t>(k | (field.symbols[k].raw_bits ? kHasRawBits : 0));
         }
+        c.head_rows = head_rows(c.head_lookup, model.layout.bits(0) == 12);
     }
 }
 
@@ -779,7 +815,7 @@ namespace {
 
 template <unsigned W, Family F>
 const char* head_only_parts(const uint8_t* bytes, size_t n, const Field& head, const std::uint16_t* symbol_of,
-                            const std::uint16_t* head_lookup, HeadOnlyParts& parts) {
+                            const std::uint16_t* head_lookup, const HeadRows& rows, HeadOnlyParts& parts) {
     const Layout layout{W, F};
     // Every byte of these is written before it is read: left uninitialised.
     parts.n = n;
@@ -807,8 +843,14 @@ const char* head_only_parts(const uint8_t* bytes, size_t n, const Field& head, c
         const std::unique_ptr<uint16_t[]> raw_lanes(new uint16_t[groups + 1]);
         constexpr unsigned shift = F == Family::half ? 7 : 8 * W - 13;
         constexpr unsigned mask = F == Family::half ? 0xFF : 0xFFF;
-        const auto head_symbols = level == rans::Simd::avx512 ? head_symbols_avx512 : head_symbols_avx2;
-        if (!head_symbols(bytes, groups, W, shift, mask, head_lookup, symbols, raw_lanes.get())) {
+        const auto head_symbols = [&] {
+            if (level == rans::Simd::avx512 && rows.usable) {
+                return head_symbols_rows_avx512(bytes, groups, W, shift, F != Family::half, rows, symbols, raw_lanes.get());
+            }
+            const auto gathering = level == rans::Simd::avx512 ? head_symbols_avx512 : head_symbols_avx2;
+            return gathering(bytes, groups, W, shift, mask, head_lookup, symbols, raw_lanes.get());
+        };
+        if (!head_symbols()) {
             return "data does not fit the model (a value no symbol covers)";
         }
         vector_done = groups * rans::kLanes;
@@ -883,7 +925,7 @@ const char* Encoder::head_only_parts(ConstBytes data, HeadOnlyParts& parts) cons
     return dispatch_layout(model.layout, [&](auto width, auto family) {
         return fields::head_only_parts<decltype(width)::value, decltype(family)::value>(
             reinterpret_cast<const uint8_t*>(data.data), data.size / model.layout.width, model.fields[0],
-            c.symbol_of.data(), c.head_lookup.data(), parts);
+            c.symbol_of.data(), c.head_lookup.data(), *c.head_rows, parts);
     });
 }
 

@@ -1,7 +1,11 @@
-// The encoder's head symbols with AVX-512 (-mavx512f -mavx512bw): sixteen
-// elements' head values to symbols per gather, with the lanes whose symbols
-// have raw bits, so that the scalar pass writing raw bits visits only them.
+// The encoder's head symbols with AVX-512 (-mavx512f -mavx512bw -mavx512vbmi
+// -mbmi2), with the lanes whose symbols have raw bits, so that the scalar pass
+// writing raw bits visits only them: sixteen elements' head values to symbols
+// per gather, or 64 per handful of byte permutes through HeadRows.
 #include <immintrin.h>
+
+#include <algorithm>
+#include <cstring>
 
 #include "fields_internal.hpp"
 
@@ -22,6 +26,69 @@ bool head_symbols_avx512(const std::uint8_t* bytes, std::size_t groups, unsigned
         missing |= _mm512_cmpeq_epi32_mask(entry, low16);
         raw_lanes[g] = _mm512_test_epi32_mask(entry, _mm512_set1_epi32(kHasRawBits));
         _mm_storeu_si128(reinterpret_cast<__m128i*>(symbols + 16 * g), _mm512_cvtepi32_epi8(entry));
+    }
+    return missing == 0;
+}
+
+namespace {
+
+// table[index] for 64 byte indices: vpermi2b over the two 128-entry halves.
+inline __m512i look_up(const std::uint8_t* table, __m512i index) noexcept {
+    const __m512i low = _mm512_permutex2var_epi8(_mm512_load_si512(table), index, _mm512_load_si512(table + 64));
+    const __m512i high = _mm512_permutex2var_epi8(_mm512_load_si512(table + 128), index, _mm512_load_si512(table + 192));
+    return _mm512_mask_blend_epi8(_mm512_movepi8_mask(index), low, high);
+}
+
+// Bytes (v >> shift) & mask of 64 elements of `width` bytes (the first `lanes` of them read).
+inline __m512i field_bytes(const std::uint8_t* bytes, unsigned width, __mmask64 lanes, unsigned shift,
+                           unsigned mask) noexcept {
+    const __m128i count = _mm_cvtsi32_si128(static_cast<int>(shift));
+    if (width == 2) {
+        const __m512i m = _mm512_set1_epi16(static_cast<short>(mask));
+        const auto half = [&](unsigned h) {
+            const auto in = static_cast<__mmask32>(lanes >> (32 * h));
+            const __m512i v = _mm512_maskz_loadu_epi16(in, bytes + 64 * h);
+            return _mm512_cvtepi16_epi8(_mm512_and_si512(_mm512_srl_epi16(v, count), m));
+        };
+        return _mm512_inserti64x4(_mm512_castsi256_si512(half(0)), half(1), 1);
+    }
+    const __m512i m = _mm512_set1_epi32(static_cast<int>(mask));
+    const auto quarter = [&](unsigned q) {
+        const auto in = static_cast<__mmask16>(lanes >> (16 * q));
+        const __m512i v = _mm512_maskz_loadu_epi32(in, bytes + 64 * q);
+        return _mm512_cvtepi32_epi8(_mm512_and_si512(_mm512_srl_epi32(v, count), m));
+    };
+    const __m256i low = _mm256_inserti128_si256(_mm256_castsi128_si256(quarter(0)), quarter(1), 1);
+    const __m256i high = _mm256_inserti128_si256(_mm256_castsi128_si256(quarter(2)), quarter(3), 1);
+    return _mm512_inserti64x4(_mm512_castsi256_si512(low), high, 1);
+}
+
+}  // namespace
+
+bool head_symbols_rows_avx512(const std::uint8_t* bytes, std::size_t groups, unsigned width, unsigned shift,
+                              bool has_low, const HeadRows& rows, std::uint8_t* symbols,
+                              std::uint16_t* raw_lanes) noexcept {
+    constexpr std::size_t kBlockGroups = 4;  // 64 elements, one byte each in a vector
+    __mmask64 missing = 0;
+    for (std::size_t g = 0; g < groups; g += kBlockGroups) {
+        const auto count = static_cast<unsigned>(std::min(kBlockGroups, groups - g));
+        const __mmask64 lanes = _bzhi_u64(~std::uint64_t{0}, 16 * count);
+        const std::uint8_t* block = bytes + g * 16 * width;
+        const __m512i top = field_bytes(block, width, lanes, has_low ? shift + 4 : shift, 0xFF);
+        __m512i symbol = look_up(rows.top_symbol, top);
+        __m512i flags = look_up(rows.top_flags, top);
+        const __mmask64 split = _mm512_movepi8_mask(flags) & lanes;
+        if (split != 0) {  // the row (top_symbol) and the low bits: row << 4 | low
+            const __m512i low = has_low ? field_bytes(block, width, lanes, shift, 0xF) : _mm512_setzero_si512();
+            const __m512i row_index =
+                _mm512_or_si512(_mm512_and_si512(_mm512_slli_epi16(symbol, 4), _mm512_set1_epi8(static_cast<char>(0xF0))), low);
+            symbol = _mm512_mask_blend_epi8(split, symbol, look_up(rows.row_symbol, row_index));
+            flags = _mm512_mask_blend_epi8(split, flags, look_up(rows.row_flags, row_index));
+        }
+        missing |= _mm512_test_epi8_mask(flags, _mm512_set1_epi8(kRowMissing)) & lanes;
+        const std::uint64_t raw = _mm512_test_epi8_mask(flags, _mm512_set1_epi8(kRowRaw)) & lanes;
+        std::memcpy(raw_lanes + g, &raw, 2 * count);  // group g + k: bits 16k to 16k + 15
+        _mm512_mask_storeu_epi8(symbols + 16 * g, lanes, symbol);
     }
     return missing == 0;
 }

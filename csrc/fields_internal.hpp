@@ -14,6 +14,29 @@ namespace mmpack::fields {
 inline constexpr std::uint16_t kNoHeadSymbol = 0xFFFF;
 inline constexpr std::uint16_t kHasRawBits = 0x100;
 
+// The same lookup in two levels, for the AVX-512 loop's byte permutes (64 elements at a time
+// where the gather took 16). A head value is top << 4 | low: an 8-bit top (the exponent) and a
+// 4-bit low (mantissa bits; float16's 8-bit head is a top alone). A top whose values all have
+// one entry keeps it in top_symbol and top_flags; the others (split, at most kMaxSplitTops)
+// have a row of sixteen entries in row_symbol and row_flags, top_symbol naming the row.
+inline constexpr std::uint8_t kRowRaw = 0x01;      // the symbol has raw low bits
+inline constexpr std::uint8_t kRowMissing = 0x02;  // no symbol covers the value
+inline constexpr std::uint8_t kRowSplit = 0x80;    // top_flags: look in the top's row
+inline constexpr unsigned kMaxSplitTops = 16;
+struct HeadRows {
+    bool usable = false;  // false when more tops are split than rows fit
+    alignas(64) std::uint8_t top_symbol[256] = {};
+    alignas(64) std::uint8_t top_flags[256] = {};
+    alignas(64) std::uint8_t row_symbol[kMaxSplitTops * 16] = {};
+    alignas(64) std::uint8_t row_flags[kMaxSplitTops * 16] = {};
+};
+
+// head_symbols_avx512 through rows (usable) for a head (element >> shift) & 0xFFF with a low
+// (has_low), or & 0xFF without (the top alone).
+bool head_symbols_rows_avx512(const std::uint8_t* bytes, std::size_t groups, unsigned width, unsigned shift,
+                              bool has_low, const HeadRows& rows, std::uint8_t* symbols,
+                              std::uint16_t* raw_lanes) noexcept;
+
 // The head symbols of `groups` groups of sixteen elements of `width` bytes (2 or 4), whose head
 // is (element >> shift) & mask: symbols[i] from lookup, raw_lanes[g] the lanes of group g whose
 // symbols have raw bits. False when a value has no symbol.

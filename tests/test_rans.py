@@ -426,6 +426,29 @@ def _encoder_states() -> tuple[np.ndarray, np.ndarray]:
     return x[keep].astype(np.uint32), freq[keep].astype(np.uint32)
 
 
+@pytest.mark.parametrize("dtype", FUSED_DTYPES, ids=str)
+@pytest.mark.parametrize("exponents", [3, 16, 40])
+def test_head_symbols_of_many_split_exponents_match_the_portable_loop(dtype, exponents):
+    # The AVX-512 encoder looks head values up in two levels, an exponent's row of sixteen when
+    # its values have several symbols, and gathers instead when more than sixteen exponents are
+    # split. Mantissas skewed within each exponent split them all (float16's 8-bit heads split
+    # none); the low bits stay noise, so the other fields are raw (the head-only encoder).
+    rng = np.random.default_rng(exponents)
+    n = 300_000
+    exponent = rng.integers(0, exponents, n) + 110  # float16 keeps them all (subnormal to infinite)
+    mantissa = np.minimum(rng.geometric(0.3, n) - 1, 15) << 19 | rng.integers(0, 1 << 19, n)
+    bits = (rng.integers(0, 2, n) << 31 | exponent << 23 | mantissa).astype("<u4")
+    raw = torch.from_numpy(bits.view("<f4")).to(dtype).view(torch.uint8).numpy().copy()
+    rows = 100
+    encodings = {}
+    for path in SIMD_PATHS:
+        with simd_path(path):
+            encoded = encode(raw, rows, dtype, 7)
+            encodings[path] = encoded.data.tobytes()
+    assert all(e == encodings["scalar"] for e in encodings.values())
+    assert np.array_equal(decode_native(encoded, len(raw), rows, 7, dtype), raw)
+
+
 def test_every_encoding_loop_divides_every_state_exactly():
     # The AVX-512 encoder estimates x / freq in single precision (vrcp14ps and a Newton step)
     # and corrects the estimate by one either way; its quotients must be exact, or the words
