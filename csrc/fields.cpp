@@ -420,17 +420,21 @@ void count_fields(const uint8_t* bytes, size_t begin, size_t end, const std::vec
         for (size_t start = begin; start < end; start += size_t{1} << 31) {  // 32-bit counters
             const size_t stop = std::min(end, start + (size_t{1} << 31));
             size_t i = start;
+            // Two-byte elements are their own table index, so entry 0 counts their zeros: no
+            // test per element (0.30 against 0.38 ns an element on bfloat16 weights).
+            constexpr bool test_zeros = W > 2;
             for (; i + 2 <= stop; i += 2) {
                 const auto a = load_element<W>(bytes + i * W), b = load_element<W>(bytes + (i + 1) * W);
-                zeros += (a == 0) + (b == 0);
+                if constexpr (test_zeros) zeros += (a == 0) + (b == 0);
                 ++even[a >> shift];
                 ++odd[b >> shift];
             }
             if (i < stop) {
                 const auto a = load_element<W>(bytes + i * W);
-                zeros += a == 0;
+                if constexpr (test_zeros) zeros += a == 0;
                 ++even[a >> shift];
             }
+            if constexpr (!test_zeros) zeros += uint64_t{even[0]} + odd[0];
             for (uint64_t u = 0; u < (1 << 16); ++u) {
                 const uint64_t count = uint64_t{even[u]} + odd[u];
                 if (count == 0) continue;
@@ -451,6 +455,18 @@ void count_fields(const Layout& layout, const uint8_t* bytes, size_t begin, size
                   Histograms& h) {
     dispatch_layout(layout, [&](auto w, auto family) {
         count_fields<decltype(w)::value, decltype(family)::value>(bytes, begin, end, noise, h);
+        return 0;
+    });
+}
+
+// Counts fields 1 and up of elements [begin, end): the noise sample, which needs no head.
+void count_tail_fields(const Layout& layout, const uint8_t* bytes, size_t begin, size_t end, Histograms& h) {
+    dispatch_layout(layout, [&](auto w, auto family) {
+        constexpr unsigned W = decltype(w)::value;
+        for_tail_fields<W>([&](auto field) {
+            constexpr unsigned f = decltype(field)::value;
+            count_field<W, decltype(family)::value, f>(bytes, begin, end, h.fields[f]);
+        });
         return 0;
     });
 }
@@ -477,11 +493,12 @@ std::vector<char> noise_fields(const Layout& layout, const uint8_t* bytes, size_
     constexpr size_t kRun = 256, kEvery = 16;
     if (n < 16 * kRun * kEvery) return noise;  // small tensors: count everything
     Histograms sample = empty_histograms(layout);
-    for (size_t begin = 0; begin < n; begin += kRun * kEvery) {
-        count_fields(layout, bytes, begin, std::min(n, begin + kRun), noise, sample);
-    }
     uint64_t sampled = 0;
-    for (const uint64_t c : sample.fields[0]) sampled += c;
+    for (size_t begin = 0; begin < n; begin += kRun * kEvery) {
+        const size_t end = std::min(n, begin + kRun);
+        count_tail_fields(layout, bytes, begin, end, sample);
+        sampled += end - begin;
+    }
     for (unsigned f = 1; f < layout.width; ++f) {
         const double k = layout.bits(f);
         const double bias = (std::exp2(k) - 1) / (2.0 * static_cast<double>(sampled) * 0.6931471805599453);
