@@ -16,6 +16,10 @@
 #include <string>
 #include <vector>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #include "mmpack/copy.hpp"
 #include "mmpack/fields.hpp"
 #include "mmpack/parallel.hpp"
@@ -394,6 +398,22 @@ mmpack::fields::Layout layout_from_code(std::uint64_t code, const std::string& w
     return mmpack::fields::Layout{width, static_cast<mmpack::fields::Family>(family)};
 }
 
+// Asks for transparent huge pages over a buffer's capacity (advisory; a no-op where the kernel
+// has them off, or off Linux). The encoder writes each section into fresh memory once, and on
+// these VMs the first touch of a 4 KiB page costs about a microsecond: a fifth of a float32
+// encode. (numpy asks the same for its large arrays.)
+void prefer_huge_pages(std::vector<std::uint8_t>& buffer) noexcept {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    constexpr std::uintptr_t kHuge = std::uintptr_t{2} << 20;
+    const auto start = reinterpret_cast<std::uintptr_t>(buffer.data());
+    const std::uintptr_t begin = (start + kHuge - 1) & ~(kHuge - 1);
+    const std::uintptr_t end = (start + buffer.capacity()) & ~(kHuge - 1);
+    if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#else
+    (void)buffer;
+#endif
+}
+
 // The encoded section of one tensor: its table block, then its chunks, back to back.
 class EncodedSection {
 public:
@@ -432,6 +452,7 @@ std::unique_ptr<EncodedSection> py_rans_encode(const py::handle& data, std::uint
         // is reserved generously: pages never written are never touched.
         const auto room = [&](std::size_t bytes) { return bytes + bytes / 2 + 4096 * (bytes / chunk_bytes + 1); };
         section->bytes.reserve(room(buf.size()) + 65536);
+        prefer_huge_pages(section->bytes);
         mmpack::fields::write_model(model, section->bytes);
         section->table_length = section->bytes.size();
         const mmpack::fields::Encoder encoder(model);
@@ -443,7 +464,10 @@ std::unique_ptr<EncodedSection> py_rans_encode(const py::handle& data, std::uint
             [&](std::size_t first, std::size_t last) {
                 try {  // nothing may escape a worker thread
                     std::vector<std::uint8_t>& out = first == 0 ? section->bytes : ranges[first];
-                    if (first != 0) out.reserve(room(std::min(last * chunk_bytes, buf.size()) - first * chunk_bytes));
+                    if (first != 0) {
+                        out.reserve(room(std::min(last * chunk_bytes, buf.size()) - first * chunk_bytes));
+                        prefer_huge_pages(out);
+                    }
                     const auto chunk = [&](std::size_t c) {
                         const std::size_t begin = c * chunk_bytes;
                         return mmpack::ConstBytes{buf.data() + begin, std::min(chunk_bytes, buf.size() - begin)};
