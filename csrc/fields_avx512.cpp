@@ -65,6 +65,46 @@ inline __m512i field_bytes(const std::uint8_t* bytes, unsigned width, __mmask64 
 
 }  // namespace
 
+std::size_t tail_fields_avx512(const std::uint8_t* bytes, std::size_t n, unsigned width, bool half,
+                               std::uint8_t* const* planes) noexcept {
+    constexpr std::size_t kBlock = 64;
+    const std::size_t blocks = n / kBlock;
+    const auto mask = [](std::uint32_t m) { return _mm512_set1_epi32(static_cast<int>(m)); };
+    for (std::size_t b = 0; b < blocks; ++b) {
+        const std::uint8_t* block = bytes + b * kBlock * width;
+        if (width == 2) {
+            for (unsigned h = 0; h < 2; ++h) {  // 32 elements, two to a 32-bit lane
+                const __m512i v = _mm512_loadu_si512(block + 64 * h);
+                if (half) {  // sign and the low 7 bits: a byte
+                    const __m512i t = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(v, 8), _mm512_set1_epi16(0x80)),
+                                                      _mm512_and_si512(v, _mm512_set1_epi16(0x7F)));
+                    _mm256_storeu_si256(reinterpret_cast<__m256i*>(planes[0] + b * kBlock + 32 * h), _mm512_cvtepi16_epi8(t));
+                    continue;
+                }
+                // bfloat16: the sign << 3 | the low 3 bits, the odd element's in the high nibble
+                const __m512i nibbles = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(v, 12), _mm512_set1_epi16(8)),
+                                                        _mm512_and_si512(v, _mm512_set1_epi16(7)));
+                const __m512i pairs = _mm512_or_si512(_mm512_and_si512(nibbles, mask(0xF)),
+                                                      _mm512_and_si512(_mm512_srli_epi32(nibbles, 12), mask(0xF0)));
+                _mm_storeu_si128(reinterpret_cast<__m128i*>(planes[0] + b * kBlock / 2 + 16 * h), _mm512_cvtepi32_epi8(pairs));
+            }
+            continue;
+        }
+        for (unsigned q = 0; q < 4; ++q) {  // float32: 16 elements, two to a 64-bit lane
+            const __m512i v = _mm512_loadu_si512(block + 64 * q);
+            const __m512i nibbles = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(v, 28), mask(8)),
+                                                    _mm512_and_si512(_mm512_srli_epi32(v, 16), mask(7)));
+            const __m512i pairs = _mm512_or_si512(_mm512_and_si512(nibbles, _mm512_set1_epi64(0xF)),
+                                                  _mm512_and_si512(_mm512_srli_epi64(nibbles, 28), _mm512_set1_epi64(0xF0)));
+            _mm_storel_epi64(reinterpret_cast<__m128i*>(planes[0] + b * kBlock / 2 + 8 * q), _mm512_cvtepi64_epi8(pairs));
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(planes[1] + b * kBlock + 16 * q),
+                             _mm512_cvtepi32_epi8(_mm512_srli_epi32(v, 8)));
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(planes[2] + b * kBlock + 16 * q), _mm512_cvtepi32_epi8(v));
+        }
+    }
+    return blocks * kBlock;
+}
+
 bool head_symbols_rows_avx512(const std::uint8_t* bytes, std::size_t groups, unsigned width, unsigned shift,
                               bool has_low, const HeadRows& rows, std::uint8_t* symbols,
                               std::uint16_t* raw_lanes) noexcept {

@@ -37,6 +37,12 @@ bool head_symbols_rows_avx512(const std::uint8_t* bytes, std::size_t groups, uns
                               bool has_low, const HeadRows& rows, std::uint8_t* symbols,
                               std::uint16_t* raw_lanes) noexcept;
 
+// Fields 1 and up of the first whole blocks of 64 elements (the layouts of the vector loops:
+// float32, bfloat16, float16 with `half`) into planes[f - 1], nibble fields two to a byte;
+// returns the elements done (a multiple of 64).
+std::size_t tail_fields_avx512(const std::uint8_t* bytes, std::size_t n, unsigned width, bool half,
+                               std::uint8_t* const* planes) noexcept;
+
 // The head symbols of `groups` groups of sixteen elements of `width` bytes (2 or 4), whose head
 // is (element >> shift) & mask: symbols[i] from lookup, raw_lanes[g] the lanes of group g whose
 // symbols have raw bits. False when a value has no symbol.
