@@ -927,7 +927,8 @@ PYBIND11_MODULE(_native, m) {
           "that ends early raises ShortReadError, a failed read OSError (with file_index, as read_rows).");
     m.def("rans_encoder_quotients", &py_rans_encoder_quotients, py::arg("states"), py::arg("freqs"), py::arg("out"),
           "out[i] = states[i] // freqs[i] (uint32 arrays; 1 <= freq < 4096, state < freq << 20) as the\n"
-          "encoding loop in use (rans_set_simd) divides: for tests of the AVX-512 loop's estimate.");
+          "AVX-512 encoding loop divides when it is in use (rans_set_simd), else exactly: for tests of\n"
+          "that loop's estimate.");
     m.def("rans_simd_path", [] { return mmpack::rans::simd_name(mmpack::rans::simd()); },
           "Instruction set of the rANS loops in use.");
     m.def("rans_simd_paths", &py_rans_simd_paths,

@@ -196,7 +196,7 @@ inline void look_up(const EncodeTable& table, const std::uint8_t* symbols, unsig
 // x / freq for states x < freq << 20 (so quotients below 2^20), estimated in single precision
 // and made exact. The estimate's relative error is below 2^-21: x rounded to a float (2^-24),
 // 1 / freq from vrcp14ps (2^-14) and one Newton step (then 2^-28, plus its two roundings of
-// 2^-24), and the product's rounding. So it lies within a quarter of x / freq, and its
+// 2^-24), and the product's rounding. So it lies within half a unit of x / freq (below 2^20), and its
 // truncation is q, q - 1 or q + 1 whatever the CPU's vrcp14ps returns: one correction each
 // way, and the bytes are the scalar loop's. The remainder goes to `r`.
 inline __m512i quotient(__m512i x, __m512i freq, __m512i& r) noexcept {

@@ -491,18 +491,22 @@ def test_the_encoder_is_deterministic_and_picks_a_code_per_field():
 @pytest.mark.parametrize("dtype, n, widths", [(torch.float32, 40_000, [12, 4, 8, 8]),
                                               (torch.float32, 300_000, [12, 4, 8, 8]),
                                               (torch.bfloat16, 300_000, [12, 4]), (torch.float16, 300_000, [8, 8]),
-                                              (torch.int16, 300_000, [8, 8])], ids=str)
+                                              (torch.int16, 300_000, [8, 8]), (torch.int32, 300_000, [8] * 4)],
+                         ids=str)
 def test_zero_elements_take_the_zero_symbol_and_the_other_fields_skip_them(dtype, n, widths):
     # From 2^18 elements the histograms count whole 16-bit elements (or the top 16 bits) at once,
-    # and a 16-bit element's zeros are its table's entry 0.
+    # and a 16-bit element's zeros are its table's entry 0; wider ones are tested one by one
+    # (int32 here: most nonzero elements have their top 16 bits zero too).
     rng = np.random.default_rng(2)
     values = torch.from_numpy(np.where(rng.random(n) < 0.6, 0.0, rng.normal(0, 1e-2, n)).astype("<f4"))
-    values = (values * 2**15).to(dtype) if dtype == torch.int16 else values.to(dtype)
+    values = (values * 2**15).to(dtype) if dtype in (torch.int16, torch.int32) else values.to(dtype)
     raw = values.view(torch.uint8).numpy().copy()
     rows = 40
     encoded = encode(raw, rows, dtype, 8)
     table = rans_reference.parse_table_block(bytes(encoded.data[: encoded.table_length]), widths)
     assert table[0]["mode"] == "rans" and table[0]["symbols"][0]["zero"]
+    zero_fraction = float((raw.reshape(n, -1) == 0).all(axis=1).mean())
+    assert abs(table[0]["symbols"][0]["freq"] / 4096 - zero_fraction) < 0.01
     assert np.array_equal(decode_native(encoded, len(raw), rows, 8, dtype), raw)
     if n < 100_000:
         assert decode_reference(encoded, len(raw), rows, 8, dtype) == raw.tobytes()
