@@ -8,6 +8,7 @@
 #include <cstring>
 
 #include "fields_internal.hpp"
+#include "simd_byte_table.hpp"
 
 namespace mmpack::fields {
 
@@ -31,13 +32,6 @@ bool head_symbols_avx512(const std::uint8_t* bytes, std::size_t groups, unsigned
 }
 
 namespace {
-
-// table[index] for 64 byte indices: vpermi2b over the two 128-entry halves.
-inline __m512i look_up(const std::uint8_t* table, __m512i index) noexcept {
-    const __m512i low = _mm512_permutex2var_epi8(_mm512_load_si512(table), index, _mm512_load_si512(table + 64));
-    const __m512i high = _mm512_permutex2var_epi8(_mm512_load_si512(table + 128), index, _mm512_load_si512(table + 192));
-    return _mm512_mask_blend_epi8(_mm512_movepi8_mask(index), low, high);
-}
 
 // Bytes (v >> shift) & mask of 64 elements of `width` bytes (the first `lanes` of them read).
 inline __m512i field_bytes(const std::uint8_t* bytes, unsigned width, __mmask64 lanes, unsigned shift,
@@ -109,21 +103,23 @@ bool head_symbols_rows_avx512(const std::uint8_t* bytes, std::size_t groups, uns
                               bool has_low, const HeadRows& rows, std::uint8_t* symbols,
                               std::uint16_t* raw_lanes) noexcept {
     constexpr std::size_t kBlockGroups = 4;  // 64 elements, one byte each in a vector
+    const ByteTable top_symbol(rows.top_symbol), top_flags(rows.top_flags);
+    const ByteTable row_symbol(rows.row_symbol), row_flags(rows.row_flags);
     __mmask64 missing = 0;
     for (std::size_t g = 0; g < groups; g += kBlockGroups) {
         const auto count = static_cast<unsigned>(std::min(kBlockGroups, groups - g));
         const __mmask64 lanes = _bzhi_u64(~std::uint64_t{0}, 16 * count);
         const std::uint8_t* block = bytes + g * 16 * width;
         const __m512i top = field_bytes(block, width, lanes, has_low ? shift + 4 : shift, 0xFF);
-        __m512i symbol = look_up(rows.top_symbol, top);
-        __m512i flags = look_up(rows.top_flags, top);
+        __m512i symbol = top_symbol(top);
+        __m512i flags = top_flags(top);
         const __mmask64 split = _mm512_movepi8_mask(flags) & lanes;
         if (split != 0) {  // the row (top_symbol) and the low bits: row << 4 | low
             const __m512i low = has_low ? field_bytes(block, width, lanes, shift, 0xF) : _mm512_setzero_si512();
             const __m512i row_index =
                 _mm512_or_si512(_mm512_and_si512(_mm512_slli_epi16(symbol, 4), _mm512_set1_epi8(static_cast<char>(0xF0))), low);
-            symbol = _mm512_mask_blend_epi8(split, symbol, look_up(rows.row_symbol, row_index));
-            flags = _mm512_mask_blend_epi8(split, flags, look_up(rows.row_flags, row_index));
+            symbol = _mm512_mask_blend_epi8(split, symbol, row_symbol(row_index));
+            flags = _mm512_mask_blend_epi8(split, flags, row_flags(row_index));
         }
         missing |= _mm512_test_epi8_mask(flags, _mm512_set1_epi8(kRowMissing)) & lanes;
         const std::uint64_t raw = _mm512_test_epi8_mask(flags, _mm512_set1_epi8(kRowRaw)) & lanes;

@@ -17,9 +17,9 @@ inline constexpr std::uint16_t kHasRawBits = 0x100;
 // The same lookup in two levels, for the AVX-512 loop's byte permutes (64 elements at a time
 // where the gather took 16). A head value is top << 4 | low: an 8-bit top (the exponent) and a
 // 4-bit low (mantissa bits). float16's 8-bit head (5 exponent and 3 mantissa bits) is a top
-// alone. A top whose values all have
-// one entry keeps it in top_symbol and top_flags; the others (split, at most kMaxSplitTops)
-// have a row of sixteen entries in row_symbol and row_flags, top_symbol naming the row.
+// alone. A top whose values all have one entry keeps it in top_symbol and top_flags; the
+// others (split, at most kMaxSplitTops) have a row of sixteen entries in row_symbol and
+// row_flags, top_symbol naming the row.
 inline constexpr std::uint8_t kRowRaw = 0x01;      // the symbol has raw low bits
 inline constexpr std::uint8_t kRowMissing = 0x02;  // no symbol covers the value
 inline constexpr std::uint8_t kRowSplit = 0x80;    // top_flags: look in the top's row

@@ -15,6 +15,7 @@
 #include <cstring>
 
 #include "rans_internal.hpp"
+#include "simd_byte_table.hpp"
 #include "simd_nibbles.hpp"
 
 namespace mmpack::rans {
@@ -40,20 +41,6 @@ inline __m512i step(__m512i& x, const DecodeTable& table, const std::uint8_t*& n
 }
 
 inline __m512i symbols_of(__m512i entry) noexcept { return _mm512_srli_epi32(entry, 24); }
-
-// A 256-entry byte table in four vectors, and its lookup for 64 indices at once (two
-// two-vector byte permutes, chosen by each index's top bit).
-struct ByteTable {
-    __m512i part[4];
-    explicit ByteTable(const std::uint8_t* table) noexcept {
-        for (unsigned k = 0; k < 4; ++k) part[k] = _mm512_load_si512(table + 64 * k);
-    }
-    __m512i operator()(__m512i index) const noexcept {
-        const __m512i low = _mm512_permutex2var_epi8(part[0], index, part[1]);
-        const __m512i high = _mm512_permutex2var_epi8(part[2], index, part[3]);
-        return _mm512_mask_blend_epi8(_mm512_movepi8_mask(index), low, high);
-    }
-};
 
 // Sixteen lanes' values of group I of four from the looked-up bytes.
 template <int I>
@@ -182,15 +169,9 @@ struct BlockEntries {
 };
 
 // The entries of the first `groups` (1 to 4) groups at `symbols`: the other lanes are not read.
-inline void look_up(const EncodeTable& table, const std::uint8_t* symbols, unsigned groups, BlockEntries& e) noexcept {
+inline void look_up(const ByteTable* planes, const std::uint8_t* symbols, unsigned groups, BlockEntries& e) noexcept {
     const __m512i s = _mm512_maskz_loadu_epi8(_bzhi_u64(~std::uint64_t{0}, kLanes * groups), symbols);
-    const __mmask64 upper = _mm512_movepi8_mask(s);  // symbols 128 to 255
-    for (unsigned k = 0; k < 3; ++k) {
-        const std::uint8_t* t = table.plane[k];
-        const __m512i low = _mm512_permutex2var_epi8(_mm512_load_si512(t), s, _mm512_load_si512(t + 64));
-        const __m512i high = _mm512_permutex2var_epi8(_mm512_load_si512(t + 128), s, _mm512_load_si512(t + 192));
-        _mm512_store_si512(e.plane[k], _mm512_mask_blend_epi8(upper, low, high));
-    }
+    for (unsigned k = 0; k < 3; ++k) _mm512_store_si512(e.plane[k], planes[k](s));
 }
 
 // x / freq for states x < freq << 20 (so quotients below 2^20), estimated in single precision
@@ -245,11 +226,12 @@ void encode_chains(const std::uint8_t* const* symbols, std::size_t groups, const
                    std::uint32_t* const* x, std::uint8_t** p) noexcept {
     __m512i state[kChains];
     for (unsigned k = 0; k < kChains; ++k) state[k] = _mm512_loadu_si512(x[k]);
+    const ByteTable planes[3] = {ByteTable(table.plane[0]), ByteTable(table.plane[1]), ByteTable(table.plane[2])};
     BlockEntries entries[kChains];
     for (std::size_t g = groups; g > 0;) {
         const std::size_t first = (g - 1) / kEntryGroups * kEntryGroups;  // the block of group g - 1
         const auto count = static_cast<unsigned>(g - first);
-        for (unsigned k = 0; k < kChains; ++k) look_up(table, symbols[k] + first * kLanes, count, entries[k]);
+        for (unsigned k = 0; k < kChains; ++k) look_up(planes, symbols[k] + first * kLanes, count, entries[k]);
         for (unsigned j = count; j-- > 0;) {
             for (unsigned k = 0; k < kChains; ++k) state[k] = encode_group(state[k], entries[k], j, p[k]);
         }
