@@ -64,18 +64,57 @@ inline bool head_values(const std::uint8_t* symbols, std::size_t used, const Fus
     values[1] = group_values<1>(low, high_bits);
     values[2] = group_values<2>(low, high_bits);
     values[3] = group_values<3>(low, high_bits);
-    // Built in registers, element by element (a vector reloaded from lanes stored one by one
-    // would wait for the stores).
-    while (special != 0) {
-        const unsigned at = static_cast<unsigned>(__builtin_ctzll(special));
-        std::uint32_t bits = 0;
-        if (!raw.read(head.raw_bits[symbols[at]], bits)) return false;
-        __m512i& v = values[at / 16];
-        v = _mm512_mask_or_epi32(v, static_cast<__mmask16>(1u << (at % 16)), v, _mm512_set1_epi32(static_cast<int>(bits)));
-        special &= special - 1;
+    // Built in registers, element by element, one group at a time: a constant index keeps each
+    // group's vector in a register (with values[at / 16] the compiler kept all four in memory,
+    // and each element's masked store then stalled the next one's load).
+#pragma GCC unroll 4
+    for (unsigned j = 0; j < 4; ++j) {
+        std::uint32_t lanes = static_cast<std::uint16_t>(special >> (16 * j));
+        while (lanes != 0) {
+            const unsigned lane = static_cast<unsigned>(__builtin_ctz(lanes));
+            std::uint32_t bits = 0;
+            if (!raw.read(head.raw_bits[symbols[16 * j + lane]], bits)) return false;
+            values[j] = _mm512_mask_or_epi32(values[j], static_cast<__mmask16>(1u << lane), values[j],
+                                             _mm512_set1_epi32(static_cast<int>(bits)));
+            lanes &= lanes - 1;
+        }
     }
     const __m128i shift = _mm_cvtsi32_si128(static_cast<int>(head.shift));
     for (unsigned i = 0; i < 4; ++i) values[i] = _mm512_sll_epi32(values[i], shift);
+    return true;
+}
+
+// The same for 16-bit elements, kept 16 bits wide (two vectors of 32 in element order): the
+// 32-bit lanes of head_values would be narrowed again on the way out, at twice the work.
+inline bool half_values(const std::uint8_t* symbols, std::size_t used, const FusedHead& head, const ByteTable& low_table,
+                        const ByteTable& high_table, bits::Reader& raw, __m512i* values) noexcept {
+    const __m512i index = _mm512_load_si512(symbols);
+    const __m512i low = low_table(index);
+    const __m512i high = high_table(index);
+    std::uint64_t special = _mm512_movepi8_mask(high);
+    if (used < 64) special &= (std::uint64_t{1} << used) - 1;
+    const __m512i high_bits = _mm512_and_si512(high, _mm512_set1_epi8(0x7F));
+    // Unpacking pairs bytes within each 128-bit lane: quadwords 0-1 of `first` are elements 0-7,
+    // of `second` 8-15, and so on; two quadword permutes put them in order.
+    const __m512i first = _mm512_unpacklo_epi8(low, high_bits);
+    const __m512i second = _mm512_unpackhi_epi8(low, high_bits);
+    values[0] = _mm512_permutex2var_epi64(first, _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11), second);
+    values[1] = _mm512_permutex2var_epi64(first, _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15), second);
+#pragma GCC unroll 2
+    for (unsigned h = 0; h < 2; ++h) {
+        std::uint32_t lanes = static_cast<std::uint32_t>(special >> (32 * h));
+        while (lanes != 0) {
+            const unsigned lane = static_cast<unsigned>(__builtin_ctz(lanes));
+            std::uint32_t bits = 0;
+            if (!raw.read(head.raw_bits[symbols[32 * h + lane]], bits)) return false;
+            values[h] = _mm512_mask_mov_epi16(values[h], static_cast<__mmask32>(1u << lane),
+                                              _mm512_or_si512(values[h], _mm512_set1_epi16(static_cast<short>(bits))));
+            lanes &= lanes - 1;
+        }
+    }
+    const __m128i shift = _mm_cvtsi32_si128(static_cast<int>(head.shift));
+    values[0] = _mm512_sll_epi16(values[0], shift);
+    values[1] = _mm512_sll_epi16(values[1], shift);
     return true;
 }
 
@@ -88,13 +127,49 @@ inline __m512i widen16(const std::uint8_t* bytes) noexcept {
 // the chain of states (each step waits on a gather).
 constexpr std::size_t kBlockGroups = 64;
 
+// The rANS steps of one block for `kCount` chunks: up to `block` groups, fewer when a chunk's
+// words run short. Returns the groups stepped. Apart from the head and tail work, so that the
+// compiler keeps the states in registers: inside the whole loop it kept them on the stack, each
+// step then waiting on a store forwarded to the next one's load. (No slower on Zen 4, where the
+// gathers bound the loop; measured equal. A CPU with faster gathers would feel it.)
+template <unsigned kCount>
+[[gnu::noinline]] std::size_t step_block(__m512i* states, const std::uint8_t** next, const std::uint8_t* const* ends,
+                                         const DecodeTable* const* tables, std::size_t block,
+                                         std::uint8_t (*symbols)[kBlockGroups * kLanes]) noexcept {
+    __m512i x[kCount];
+    const std::uint8_t* at[kCount];
+#pragma GCC unroll 4
+    for (unsigned k = 0; k < kCount; ++k) {
+        x[k] = states[k];
+        at[k] = next[k];
+    }
+    std::size_t stepped = 0;
+    for (; stepped < block; ++stepped) {
+        bool room = true;
+#pragma GCC unroll 4
+        for (unsigned k = 0; k < kCount; ++k) room = room && ends[k] - at[k] >= kGroupBytes;
+        if (!room) break;
+#pragma GCC unroll 4
+        for (unsigned k = 0; k < kCount; ++k) {
+            const __m512i symbol = symbols_of(step(x[k], *tables[k], at[k]));
+            _mm_store_si128(reinterpret_cast<__m128i*>(symbols[k] + stepped * kLanes), _mm512_cvtepi32_epi8(symbol));
+        }
+    }
+#pragma GCC unroll 4
+    for (unsigned k = 0; k < kCount; ++k) {
+        states[k] = x[k];
+        next[k] = at[k];
+    }
+    return stepped;
+}
+
 // The loop shared by both element types, over `kCount` chunks stepping together (two chunks'
 // chains overlap), each with its own head's tables (the chunks may be of different tensors).
-// Emit(stream, first element, head values) writes sixteen elements of one chunk. A chunk whose
-// raw bits run out is marked failed; the others finish the block, so every chunk not failed has
-// the returned groups done.
-template <unsigned kCount, typename Emit>
-std::size_t fused_groups(FusedStream* streams, std::size_t groups, bool* ok, Emit emit) noexcept {
+// Finish(stream, symbols, groups, first element, raw bits) writes the elements of a block's
+// groups of one chunk, false when the chunk's raw bits run out: that chunk is marked failed, and
+// the others finish the block, so every chunk not failed has the returned groups done.
+template <unsigned kCount, typename Finish>
+std::size_t fused_groups(FusedStream* streams, std::size_t groups, bool* ok, Finish finish) noexcept {
     __m512i x[kCount];
     const std::uint8_t* next[kCount];
     const std::uint8_t* ends[kCount];
@@ -114,34 +189,14 @@ std::size_t fused_groups(FusedStream* streams, std::size_t groups, bool* ok, Emi
     bool room = true;
     while (g < groups && room && !failed) {
         const std::size_t block = std::min(kBlockGroups, groups - g);
-        std::size_t stepped = 0;
-        for (; stepped < block; ++stepped) {
-            // Unrolled, so that the states stay in registers (a state reloaded from the stack
-            // lengthens the chain by a store-forwarding delay).
-#pragma GCC unroll 4
-            for (unsigned k = 0; k < kCount; ++k) room = room && ends[k] - next[k] >= kGroupBytes;
-            if (!room) break;
-#pragma GCC unroll 4
-            for (unsigned k = 0; k < kCount; ++k) {
-                const __m512i symbol = symbols_of(step(x[k], *tables[k], next[k]));
-                _mm_store_si128(reinterpret_cast<__m128i*>(symbols[k] + stepped * kLanes), _mm512_cvtepi32_epi8(symbol));
-            }
-        }
+        const std::size_t stepped = step_block<kCount>(x, next, ends, tables, block, symbols);
+        room = stepped == block;
         for (unsigned k = 0; k < kCount; ++k) {
-            // Loaded once a block (64 groups): eight loads against a thousand elements.
-            const FusedHead& head = *streams[k].head;
-            const ByteTable low_table(head.value_low);
-            const ByteTable high_table(head.value_high);
-            for (std::size_t i = 0; i < stepped && ok[k]; i += 4) {
-                __m512i values[4];
-                const std::size_t used = std::min<std::size_t>(4, stepped - i) * kLanes;
-                if (!head_values(symbols[k] + i * kLanes, used, head, low_table, high_table, *streams[k].raw, values)) {
-                    ok[k] = false;
-                    failed = true;
-                    break;
-                }
-                for (std::size_t j = 0; j < 4 && i + j < stepped; ++j) emit(streams[k], (g + i + j) * kLanes, values[j]);
-            }
+            // A copy, so that the reader's state stays in registers across the block.
+            bits::Reader raw = *streams[k].raw;
+            ok[k] = finish(streams[k], symbols[k], stepped, g * kLanes, raw);
+            failed = failed || !ok[k];
+            *streams[k].raw = raw;
         }
         g += stepped;
     }
@@ -152,9 +207,9 @@ std::size_t fused_groups(FusedStream* streams, std::size_t groups, bool* ok, Emi
     return g;
 }
 
-template <typename Emit>
-std::size_t fused(FusedStream* streams, unsigned count, std::size_t groups, bool* ok, Emit emit) noexcept {
-    return with_chunk_count(count, [&](auto n) { return fused_groups<decltype(n)::value>(streams, groups, ok, emit); });
+template <typename Finish>
+std::size_t fused(FusedStream* streams, unsigned count, std::size_t groups, bool* ok, Finish finish) noexcept {
+    return with_chunk_count(count, [&](auto n) { return fused_groups<decltype(n)::value>(streams, groups, ok, finish); });
 }
 
 // The encoder looks up its symbols' table entries a block of four groups at a time, with byte
@@ -285,27 +340,71 @@ std::size_t decode_groups_avx512(Decoder& d, const DecodeTable& table, std::size
 
 std::size_t decode_float32_groups_avx512(FusedStream* streams, unsigned count, std::size_t groups, bool* ok) noexcept {
     const __m512i low3 = _mm512_set1_epi32(7);
-    return fused(streams, count, groups, ok, [&](const FusedStream& s, std::size_t base, __m512i value) {
-        const __m512i q = _mm512_cvtepu8_epi32(nibble_bytes(s.tails[0] + base / 2));
-        const __m512i tail = _mm512_or_si512(
-            _mm512_or_si512(_mm512_slli_epi32(_mm512_and_si512(q, low3), 16), _mm512_slli_epi32(_mm512_srli_epi32(q, 3), 31)),
-            _mm512_or_si512(_mm512_slli_epi32(widen16(s.tails[1] + base), 8), widen16(s.tails[2] + base)));
-        _mm512_storeu_si512(s.out + 4 * base, _mm512_or_si512(value, tail));
-    });
+    return fused(streams, count, groups, ok,
+                 [&](const FusedStream& s, const std::uint8_t* symbols, std::size_t stepped, std::size_t first,
+                     bits::Reader& raw) {
+                     // Loaded once a block (64 groups): eight loads against a thousand elements.
+                     const ByteTable low_table(s.head->value_low);
+                     const ByteTable high_table(s.head->value_high);
+                     for (std::size_t i = 0; i < stepped * kLanes; i += 64) {
+                         __m512i values[4];
+                         const std::size_t used = std::min<std::size_t>(64, stepped * kLanes - i);
+                         if (!head_values(symbols + i, used, *s.head, low_table, high_table, raw, values)) return false;
+                         for (std::size_t j = 0; j < used / kLanes; ++j) {
+                             const std::size_t at = first + i + j * kLanes;
+                             const __m512i q = _mm512_cvtepu8_epi32(nibble_bytes(s.tails[0] + at / 2));
+                             const __m512i tail = _mm512_or_si512(
+                                 _mm512_or_si512(_mm512_slli_epi32(_mm512_and_si512(q, low3), 16),
+                                                 _mm512_slli_epi32(_mm512_srli_epi32(q, 3), 31)),
+                                 _mm512_or_si512(_mm512_slli_epi32(widen16(s.tails[1] + at), 8), widen16(s.tails[2] + at)));
+                             _mm512_storeu_si512(s.out + 4 * at, _mm512_or_si512(values[j], tail));
+                         }
+                     }
+                     return true;
+                 });
+}
+
+// The first field of 32 16-bit elements (bfloat16: 16 bytes of nibbles; float16: 32 bytes), as
+// 16-bit lanes; `bytes` of them (a multiple of 8) are read.
+inline __m512i half_tails(const std::uint8_t* field, bool half_layout, std::size_t bytes) noexcept {
+    const __mmask64 present = bytes >= 64 ? ~__mmask64{0} : (__mmask64{1} << bytes) - 1;
+    const __m512i loaded = _mm512_maskz_loadu_epi8(present, field);
+    if (half_layout) return _mm512_cvtepu8_epi16(_mm512_castsi512_si256(loaded));
+    const __m128i packed = _mm512_castsi512_si128(loaded);
+    const __m128i low4 = _mm_set1_epi8(0x0F);
+    const __m128i low = _mm_and_si128(packed, low4);
+    const __m128i high = _mm_and_si128(_mm_srli_epi16(packed, 4), low4);
+    const __m256i bytes32 = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_unpacklo_epi8(low, high)),
+                                                    _mm_unpackhi_epi8(low, high), 1);
+    return _mm512_cvtepu8_epi16(bytes32);
 }
 
 std::size_t decode_float16_groups_avx512(FusedStream* streams, unsigned count, bool half_layout, std::size_t groups,
                                          bool* ok) noexcept {
-    const __m512i low = _mm512_set1_epi32(half_layout ? 0x7F : 7);
-    const unsigned sign_shift = half_layout ? 7 : 3;
-    return fused(streams, count, groups, ok, [&](const FusedStream& s, std::size_t base, __m512i value) {
-        const __m128i q16 = half_layout ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(s.tails[0] + base))
-                                        : nibble_bytes(s.tails[0] + base / 2);
-        const __m512i q = _mm512_cvtepu8_epi32(q16);
-        const __m512i sign = _mm512_slli_epi32(_mm512_srl_epi32(q, _mm_cvtsi32_si128(static_cast<int>(sign_shift))), 15);
-        const __m512i element = _mm512_or_si512(value, _mm512_or_si512(_mm512_and_si512(q, low), sign));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(s.out + 2 * base), _mm512_cvtepi32_epi16(element));
-    });
+    const __m512i low = _mm512_set1_epi16(half_layout ? 0x7F : 7);
+    const __m128i sign_shift = _mm_cvtsi32_si128(half_layout ? 7 : 3);
+    return fused(streams, count, groups, ok,
+                 [&](const FusedStream& s, const std::uint8_t* symbols, std::size_t stepped, std::size_t first,
+                     bits::Reader& raw) {
+                     const ByteTable low_table(s.head->value_low);
+                     const ByteTable high_table(s.head->value_high);
+                     for (std::size_t i = 0; i < stepped * kLanes; i += 64) {
+                         __m512i values[2];
+                         const std::size_t used = std::min<std::size_t>(64, stepped * kLanes - i);
+                         if (!half_values(symbols + i, used, *s.head, low_table, high_table, raw, values)) return false;
+                         for (std::size_t h = 0; h < 2 && 32 * h < used; ++h) {
+                             const std::size_t at = first + i + 32 * h;
+                             const std::size_t n = std::min<std::size_t>(32, used - 32 * h);
+                             const __m512i q = half_layout ? half_tails(s.tails[0] + at, true, n)
+                                                           : half_tails(s.tails[0] + at / 2, false, n / 2);
+                             const __m512i sign = _mm512_slli_epi16(_mm512_srl_epi16(q, sign_shift), 15);
+                             const __m512i element = _mm512_or_si512(values[h], _mm512_or_si512(_mm512_and_si512(q, low), sign));
+                             const __mmask32 lanes = n == 32 ? ~__mmask32{0} : (__mmask32{1} << n) - 1;
+                             _mm512_mask_storeu_epi16(s.out + 2 * at, lanes, element);
+                         }
+                     }
+                     return true;
+                 });
 }
 
 }  // namespace mmpack::rans
