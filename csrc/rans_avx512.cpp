@@ -64,20 +64,16 @@ inline bool head_values(const std::uint8_t* symbols, std::size_t used, const Fus
     values[1] = group_values<1>(low, high_bits);
     values[2] = group_values<2>(low, high_bits);
     values[3] = group_values<3>(low, high_bits);
-    // Built in registers, element by element, one group at a time: a constant index keeps each
-    // group's vector in a register (with values[at / 16] the compiler kept all four in memory,
-    // and each element's masked store then stalled the next one's load).
-#pragma GCC unroll 4
-    for (unsigned j = 0; j < 4; ++j) {
-        std::uint32_t lanes = static_cast<std::uint16_t>(special >> (16 * j));
-        while (lanes != 0) {
-            const unsigned lane = static_cast<unsigned>(__builtin_ctz(lanes));
-            std::uint32_t bits = 0;
-            if (!raw.read(head.raw_bits[symbols[16 * j + lane]], bits)) return false;
-            values[j] = _mm512_mask_or_epi32(values[j], static_cast<__mmask16>(1u << lane), values[j],
-                                             _mm512_set1_epi32(static_cast<int>(bits)));
-            lanes &= lanes - 1;
-        }
+    if (special != 0) {
+        // Read into memory first, then ORed in by four loads: a chain of per-element vector
+        // merges (broadcast, OR, masked move) cost more than the loads' wait for the stores.
+        alignas(64) std::uint32_t extra[64] = {};
+        do {
+            const unsigned at = static_cast<unsigned>(__builtin_ctzll(special));
+            if (!raw.read(head.raw_bits[symbols[at]], extra[at])) return false;
+            special &= special - 1;
+        } while (special != 0);
+        for (unsigned i = 0; i < 4; ++i) values[i] = _mm512_or_si512(values[i], _mm512_load_si512(extra + 16 * i));
     }
     const __m128i shift = _mm_cvtsi32_si128(static_cast<int>(head.shift));
     for (unsigned i = 0; i < 4; ++i) values[i] = _mm512_sll_epi32(values[i], shift);
@@ -100,17 +96,18 @@ inline bool half_values(const std::uint8_t* symbols, std::size_t used, const Fus
     const __m512i second = _mm512_unpackhi_epi8(low, high_bits);
     values[0] = _mm512_permutex2var_epi64(first, _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11), second);
     values[1] = _mm512_permutex2var_epi64(first, _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15), second);
-#pragma GCC unroll 2
-    for (unsigned h = 0; h < 2; ++h) {
-        std::uint32_t lanes = static_cast<std::uint32_t>(special >> (32 * h));
-        while (lanes != 0) {
-            const unsigned lane = static_cast<unsigned>(__builtin_ctz(lanes));
+    if (special != 0) {
+        // As in head_values.
+        alignas(64) std::uint16_t extra[64] = {};
+        do {
+            const unsigned at = static_cast<unsigned>(__builtin_ctzll(special));
             std::uint32_t bits = 0;
-            if (!raw.read(head.raw_bits[symbols[32 * h + lane]], bits)) return false;
-            values[h] = _mm512_mask_mov_epi16(values[h], static_cast<__mmask32>(1u << lane),
-                                              _mm512_or_si512(values[h], _mm512_set1_epi16(static_cast<short>(bits))));
-            lanes &= lanes - 1;
-        }
+            if (!raw.read(head.raw_bits[symbols[at]], bits)) return false;
+            extra[at] = static_cast<std::uint16_t>(bits);
+            special &= special - 1;
+        } while (special != 0);
+        values[0] = _mm512_or_si512(values[0], _mm512_load_si512(extra));
+        values[1] = _mm512_or_si512(values[1], _mm512_load_si512(extra + 32));
     }
     const __m128i shift = _mm_cvtsi32_si128(static_cast<int>(head.shift));
     values[0] = _mm512_sll_epi16(values[0], shift);
