@@ -1328,8 +1328,12 @@ Planes tail_planes(FieldReader* readers, const Model& model, const std::vector<C
             }
         }
         if (bits == 4) {
-            std::fill(plane.begin(), plane.end(), uint8_t{0});
-            for (size_t i = 0; i < n; ++i) plane[i >> 1] |= static_cast<uint8_t>(values[i] << ((i & 1) * 4));
+            // By pairs, which the compiler vectorises (element by element it did not).
+            const uint8_t* v = values.data();
+            uint8_t* out = plane.data();
+            for (size_t i = 0; i < n / 2; ++i) out[i] = static_cast<uint8_t>(v[2 * i] | v[2 * i + 1] << 4);
+            std::fill(plane.begin() + static_cast<std::ptrdiff_t>(n / 2), plane.end(), uint8_t{0});
+            if (n % 2 != 0) out[n / 2] = v[n - 1];
         }
         tails[f] = plane.data();
     }
