@@ -142,7 +142,9 @@ def plan_ranges(
     e = s + np.asarray(lengths, dtype=U64)[order].astype(np.int64)
     reach = np.maximum.accumulate(e)  # segments may overlap: a range ends at the furthest end so far
     part = (s - s[0]) // max_range
-    breaks = (s[1:] > reach[:-1] + max_gap) | ((part[1:] != part[:-1]) & (s[1:] >= reach[:-1]))
+    # A split at a part boundary needs bytes to start there: an empty segment on the boundary
+    # stays in the range before it, which it touches, instead of making an empty range.
+    breaks = (s[1:] > reach[:-1] + max_gap) | ((part[1:] != part[:-1]) & (s[1:] >= reach[:-1]) & (e[1:] > s[1:]))
     firsts = np.concatenate([[0], np.flatnonzero(breaks) + 1])
     starts = s[firsts]
     ends = np.maximum.reduceat(e, firsts)
