@@ -49,30 +49,50 @@ inline __m512i group_values(__m512i low, __m512i high) noexcept {
                            _mm512_slli_epi32(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(high, I)), 8));
 }
 
-// Head values of the 64 elements whose symbols are `symbols` (of which the first `used` are
-// decoded ones), shifted into place, with the raw low bits of the rare symbols that have them
-// added in element order. False when the raw bits run out.
-inline bool head_values(const std::uint8_t* symbols, std::size_t used, const FusedHead& head, const ByteTable& low_table,
-                        const ByteTable& high_table, bits::Reader& raw, __m512i* values) noexcept {
+// The value bytes of the 64 elements whose symbols are `symbols` (of which the first `used` are
+// decoded ones): the low byte, the high bits, and which elements have raw low bits.
+struct HeadBytes {
+    __m512i low;
+    __m512i high;
+    std::uint64_t special;
+};
+
+inline HeadBytes head_bytes(const std::uint8_t* symbols, std::size_t used, const ByteTable& low_table,
+                            const ByteTable& high_table) noexcept {
     const __m512i index = _mm512_load_si512(symbols);
-    const __m512i low = low_table(index);
     const __m512i high = high_table(index);
     std::uint64_t special = _mm512_movepi8_mask(high);
     if (used < 64) special &= (std::uint64_t{1} << used) - 1;
-    const __m512i high_bits = _mm512_and_si512(high, _mm512_set1_epi8(0x7F));
-    values[0] = group_values<0>(low, high_bits);
-    values[1] = group_values<1>(low, high_bits);
-    values[2] = group_values<2>(low, high_bits);
-    values[3] = group_values<3>(low, high_bits);
-    if (special != 0) {
-        // Read into memory first, then ORed in by four loads: a chain of per-element vector
-        // merges (broadcast, OR, masked move) cost more than the loads' wait for the stores.
+    return {low_table(index), _mm512_and_si512(high, _mm512_set1_epi8(0x7F)), special};
+}
+
+// The raw low bits of the `special` elements, in element order, into extra[e]. Read into memory
+// and ORed in afterwards by whole vectors: a chain of per-element vector merges (broadcast, OR,
+// masked move) cost more than the loads' wait for the stores. False when the raw bits run out.
+template <typename T>
+inline bool read_raw_bits(const std::uint8_t* symbols, std::uint64_t special, const FusedHead& head, bits::Reader& raw,
+                          T* extra) noexcept {
+    for (; special != 0; special &= special - 1) {
+        const unsigned at = static_cast<unsigned>(__builtin_ctzll(special));
+        std::uint32_t bits = 0;
+        if (!raw.read(head.raw_bits[symbols[at]], bits)) return false;
+        extra[at] = static_cast<T>(bits);
+    }
+    return true;
+}
+
+// Head values of 64 elements as four vectors of 16 32-bit lanes, shifted into place, with the
+// raw low bits of the rare symbols that have them. False when the raw bits run out.
+inline bool head_values(const std::uint8_t* symbols, std::size_t used, const FusedHead& head, const ByteTable& low_table,
+                        const ByteTable& high_table, bits::Reader& raw, __m512i* values) noexcept {
+    const HeadBytes bytes = head_bytes(symbols, used, low_table, high_table);
+    values[0] = group_values<0>(bytes.low, bytes.high);
+    values[1] = group_values<1>(bytes.low, bytes.high);
+    values[2] = group_values<2>(bytes.low, bytes.high);
+    values[3] = group_values<3>(bytes.low, bytes.high);
+    if (bytes.special != 0) {
         alignas(64) std::uint32_t extra[64] = {};
-        do {
-            const unsigned at = static_cast<unsigned>(__builtin_ctzll(special));
-            if (!raw.read(head.raw_bits[symbols[at]], extra[at])) return false;
-            special &= special - 1;
-        } while (special != 0);
+        if (!read_raw_bits(symbols, bytes.special, head, raw, extra)) return false;
         for (unsigned i = 0; i < 4; ++i) values[i] = _mm512_or_si512(values[i], _mm512_load_si512(extra + 16 * i));
     }
     const __m128i shift = _mm_cvtsi32_si128(static_cast<int>(head.shift));
@@ -84,28 +104,16 @@ inline bool head_values(const std::uint8_t* symbols, std::size_t used, const Fus
 // 32-bit lanes of head_values would be narrowed again on the way out, at twice the work.
 inline bool half_values(const std::uint8_t* symbols, std::size_t used, const FusedHead& head, const ByteTable& low_table,
                         const ByteTable& high_table, bits::Reader& raw, __m512i* values) noexcept {
-    const __m512i index = _mm512_load_si512(symbols);
-    const __m512i low = low_table(index);
-    const __m512i high = high_table(index);
-    std::uint64_t special = _mm512_movepi8_mask(high);
-    if (used < 64) special &= (std::uint64_t{1} << used) - 1;
-    const __m512i high_bits = _mm512_and_si512(high, _mm512_set1_epi8(0x7F));
+    const HeadBytes bytes = head_bytes(symbols, used, low_table, high_table);
     // Unpacking pairs bytes within each 128-bit lane: quadwords 0-1 of `first` are elements 0-7,
     // of `second` 8-15, and so on; two quadword permutes put them in order.
-    const __m512i first = _mm512_unpacklo_epi8(low, high_bits);
-    const __m512i second = _mm512_unpackhi_epi8(low, high_bits);
+    const __m512i first = _mm512_unpacklo_epi8(bytes.low, bytes.high);
+    const __m512i second = _mm512_unpackhi_epi8(bytes.low, bytes.high);
     values[0] = _mm512_permutex2var_epi64(first, _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11), second);
     values[1] = _mm512_permutex2var_epi64(first, _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15), second);
-    if (special != 0) {
-        // As in head_values.
+    if (bytes.special != 0) {
         alignas(64) std::uint16_t extra[64] = {};
-        do {
-            const unsigned at = static_cast<unsigned>(__builtin_ctzll(special));
-            std::uint32_t bits = 0;
-            if (!raw.read(head.raw_bits[symbols[at]], bits)) return false;
-            extra[at] = static_cast<std::uint16_t>(bits);
-            special &= special - 1;
-        } while (special != 0);
+        if (!read_raw_bits(symbols, bytes.special, head, raw, extra)) return false;
         values[0] = _mm512_or_si512(values[0], _mm512_load_si512(extra));
         values[1] = _mm512_or_si512(values[1], _mm512_load_si512(extra + 32));
     }
@@ -335,20 +343,33 @@ std::size_t decode_groups_avx512(Decoder& d, const DecodeTable& table, std::size
     return g;
 }
 
+// A block of one chunk, 64 elements at a time: head values built by Values (head_values or
+// half_values) with the chunk's tables, then Emit(first element, elements, values) writes them.
+// False when the chunk's raw bits run out.
+template <unsigned kVectors, typename Values, typename Emit>
+inline bool finish_block(const FusedStream& s, const std::uint8_t* symbols, std::size_t stepped, std::size_t first,
+                         bits::Reader& raw, Values build, Emit emit) noexcept {
+    // Loaded once a block (64 groups): eight loads against a thousand elements.
+    const ByteTable low_table(s.head->value_low);
+    const ByteTable high_table(s.head->value_high);
+    for (std::size_t i = 0; i < stepped * kLanes; i += 64) {
+        __m512i values[kVectors];
+        const std::size_t used = std::min<std::size_t>(64, stepped * kLanes - i);
+        if (!build(symbols + i, used, *s.head, low_table, high_table, raw, values)) return false;
+        emit(first + i, used, values);
+    }
+    return true;
+}
+
 std::size_t decode_float32_groups_avx512(FusedStream* streams, unsigned count, std::size_t groups, bool* ok) noexcept {
     const __m512i low3 = _mm512_set1_epi32(7);
     return fused(streams, count, groups, ok,
                  [&](const FusedStream& s, const std::uint8_t* symbols, std::size_t stepped, std::size_t first,
                      bits::Reader& raw) {
-                     // Loaded once a block (64 groups): eight loads against a thousand elements.
-                     const ByteTable low_table(s.head->value_low);
-                     const ByteTable high_table(s.head->value_high);
-                     for (std::size_t i = 0; i < stepped * kLanes; i += 64) {
-                         __m512i values[4];
-                         const std::size_t used = std::min<std::size_t>(64, stepped * kLanes - i);
-                         if (!head_values(symbols + i, used, *s.head, low_table, high_table, raw, values)) return false;
+                     return finish_block<4>(s, symbols, stepped, first, raw, [](auto&&... a) { return head_values(a...); },
+                                            [&](std::size_t base, std::size_t used, const __m512i* values) {
                          for (std::size_t j = 0; j < used / kLanes; ++j) {
-                             const std::size_t at = first + i + j * kLanes;
+                             const std::size_t at = base + j * kLanes;
                              const __m512i q = _mm512_cvtepu8_epi32(nibble_bytes(s.tails[0] + at / 2));
                              const __m512i tail = _mm512_or_si512(
                                  _mm512_or_si512(_mm512_slli_epi32(_mm512_and_si512(q, low3), 16),
@@ -356,8 +377,7 @@ std::size_t decode_float32_groups_avx512(FusedStream* streams, unsigned count, s
                                  _mm512_or_si512(_mm512_slli_epi32(widen16(s.tails[1] + at), 8), widen16(s.tails[2] + at)));
                              _mm512_storeu_si512(s.out + 4 * at, _mm512_or_si512(values[j], tail));
                          }
-                     }
-                     return true;
+                     });
                  });
 }
 
@@ -383,14 +403,10 @@ std::size_t decode_float16_groups_avx512(FusedStream* streams, unsigned count, b
     return fused(streams, count, groups, ok,
                  [&](const FusedStream& s, const std::uint8_t* symbols, std::size_t stepped, std::size_t first,
                      bits::Reader& raw) {
-                     const ByteTable low_table(s.head->value_low);
-                     const ByteTable high_table(s.head->value_high);
-                     for (std::size_t i = 0; i < stepped * kLanes; i += 64) {
-                         __m512i values[2];
-                         const std::size_t used = std::min<std::size_t>(64, stepped * kLanes - i);
-                         if (!half_values(symbols + i, used, *s.head, low_table, high_table, raw, values)) return false;
+                     return finish_block<2>(s, symbols, stepped, first, raw, [](auto&&... a) { return half_values(a...); },
+                                            [&](std::size_t base, std::size_t used, const __m512i* values) {
                          for (std::size_t h = 0; h < 2 && 32 * h < used; ++h) {
-                             const std::size_t at = first + i + 32 * h;
+                             const std::size_t at = base + 32 * h;
                              const std::size_t n = std::min<std::size_t>(32, used - 32 * h);
                              const __m512i q = half_layout ? half_tails(s.tails[0] + at, true, n)
                                                            : half_tails(s.tails[0] + at / 2, false, n / 2);
@@ -399,8 +415,7 @@ std::size_t decode_float16_groups_avx512(FusedStream* streams, unsigned count, b
                              const __mmask32 lanes = n == 32 ? ~__mmask32{0} : (__mmask32{1} << n) - 1;
                              _mm512_mask_storeu_epi16(s.out + 2 * at, lanes, element);
                          }
-                     }
-                     return true;
+                     });
                  });
 }
 
