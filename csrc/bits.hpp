@@ -4,6 +4,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace mmpack::bits {
@@ -15,11 +16,7 @@ public:
 
     // Reads n <= 16 bits into v; false when the stream ends first.
     bool read(unsigned n, std::uint32_t& v) noexcept {
-        while (have_ < n) {
-            if (next_ == end_) return false;
-            buffer_ |= static_cast<std::uint64_t>(*next_++) << have_;
-            have_ += 8;
-        }
+        if (have_ < n && !refill(n)) return false;
         v = static_cast<std::uint32_t>(buffer_ & ((std::uint64_t{1} << n) - 1));
         buffer_ >>= n;
         have_ -= n;
@@ -30,6 +27,28 @@ public:
     bool finished() const noexcept { return next_ == end_ && have_ < 8 && buffer_ == 0; }
 
 private:
+    // Tops the buffer up to 56-63 bits with one 8-byte load while 8 bytes are left (the
+    // byte-by-byte loop was a chain of dependent shifts per byte, and streams dense in raw bits
+    // read one value per element). The load's bits above `have_` belong to the next byte, which
+    // the next load ORs in again unchanged; past the stream's end nothing is loaded, so those
+    // bits are zero there and `finished` sees only real ones.
+    bool refill(unsigned n) noexcept {
+        if (end_ - next_ >= 8) {
+            std::uint64_t word;
+            std::memcpy(&word, next_, 8);  // little-endian hosts only (the Python layer checks)
+            buffer_ |= word << have_;
+            next_ += (63 - have_) >> 3;
+            have_ |= 56;
+            return true;
+        }
+        while (have_ < n) {
+            if (next_ == end_) return false;
+            buffer_ |= static_cast<std::uint64_t>(*next_++) << have_;
+            have_ += 8;
+        }
+        return true;
+    }
+
     const std::uint8_t* next_ = nullptr;
     const std::uint8_t* end_ = nullptr;
     std::uint64_t buffer_ = 0;

@@ -1183,7 +1183,7 @@ Decoder::Decoder(const Model& model) : impl_(std::make_unique<Impl>()) {
         if (field.mode != Mode::rans) continue;
         m.directory_entries += 2;
         Coded& c = m.coded[f];
-        c.table = std::make_unique<rans::DecodeTable>();
+        c.table.reset(new rans::DecodeTable);  // not zeroed: build_decode_table writes every slot
         std::vector<uint16_t> freqs;
         for (const Symbol& s : field.symbols) freqs.push_back(s.freq);
         rans::build_decode_table(freqs.data(), static_cast<unsigned>(freqs.size()), *c.table);

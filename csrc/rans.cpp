@@ -11,10 +11,20 @@
 namespace mmpack::rans {
 
 void build_decode_table(const std::uint16_t* freqs, unsigned n, DecodeTable& table) noexcept {
+    // slot's entry is base + slot << 12, with base = freq | symbol << 24 - start << 12 taken
+    // modulo 2^32, so a symbol's slots are filled by whole blocks of kFillBlock: a block
+    // overrunning its symbol is overwritten by the next symbol, the last one's by the slack.
+    // Most symbols of a trained tensor's field are rare, and an element-by-element loop
+    // spent its time on its own set-up (a set of small tensors builds a table per field).
     std::uint32_t start = 0;
     for (unsigned s = 0; s < n; ++s) {
         const std::uint32_t f = freqs[s];
-        for (std::uint32_t k = 0; k < f; ++k) table.slot[start + k] = f | (k << 12) | (s << 24);
+        const std::uint32_t base = f + (s << 24) - (start << 12);
+        for (std::size_t k = start; k < start + f; k += DecodeTable::kFillBlock) {
+            std::uint32_t* const block = table.slot + k;
+            const std::uint32_t first = base + static_cast<std::uint32_t>(k << 12);
+            for (std::uint32_t j = 0; j < DecodeTable::kFillBlock; ++j) block[j] = first + (j << 12);
+        }
         start += f;
     }
 }
@@ -202,7 +212,8 @@ Simd cpu_simd() noexcept {
     // __builtin_cpu_supports also checks that the OS saves the registers' state (XGETBV).
     static const Simd supported = [] {
         __builtin_cpu_init();
-        if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("bmi2") && __builtin_cpu_supports("popcnt"))) {
+        if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("bmi") && __builtin_cpu_supports("bmi2") &&
+              __builtin_cpu_supports("popcnt"))) {
             return Simd::scalar;
         }
         const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&

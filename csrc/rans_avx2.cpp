@@ -1,5 +1,5 @@
 // The rANS loops with AVX2: the sixteen states are two vectors of eight
-// lanes. This file alone is compiled with -mavx2 -mbmi2 -mpopcnt; rans.cpp
+// lanes. This file alone is compiled with -mavx2 -mbmi -mbmi2 -mpopcnt; rans.cpp
 // and fields.cpp call it only after the CPU reported them.
 //
 // One decoding step of eight lanes: gather each lane's table entry, x = freq *

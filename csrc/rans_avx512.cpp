@@ -1,5 +1,5 @@
 // The rANS decoding loops with AVX-512: the sixteen states are one vector.
-// This file alone is compiled with -mavx512f -mavx512bw -mavx512vbmi -mbmi2 -mpopcnt;
+// This file alone is compiled with -mavx512f -mavx512bw -mavx512vbmi -mbmi -mbmi2 -mpopcnt;
 // rans.cpp and fields.cpp call it only after the CPU (and the OS, for the
 // vector registers' state) reported them.
 //

@@ -23,9 +23,11 @@ inline constexpr unsigned kMaxSymbols = 256;
 // Chunks of one tensor the vector loops decode together (their chains of states overlap).
 inline constexpr unsigned kMaxTogether = 4;
 
-// slot -> freq | (slot - start) << 12 | symbol << 24, for the 4096 slots.
+// slot -> freq | (slot - start) << 12 | symbol << 24, for the 4096 slots, then a slack that
+// build_decode_table writes over.
 struct DecodeTable {
-    alignas(64) std::uint32_t slot[kScale];
+    static constexpr unsigned kFillBlock = 16;
+    alignas(64) std::uint32_t slot[kScale + kFillBlock];
 };
 
 // freqs[0..n) >= 1 summing to kScale, 2 <= n <= kMaxSymbols (callers validate).
