@@ -15,6 +15,7 @@ many chunks per call on the kernels' threads, with the GIL released.
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -74,16 +75,26 @@ def encode_rows(data: np.ndarray, n_rows: int, row_bytes: int, dtype: torch.dtyp
     return Encoded(np.frombuffer(section, np.uint8), section.table_length, tuple(section.chunk_lengths))
 
 
-def section_jobs(encoded: Encoded, chunk_bytes: int, total: int) -> np.ndarray:
-    """Decode jobs (see :func:`decode`) for every chunk of ``encoded`` in payload 0, each whole
-    into its place in destination 0 (``total`` bytes, chunks of ``chunk_bytes``), no hashes."""
-    starts = np.cumsum([encoded.table_length, *encoded.chunk_lengths])
-    jobs = np.zeros((len(encoded.chunk_lengths), JOB_COLUMNS), np.uint64)
-    at = np.arange(len(encoded.chunk_lengths), dtype=np.uint64) * np.uint64(chunk_bytes)
-    jobs[:, 2] = starts[:-1]
-    jobs[:, 3] = encoded.chunk_lengths
+def section_jobs(sections: Sequence[Encoded], chunk_bytes: Sequence[int], totals: Sequence[int]) -> np.ndarray:
+    """Decode jobs (see :func:`decode`) for every chunk of every section, no hashes: section k's
+    chunks are in payload k and decode with table k, each whole into its place in destination k
+    (``totals[k]`` bytes, chunks of ``chunk_bytes[k]``)."""
+    counts = np.array([len(e.chunk_lengths) for e in sections], np.int64)
+    lengths = np.fromiter(itertools.chain.from_iterable(e.chunk_lengths for e in sections), np.int64,
+                          int(counts.sum()))
+    section = np.repeat(np.arange(len(sections), dtype=np.int64), counts)
+    ends = np.cumsum(lengths)
+    first = np.cumsum(counts) - counts
+    before = np.concatenate([[0], ends])[first]  # bytes of chunks in earlier sections
+    tables = np.array([e.table_length for e in sections], np.int64)
+    chunk = np.asarray(chunk_bytes, np.int64)[section]
+    at = (np.arange(len(lengths)) - first[section]) * chunk
+    jobs = np.zeros((len(lengths), JOB_COLUMNS), np.uint64)
+    jobs[:, 0] = jobs[:, 1] = jobs[:, 4] = section
+    jobs[:, 2] = tables[section] + ends - lengths - before[section]
+    jobs[:, 3] = lengths
     jobs[:, 5] = at
-    jobs[:, 6] = jobs[:, 9] = np.minimum(np.uint64(chunk_bytes), np.uint64(total) - at)
+    jobs[:, 6] = jobs[:, 9] = np.minimum(chunk, np.asarray(totals, np.int64)[section] - at)
     return jobs
 
 

@@ -92,7 +92,7 @@ def simd_path(path: str) -> Iterator[None]:
 
 def decode_jobs(encoded: rans.Encoded, raw_length: int, rows: int, chunk_rows: int) -> np.ndarray:
     """One decode job per chunk of ``encoded``, each into its rows of one output."""
-    return rans.section_jobs(encoded, chunk_rows * (raw_length // rows), raw_length)
+    return rans.section_jobs([encoded], [chunk_rows * (raw_length // rows)], [raw_length])
 
 
 def decode_native(encoded: rans.Encoded, raw_length: int, rows: int, chunk_rows: int, dtype: torch.dtype) -> np.ndarray:
@@ -293,7 +293,7 @@ _MIXED_TENSOR = st.tuples(st.sampled_from([*FUSED_DTYPES, torch.int32]), st.inte
 def _many_tensor_jobs(tensors, seed: int):
     """Sections of several tensors (each its own table; floats scaled by 2^scale) and one decode
     job per chunk of each, tensor j's table, payload and destination j, hashing its rows."""
-    raws, encoded, jobs, hash_base = [], [], [], 0
+    raws, encoded, chunk_bytes = [], [], []
     for j, (dtype, rows, per_row, chunk_rows, scale) in enumerate(tensors):
         if dtype.is_floating_point:
             values = _trained_rows(torch.float32, rows, per_row, seed + j).view("<f4") * np.float32(2.0**scale)
@@ -302,14 +302,39 @@ def _many_tensor_jobs(tensors, seed: int):
             raw = mixed_bytes(dtype, np.random.default_rng(seed + j), rows * per_row)
         raws.append(raw)
         encoded.append(encode(raw, rows, dtype, chunk_rows))
-        row_bytes = len(raw) // rows
-        tensor_jobs = decode_jobs(encoded[-1], len(raw), rows, chunk_rows)
-        tensor_jobs[:, [0, 1, 4]] = j
-        tensor_jobs[:, 7] = row_bytes
-        tensor_jobs[:, 8] = np.uint64(hash_base) + tensor_jobs[:, 5] // np.uint64(row_bytes)
-        hash_base += rows
-        jobs.append(tensor_jobs)
-    return raws, encoded, np.concatenate(jobs), hash_base
+        chunk_bytes.append(chunk_rows * (len(raw) // rows))
+    jobs = rans.section_jobs(encoded, chunk_bytes, [len(r) for r in raws])
+    row_bytes = np.array([len(r) // t[1] for r, t in zip(raws, tensors)], np.uint64)[jobs[:, 0].astype(np.intp)]
+    first_row = np.cumsum([0, *(t[1] for t in tensors)])[:-1].astype(np.uint64)[jobs[:, 0].astype(np.intp)]
+    jobs[:, 7] = row_bytes
+    jobs[:, 8] = first_row + jobs[:, 5] // row_bytes
+    return raws, encoded, jobs, sum(t[1] for t in tensors)
+
+
+def test_section_jobs_place_every_chunk_of_every_section():
+    # Sections with no chunks (zero-element tensors) between others, chunk sizes that do not
+    # divide the tensor: each job must name its own section's table, bytes and place.
+    rng = np.random.default_rng(5)
+    rows = [10, 0, 2, 0, 24]  # of 4 bytes
+    chunk_rows = [3, 1, 2, 5, 7]
+    raws = [rng.integers(0, 256, 4 * n, dtype=np.uint8) for n in rows]
+    sections = [rans.encode_rows(r, n, 4, torch.uint8, c) for r, n, c in zip(raws, rows, chunk_rows)]
+    assert [len(e.chunk_lengths) for e in sections] == [4, 0, 1, 0, 4]
+    chunk_bytes = [4 * c for c in chunk_rows]
+    jobs = rans.section_jobs(sections, chunk_bytes, [len(r) for r in raws])
+    expected = []
+    for k, (e, chunk, raw) in enumerate(zip(sections, chunk_bytes, raws)):
+        start = e.table_length
+        for c, length in enumerate(e.chunk_lengths):
+            at = c * chunk
+            expected.append([k, k, start, length, k, at, min(chunk, len(raw) - at), 0, 0, min(chunk, len(raw) - at)])
+            start += length
+    assert jobs.tolist() == expected
+    outs = [np.full(len(r), 0xA5, np.uint8) for r in raws]
+    rans.decode([e.data[: e.table_length] for e in sections], [rans.layout_code(torch.uint8)] * len(raws),
+                [e.data for e in sections], jobs, outs, None)
+    assert all(np.array_equal(o, r) for o, r in zip(outs, raws))
+    assert rans.section_jobs([], [], []).shape == (0, rans.JOB_COLUMNS)
 
 
 @settings(max_examples=40, deadline=None)

@@ -313,7 +313,7 @@ weights = (rng.standard_normal(300 * 500) * 0.05).astype(np.float32).view(np.uin
 encoded = rans.encode_rows(weights, 300, 2000, torch.float32, 7)
 section = os.path.join(os.path.dirname(path), "section.bin")
 encoded.data.tofile(section)
-jobs = rans.section_jobs(encoded, 7 * 2000, len(weights))
+jobs = rans.section_jobs([encoded], [7 * 2000], [len(weights)])
 out = np.zeros(len(weights), np.uint8)
 section_fd = os.open(section, os.O_RDONLY)
 rans.decode_files([encoded.data[: encoded.table_length]], [rans.layout_code(torch.float32)], [section_fd], jobs,

@@ -129,7 +129,7 @@ def measured_throughputs() -> Throughputs:
 def _decode_all(encoded: rans.Encoded, layout: int, chunk_raw: int, total: int) -> None:
     out = np.empty(total, np.uint8)
     table = encoded.data[: encoded.table_length]
-    rans.decode([table], [layout], [encoded.data], rans.section_jobs(encoded, chunk_raw, total), [out], None)
+    rans.decode([table], [layout], [encoded.data], rans.section_jobs([encoded], [chunk_raw], [total]), [out], None)
 
 
 def _best_of(action, runs: int = 3) -> float:
