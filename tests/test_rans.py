@@ -662,6 +662,48 @@ def test_truncated_and_padded_chunks_are_corrupt():
             _native.rans_decode([table], np.array([4], np.uint64), [forged], job, [np.zeros(8192, np.uint8)])
 
 
+def _directory(encoded: rans.Encoded, dtype: torch.dtype) -> list[tuple[int, str]]:
+    """Each directory entry of the section's chunks: (field, "values" | "stream" | "raw bits")."""
+    layout, e = rans_reference.layout_of(dtypes.dtype_name(dtype))
+    fields = rans_reference.parse_table_block(bytes(encoded.data[: encoded.table_length]),
+                                              rans_reference.field_widths(layout, e))
+    kinds = {"raw": ["values"], "constant": [], "rans": ["stream", "raw bits"]}
+    return [(f, kind) for f, field in enumerate(fields) for kind in kinds[field["mode"]]]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_a_raw_bit_stream_one_byte_short_is_corrupt_on_every_loop(dtype):
+    # A field's raw low bits run out before its last symbol: the directory still adds up (the
+    # byte is gone from the stream and from its length), so only the reader can tell.
+    rng = np.random.default_rng(11)
+    n = 3000
+    raw = mixed_bytes(dtype, rng, n) if dtype not in FUSED_DTYPES else _trained_rows(dtype, 1, n, 11)
+    if dtype in FUSED_DTYPES:
+        raw.reshape(n, -1)[rng.random(n) < 0.2] = 0  # zeros: the generic loops, not the fused ones
+    encoded = encode(raw, 1, dtype, 1)
+    chunk = encoded.data[encoded.table_length :]
+    entries = _directory(encoded, dtype)
+    lengths = np.frombuffer(chunk[: 4 * len(entries)].tobytes(), "<u4").copy()
+    starts = 4 * len(entries) + np.cumsum(lengths) - lengths
+    shortened = 0
+    for k, (field, kind) in enumerate(entries):
+        if kind != "raw bits" or lengths[k] == 0:
+            continue
+        cut_lengths = lengths.copy()
+        cut_lengths[k] -= 1
+        end = int(starts[k] + lengths[k])
+        forged = np.concatenate([cut_lengths.astype("<u4").view(np.uint8), chunk[4 * len(entries) : end - 1],
+                                 chunk[end:]])
+        for path in SIMD_PATHS:
+            with simd_path(path), pytest.raises(_native.DecodeError):
+                _native.rans_decode([encoded.data[: encoded.table_length]],
+                                    np.array([rans.layout_code(dtype)], np.uint64), [forged],
+                                    np.array([0, 0, 0, len(forged), 0, 0, len(raw), 0, 0, len(raw)], np.uint64),
+                                    [np.zeros(len(raw), np.uint8)])
+        shortened += 1
+    assert shortened > 0, entries
+
+
 @pytest.mark.parametrize(
     "table",
     [b"", b"\x00\x00\x00", b"\x00\x00\x00\x00\x00", b"\x03\x00\x00\x00", b"\x01\x00\x10\x00\x00\x00",
