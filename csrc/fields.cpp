@@ -201,89 +201,124 @@ std::vector<uint16_t> quantize(const std::vector<uint64_t>& counts) {
 // leave their fast path.
 constexpr double kRawBitsPenalty = 4096.0;
 
+// log2_q16 of a count: small ones, most nodes of a tree, from the table (the function's 16
+// squarings per call were a third of choosing a small tensor's model).
+inline uint64_t log2_count(uint64_t c) noexcept { return c <= rans::kScale ? small_logs()[c] : log2_q16(c); }
+
 // The aligned blocks of a field's values (node i of level r holds values [i << r, (i + 1) << r)),
-// with their counts and the ideal cost of coding each as one symbol.
+// with their counts and the ideal cost of coding each as one symbol. Only blocks holding values
+// are kept: a 12-bit head has 8191 blocks, and a small tensor's values fill few of them.
 class ValueTree {
 public:
-    ValueTree(const std::vector<uint64_t>& hist, unsigned bits, uint64_t total) : bits_(bits) {
-        const double log_total = static_cast<double>(log2_q16(total));
-        count_.resize(bits + 1);
-        cost_.resize(bits + 1);
+    // values: the field's values that occur, ascending, with their counts; total: all of them
+    // (with the head's zero elements).
+    ValueTree(const std::vector<std::pair<uint32_t, uint64_t>>& values, unsigned bits, uint64_t total)
+        : levels_(bits + 1) {
+        const double log_total = static_cast<double>(log2_count(total));
+        levels_[0].reserve(values.size());
+        for (const auto& [value, count] : values) levels_[0].push_back({value, 0, count, 0.0});
+        for (unsigned r = 1; r <= bits; ++r) {  // a block's children are adjacent in the level below
+            const std::vector<Node>& below = levels_[r - 1];
+            std::vector<Node>& level = levels_[r];
+            for (size_t k = 0; k < below.size(); ++k) {
+                const uint32_t parent = below[k].index >> 1;
+                if (level.empty() || level.back().index != parent) {
+                    level.push_back({parent, static_cast<uint32_t>(k), 0, 0.0});
+                }
+                level.back().count += below[k].count;
+            }
+        }
         for (unsigned r = 0; r <= bits; ++r) {
-            const size_t nodes = hist.size() >> r;
-            count_[r].resize(nodes);
-            cost_[r].resize(nodes);
-            for (size_t i = 0; i < nodes; ++i) {
-                const uint64_t c = r == 0 ? hist[i] : count_[r - 1][2 * i] + count_[r - 1][2 * i + 1];
-                count_[r][i] = c;
+            for (Node& node : levels_[r]) {
                 // A block with raw bits also pays kRawBitsPenalty per element: decoders take a
                 // slower path for its symbols, so only rare values should share a symbol.
-                if (c == 0) continue;  // (cost 0) most nodes of a small or peaked histogram are empty
-                const double per_element = log_total - static_cast<double>(log2_q16(c)) +
+                const double per_element = log_total - static_cast<double>(log2_count(node.count)) +
                                            (r == 0 ? 0.0 : static_cast<double>(r) * 65536.0 + kRawBitsPenalty);
-                cost_[r][i] = static_cast<double>(c) * per_element;
+                node.cost = static_cast<double>(node.count) * per_element;
             }
         }
     }
 
     // The partition that minimises cost + entry_cost per symbol (in 2^-16 bits), ascending.
     std::vector<Block> blocks(double entry_cost) const {
-        std::vector<std::vector<double>> best(bits_ + 1);
-        std::vector<std::vector<uint8_t>> whole(bits_ + 1);
-        for (unsigned r = 0; r <= bits_; ++r) {
-            const size_t nodes = count_[r].size();
-            best[r].resize(nodes);
-            whole[r].resize(nodes);
-            for (size_t i = 0; i < nodes; ++i) {
-                const double alone = count_[r][i] == 0 ? 0.0 : cost_[r][i] + entry_cost;
-                const double split = r == 0 ? alone : best[r - 1][2 * i] + best[r - 1][2 * i + 1];
-                whole[r][i] = r == 0 || alone <= split;
-                best[r][i] = std::min(alone, split);
+        const unsigned bits = static_cast<unsigned>(levels_.size() - 1);
+        std::vector<std::vector<double>> best(bits + 1);
+        std::vector<std::vector<uint8_t>> whole(bits + 1);
+        for (unsigned r = 0; r <= bits; ++r) {
+            const std::vector<Node>& level = levels_[r];
+            best[r].resize(level.size());
+            whole[r].resize(level.size());
+            for (size_t k = 0; k < level.size(); ++k) {
+                const double alone = level[k].cost + entry_cost;
+                double split = alone;
+                if (r > 0) {
+                    const uint32_t c = level[k].first_child;
+                    split = best[r - 1][c];
+                    if (has_second_child(r, k)) split += best[r - 1][c + 1];
+                }
+                whole[r][k] = r == 0 || alone <= split;
+                best[r][k] = std::min(alone, split);
             }
         }
         std::vector<Block> blocks;
-        std::vector<std::pair<unsigned, size_t>> stack{{bits_, 0}};  // depth first, left child first
+        if (levels_[bits].empty()) return blocks;
+        std::vector<std::pair<unsigned, size_t>> stack{{bits, 0}};  // depth first, left child first
         while (!stack.empty()) {
-            const auto [r, i] = stack.back();
+            const auto [r, k] = stack.back();
             stack.pop_back();
-            if (count_[r][i] == 0) continue;
-            if (whole[r][i]) {
-                blocks.push_back({static_cast<uint32_t>(i << r), r, count_[r][i]});
+            const Node& node = levels_[r][k];
+            if (whole[r][k]) {
+                blocks.push_back({node.index << r, r, node.count});
             } else {
-                stack.push_back({r - 1, 2 * i + 1});
-                stack.push_back({r - 1, 2 * i});
+                if (has_second_child(r, k)) stack.push_back({r - 1, node.first_child + 1});
+                stack.push_back({r - 1, node.first_child});
             }
         }
         // One block holding more than one value: split it, so that a table has two
         // symbols (one value alone is a constant instead).
         while (blocks.size() == 1 && blocks[0].raw_bits > 0) {
-            const unsigned r = blocks[0].raw_bits - 1;
-            const size_t left = static_cast<size_t>(blocks[0].value) >> r;
+            const unsigned r = blocks[0].raw_bits;
+            const auto at = std::lower_bound(levels_[r].begin(), levels_[r].end(), blocks[0].value >> r,
+                                             [](const Node& node, uint32_t index) { return node.index < index; });
+            const size_t k = static_cast<size_t>(at - levels_[r].begin());
             blocks.clear();
-            for (const size_t i : {left, left + 1}) {
-                if (count_[r][i] > 0) blocks.push_back({static_cast<uint32_t>(i << r), r, count_[r][i]});
+            for (size_t c = levels_[r][k].first_child; c <= levels_[r][k].first_child + (has_second_child(r, k) ? 1 : 0);
+                 ++c) {
+                const Node& child = levels_[r - 1][c];
+                blocks.push_back({child.index << (r - 1), r - 1, child.count});
             }
         }
         return blocks;
     }
 
 private:
-    unsigned bits_;
-    std::vector<std::vector<uint64_t>> count_;
-    std::vector<std::vector<double>> cost_;
+    struct Node {
+        uint32_t index;        // the block's values are [index << r, (index + 1) << r)
+        uint32_t first_child;  // in the level below (level r > 0)
+        uint64_t count;
+        double cost;
+    };
+
+    bool has_second_child(unsigned r, size_t k) const noexcept {
+        const std::vector<Node>& below = levels_[r - 1];
+        const size_t c = levels_[r][k].first_child + 1;
+        return c < below.size() && below[c].index >> 1 == levels_[r][k].index;
+    }
+
+    std::vector<std::vector<Node>> levels_;  // per level r, its non-empty blocks by index
 };
 
 // The best rANS code of a field with histogram hist (plus `zeros` zero elements when the
 // head has the zero symbol), or nothing (cost infinite) when a table cannot describe it.
-Candidate rans_candidate(const std::vector<uint64_t>& hist, unsigned bits, uint64_t zeros, size_t chunks) {
-    uint64_t total = zeros;
-    for (const uint64_t c : hist) total += c;
+Candidate rans_candidate(const std::vector<std::pair<uint32_t, uint64_t>>& values, uint64_t total, unsigned bits,
+                         uint64_t zeros, size_t chunks) {
+    total += zeros;
     Candidate none;
     none.cost_bits = std::numeric_limits<double>::infinity();
     if (total == 0) return none;
     const unsigned cap = rans::kMaxSymbols - (zeros > 0 ? 1 : 0);
     constexpr double kEntryBits = 32.0;
-    const ValueTree tree(hist, bits, total);
+    const ValueTree tree(values, bits, total);
     const double entry = kEntryBits * 65536.0;
     std::vector<Block> blocks = tree.blocks(entry);
     if (blocks.size() > cap) {
@@ -326,13 +361,18 @@ Candidate rans_candidate(const std::vector<uint64_t>& hist, unsigned bits, uint6
 
 // The cheapest code of one field (hist over its values, `zeros` zero elements coded by the head).
 Candidate choose_field(const std::vector<uint64_t>& hist, unsigned bits, uint64_t zeros, size_t chunks) {
+    // The values that occur, in one pass over the histogram (4096 entries for a head, and a
+    // small tensor's model is chosen in microseconds: each pass counted).
+    std::vector<std::pair<uint32_t, uint64_t>> values;
     uint64_t total = 0;
-    unsigned distinct = 0;
-    uint16_t only = 0;
-    for (size_t v = 0; v < hist.size(); ++v) {
-        total += hist[v];
-        if (hist[v]) ++distinct, only = static_cast<uint16_t>(v);
+    const uint64_t* const counts = hist.data();
+    for (size_t v = 0, n = hist.size(); v < n; ++v) {
+        if (counts[v] == 0) continue;
+        values.emplace_back(static_cast<uint32_t>(v), counts[v]);
+        total += counts[v];
     }
+    const size_t distinct = values.size();
+    const auto only = static_cast<uint16_t>(values.empty() ? 0 : values.back().first);
     Candidate best;
     best.field.mode = Mode::raw;
     best.cost_bits = 8 + static_cast<double>(total) * bits + 32.0 * static_cast<double>(chunks);
@@ -343,7 +383,7 @@ Candidate choose_field(const std::vector<uint64_t>& hist, unsigned bits, uint64_
         constant.cost_bits = 8 + 16;
         return constant;
     }
-    Candidate coded = rans_candidate(hist, bits, zeros, chunks);
+    Candidate coded = rans_candidate(values, total, bits, zeros, chunks);
     if (coded.cost_bits < best.cost_bits) return coded;
     if (zeros > 0) best.cost_bits = std::numeric_limits<double>::infinity();  // zeros need the head's table
     return best;
