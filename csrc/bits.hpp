@@ -59,21 +59,29 @@ class Writer {
 public:
     explicit Writer(std::vector<std::uint8_t>& out) noexcept : out_(out) {}
 
+    // Writes the n <= 16 low bits of v (its other bits zero); n = 0 writes nothing. Whole 32-bit
+    // words go out at once: a loop writing most values with 0 bits (the rare symbols' raw bits)
+    // then tests one branch per value, not a byte loop.
     void write(unsigned n, std::uint32_t v) {
         buffer_ |= static_cast<std::uint64_t>(v) << have_;
         have_ += n;
-        while (have_ >= 8) {
-            out_.push_back(static_cast<std::uint8_t>(buffer_));
-            buffer_ >>= 8;
-            have_ -= 8;
+        if (have_ >= 32) {
+            const std::size_t at = out_.size();
+            out_.resize(at + 4);
+            const auto word = static_cast<std::uint32_t>(buffer_);
+            std::memcpy(out_.data() + at, &word, 4);  // little-endian hosts only (the Python layer checks)
+            buffer_ >>= 32;
+            have_ -= 32;
         }
     }
 
-    // Writes the last partial byte, its unused bits zero.
+    // Writes the bits left, the last byte's unused bits zero.
     void flush() {
-        if (have_ > 0) out_.push_back(static_cast<std::uint8_t>(buffer_));
+        for (; have_ > 0; have_ = have_ > 8 ? have_ - 8 : 0) {
+            out_.push_back(static_cast<std::uint8_t>(buffer_));
+            buffer_ >>= 8;
+        }
         buffer_ = 0;
-        have_ = 0;
     }
 
 private:

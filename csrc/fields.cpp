@@ -815,15 +815,22 @@ template <unsigned W, Family F>
 size_t split_fields(const uint8_t* bytes, size_t n, bool skip_zero, uint16_t* head, uint8_t* tails, uint8_t* zero) {
     const Layout layout{W, F};
     size_t m = 0;
+    if (!skip_zero) {
+        for (size_t i = 0; i < n; ++i) {
+            const auto v = load_element<W>(bytes + i * W);
+            head[i] = static_cast<uint16_t>(field_of(layout, v, 0));
+            for (unsigned f = 1; f < W; ++f) tails[(f - 1) * n + i] = static_cast<uint8_t>(field_of(layout, v, f));
+        }
+        return n;
+    }
+    // A zero's tail values are written and then overwritten by the next element's (m <= i < n,
+    // so in bounds): a store instead of a branch on each zero.
     for (size_t i = 0; i < n; ++i) {
         const auto v = load_element<W>(bytes + i * W);
         head[i] = static_cast<uint16_t>(field_of(layout, v, 0));
-        if (skip_zero) {
-            zero[i] = v == 0;
-            if (v == 0) continue;
-        }
+        zero[i] = v == 0;
         for (unsigned f = 1; f < W; ++f) tails[(f - 1) * n + m] = static_cast<uint8_t>(field_of(layout, v, f));
-        ++m;
+        m += v != 0;
     }
     return m;
 }
@@ -1079,17 +1086,23 @@ const char* Encoder::encode(ConstBytes data, std::vector<uint8_t>& out) const {
             base[k] = field.symbols[k].value;
         }
         // One loop per source (the head's 16-bit values or a tail's bytes), the zero test only
-        // where the head has the zero symbol: no per-element branch on which field this is.
+        // where the head has the zero symbol: no per-element branch on which field this is. The
+        // symbols first, then the raw bits of every symbol (0 bits, and a value equal to its
+        // symbol's, for most, and for the zero symbol): no branch on the data either, as the
+        // zeros and the symbols with raw bits of XOR deltas fall at random.
         const auto code = [&](const auto* values, bool zero_head) {
+            const uint16_t* const symbol_of = c.symbol_of.data();
+            bool fits = true;
             for (size_t i = 0; i < count; ++i) {
-                unsigned s = c.zero_symbol;
-                if (!zero_head || !is_zero[i]) {
-                    const unsigned v = values[i];
-                    s = c.symbol_of[v];
-                    if (s == kNoSymbol) return false;
-                    if (raw_count[s]) writer.write(raw_count[s], v - base[s]);
-                }
+                unsigned s = symbol_of[values[i]];
+                if (zero_head) s = is_zero[i] ? c.zero_symbol : s;
+                fits &= s != kNoSymbol;
                 symbols[i] = static_cast<uint8_t>(s);
+            }
+            if (!fits) return false;
+            for (size_t i = 0; i < count; ++i) {
+                const unsigned s = symbols[i];
+                writer.write(raw_count[s], values[i] - base[s]);
             }
             return true;
         };
