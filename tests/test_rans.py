@@ -686,7 +686,7 @@ def test_a_raw_bit_stream_one_byte_short_is_corrupt_on_every_loop(dtype):
     lengths = np.frombuffer(chunk[: 4 * len(entries)].tobytes(), "<u4").copy()
     starts = 4 * len(entries) + np.cumsum(lengths) - lengths
     shortened = 0
-    for k, (field, kind) in enumerate(entries):
+    for k, (_, kind) in enumerate(entries):
         if kind != "raw bits" or lengths[k] == 0:
             continue
         cut_lengths = lengths.copy()
