@@ -1129,12 +1129,15 @@ namespace {
 struct Coded {
     std::unique_ptr<rans::DecodeTable> table;
     std::array<uint16_t, rans::kMaxSymbols> value{};
-    std::array<uint8_t, rans::kMaxSymbols> raw_bits{};
+    alignas(64) std::array<uint8_t, rans::kMaxSymbols> raw_bits{};  // (a byte table of the vector loops too)
     std::array<uint32_t, rans::kMaxSymbols> fused{};  // floating heads: value << shift, bit 31: raw bits follow
     // The same as bytes for the AVX-512 loop's byte permutes: the value's low byte, and its
     // high bits with bit 7 set when raw bits follow.
     alignas(64) std::array<uint8_t, rans::kMaxSymbols> fused_low{};
     alignas(64) std::array<uint8_t, rans::kMaxSymbols> fused_high{};
+    // `value` as two byte tables, for the generic loops' byte permutes.
+    alignas(64) std::array<uint8_t, rans::kMaxSymbols> value_low{};
+    alignas(64) std::array<uint8_t, rans::kMaxSymbols> value_high{};
     // The run of symbols without raw bits whose values count up by one, the one coding the most
     // elements: symbols run_first to run_first + run_last have the values symbol + run_delta.
     // (Symbols ascend by value, so trained weights' common heads form one long run.) No run:
@@ -1249,6 +1252,8 @@ Decoder::Decoder(const Model& model) : impl_(std::make_unique<Impl>()) {
         for (size_t k = 0; k < field.symbols.size(); ++k) {
             const Symbol& s = field.symbols[k];
             c.value[k] = s.value;
+            c.value_low[k] = static_cast<uint8_t>(s.value);
+            c.value_high[k] = static_cast<uint8_t>(s.value >> 8);
             if (s.zero()) {
                 c.zero_symbol = static_cast<int>(k);
                 continue;
@@ -1284,11 +1289,31 @@ bool rans_values(FieldReader& r, const Coded& c, size_t count, uint8_t* symbols,
     // Loops of one job each: the first and last vectorise or nearly, and the raw bits are read
     // for every symbol, 0 bits for most, so that no branch depends on the data (a branch per
     // symbol with raw bits missed on a fraction of them, 5-50 % in XOR deltas' heads).
-    for (size_t i = 0; i < count; ++i) values[i] = static_cast<T>(c.value[symbols[i]]);
+    size_t looked_up = 0;  // values (and zero flags) done by the vector loop
+    if (rans::simd() == rans::Simd::avx512) {
+        looked_up = symbol_values_avx512(symbols, count, c.value_low.data(),
+                                         sizeof(T) == 2 ? c.value_high.data() : nullptr, c.zero_symbol, values, zero);
+    }
+    for (size_t i = looked_up; i < count; ++i) values[i] = static_cast<T>(c.value[symbols[i]]);
     if (c.any_raw_bits) {
         bits::Reader low_bits = r.low_bits;  // a copy, so that its state stays in registers
         bool ok = true;
-        for (size_t i = 0; i < count; ++i) {
+        size_t i = 0;
+        if (rans::simd() == rans::Simd::avx512) {
+            // Only the symbols with raw bits, listed by the vector loop (in XOR deltas' heads
+            // 5-50 % of them; the loop over all read 0 bits for the others).
+            // (Callers pass a block, count <= kBlock; any more go to the loop after.)
+            uint32_t listed[kBlock + 16];
+            size_t n_listed = 0;
+            i = raw_symbols_avx512(symbols, std::min(kBlock, count), c.raw_bits.data(), listed, n_listed);
+            for (size_t k = 0; k < n_listed; ++k) {
+                const size_t j = listed[k];
+                uint32_t low = 0;
+                ok &= low_bits.read(c.raw_bits[symbols[j]], low);
+                values[j] = static_cast<T>(values[j] | low);
+            }
+        }
+        for (; i < count; ++i) {
             uint32_t low = 0;
             ok &= low_bits.read(c.raw_bits[symbols[i]], low);
             values[i] = static_cast<T>(values[i] | low);
@@ -1298,7 +1323,7 @@ bool rans_values(FieldReader& r, const Coded& c, size_t count, uint8_t* symbols,
     }
     if (zero != nullptr) {
         const int zero_symbol = c.zero_symbol;
-        for (size_t i = 0; i < count; ++i) zero[i] = static_cast<int>(symbols[i]) == zero_symbol;
+        for (size_t i = looked_up; i < count; ++i) zero[i] = static_cast<int>(symbols[i]) == zero_symbol;
     }
     return true;
 }
@@ -1566,6 +1591,7 @@ const char* Decoder::finish(Chunk& c) const noexcept {
         alignas(64) uint16_t head[kBlock];
         alignas(64) uint8_t zero[kBlock];
         alignas(64) uint8_t tails[7][kBlock + 1];
+        alignas(64) uint8_t expanded[7][kBlock + 1];
         alignas(64) uint8_t symbols[kBlock];
         for (size_t done = 0; done < n;) {
             const size_t b = std::min(kBlock, n - done);
@@ -1582,8 +1608,24 @@ const char* Decoder::finish(Chunk& c) const noexcept {
                 }
                 tails[f - 1][nonzero] = 0;
             }
+            const uint8_t(*placed)[kBlock + 1] = tails;
+            size_t placed_nonzero = nonzero;  // the tail values placed holds
+            if (nonzero < b && rans::simd() == rans::Simd::avx512) {
+                // Tail values put in element order first (0 for the zeros, whose head value is
+                // 0 too): the assembly is then the loop without zeros, which vectorises.
+                for (unsigned f = 1; f < w; ++f) {
+                    size_t taken = 0;
+                    size_t i = expand_nonzero_avx512(tails[f - 1], zero, b, expanded[f - 1], taken);
+                    for (; i < b; ++i) {
+                        expanded[f - 1][i] = zero[i] ? 0 : tails[f - 1][taken];
+                        taken += !zero[i];
+                    }
+                }
+                placed = expanded;
+                placed_nonzero = b;
+            }
             dispatch_layout(layout, [&](auto width, auto family) {
-                assemble<decltype(width)::value, decltype(family)::value>(head, zero, tails, b, nonzero, dst + done * w);
+                assemble<decltype(width)::value, decltype(family)::value>(head, zero, placed, b, placed_nonzero, dst + done * w);
                 return 0;
             });
             done += b;
@@ -1634,6 +1676,11 @@ void Decoder::decode_together(const Decoder* const* decoders, const ConstBytes* 
 #if !defined(MMPACK_HAVE_AVX2_TU)
 // No vector translation units on this architecture: rans::simd() is Simd::scalar, so these never run.
 size_t tail_fields_avx512(const uint8_t*, size_t, unsigned, bool, uint8_t* const*) noexcept { return 0; }
+size_t expand_nonzero_avx512(const uint8_t*, const uint8_t*, size_t, uint8_t*, size_t&) noexcept { return 0; }
+size_t symbol_values_avx512(const uint8_t*, size_t, const uint8_t*, const uint8_t*, int, void*, uint8_t*) noexcept {
+    return 0;
+}
+size_t raw_symbols_avx512(const uint8_t*, size_t, const uint8_t*, uint32_t*, size_t&) noexcept { return 0; }
 bool head_symbols_avx512(const uint8_t*, size_t, unsigned, unsigned, unsigned, const uint16_t*, uint8_t*, uint16_t*) noexcept {
     return false;
 }

@@ -1,7 +1,8 @@
 // The encoder's head symbols with AVX-512 (-mavx512f -mavx512bw -mavx512vbmi
-// -mbmi2), with the lanes whose symbols have raw bits, so that the scalar pass
+// -mbmi2 -mpopcnt), with the lanes whose symbols have raw bits, so that the scalar pass
 // writing raw bits visits only them: sixteen elements' head values to symbols
-// per gather, or 64 per handful of byte permutes through HeadRows.
+// per gather, or 64 per handful of byte permutes through HeadRows; and the
+// decoder's tail values of blocks with zero elements, put in element order.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -127,6 +128,83 @@ bool head_symbols_rows_avx512(const std::uint8_t* bytes, std::size_t groups, uns
         _mm512_mask_storeu_epi8(symbols + 16 * g, lanes, symbol);
     }
     return missing == 0;
+}
+
+std::size_t symbol_values_avx512(const std::uint8_t* symbols, std::size_t count, const std::uint8_t* low,
+                                 const std::uint8_t* high, int zero_symbol, void* values, std::uint8_t* zero) noexcept {
+    const ByteTable low_table(low);
+    // (An unused table when high is null: the bytes read are the low table's, never stored.)
+    const ByteTable high_table(high != nullptr ? high : low);
+    // (zero_symbol is -1 when the field has none: then no symbol is flagged.)
+    const __m512i zero_code = _mm512_set1_epi8(static_cast<char>(zero_symbol));
+    const bool flag_zeros = zero != nullptr;
+    const bool any_zero = zero_symbol >= 0;
+    // unpacklo/hi interleave within 128-bit lanes; these put the four lanes' halves in order.
+    const __m512i first = _mm512_set_epi64(11, 10, 3, 2, 9, 8, 1, 0);
+    const __m512i second = _mm512_set_epi64(15, 14, 7, 6, 13, 12, 5, 4);
+    auto* const bytes = static_cast<std::uint8_t*>(values);
+    std::size_t i = 0;
+    for (; i + 64 <= count; i += 64) {
+        const __m512i s = _mm512_loadu_si512(symbols + i);
+        const __m512i lo = low_table(s);
+        if (high == nullptr) {
+            _mm512_storeu_si512(bytes + i, lo);
+        } else {
+            const __m512i hi = high_table(s);
+            const __m512i a = _mm512_unpacklo_epi8(lo, hi);
+            const __m512i b = _mm512_unpackhi_epi8(lo, hi);
+            _mm512_storeu_si512(bytes + 2 * i, _mm512_permutex2var_epi64(a, first, b));
+            _mm512_storeu_si512(bytes + 2 * i + 64, _mm512_permutex2var_epi64(a, second, b));
+        }
+        if (flag_zeros) {
+            const __mmask64 is_zero = any_zero ? _mm512_cmpeq_epi8_mask(s, zero_code) : 0;
+            _mm512_storeu_si512(zero + i, _mm512_maskz_set1_epi8(is_zero, 1));
+        }
+    }
+    return i;
+}
+
+std::size_t raw_symbols_avx512(const std::uint8_t* symbols, std::size_t count, const std::uint8_t* raw_bits,
+                               std::uint32_t* listed, std::size_t& n_listed) noexcept {
+    const ByteTable table(raw_bits);
+    const __m512i lanes = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    std::size_t n = 0;
+    std::size_t i = 0;
+    for (; i + 64 <= count; i += 64) {
+        const __mmask64 raw = _mm512_test_epi8_mask(table(_mm512_loadu_si512(symbols + i)), _mm512_set1_epi8(-1));
+        if (raw == 0) continue;
+        for (unsigned q = 0; q < 4; ++q) {
+            const auto these = static_cast<__mmask16>(raw >> (16 * q));
+            // A compress in registers and a whole store (a compressing store is slow on Zen 4):
+            // the lanes past the listed ones are overwritten by the next store or left unused.
+            const __m512i at = _mm512_add_epi32(lanes, _mm512_set1_epi32(static_cast<int>(i + 16 * q)));
+            _mm512_storeu_si512(listed + n, _mm512_maskz_compress_epi32(these, at));
+            n += static_cast<unsigned>(_mm_popcnt_u32(these));
+        }
+    }
+    n_listed = n;
+    return i;
+}
+
+std::size_t expand_nonzero_avx512(const std::uint8_t* compact, const std::uint8_t* zero, std::size_t count,
+                                  std::uint8_t* out, std::size_t& taken) noexcept {
+    // Sixteen elements per expand (bytes widened to 32-bit lanes: a byte expand needs VBMI2),
+    // their compact values read by a masked load, which reads nothing past the ones used.
+    std::size_t at = taken;
+    std::size_t i = 0;
+    for (; i + 64 <= count; i += 64) {
+        const __mmask64 keep = _mm512_cmpeq_epi8_mask(_mm512_loadu_si512(zero + i), _mm512_setzero_si512());
+        for (unsigned q = 0; q < 4; ++q) {
+            const auto lanes = static_cast<__mmask16>(keep >> (16 * q));
+            const unsigned n = static_cast<unsigned>(_mm_popcnt_u32(lanes));
+            const __m512i values = _mm512_maskz_loadu_epi8(_bzhi_u64(~std::uint64_t{0}, n), compact + at);
+            const __m512i placed = _mm512_maskz_expand_epi32(lanes, _mm512_cvtepu8_epi32(_mm512_castsi512_si128(values)));
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i + 16 * q), _mm512_cvtepi32_epi8(placed));
+            at += n;
+        }
+    }
+    taken = at;
+    return i;
 }
 
 }  // namespace mmpack::fields

@@ -52,4 +52,24 @@ bool head_symbols_avx512(const std::uint8_t* bytes, std::size_t groups, unsigned
 bool head_symbols_avx2(const std::uint8_t* bytes, std::size_t groups, unsigned width, unsigned shift, unsigned mask,
                        const std::uint16_t* lookup, std::uint8_t* symbols, std::uint16_t* raw_lanes) noexcept;
 
+// The decoder's tail values of a block with zero elements: the values of the elements whose
+// zero[i] is 0 lie in order at `compact`; out[i] gets element i's, 0 for a zero. Does the first
+// whole groups of 64 elements, returns how many elements that is and adds the compact values
+// used to `taken`.
+std::size_t expand_nonzero_avx512(const std::uint8_t* compact, const std::uint8_t* zero, std::size_t count,
+                                  std::uint8_t* out, std::size_t& taken) noexcept;
+
+// The decoder's values of `count` symbols from byte tables (64-byte aligned, 256 entries):
+// values[i] = low[s] | high[s] << 8 as 16-bit values, or low[s] as bytes without `high`; and
+// zero[i] = (s == zero_symbol) unless zero is null. Does the first whole groups of 64 symbols,
+// returns how many that is.
+std::size_t symbol_values_avx512(const std::uint8_t* symbols, std::size_t count, const std::uint8_t* low,
+                                 const std::uint8_t* high, int zero_symbol, void* values, std::uint8_t* zero) noexcept;
+
+// The positions i, ascending, of the symbols s = symbols[i] with raw_bits[s] > 0 (a 64-byte
+// aligned table of 256 entries) into listed[0..n_listed), for the first whole groups of 64 of
+// the `count` symbols; returns how many symbols that is. listed holds count + 16 entries.
+std::size_t raw_symbols_avx512(const std::uint8_t* symbols, std::size_t count, const std::uint8_t* raw_bits,
+                               std::uint32_t* listed, std::size_t& n_listed) noexcept;
+
 }  // namespace mmpack::fields
