@@ -823,9 +823,15 @@ size_t split_fields(const uint8_t* bytes, size_t n, bool skip_zero, uint16_t* he
         }
         return n;
     }
+    // The float layouts of XOR deltas with AVX-512 first (whole groups of sixteen elements).
+    size_t i = 0;
+    constexpr bool vector_layout = (W == 4 && F == Family::floating) || (W == 2 && F != Family::integer);
+    if (vector_layout && rans::simd() == rans::Simd::avx512) {
+        i = split_nonzero_avx512(bytes, n, W, F == Family::half, head, tails, zero, m);
+    }
     // A zero's tail values are written and then overwritten by the next element's (m <= i < n,
     // so in bounds): a store instead of a branch on each zero.
-    for (size_t i = 0; i < n; ++i) {
+    for (; i < n; ++i) {
         const auto v = load_element<W>(bytes + i * W);
         head[i] = static_cast<uint16_t>(field_of(layout, v, 0));
         zero[i] = v == 0;
@@ -1054,6 +1060,7 @@ const char* Encoder::encode(ConstBytes data, std::vector<uint8_t>& out) const {
     streams.reserve(data.size + data.size / 8 + 256);
     std::vector<uint8_t> symbols(n);
     std::vector<uint8_t> raw_bits;
+    std::vector<uint32_t> listed;
     for (unsigned f = 0; f < w; ++f) {
         const Field& field = model.fields[f];
         const size_t count = f == 0 ? n : m;
@@ -1079,7 +1086,7 @@ const char* Encoder::encode(ConstBytes data, std::vector<uint8_t>& out) const {
         const Impl::Coded& c = impl_->coded[f];
         raw_bits.clear();
         bits::Writer writer(raw_bits);
-        uint8_t raw_count[rans::kMaxSymbols] = {};
+        alignas(64) uint8_t raw_count[rans::kMaxSymbols] = {};  // (a byte table of the vector loop too)
         uint16_t base[rans::kMaxSymbols] = {};
         for (size_t k = 0; k < field.symbols.size(); ++k) {
             raw_count[k] = field.symbols[k].zero() ? 0 : field.symbols[k].raw_bits;
@@ -1100,7 +1107,18 @@ const char* Encoder::encode(ConstBytes data, std::vector<uint8_t>& out) const {
                 symbols[i] = static_cast<uint8_t>(s);
             }
             if (!fits) return false;
-            for (size_t i = 0; i < count; ++i) {
+            size_t i = 0;
+            if (rans::simd() == rans::Simd::avx512) {  // only the symbols with raw bits, listed
+                listed.resize(count + 16);
+                size_t n_listed = 0;
+                i = raw_symbols_avx512(symbols.data(), count, raw_count, listed.data(), n_listed);
+                for (size_t k = 0; k < n_listed; ++k) {
+                    const size_t j = listed[k];
+                    const unsigned s = symbols[j];
+                    writer.write(raw_count[s], values[j] - base[s]);
+                }
+            }
+            for (; i < count; ++i) {
                 const unsigned s = symbols[i];
                 writer.write(raw_count[s], values[i] - base[s]);
             }
@@ -1681,6 +1699,9 @@ size_t symbol_values_avx512(const uint8_t*, size_t, const uint8_t*, const uint8_
     return 0;
 }
 size_t raw_symbols_avx512(const uint8_t*, size_t, const uint8_t*, uint32_t*, size_t&) noexcept { return 0; }
+size_t split_nonzero_avx512(const uint8_t*, size_t, unsigned, bool, uint16_t*, uint8_t*, uint8_t*, size_t&) noexcept {
+    return 0;
+}
 bool head_symbols_avx512(const uint8_t*, size_t, unsigned, unsigned, unsigned, const uint16_t*, uint8_t*, uint16_t*) noexcept {
     return false;
 }

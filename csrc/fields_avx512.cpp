@@ -186,6 +186,54 @@ std::size_t raw_symbols_avx512(const std::uint8_t* symbols, std::size_t count, c
     return i;
 }
 
+std::size_t split_nonzero_avx512(const std::uint8_t* bytes, std::size_t n, unsigned width, bool half,
+                                 std::uint16_t* head, std::uint8_t* tails, std::uint8_t* zero, std::size_t& m) noexcept {
+    // The fields in 32-bit lanes by the formulas of field_of (docs/FORMAT.md), the tail fields
+    // compressed to the non-zero lanes; each 16-byte store may run past the values it holds,
+    // into bytes the next store overwrites (m + 16 <= i + 16 <= n keeps it inside the field).
+    const __m512i low3 = _mm512_set1_epi32(7);
+    const __m512i byte = _mm512_set1_epi32(0xFF);
+    std::size_t at = m;
+    std::size_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m512i v;
+        __m512i h;
+        __m512i f1;
+        if (width == 4) {
+            v = _mm512_loadu_si512(bytes + 4 * i);
+            h = _mm512_and_si512(_mm512_srli_epi32(v, 19), _mm512_set1_epi32(0xFFF));
+            f1 = _mm512_or_si512(_mm512_slli_epi32(_mm512_srli_epi32(v, 31), 3),
+                                 _mm512_and_si512(_mm512_srli_epi32(v, 16), low3));
+        } else {
+            v = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes + 2 * i)));
+            if (half) {
+                h = _mm512_and_si512(_mm512_srli_epi32(v, 7), byte);
+                f1 = _mm512_or_si512(_mm512_slli_epi32(_mm512_srli_epi32(v, 15), 7),
+                                     _mm512_and_si512(v, _mm512_set1_epi32(0x7F)));
+            } else {
+                h = _mm512_and_si512(_mm512_srli_epi32(v, 3), _mm512_set1_epi32(0xFFF));
+                f1 = _mm512_or_si512(_mm512_slli_epi32(_mm512_srli_epi32(v, 15), 3), _mm512_and_si512(v, low3));
+            }
+        }
+        const __mmask16 nonzero = _mm512_test_epi32_mask(v, v);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(head + i), _mm512_cvtepi32_epi16(h));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(zero + i),
+                         _mm512_cvtepi32_epi8(_mm512_maskz_set1_epi32(static_cast<__mmask16>(~nonzero), 1)));
+        const auto put = [&](unsigned f, __m512i values) {
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(tails + (f - 1) * n + at),
+                             _mm512_cvtepi32_epi8(_mm512_maskz_compress_epi32(nonzero, values)));
+        };
+        put(1, f1);
+        if (width == 4) {
+            put(2, _mm512_and_si512(_mm512_srli_epi32(v, 8), byte));
+            put(3, _mm512_and_si512(v, byte));
+        }
+        at += static_cast<unsigned>(_mm_popcnt_u32(nonzero));
+    }
+    m = at;
+    return i;
+}
+
 std::size_t expand_nonzero_avx512(const std::uint8_t* compact, const std::uint8_t* zero, std::size_t count,
                                   std::uint8_t* out, std::size_t& taken) noexcept {
     // Sixteen elements per expand (bytes widened to 32-bit lanes: a byte expand needs VBMI2),

@@ -72,4 +72,11 @@ std::size_t symbol_values_avx512(const std::uint8_t* symbols, std::size_t count,
 std::size_t raw_symbols_avx512(const std::uint8_t* symbols, std::size_t count, const std::uint8_t* raw_bits,
                                std::uint32_t* listed, std::size_t& n_listed) noexcept;
 
+// The encoder's fields of a chunk with zero elements, float32 (width 4) or 16-bit floats (width
+// 2, float16 with `half`), for the first whole groups of sixteen of the n elements: head[i] and
+// zero[i] for every element, the tail fields of the non-zero ones only, field f's at
+// tails[(f - 1) * n + m] onwards (m counts them, and is advanced). Returns the elements done.
+std::size_t split_nonzero_avx512(const std::uint8_t* bytes, std::size_t n, unsigned width, bool half,
+                                 std::uint16_t* head, std::uint8_t* tails, std::uint8_t* zero, std::size_t& m) noexcept;
+
 }  // namespace mmpack::fields
