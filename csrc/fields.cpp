@@ -391,7 +391,7 @@ Candidate choose_field(const std::vector<uint64_t>& hist, unsigned bits, uint64_
 
 struct Histograms {
     std::vector<std::vector<uint64_t>> fields;  // per field, over every element
-    std::vector<char> noise;  // per field: a sample found its values uniform, so it is not counted (coded raw)
+    std::vector<char> noise;  // per field: a sample found its (non-zero elements') values uniform: coded raw, not counted
     uint64_t zeros = 0;       // elements whose every bit is zero
 };
 
@@ -526,23 +526,40 @@ double entropy_bits(const std::vector<uint64_t>& hist) {
 }
 
 // Fields 1 and up whose values a sample (every 16th run of 256 elements) finds uniform to
-// within the sample's own bias: the low mantissa bytes of trained weights. They are coded
-// raw without being counted, which spares most of the counting pass on float data.
+// within the sample's own bias, over all its elements or over its non-zero ones: the low
+// mantissa bytes of trained weights, and of XOR deltas, whose zero elements (coded by the
+// head's zero symbol) would otherwise make them look coded. They are coded raw without being
+// counted, which spares most of the counting pass on float data.
 std::vector<char> noise_fields(const Layout& layout, const uint8_t* bytes, size_t n) {
     std::vector<char> noise(layout.width, 0);
     constexpr size_t kRun = 256, kEvery = 16;
     if (n < 16 * kRun * kEvery) return noise;  // small tensors: count everything
     Histograms sample = empty_histograms(layout);
+    const unsigned w = layout.width;
     uint64_t sampled = 0;
+    uint64_t zeros = 0;
     for (size_t begin = 0; begin < n; begin += kRun * kEvery) {
         const size_t end = std::min(n, begin + kRun);
         count_tail_fields(layout, bytes, begin, end, sample);
         sampled += end - begin;
+        for (size_t i = begin; i < end; ++i) {
+            bool zero = true;
+            for (unsigned b = 0; b < w; ++b) zero = zero && bytes[i * w + b] == 0;
+            zeros += zero;
+        }
     }
-    for (unsigned f = 1; f < layout.width; ++f) {
+    const auto uniform = [&](const std::vector<uint64_t>& hist, unsigned f, uint64_t count) {
         const double k = layout.bits(f);
-        const double bias = (std::exp2(k) - 1) / (2.0 * static_cast<double>(sampled) * 0.6931471805599453);
-        noise[f] = entropy_bits(sample.fields[f]) > k - std::max(0.02, 2 * bias);
+        const double bias = (std::exp2(k) - 1) / (2.0 * static_cast<double>(count) * 0.6931471805599453);
+        return entropy_bits(hist) > k - std::max(0.02, 2 * bias);
+    };
+    for (unsigned f = 1; f < w; ++f) {
+        noise[f] = uniform(sample.fields[f], f, sampled);
+        if (!noise[f] && zeros > 0 && zeros < sampled) {
+            std::vector<uint64_t> nonzero = sample.fields[f];
+            nonzero[0] -= zeros;  // a zero element has every field 0
+            noise[f] = uniform(nonzero, f, sampled - zeros);
+        }
     }
     return noise;
 }
