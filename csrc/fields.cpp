@@ -865,6 +865,24 @@ size_t split_fields(const Layout& layout, const uint8_t* bytes, size_t n, bool s
     });
 }
 
+// Calls visit(i), in order, for the symbols i of symbols[0..count) whose raw_bits[s] (a 64-byte
+// aligned table) is not 0, for a loop that reads or writes their raw bits: with AVX-512 the
+// vector loop lists them (5-50 % of an XOR delta's head symbols); the rest, and every symbol
+// without it, are visited whatever their raw bits (visit then reads or writes 0 bits), so that
+// no branch depends on the data. `listed` is scratch for the list.
+template <typename Visit>
+void visit_raw_symbols(const uint8_t* symbols, size_t count, const uint8_t* raw_bits, std::vector<uint32_t>& listed,
+                       Visit visit) {
+    size_t i = 0;
+    if (rans::simd() == rans::Simd::avx512) {
+        listed.resize(count + 16);
+        size_t n_listed = 0;
+        i = raw_symbols_avx512(symbols, count, raw_bits, listed.data(), n_listed);
+        for (size_t k = 0; k < n_listed; ++k) visit(listed[k]);
+    }
+    for (; i < count; ++i) visit(i);
+}
+
 // Appends count values of `bits` bits, LSB first.
 template <typename T>
 void pack(const T* values, size_t count, unsigned bits, std::vector<uint8_t>& out) {
@@ -1111,9 +1129,8 @@ const char* Encoder::encode(ConstBytes data, std::vector<uint8_t>& out) const {
         }
         // One loop per source (the head's 16-bit values or a tail's bytes), the zero test only
         // where the head has the zero symbol: no per-element branch on which field this is. The
-        // symbols first, then the raw bits of every symbol (0 bits, and a value equal to its
-        // symbol's, for most, and for the zero symbol): no branch on the data either, as the
-        // zeros and the symbols with raw bits of XOR deltas fall at random.
+        // symbols first, then the raw bits (a symbol without any, the zero symbol too, has a
+        // value equal to its base, so writing its 0 bits writes nothing).
         const auto code = [&](const auto* values, bool zero_head) {
             const uint16_t* const symbol_of = c.symbol_of.data();
             bool fits = true;
@@ -1124,21 +1141,10 @@ const char* Encoder::encode(ConstBytes data, std::vector<uint8_t>& out) const {
                 symbols[i] = static_cast<uint8_t>(s);
             }
             if (!fits) return false;
-            size_t i = 0;
-            if (rans::simd() == rans::Simd::avx512) {  // only the symbols with raw bits, listed
-                listed.resize(count + 16);
-                size_t n_listed = 0;
-                i = raw_symbols_avx512(symbols.data(), count, raw_count, listed.data(), n_listed);
-                for (size_t k = 0; k < n_listed; ++k) {
-                    const size_t j = listed[k];
-                    const unsigned s = symbols[j];
-                    writer.write(raw_count[s], values[j] - base[s]);
-                }
-            }
-            for (; i < count; ++i) {
+            visit_raw_symbols(symbols.data(), count, raw_count, listed, [&](size_t i) {
                 const unsigned s = symbols[i];
                 writer.write(raw_count[s], values[i] - base[s]);
-            }
+            });
             return true;
         };
         const bool fits = f == 0 ? (zero ? code(head.data(), true) : code(head.data(), false)) : code(tail, false);
@@ -1321,9 +1327,8 @@ bool rans_values(FieldReader& r, const Coded& c, size_t count, uint8_t* symbols,
     if (count == 0) return true;
     if (!r.started) return false;  // symbols wanted from an empty stream
     if (!r.stream.decode(*c.table, count, symbols)) return false;
-    // Loops of one job each: the first and last vectorise or nearly, and the raw bits are read
-    // for every symbol, 0 bits for most, so that no branch depends on the data (a branch per
-    // symbol with raw bits missed on a fraction of them, 5-50 % in XOR deltas' heads).
+    // Loops of one job each, none with a branch on the data: the values, the raw bits, the
+    // zero flags (a branch per symbol with raw bits missed on a fraction of them).
     size_t looked_up = 0;  // values (and zero flags) done by the vector loop
     if (rans::simd() == rans::Simd::avx512) {
         looked_up = symbol_values_avx512(symbols, count, c.value_low.data(),
@@ -1331,28 +1336,14 @@ bool rans_values(FieldReader& r, const Coded& c, size_t count, uint8_t* symbols,
     }
     for (size_t i = looked_up; i < count; ++i) values[i] = static_cast<T>(c.value[symbols[i]]);
     if (c.any_raw_bits) {
+        thread_local std::vector<uint32_t> listed;
         bits::Reader low_bits = r.low_bits;  // a copy, so that its state stays in registers
         bool ok = true;
-        size_t i = 0;
-        if (rans::simd() == rans::Simd::avx512) {
-            // Only the symbols with raw bits, listed by the vector loop (in XOR deltas' heads
-            // 5-50 % of them; the loop over all read 0 bits for the others).
-            // (Callers pass a block, count <= kBlock; any more go to the loop after.)
-            uint32_t listed[kBlock + 16];
-            size_t n_listed = 0;
-            i = raw_symbols_avx512(symbols, std::min(kBlock, count), c.raw_bits.data(), listed, n_listed);
-            for (size_t k = 0; k < n_listed; ++k) {
-                const size_t j = listed[k];
-                uint32_t low = 0;
-                ok &= low_bits.read(c.raw_bits[symbols[j]], low);
-                values[j] = static_cast<T>(values[j] | low);
-            }
-        }
-        for (; i < count; ++i) {
+        visit_raw_symbols(symbols, count, c.raw_bits.data(), listed, [&](size_t i) {
             uint32_t low = 0;
             ok &= low_bits.read(c.raw_bits[symbols[i]], low);
             values[i] = static_cast<T>(values[i] | low);
-        }
+        });
         r.low_bits = low_bits;
         if (!ok) return false;
     }

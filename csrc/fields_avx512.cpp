@@ -1,8 +1,11 @@
-// The encoder's head symbols with AVX-512 (-mavx512f -mavx512bw -mavx512vbmi
-// -mbmi2 -mpopcnt), with the lanes whose symbols have raw bits, so that the scalar pass
-// writing raw bits visits only them: sixteen elements' head values to symbols
-// per gather, or 64 per handful of byte permutes through HeadRows; and the
-// decoder's tail values of blocks with zero elements, put in element order.
+// Field loops with AVX-512 (-mavx512f -mavx512bw -mavx512vbmi -mbmi2 -mpopcnt).
+// The encoder's head symbols, with the lanes whose symbols have raw bits, so
+// that the scalar pass writing raw bits visits only them: sixteen elements'
+// head values to symbols per gather, or 64 per handful of byte permutes through
+// HeadRows. And the generic loops' steps (chunks with zero elements: XOR
+// deltas): the fields split with the tails compressed to the non-zero
+// elements, symbol values and zero flags by byte permutes, the symbols with
+// raw bits listed, and tail values expanded back into element order.
 #include <immintrin.h>
 
 #include <algorithm>
