@@ -11,6 +11,12 @@
 namespace mmpack::rans {
 
 void build_decode_table(const std::uint16_t* freqs, unsigned n, DecodeTable& table) noexcept {
+    // A 16 KiB table per field of every tensor a call decodes: for a small tensor's chunk, more
+    // stores than its decoding (16-byte stores here, 64-byte ones there).
+    if (simd() == Simd::avx512) {
+        build_decode_table_avx512(freqs, n, table);
+        return;
+    }
     // slot's entry is base + slot << 12, with base = freq | symbol << 24 - start << 12 taken
     // modulo 2^32, so a symbol's slots are filled by whole blocks of kFillBlock: a block
     // overrunning its symbol is overwritten by the next symbol, the last one's by the slack.
@@ -252,6 +258,7 @@ std::size_t decode_float32_groups_avx2(FusedStream*, unsigned, std::size_t, bool
 std::size_t decode_float16_groups_avx2(FusedStream*, unsigned, bool, std::size_t, bool*) noexcept { return 0; }
 void encode_groups_avx2(const std::uint8_t*, std::size_t, const EncodeTable&, std::uint32_t*, std::uint8_t*&) noexcept {}
 std::size_t decode_groups_avx512(Decoder&, const DecodeTable&, std::size_t, std::uint8_t*) noexcept { return 0; }
+void build_decode_table_avx512(const std::uint16_t*, unsigned, DecodeTable&) noexcept {}
 void quotients_avx512(const std::uint32_t*, const std::uint32_t*, std::size_t, std::uint32_t*) noexcept {}
 void encode_groups_avx512(const std::uint8_t*, std::size_t, const EncodeTable&, std::uint32_t*, std::uint8_t*&) noexcept {}
 void encode_group_pairs_avx512(const std::uint8_t*, const std::uint8_t*, std::size_t, const EncodeTable&, std::uint32_t*,
