@@ -3,6 +3,7 @@
 import io
 import struct
 
+import golden_sets
 import numpy as np
 import pytest
 import torch
@@ -133,11 +134,15 @@ def test_version_2_writer_still_produces_the_golden_bytes_with_the_same_zstd():
         assert blob == (GOLDEN_DIR / name).read_bytes(), name
 
 
-def test_version_3_golden_file_loads_to_the_expected_values():
+V3_PAIRS = golden_sets.GOLDEN_V3_PAIRS
+
+
+@pytest.mark.parametrize("name", [stacked for stacked, _ in V3_PAIRS])
+def test_version_3_golden_file_loads_to_the_expected_values(name):
     from golden_sets import GOLDEN_V2_MODELS, golden_v1_modelset
 
     expected = golden_v1_modelset(GOLDEN_V2_MODELS)
-    path = GOLDEN_DIR / "v3_stacked_rans.mmpack"
+    path = GOLDEN_DIR / name
     assert mmpack.load(path).equal(expected)
     assert mmpack.load(path, indices=[47, 3, 20]).equal(expected.select([47, 3, 20]))
     with open(path, "rb") as f:
@@ -147,8 +152,9 @@ def test_version_3_golden_file_loads_to_the_expected_values():
     assert chunking.delta == "none" and chunking.chunk_rows == (10, 32, 25, 85, 32, 64, 85)
 
 
-def test_version_3_xor_rows_golden_file_decodes_against_its_reference():
-    _xor_rows_golden_file_decodes_against_its_reference("v3_rows_xor_rans.mmpack", 3)
+@pytest.mark.parametrize("name", [rows for _, rows in V3_PAIRS])
+def test_version_3_xor_rows_golden_file_decodes_against_its_reference(name):
+    _xor_rows_golden_file_decodes_against_its_reference(name, 3)
 
 
 def test_version_3_writer_still_produces_the_golden_bytes():
@@ -159,14 +165,15 @@ def test_version_3_writer_still_produces_the_golden_bytes():
         assert blob == (GOLDEN_DIR / name).read_bytes(), name
 
 
-def test_the_spec_decoder_reads_the_version_3_golden_files_and_they_use_every_code():
+@pytest.mark.parametrize("pair", V3_PAIRS, ids=lambda pair: pair[0])
+def test_the_spec_decoder_reads_the_version_3_golden_files_and_they_use_every_code(pair):
     import rans_reference
 
     from mmpack import dtypes
     from mmpack._io import FileReader
 
     seen = set()
-    for name in ("v3_stacked_rans.mmpack", "v3_rows_xor_rans.mmpack"):
+    for name in pair:
         blob = (GOLDEN_DIR / name).read_bytes()
         header = fileformat.read_header(FileReader(io.BytesIO(blob)))
         chunking, layout = header.layout.chunking, header.layout
