@@ -4,6 +4,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <algorithm>
 #include <cstring>
 #include <vector>
 
@@ -20,6 +21,43 @@ public:
         v = static_cast<std::uint32_t>(buffer_ & ((std::uint64_t{1} << n) - 1));
         buffer_ >>= n;
         have_ -= n;
+        return true;
+    }
+
+    // Reads count values of n bits each (1 <= n <= 16), handing value i to put(i, v); false,
+    // reading none, when the stream ends first. Each value's place is known, so the loads do not
+    // wait on one another as a loop of read() does (fields whose every symbol has n raw bits).
+    template <typename Put>
+    bool read_many(unsigned n, std::size_t count, Put put) noexcept {
+        // The buffered bits are the stream's own, ending where next_ begins: the next unread bit
+        // is bit `offset` of byte `from`.
+        const std::uint8_t* from = next_ - (have_ + 7) / 8;
+        const std::size_t offset = (have_ + 7) / 8 * 8 - have_;
+        const std::size_t bytes = static_cast<std::size_t>(end_ - from);
+        const std::size_t last = offset + n * count;  // bits from `from`, past the last value
+        if (last > 8 * bytes) return false;
+        const std::uint32_t mask = (std::uint32_t{1} << n) - 1;
+        // Values whose 32-bit load stays inside the stream (n + 7 <= 23 bits from its byte).
+        const std::size_t loaded = bytes < 4 ? 0 : std::min(count, (8 * (bytes - 4) + 7 - offset) / n + 1);
+        for (std::size_t i = 0; i < loaded; ++i) {
+            const std::size_t bit = offset + n * i;
+            std::uint32_t word;
+            std::memcpy(&word, from + bit / 8, 4);  // little-endian hosts only (the Python layer checks)
+            put(i, (word >> (bit % 8)) & mask);
+        }
+        for (std::size_t i = loaded; i < count; ++i) {
+            const std::size_t bit = offset + n * i;
+            std::uint32_t word = 0;
+            for (std::size_t k = bit / 8; k < bytes && k < bit / 8 + 4; ++k) word |= std::uint32_t{from[k]} << (8 * (k - bit / 8));
+            put(i, (word >> (bit % 8)) & mask);
+        }
+        next_ = from + last / 8;
+        buffer_ = 0;
+        have_ = 0;
+        if (last % 8 != 0) {
+            buffer_ = *next_++ >> (last % 8);
+            have_ = 8 - static_cast<unsigned>(last % 8);
+        }
         return true;
     }
 

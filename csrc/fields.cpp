@@ -1191,6 +1191,9 @@ struct Coded {
     uint32_t run_delta = 0;
     int zero_symbol = -1;
     bool any_raw_bits = false;
+    // Every symbol has this many raw bits (0: not so): a nearly uniform field whose values
+    // differ only in a few high bits.
+    unsigned uniform_raw_bits = 0;
 };
 
 // Sets c's run: of the runs of symbols it describes, the one whose frequencies sum highest.
@@ -1311,6 +1314,10 @@ Decoder::Decoder(const Model& model) : impl_(std::make_unique<Impl>()) {
             }
         }
         if (fusable_width) find_value_run(field.symbols, c);
+        const unsigned first_bits = field.symbols.front().raw_bits;
+        const bool uniform = c.zero_symbol < 0 && std::all_of(field.symbols.begin(), field.symbols.end(),
+                                                              [&](const Symbol& s) { return s.raw_bits == first_bits; });
+        c.uniform_raw_bits = uniform ? first_bits : 0;
     }
     // The fused loops need every other field as plain bytes or nibbles: raw fields are read in
     // place, the others decoded to scratch first.
@@ -1338,7 +1345,13 @@ bool rans_values(FieldReader& r, const Coded& c, size_t count, uint8_t* symbols,
                                          sizeof(T) == 2 ? c.value_high.data() : nullptr, c.zero_symbol, values, zero);
     }
     for (size_t i = looked_up; i < count; ++i) values[i] = static_cast<T>(c.value[symbols[i]]);
-    if (c.any_raw_bits) {
+    if (c.uniform_raw_bits != 0) {
+        if (!r.low_bits.read_many(c.uniform_raw_bits, count, [&](size_t i, uint32_t low) {
+                values[i] = static_cast<T>(values[i] | low);
+            })) {
+            return false;
+        }
+    } else if (c.any_raw_bits) {
         thread_local std::vector<uint32_t> listed;
         bits::Reader low_bits = r.low_bits;  // a copy, so that its state stays in registers
         bool ok = true;
