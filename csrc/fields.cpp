@@ -1267,6 +1267,9 @@ struct FieldReader {
     rans::Decoder stream;
     bool started = false;
     bits::Reader low_bits;
+    // The stream's next symbols, stepped ahead beside other streams (Decoder::step_ahead).
+    const uint8_t* ready = nullptr;
+    size_t ready_count = 0;
 };
 
 }  // namespace
@@ -1336,7 +1339,11 @@ template <typename T>
 bool rans_values(FieldReader& r, const Coded& c, size_t count, uint8_t* symbols, T* values, uint8_t* zero) noexcept {
     if (count == 0) return true;
     if (!r.started) return false;  // symbols wanted from an empty stream
-    if (!r.stream.decode(*c.table, count, symbols)) return false;
+    const size_t ready = std::min(count, r.ready_count);
+    std::memcpy(symbols, r.ready, ready);
+    r.ready += ready;
+    r.ready_count -= ready;
+    if (!r.stream.decode(*c.table, count - ready, symbols + ready)) return false;
     // Loops of one job each, none with a branch on the data: the values, the raw bits, the
     // zero flags (a branch per symbol with raw bits missed on a fraction of them).
     size_t looked_up = 0;  // values (and zero flags) done by the vector loop
@@ -1693,10 +1700,63 @@ const char* Decoder::decode(ConstBytes chunk, MutableBytes out, size_t elements)
 
 const Layout& Decoder::layout() const noexcept { return impl_->model.layout; }
 
+void Decoder::step_ahead(const Decoder* const* decoders, Chunk* chunks, const char* const* errors,
+                         unsigned count) noexcept {
+    if (rans::simd() != rans::Simd::avx512) return;
+    // A stream's symbols stepped ahead: up to this many (a chunk of 64 KiB holds at most 64 Ki
+    // elements), so that a thread's buffers stay small whatever the chunks.
+    constexpr size_t kMostAhead = size_t{1} << 16;
+    thread_local std::vector<uint8_t> buffers[rans::kMaxTogether][8];
+    const auto step = [&](unsigned f, auto wanted) {
+        rans::StreamSteps steps[rans::kMaxTogether];
+        unsigned k_of[rans::kMaxTogether];
+        unsigned n = 0;
+        for (unsigned k = 0; k < count; ++k) {
+            FieldReader& r = chunks[k].readers[f];
+            if (errors[k] != nullptr || chunks[k].is_fused || f >= decoders[k]->layout().width || r.mode != Mode::rans ||
+                !r.started) {
+                continue;
+            }
+            const size_t groups = std::min(wanted(k), kMostAhead) / rans::kLanes;
+            if (groups == 0) continue;
+            std::vector<uint8_t>& buffer = buffers[k][f];
+            try {
+                buffer.resize(groups * rans::kLanes);
+            } catch (const std::bad_alloc&) {
+                continue;  // stepped one at a time later, as without this
+            }
+            steps[n] = rans::StreamSteps{&r.stream, decoders[k]->impl_->coded[f].table.get(), buffer.data(), groups};
+            k_of[n++] = k;
+        }
+        rans::step_streams_avx512(steps, n);
+        for (unsigned i = 0; i < n; ++i) {
+            FieldReader& r = chunks[k_of[i]].readers[f];
+            r.ready = steps[i].out;
+            r.ready_count = steps[i].done * rans::kLanes;
+        }
+    };
+    step(0, [&](unsigned k) { return chunks[k].n; });
+    // The other fields code the elements that are not zero: as many as the head symbols
+    // stepped ahead hold.
+    size_t nonzero[rans::kMaxTogether] = {};
+    for (unsigned k = 0; k < count; ++k) {
+        const FieldReader& head = chunks[k].readers[0];
+        const int zero_symbol = errors[k] == nullptr ? decoders[k]->impl_->coded[0].zero_symbol : -1;
+        size_t zeros = 0;
+        for (size_t i = 0; i < head.ready_count; ++i) zeros += head.ready[i] == zero_symbol;
+        nonzero[k] = head.ready_count - zeros;
+    }
+    for (unsigned f = 1; f < 8; ++f) step(f, [&](unsigned k) { return nonzero[k]; });
+}
+
 void Decoder::decode_together(const Decoder* const* decoders, const ConstBytes* chunks, const MutableBytes* outs,
                               const size_t* elements, unsigned count, const char** errors) noexcept {
     Chunk c[rans::kMaxTogether];
     for (unsigned k = 0; k < count; ++k) errors[k] = decoders[k]->open(chunks[k], outs[k], elements[k], k, c[k]);
+    // Chunks the fused loops do not take (heads with the zero symbol: XOR deltas) decode field
+    // by field, each rANS stream alone a chain of dependent steps: their streams' whole groups
+    // are stepped side by side first.
+    if (count > 1) step_ahead(decoders, c, errors, count);
     // The chunks step together while two or more have whole groups left: when the shortest
     // is done (a prefix, a tensor's last chunk, a smaller tensor), the others go on without it.
     for (;;) {

@@ -259,6 +259,7 @@ std::size_t decode_float16_groups_avx2(FusedStream*, unsigned, bool, std::size_t
 void encode_groups_avx2(const std::uint8_t*, std::size_t, const EncodeTable&, std::uint32_t*, std::uint8_t*&) noexcept {}
 std::size_t decode_groups_avx512(Decoder&, const DecodeTable&, std::size_t, std::uint8_t*) noexcept { return 0; }
 void build_decode_table_avx512(const std::uint16_t*, unsigned, DecodeTable&) noexcept {}
+void step_streams_avx512(StreamSteps*, std::size_t) noexcept {}
 void quotients_avx512(const std::uint32_t*, const std::uint32_t*, std::size_t, std::uint32_t*) noexcept {}
 void encode_groups_avx512(const std::uint8_t*, std::size_t, const EncodeTable&, std::uint32_t*, std::uint8_t*&) noexcept {}
 void encode_group_pairs_avx512(const std::uint8_t*, const std::uint8_t*, std::size_t, const EncodeTable&, std::uint32_t*,

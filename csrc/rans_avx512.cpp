@@ -12,6 +12,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 
 #include "rans_internal.hpp"
@@ -320,6 +321,64 @@ void encode_group_pairs_avx512(const std::uint8_t* symbols_a, const std::uint8_t
     encode_chains<2>(symbols, groups, table, x, p);
     p_a = p[0];
     p_b = p[1];
+}
+
+namespace {
+
+// `groups` whole groups of kCount streams side by side, fewer when one's words run short.
+template <unsigned kCount>
+std::size_t step_side_by_side(StreamSteps* const* streams, std::size_t groups) noexcept {
+    __m512i x[kCount];
+    const std::uint8_t* at[kCount];
+    const std::uint8_t* ends[kCount];
+    std::uint8_t* out[kCount];
+    for (unsigned k = 0; k < kCount; ++k) {
+        x[k] = _mm512_loadu_si512(streams[k]->decoder->x);
+        at[k] = streams[k]->decoder->next;
+        ends[k] = streams[k]->decoder->end;
+        out[k] = streams[k]->out + kLanes * streams[k]->done;
+    }
+    std::size_t g = 0;
+    for (; g < groups; ++g) {
+        bool room = true;
+        for (unsigned k = 0; k < kCount; ++k) room = room && ends[k] - at[k] >= kGroupBytes;
+        if (!room) break;
+        for (unsigned k = 0; k < kCount; ++k) {
+            const __m512i symbols = symbols_of(step(x[k], *streams[k]->table, at[k]));
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(out[k] + g * kLanes), _mm512_cvtepi32_epi8(symbols));
+        }
+    }
+    for (unsigned k = 0; k < kCount; ++k) {
+        _mm512_storeu_si512(streams[k]->decoder->x, x[k]);
+        streams[k]->decoder->next = at[k];
+        streams[k]->done += g;
+    }
+    return g;
+}
+
+}  // namespace
+
+void step_streams_avx512(StreamSteps* streams, std::size_t count) noexcept {
+    // Four at a time, in order; when one is done (or short of words) the next waiting joins.
+    for (;;) {
+        StreamSteps* active[kMaxTogether];
+        unsigned n = 0;
+        std::size_t groups = SIZE_MAX;
+        for (std::size_t i = 0; i < count && n < kMaxTogether; ++i) {
+            StreamSteps& s = streams[i];
+            if (s.short_of_words || s.done >= s.groups || s.decoder->lane != 0) continue;
+            active[n++] = &s;
+            groups = std::min(groups, s.groups - s.done);
+        }
+        if (n == 0) return;
+        const std::size_t g = with_chunk_count(n, [&](auto c) { return step_side_by_side<decltype(c)::value>(active, groups); });
+        if (g < groups) {
+            for (unsigned k = 0; k < n; ++k) {
+                const Decoder& d = *active[k]->decoder;
+                active[k]->short_of_words = active[k]->short_of_words || d.end - d.next < kGroupBytes;
+            }
+        }
+    }
 }
 
 void build_decode_table_avx512(const std::uint16_t* freqs, unsigned n, DecodeTable& table) noexcept {

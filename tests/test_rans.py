@@ -263,12 +263,19 @@ def test_a_corrupt_chunk_decoded_as_a_prefix_fails_or_decodes_alike_on_every_loo
 
 
 @pytest.mark.parametrize("dtype", FUSED_DTYPES, ids=str)
+@pytest.mark.parametrize("zeros", [0.0, 0.8], ids=["trained", "xor-delta"])
 @settings(max_examples=30, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), corrupt=st.integers(0, 6), at=st.floats(0, 1, exclude_max=True),
        flip=st.integers(1, 255))
-def test_a_corrupt_chunk_decoded_with_others_fails_alone_and_alike_on_every_loop(dtype, seed, corrupt, at, flip):
+def test_a_corrupt_chunk_decoded_with_others_fails_alone_and_alike_on_every_loop(dtype, zeros, seed, corrupt, at,
+                                                                                flip):
+    # Trained rows take the fused loops; rows mostly zero (XOR deltas) the field-by-field ones,
+    # their streams stepped side by side first.
     rows, chunk_rows = 35, 5  # seven chunks of 185 elements: groups of four, three and one
     raw = _trained_rows(dtype, rows, 37, seed)
+    if zeros:
+        element = rans.element_bytes(dtype)
+        raw.reshape(-1, element)[np.random.default_rng(seed).random(len(raw) // element) < zeros] = 0
     encoded = encode(raw, rows, dtype, chunk_rows)
     payload = encoded.data.copy()
     start = encoded.table_length + sum(encoded.chunk_lengths[:corrupt])
@@ -287,19 +294,23 @@ def test_a_corrupt_chunk_decoded_with_others_fails_alone_and_alike_on_every_loop
 
 
 _MIXED_TENSOR = st.tuples(st.sampled_from([*FUSED_DTYPES, torch.int32]), st.integers(1, 24), st.integers(1, 200),
-                          st.integers(1, 9), st.integers(-20, 20))  # dtype, rows, per row, chunk rows, scale
+                          st.integers(1, 9), st.integers(-20, 20),
+                          st.sampled_from([0.0, 0.9]))  # dtype, rows, per row, chunk rows, scale, zeros
 
 
 def _many_tensor_jobs(tensors, seed: int):
-    """Sections of several tensors (each its own table; floats scaled by 2^scale) and one decode
-    job per chunk of each, tensor j's table, payload and destination j, hashing its rows."""
+    """Sections of several tensors (each its own table; floats scaled by 2^scale, a fraction
+    `zeros` of the elements zero, as in XOR deltas) and one decode job per chunk of each, tensor
+    j's table, payload and destination j, hashing its rows."""
     raws, encoded, chunk_bytes = [], [], []
-    for j, (dtype, rows, per_row, chunk_rows, scale) in enumerate(tensors):
+    for j, (dtype, rows, per_row, chunk_rows, scale, zeros) in enumerate(tensors):
         if dtype.is_floating_point:
             values = _trained_rows(torch.float32, rows, per_row, seed + j).view("<f4") * np.float32(2.0**scale)
             raw = torch.from_numpy(values.copy()).to(dtype).view(torch.uint8).numpy().copy()
         else:
             raw = mixed_bytes(dtype, np.random.default_rng(seed + j), rows * per_row)
+        element = rans.element_bytes(dtype)
+        raw.reshape(-1, element)[np.random.default_rng([seed, j, 1]).random(len(raw) // element) < zeros] = 0
         raws.append(raw)
         encoded.append(encode(raw, rows, dtype, chunk_rows))
         chunk_bytes.append(chunk_rows * (len(raw) // rows))
@@ -401,12 +412,50 @@ def test_chunks_of_many_tensors_in_one_call_decode_as_each_alone_on_every_loop(
     assert all(r == results[0] for r in results), SIMD_PATHS
 
 
+@pytest.mark.parametrize("dtype", FUSED_DTYPES, ids=str)
+@settings(max_examples=6, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), order=st.permutations(range(12)), corrupt=st.none() | st.integers(0, 11))
+def test_long_xor_delta_chunks_of_many_tables_stepped_side_by_side_decode_as_each_alone(dtype, seed, order, corrupt):
+    # Chunks of XOR deltas (heads with the zero symbol) decode field by field, their streams'
+    # groups first stepped four side by side: long chunks of four tensors whose tables differ
+    # (each its own share of zeros), in any order, one perhaps corrupt, must each decode alone.
+    tensors = [(dtype, 48, 1000, 16, 0, zeros) for zeros in (0.5, 0.75, 0.9, 0.97)]
+    raws, encoded, jobs, n_hashes = _many_tensor_jobs(tensors, seed)
+    assert len({bytes(e.data[: e.table_length]) for e in encoded}) == len(tensors)
+    jobs = jobs[list(order)]
+    payloads = [e.data.copy() for e in encoded]
+    if corrupt is not None:
+        j, start, length = (int(v) for v in jobs[corrupt, [0, 2, 3]])
+        payloads[j][start + length // 2] ^= 0x5A
+    results = []
+    for path_name in SIMD_PATHS:
+        with simd_path(path_name):
+            outs = [np.full(len(r), 0xA5, np.uint8) for r in raws]
+            try:
+                _native.rans_decode([e.data[: e.table_length] for e in encoded],
+                                    np.array([rans.layout_code(dtype)] * len(tensors), np.uint64), payloads,
+                                    jobs.reshape(-1), outs, np.zeros(n_hashes, np.uint64))
+                failed = None
+            except _native.DecodeError as exc:
+                failed = exc.args[1]
+        assert failed in (None, corrupt), path_name  # a flip in a raw field only the rows' hashes catch
+        bad = None
+        for k, (j, at, length) in enumerate(jobs[:, [0, 5, 6]].tolist()):
+            if k != corrupt:
+                assert np.array_equal(outs[j][at : at + length], raws[j][at : at + length]), (path_name, k)
+            elif failed is None:
+                bad = outs[j][at : at + length].tobytes()
+        results.append((failed, bad))
+    assert all(r == results[0] for r in results), SIMD_PATHS
+
+
 @pytest.mark.parametrize("pair", [(torch.bfloat16, torch.float16), (torch.float32, torch.bfloat16),
                                   (torch.float16, torch.int16)], ids=str)
-def test_chunks_of_two_layouts_of_one_width_never_step_together(pair):
+@pytest.mark.parametrize("zeros", [0.0, 0.9], ids=["trained", "xor-delta"])
+def test_chunks_of_two_layouts_of_one_width_never_step_together(pair, zeros):
     # bfloat16 and float16 elements are both two bytes but assemble differently: a group mixing
     # them would build one with the other's layout. Same-length chunks of both, in one call.
-    tensors = [(dtype, 4, 200, 9, 0) for dtype in pair]
+    tensors = [(dtype, 4, 200, 9, 0, zeros) for dtype in pair]
     raws, encoded, jobs, n_hashes = _many_tensor_jobs(tensors, 5)
     for path_name in SIMD_PATHS:
         with simd_path(path_name):

@@ -132,6 +132,10 @@ private:
     const char* open(ConstBytes chunk, MutableBytes out, size_t elements, unsigned slot, Chunk& c) const noexcept;
     // Runs the vector loop over the whole groups all `count` chunks have left; returns them.
     static size_t run_fused(Chunk* const* chunks, unsigned count, const Layout& layout) noexcept;
+    // Steps the rANS streams of the chunks that the fused loops do not take side by side, ahead
+    // of finish, which then reads their symbols from the readers.
+    static void step_ahead(const Decoder* const* decoders, Chunk* chunks, const char* const* errors,
+                           unsigned count) noexcept;
     const char* finish(Chunk& c) const noexcept;
     std::unique_ptr<Impl> impl_;
 };
