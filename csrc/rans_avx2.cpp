@@ -230,9 +230,47 @@ namespace {
 // the chains of states (each step waits on a gather).
 constexpr std::size_t kBlockGroups = 32;
 
+// The rANS steps of one block for `kCount` chunks: up to `block` groups, fewer when a chunk's
+// words run short. Returns the groups stepped. A function of its own, so that the compiler keeps
+// the states in registers: inside the whole loop it kept them on the stack, each step waiting on
+// a store forwarded to the next one's load. (On an AMD Zen 3, one thread, best of 60 decodes:
+// the steps alone of the battery set's bfloat16 chunks 1350-1440 -> 1520-1800 MB/s.)
+template <unsigned kCount>
+[[gnu::noinline]] std::size_t step_block(Lanes* states, const std::uint8_t** next, const std::uint8_t* const* ends,
+                                         const DecodeTable* const* tables, std::size_t block,
+                                         std::uint32_t (*symbols)[kBlockGroups * kLanes]) noexcept {
+    Lanes x[kCount];
+    const std::uint8_t* at[kCount];
+#pragma GCC unroll 4
+    for (unsigned k = 0; k < kCount; ++k) {
+        x[k] = states[k];
+        at[k] = next[k];
+    }
+    std::size_t stepped = 0;
+    for (; stepped < block; ++stepped) {
+        bool room = true;
+#pragma GCC unroll 4
+        for (unsigned k = 0; k < kCount; ++k) room = room && ends[k] - at[k] >= kGroupBytes;
+        if (!room) break;
+#pragma GCC unroll 4
+        for (unsigned k = 0; k < kCount; ++k) {
+            auto* out = reinterpret_cast<__m256i*>(symbols[k] + stepped * kLanes);
+            _mm256_store_si256(out, symbols_of(step(x[k].lo, *tables[k], at[k])));
+            _mm256_store_si256(out + 1, symbols_of(step(x[k].hi, *tables[k], at[k])));
+        }
+    }
+#pragma GCC unroll 4
+    for (unsigned k = 0; k < kCount; ++k) {
+        states[k] = x[k];
+        next[k] = at[k];
+    }
+    return stepped;
+}
+
 // The loop shared by both element types, over `kCount` chunks stepping together (their chains
 // overlap), each with its own head's tables (the chunks may be of different tensors).
-// Emit(stream, group base, half, head values) writes eight elements of one chunk. A chunk whose
+// Emit(stream, first element, head values of elements 0-7, of elements 8-15) writes a group's
+// sixteen elements of one chunk (one store of 16-bit elements, not two of eight). A chunk whose
 // raw bits run out is marked failed; the others finish the block, so every chunk not failed has
 // the returned groups done.
 template <unsigned kCount, typename Emit>
@@ -255,31 +293,23 @@ std::size_t fused_groups(FusedStream* streams, std::size_t groups, bool* ok, Emi
     bool room = true;
     while (g < groups && room && !failed) {
         const std::size_t block = std::min(kBlockGroups, groups - g);
-        std::size_t stepped = 0;
-        for (; stepped < block; ++stepped) {
-#pragma GCC unroll 4
-            for (unsigned k = 0; k < kCount; ++k) room = room && ends[k] - next[k] >= kGroupBytes;
-            if (!room) break;
-#pragma GCC unroll 4
-            for (unsigned k = 0; k < kCount; ++k) {
-                auto* at = reinterpret_cast<__m256i*>(symbols[k] + stepped * kLanes);
-                _mm256_store_si256(at, symbols_of(step(x[k].lo, *tables[k], next[k])));
-                _mm256_store_si256(at + 1, symbols_of(step(x[k].hi, *tables[k], next[k])));
-            }
-        }
+        const std::size_t stepped = step_block<kCount>(x, next, ends, tables, block, symbols);
+        room = stepped == block;
         for (unsigned k = 0; k < kCount; ++k) {
             const FusedHead& head = *streams[k].head;
-            for (std::size_t i = 0; i < stepped && ok[k]; ++i) {
-                for (unsigned half = 0; half < 2; ++half) {
-                    __m256i value;
-                    if (!head_values(symbols[k] + i * kLanes + 8 * half, head, *streams[k].raw, value)) {
-                        ok[k] = false;
-                        failed = true;
-                        break;
-                    }
-                    emit(streams[k], (g + i) * kLanes, half, value);
+            // A copy, so that the reader's state stays in registers across the block.
+            bits::Reader raw = *streams[k].raw;
+            for (std::size_t i = 0; i < stepped; ++i) {
+                const std::uint32_t* group = symbols[k] + i * kLanes;
+                __m256i low, high;
+                if (!head_values(group, head, raw, low) || !head_values(group + 8, head, raw, high)) {
+                    ok[k] = false;
+                    failed = true;
+                    break;
                 }
+                emit(streams[k], (g + i) * kLanes, low, high);
             }
+            *streams[k].raw = raw;
         }
         g += stepped;
     }
@@ -299,32 +329,33 @@ std::size_t fused(FusedStream* streams, unsigned count, std::size_t groups, bool
 
 std::size_t decode_float32_groups_avx2(FusedStream* streams, unsigned count, std::size_t groups, bool* ok) noexcept {
     const __m256i low3 = _mm256_set1_epi32(7);
-    return fused(streams, count, groups, ok, [&](const FusedStream& s, std::size_t base, unsigned half,
-                                                          __m256i value) {
-        const std::size_t at = base + 8 * half;
-        const __m128i nib = nibble_bytes(s.tails[0] + base / 2);
-        const __m256i q = _mm256_cvtepu8_epi32(half == 0 ? nib : _mm_srli_si128(nib, 8));
-        const __m256i tail = _mm256_or_si256(
-            _mm256_or_si256(_mm256_slli_epi32(_mm256_and_si256(q, low3), 16), _mm256_slli_epi32(_mm256_srli_epi32(q, 3), 31)),
-            _mm256_or_si256(_mm256_slli_epi32(widen8(s.tails[1] + at), 8), widen8(s.tails[2] + at)));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(s.out + 4 * at), _mm256_or_si256(value, tail));
+    return fused(streams, count, groups, ok, [&](const FusedStream& s, std::size_t at, __m256i low, __m256i high) {
+        const __m128i nib = nibble_bytes(s.tails[0] + at / 2);
+        const auto element = [&](__m128i q8, std::size_t i, __m256i value) {
+            const __m256i q = _mm256_cvtepu8_epi32(q8);
+            const __m256i tail = _mm256_or_si256(
+                _mm256_or_si256(_mm256_slli_epi32(_mm256_and_si256(q, low3), 16), _mm256_slli_epi32(_mm256_srli_epi32(q, 3), 31)),
+                _mm256_or_si256(_mm256_slli_epi32(widen8(s.tails[1] + i), 8), widen8(s.tails[2] + i)));
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(s.out + 4 * i), _mm256_or_si256(value, tail));
+        };
+        element(nib, at, low);
+        element(_mm_srli_si128(nib, 8), at + 8, high);
     });
 }
 
 std::size_t decode_float16_groups_avx2(FusedStream* streams, unsigned count, bool half_layout, std::size_t groups,
                                        bool* ok) noexcept {
-    const __m256i low = _mm256_set1_epi32(half_layout ? 0x7F : 7);
+    const __m256i low = _mm256_set1_epi16(half_layout ? 0x7F : 7);
     const __m128i sign_shift = _mm_cvtsi32_si128(half_layout ? 7 : 3);
-    return fused(streams, count, groups, ok, [&](const FusedStream& s, std::size_t base, unsigned half,
-                                                          __m256i value) {
-        const __m128i q16 = half_layout ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(s.tails[0] + base))
-                                        : nibble_bytes(s.tails[0] + base / 2);
-        const __m256i q = _mm256_cvtepu8_epi32(half == 0 ? q16 : _mm_srli_si128(q16, 8));
-        const __m256i sign = _mm256_slli_epi32(_mm256_srl_epi32(q, sign_shift), 15);
-        const __m256i element = _mm256_or_si256(value, _mm256_or_si256(_mm256_and_si256(q, low), sign));
-        // Eight 16-bit elements: pack the lanes (values < 2^16) and store the low half.
-        const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(element, element), 0x08);
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(s.out + 2 * (base + 8 * half)), _mm256_castsi256_si128(packed));
+    return fused(streams, count, groups, ok, [&](const FusedStream& s, std::size_t at, __m256i first, __m256i second) {
+        // Sixteen 16-bit elements: the head values (< 2^16) packed to 16-bit lanes, in order.
+        const __m256i values = _mm256_permute4x64_epi64(_mm256_packus_epi32(first, second), 0xD8);
+        const __m128i q8 = half_layout ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(s.tails[0] + at))
+                                       : nibble_bytes(s.tails[0] + at / 2);
+        const __m256i q = _mm256_cvtepu8_epi16(q8);
+        const __m256i sign = _mm256_slli_epi16(_mm256_srl_epi16(q, sign_shift), 15);
+        const __m256i element = _mm256_or_si256(values, _mm256_or_si256(_mm256_and_si256(q, low), sign));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(s.out + 2 * at), element);
     });
 }
 
