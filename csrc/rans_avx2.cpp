@@ -18,6 +18,7 @@
 
 #include "rans_internal.hpp"
 #include "simd_nibbles.hpp"
+#include "simd_steps.hpp"
 
 namespace mmpack::rans {
 
@@ -239,32 +240,12 @@ template <unsigned kCount>
 [[gnu::noinline]] std::size_t step_block(Lanes* states, const std::uint8_t** next, const std::uint8_t* const* ends,
                                          const DecodeTable* const* tables, std::size_t block,
                                          std::uint32_t (*symbols)[kBlockGroups * kLanes]) noexcept {
-    Lanes x[kCount];
-    const std::uint8_t* at[kCount];
-#pragma GCC unroll 4
-    for (unsigned k = 0; k < kCount; ++k) {
-        x[k] = states[k];
-        at[k] = next[k];
-    }
-    std::size_t stepped = 0;
-    for (; stepped < block; ++stepped) {
-        bool room = true;
-#pragma GCC unroll 4
-        for (unsigned k = 0; k < kCount; ++k) room = room && ends[k] - at[k] >= kGroupBytes;
-        if (!room) break;
-#pragma GCC unroll 4
-        for (unsigned k = 0; k < kCount; ++k) {
-            auto* out = reinterpret_cast<__m256i*>(symbols[k] + stepped * kLanes);
-            _mm256_store_si256(out, symbols_of(step(x[k].lo, *tables[k], at[k])));
-            _mm256_store_si256(out + 1, symbols_of(step(x[k].hi, *tables[k], at[k])));
-        }
-    }
-#pragma GCC unroll 4
-    for (unsigned k = 0; k < kCount; ++k) {
-        states[k] = x[k];
-        next[k] = at[k];
-    }
-    return stepped;
+    return step_groups<kCount, kGroupBytes>(
+        states, next, ends, block, [&](unsigned k, Lanes& x, const std::uint8_t*& at, std::size_t g) {
+            auto* out = reinterpret_cast<__m256i*>(symbols[k] + g * kLanes);
+            _mm256_store_si256(out, symbols_of(step(x.lo, *tables[k], at)));
+            _mm256_store_si256(out + 1, symbols_of(step(x.hi, *tables[k], at)));
+        });
 }
 
 // The loop shared by both element types, over `kCount` chunks stepping together (their chains

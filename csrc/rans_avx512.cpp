@@ -18,6 +18,7 @@
 #include "rans_internal.hpp"
 #include "simd_byte_table.hpp"
 #include "simd_nibbles.hpp"
+#include "simd_steps.hpp"
 
 namespace mmpack::rans {
 
@@ -134,31 +135,11 @@ template <unsigned kCount>
 [[gnu::noinline]] std::size_t step_block(__m512i* states, const std::uint8_t** next, const std::uint8_t* const* ends,
                                          const DecodeTable* const* tables, std::size_t block,
                                          std::uint8_t (*symbols)[kBlockGroups * kLanes]) noexcept {
-    __m512i x[kCount];
-    const std::uint8_t* at[kCount];
-#pragma GCC unroll 4
-    for (unsigned k = 0; k < kCount; ++k) {
-        x[k] = states[k];
-        at[k] = next[k];
-    }
-    std::size_t stepped = 0;
-    for (; stepped < block; ++stepped) {
-        bool room = true;
-#pragma GCC unroll 4
-        for (unsigned k = 0; k < kCount; ++k) room = room && ends[k] - at[k] >= kGroupBytes;
-        if (!room) break;
-#pragma GCC unroll 4
-        for (unsigned k = 0; k < kCount; ++k) {
-            const __m512i symbol = symbols_of(step(x[k], *tables[k], at[k]));
-            _mm_store_si128(reinterpret_cast<__m128i*>(symbols[k] + stepped * kLanes), _mm512_cvtepi32_epi8(symbol));
-        }
-    }
-#pragma GCC unroll 4
-    for (unsigned k = 0; k < kCount; ++k) {
-        states[k] = x[k];
-        next[k] = at[k];
-    }
-    return stepped;
+    return step_groups<kCount, kGroupBytes>(
+        states, next, ends, block, [&](unsigned k, __m512i& x, const std::uint8_t*& at, std::size_t g) {
+            const __m512i symbol = symbols_of(step(x, *tables[k], at));
+            _mm_store_si128(reinterpret_cast<__m128i*>(symbols[k] + g * kLanes), _mm512_cvtepi32_epi8(symbol));
+        });
 }
 
 // The loop shared by both element types, over `kCount` chunks stepping together (two chunks'
