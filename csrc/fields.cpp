@@ -1340,9 +1340,11 @@ bool rans_values(FieldReader& r, const Coded& c, size_t count, uint8_t* symbols,
     if (count == 0) return true;
     if (!r.started) return false;  // symbols wanted from an empty stream
     const size_t ready = std::min(count, r.ready_count);
-    std::memcpy(symbols, r.ready, ready);
-    r.ready += ready;
-    r.ready_count -= ready;
+    if (ready != 0) {  // (r.ready is null when nothing was stepped ahead: memcpy must not see it)
+        std::memcpy(symbols, r.ready, ready);
+        r.ready += ready;
+        r.ready_count -= ready;
+    }
     if (!r.stream.decode(*c.table, count - ready, symbols + ready)) return false;
     // Loops of one job each, none with a branch on the data: the values, the raw bits, the
     // zero flags (a branch per symbol with raw bits missed on a fraction of them).

@@ -24,12 +24,25 @@ cp "$build"/_native*.so "$stage/mmpack/"
 asan=$(g++ -print-file-name=libasan.so)
 ubsan=$(g++ -print-file-name=libubsan.so)
 cd "$stage"  # python -m pytest puts the working directory first on sys.path
-export LD_PRELOAD="$asan:$ubsan" ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
-  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 PYTHONPATH="$stage"
+# The reports go to files, printed when the run ends: pytest captures the tests' stderr, and the
+# abort that ends the run takes the capture with it (a run then ended in a bare exit status).
+reports="$build/reports"
+rm -rf "$reports" && mkdir -p "$reports"
+export LD_PRELOAD="$asan:$ubsan" ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:log_path=$reports/asan \
+  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1:log_path=$reports/ubsan PYTHONPATH="$stage"
+show_reports() {
+  local status=$?
+  for report in "$reports"/*; do
+    [ -e "$report" ] && { echo "== $report"; cat "$report"; } >&2
+  done
+  return $status
+}
+trap show_reports EXIT
 if [ "${1:-}" = "--fuzz" ]; then
   target=$2
   shift 2
-  exec python "$root/$target" "$@"
+  python "$root/$target" "$@"
+  exit
 fi
 python -m pytest -c "$root/pyproject.toml" --rootdir "$root" -p no:cacheprovider -q \
     "$root/tests/test_native.py" "$root/tests/test_transform.py" "$root/tests/test_compression.py" "$root/tests/test_fileformat.py" "$root/tests/test_modelset.py" \
