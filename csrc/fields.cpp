@@ -1704,7 +1704,9 @@ const Layout& Decoder::layout() const noexcept { return impl_->model.layout; }
 
 void Decoder::step_ahead(const Decoder* const* decoders, Chunk* chunks, const char* const* errors,
                          unsigned count) noexcept {
-    if (rans::simd() != rans::Simd::avx512) return;
+    const rans::Simd level = rans::simd();
+    if (level == rans::Simd::scalar) return;
+    const auto step_streams = level == rans::Simd::avx512 ? rans::step_streams_avx512 : rans::step_streams_avx2;
     // A stream's symbols stepped ahead: up to this many (a chunk of 64 KiB holds at most 64 Ki
     // elements), so that a thread's buffers stay small whatever the chunks.
     constexpr size_t kMostAhead = size_t{1} << 16;
@@ -1730,7 +1732,7 @@ void Decoder::step_ahead(const Decoder* const* decoders, Chunk* chunks, const ch
             steps[n] = rans::StreamSteps{&r.stream, decoders[k]->impl_->coded[f].table.get(), buffer.data(), groups};
             k_of[n++] = k;
         }
-        rans::step_streams_avx512(steps, n);
+        step_streams(steps, n);
         for (unsigned i = 0; i < n; ++i) {
             FieldReader& r = chunks[k_of[i]].readers[f];
             r.ready = steps[i].out;

@@ -254,6 +254,7 @@ const char* simd_name(Simd level) noexcept {
 #if !defined(MMPACK_HAVE_AVX2_TU)
 // No vector translation units on this architecture: simd() is Simd::scalar, so these never run.
 std::size_t decode_groups_avx2(Decoder&, const DecodeTable&, std::size_t, std::uint8_t*) noexcept { return 0; }
+void step_streams_avx2(StreamSteps*, std::size_t) noexcept {}
 std::size_t decode_float32_groups_avx2(FusedStream*, unsigned, std::size_t, bool*) noexcept { return 0; }
 std::size_t decode_float16_groups_avx2(FusedStream*, unsigned, bool, std::size_t, bool*) noexcept { return 0; }
 void encode_groups_avx2(const std::uint8_t*, std::size_t, const EncodeTable&, std::uint32_t*, std::uint8_t*&) noexcept {}

@@ -226,6 +226,51 @@ std::size_t decode_groups_avx2(Decoder& d, const DecodeTable& table, std::size_t
 
 namespace {
 
+// `groups` whole groups of kCount streams side by side (step_streams_avx2), fewer when one's
+// words run short.
+template <unsigned kCount>
+std::size_t step_side_by_side(StreamSteps* const* streams, std::size_t groups) noexcept {
+    Lanes x[kCount];
+    const std::uint8_t* next[kCount];
+    const std::uint8_t* ends[kCount];
+    // Locals, not reloaded through `streams` after every store of symbols (a byte store may
+    // alias them).
+    const DecodeTable* tables[kCount];
+    std::uint8_t* out[kCount];
+    for (unsigned k = 0; k < kCount; ++k) {
+        x[k] = load_states(*streams[k]->decoder);
+        next[k] = streams[k]->decoder->next;
+        ends[k] = streams[k]->decoder->end;
+        tables[k] = streams[k]->table;
+        out[k] = streams[k]->out + kLanes * streams[k]->done;
+    }
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    const std::size_t g = step_groups<kCount, kGroupBytes>(
+        x, next, ends, groups, [&](unsigned k, Lanes& state, const std::uint8_t*& at, std::size_t i) {
+            const __m256i s0 = symbols_of(step(state.lo, *tables[k], at));
+            const __m256i s1 = symbols_of(step(state.hi, *tables[k], at));
+            const __m256i words = _mm256_packus_epi32(s0, s1);
+            const __m256i bytes = _mm256_permutevar8x32_epi32(_mm256_packus_epi16(words, words), order);
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(out[k] + i * kLanes), _mm256_castsi256_si128(bytes));
+        });
+    for (unsigned k = 0; k < kCount; ++k) {
+        store_states(*streams[k]->decoder, x[k]);
+        streams[k]->decoder->next = next[k];
+        streams[k]->done += g;
+    }
+    return g;
+}
+
+}  // namespace
+
+void step_streams_avx2(StreamSteps* streams, std::size_t count) noexcept {
+    step_streams<kGroupBytes>(streams, count, [](auto c, StreamSteps* const* active, std::size_t groups) {
+        return step_side_by_side<decltype(c)::value>(active, groups);
+    });
+}
+
+namespace {
+
 // Groups of a block: the rANS steps of a block run first, into its symbols, and the head
 // values, raw bits and other fields after, so that the branch on rare raw bits never stalls
 // the chains of states (each step waits on a gather).

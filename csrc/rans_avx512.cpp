@@ -340,26 +340,9 @@ std::size_t step_side_by_side(StreamSteps* const* streams, std::size_t groups) n
 }  // namespace
 
 void step_streams_avx512(StreamSteps* streams, std::size_t count) noexcept {
-    // Four at a time, in order; when one is done (or short of words) the next waiting joins.
-    for (;;) {
-        StreamSteps* active[kMaxTogether];
-        unsigned n = 0;
-        std::size_t groups = SIZE_MAX;
-        for (std::size_t i = 0; i < count && n < kMaxTogether; ++i) {
-            StreamSteps& s = streams[i];
-            if (s.short_of_words || s.done >= s.groups || s.decoder->lane != 0) continue;
-            active[n++] = &s;
-            groups = std::min(groups, s.groups - s.done);
-        }
-        if (n == 0) return;
-        const std::size_t g = with_chunk_count(n, [&](auto c) { return step_side_by_side<decltype(c)::value>(active, groups); });
-        if (g < groups) {
-            for (unsigned k = 0; k < n; ++k) {
-                const Decoder& d = *active[k]->decoder;
-                active[k]->short_of_words = active[k]->short_of_words || d.end - d.next < kGroupBytes;
-            }
-        }
-    }
+    step_streams<kGroupBytes>(streams, count, [](auto c, StreamSteps* const* active, std::size_t groups) {
+        return step_side_by_side<decltype(c)::value>(active, groups);
+    });
 }
 
 void build_decode_table_avx512(const std::uint16_t* freqs, unsigned n, DecodeTable& table) noexcept {

@@ -100,8 +100,8 @@ void encode_group_pairs_avx512(const std::uint8_t* symbols_a, const std::uint8_t
 // encoder_quotients with the AVX-512 encoder's division.
 void quotients_avx512(const std::uint32_t* x, const std::uint32_t* freq, std::size_t n, std::uint32_t* q) noexcept;
 std::size_t decode_groups_avx512(Decoder& d, const DecodeTable& table, std::size_t groups, std::uint8_t* out) noexcept;
-// A stream stepped beside others by step_streams_avx512: up to `groups` whole groups of its
-// symbols go to out + 16 * done.
+// A stream stepped beside others (step_streams_avx2, _avx512): up to `groups` whole groups of
+// its symbols go to out + 16 * done.
 struct StreamSteps {
     Decoder* decoder = nullptr;
     const DecodeTable* table = nullptr;
@@ -115,6 +115,8 @@ struct StreamSteps {
 // run short (its last words are then Decoder::decode's to read): the symbols Decoder::decode
 // would give.
 void step_streams_avx512(StreamSteps* streams, std::size_t count) noexcept;
+// The same with AVX2 (two 8-lane steps a group).
+void step_streams_avx2(StreamSteps* streams, std::size_t count) noexcept;
 // build_decode_table's fill, a block of 16 slots a store (the same entries).
 void build_decode_table_avx512(const std::uint16_t* freqs, unsigned n, DecodeTable& table) noexcept;
 std::size_t decode_float32_groups_avx512(FusedStream* streams, unsigned count, std::size_t groups, bool* ok) noexcept;

@@ -4,8 +4,11 @@
 // its own states and steps; internal linkage keeps the files' instructions apart.
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
+
+#include "rans_internal.hpp"
 
 namespace mmpack::rans {
 namespace {
@@ -42,6 +45,33 @@ template <unsigned kCount, std::ptrdiff_t kRoom, typename State, typename Step>
         next[k] = at[k];
     }
     return g;
+}
+
+// The streams of step_streams_avx2 and _avx512 (rans_internal.hpp), four at a time in order:
+// when one is done (or short of words) the next waiting joins. Together(n, active, groups) steps
+// the n active streams (n as a std::integral_constant) up to `groups` groups each and returns
+// the groups stepped; kRoom is its words' margin, as in step_groups.
+template <std::ptrdiff_t kRoom, typename Together>
+[[gnu::always_inline]] inline void step_streams(StreamSteps* streams, std::size_t count, Together together) noexcept {
+    for (;;) {
+        StreamSteps* active[kMaxTogether];
+        unsigned n = 0;
+        std::size_t groups = SIZE_MAX;
+        for (std::size_t i = 0; i < count && n < kMaxTogether; ++i) {
+            StreamSteps& s = streams[i];
+            if (s.short_of_words || s.done >= s.groups || s.decoder->lane != 0) continue;
+            active[n++] = &s;
+            groups = std::min(groups, s.groups - s.done);
+        }
+        if (n == 0) return;
+        const std::size_t g = with_chunk_count(n, [&](auto c) { return together(c, active, groups); });
+        if (g < groups) {
+            for (unsigned k = 0; k < n; ++k) {
+                const Decoder& d = *active[k]->decoder;
+                active[k]->short_of_words = active[k]->short_of_words || d.end - d.next < kRoom;
+            }
+        }
+    }
 }
 
 }  // namespace
