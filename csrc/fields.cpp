@@ -1661,12 +1661,15 @@ const char* Decoder::finish(Chunk& c) const noexcept {
             }
             const uint8_t(*placed)[kBlock + 1] = tails;
             size_t placed_nonzero = nonzero;  // the tail values placed holds
-            if (nonzero < b && rans::simd() == rans::Simd::avx512) {
+            const rans::Simd level = rans::simd();
+            if (nonzero < b && level != rans::Simd::scalar) {
                 // Tail values put in element order first (0 for the zeros, whose head value is
                 // 0 too): the assembly is then the loop without zeros, which vectorises.
                 for (unsigned f = 1; f < w; ++f) {
                     size_t taken = 0;
-                    size_t i = expand_nonzero_avx512(tails[f - 1], zero, b, expanded[f - 1], taken);
+                    size_t i = level == rans::Simd::avx512
+                                   ? expand_nonzero_avx512(tails[f - 1], zero, b, expanded[f - 1], taken)
+                                   : expand_nonzero_avx2(tails[f - 1], nonzero, zero, b, expanded[f - 1], taken);
                     for (; i < b; ++i) {
                         expanded[f - 1][i] = zero[i] ? 0 : tails[f - 1][taken];
                         taken += !zero[i];
@@ -1783,6 +1786,7 @@ void Decoder::decode_together(const Decoder* const* decoders, const ConstBytes* 
 // No vector translation units on this architecture: rans::simd() is Simd::scalar, so these never run.
 size_t tail_fields_avx512(const uint8_t*, size_t, unsigned, bool, uint8_t* const*) noexcept { return 0; }
 size_t expand_nonzero_avx512(const uint8_t*, const uint8_t*, size_t, uint8_t*, size_t&) noexcept { return 0; }
+size_t expand_nonzero_avx2(const uint8_t*, size_t, const uint8_t*, size_t, uint8_t*, size_t&) noexcept { return 0; }
 size_t symbol_values_avx512(const uint8_t*, size_t, const uint8_t*, const uint8_t*, int, void*, uint8_t*) noexcept {
     return 0;
 }

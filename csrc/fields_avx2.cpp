@@ -1,7 +1,11 @@
-// The encoder's head symbols with AVX2 (-mavx2): eight elements' head values
-// to symbols per gather, with the lanes whose symbols have raw bits, so that
-// the scalar pass writing raw bits visits only them.
+// The field loops with AVX2 (-mavx2 -mpopcnt): the encoder's head symbols,
+// eight elements' head values to symbols per gather, with the lanes whose
+// symbols have raw bits, so that the scalar pass writing raw bits visits only
+// them; the decoder's tail values put in element order.
 #include <immintrin.h>
+
+#include <array>
+#include <cstdint>
 
 #include "fields_internal.hpp"
 
@@ -38,6 +42,41 @@ bool head_symbols_avx2(const std::uint8_t* bytes, std::size_t groups, unsigned w
         raw_lanes[g] = static_cast<std::uint16_t>(raw);
     }
     return _mm256_testz_si256(missing, missing) != 0;
+}
+
+namespace {
+
+// For a mask of eight elements (bit set: not zero), the byte shuffle that moves the next compact
+// values to the set elements, in order, and zeroes the others.
+constexpr std::array<std::array<std::uint8_t, 8>, 256> make_expand() {
+    std::array<std::array<std::uint8_t, 8>, 256> table{};
+    for (unsigned mask = 0; mask < 256; ++mask) {
+        std::uint8_t taken = 0;
+        for (unsigned lane = 0; lane < 8; ++lane) table[mask][lane] = mask >> lane & 1u ? taken++ : 0x80;
+    }
+    return table;
+}
+
+alignas(64) constexpr auto kExpand = make_expand();
+
+}  // namespace
+
+std::size_t expand_nonzero_avx2(const std::uint8_t* compact, std::size_t compact_count, const std::uint8_t* zero,
+                                std::size_t count, std::uint8_t* out, std::size_t& taken) noexcept {
+    // Eight elements per shuffle, their compact values read by an 8-byte load: only while eight
+    // remain, so that no load reads past them.
+    std::size_t at = taken;
+    std::size_t i = 0;
+    for (; i + 8 <= count && at + 8 <= compact_count; i += 8) {
+        const __m128i flags = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(zero + i));
+        const unsigned keep = static_cast<unsigned>(_mm_movemask_epi8(_mm_cmpeq_epi8(flags, _mm_setzero_si128()))) & 0xFFu;
+        const __m128i values = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(compact + at));
+        const __m128i shuffle = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(kExpand[keep].data()));
+        _mm_storel_epi64(reinterpret_cast<__m128i*>(out + i), _mm_shuffle_epi8(values, shuffle));
+        at += static_cast<unsigned>(_mm_popcnt_u32(keep));
+    }
+    taken = at;
+    return i;
 }
 
 }  // namespace mmpack::fields

@@ -58,6 +58,10 @@ bool head_symbols_avx2(const std::uint8_t* bytes, std::size_t groups, unsigned w
 // used to `taken`.
 std::size_t expand_nonzero_avx512(const std::uint8_t* compact, const std::uint8_t* zero, std::size_t count,
                                   std::uint8_t* out, std::size_t& taken) noexcept;
+// The same with AVX2, for groups of 8 elements while `compact` (compact_count values) holds 8
+// more past `taken`.
+std::size_t expand_nonzero_avx2(const std::uint8_t* compact, std::size_t compact_count, const std::uint8_t* zero,
+                                std::size_t count, std::uint8_t* out, std::size_t& taken) noexcept;
 
 // The decoder's values of `count` symbols from byte tables (64-byte aligned, 256 entries):
 // values[i] = low[s] | high[s] << 8 as 16-bit values, or low[s] as bytes without `high`; and
