@@ -138,7 +138,11 @@ void encoder_quotients(const std::uint32_t* x, const std::uint32_t* freq, std::s
         quotients_avx512(x, freq, n, q);
         return;
     }
-    for (std::size_t i = 0; i < n; ++i) q[i] = x[i] / freq[i];  // the other loops divide exactly
+    if (simd() == Simd::avx2) {
+        quotients_avx2(x, freq, n, q);
+        return;
+    }
+    for (std::size_t i = 0; i < n; ++i) q[i] = x[i] / freq[i];  // the scalar loop divides exactly
 }
 
 void encode(const std::uint8_t* symbols, std::size_t count, const EncodeTable& table, std::vector<std::uint8_t>& out) {
@@ -255,6 +259,7 @@ const char* simd_name(Simd level) noexcept {
 // No vector translation units on this architecture: simd() is Simd::scalar, so these never run.
 std::size_t decode_groups_avx2(Decoder&, const DecodeTable&, std::size_t, std::uint8_t*) noexcept { return 0; }
 void step_streams_avx2(StreamSteps*, std::size_t) noexcept {}
+void quotients_avx2(const std::uint32_t*, const std::uint32_t*, std::size_t, std::uint32_t*) noexcept {}
 std::size_t decode_float32_groups_avx2(FusedStream*, unsigned, std::size_t, bool*) noexcept { return 0; }
 std::size_t decode_float16_groups_avx2(FusedStream*, unsigned, bool, std::size_t, bool*) noexcept { return 0; }
 void encode_groups_avx2(const std::uint8_t*, std::size_t, const EncodeTable&, std::uint32_t*, std::uint8_t*&) noexcept {}

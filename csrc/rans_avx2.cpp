@@ -14,7 +14,6 @@
 
 #include <algorithm>
 #include <array>
-#include <climits>
 
 #include "rans_internal.hpp"
 #include "simd_nibbles.hpp"
@@ -128,9 +127,28 @@ constexpr std::array<std::array<std::uint8_t, 16>, 256> make_compress() {
 
 alignas(16) constexpr auto kCompress = make_compress();
 
-// 32-bit lanes as unsigned doubles, four at a time (AVX2 converts only signed integers).
-inline __m256d unsigned_pd(__m128i x) noexcept {
-    return _mm256_add_pd(_mm256_cvtepi32_pd(_mm_xor_si128(x, _mm_set1_epi32(INT32_MIN))), _mm256_set1_pd(2147483648.0));
+// x / freq for states x < freq << 20 (so quotients below 2^20), estimated in single precision
+// and made exact, as the AVX-512 loop does with AVX2's instructions. The estimate's relative
+// error is below 2^-21: 1 / freq from vrcpps (at most 1.5 * 2^-12) and one Newton step (then
+// 2^-22.8, plus its two roundings of 2^-24), x converted as two 16-bit halves whose sum is
+// rounded once (2^-24; AVX2 converts only signed integers), and the product's rounding. So it
+// lies within half a unit of x / freq, its truncation is q, q - 1 or q + 1, and one correction
+// each way makes it exact. (Two double-precision divisions per eight lanes had bound the AVX2
+// encoder: vdivpd issues one every 5 cycles or so on a Zen 3.) The remainder goes to `r`.
+inline __m256i quotient(__m256i x, __m256i freq, __m256i& r) noexcept {
+    const __m256 f = _mm256_cvtepi32_ps(freq);  // freq < 2^12: exact
+    const __m256 r12 = _mm256_rcp_ps(f);
+    const __m256 rcp = _mm256_mul_ps(r12, _mm256_sub_ps(_mm256_set1_ps(2.0F), _mm256_mul_ps(f, r12)));
+    const __m256 high = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(x, 16)), _mm256_set1_ps(65536.0F));
+    const __m256 value = _mm256_add_ps(high, _mm256_cvtepi32_ps(_mm256_and_si256(x, _mm256_set1_epi32(0xFFFF))));
+    __m256i q = _mm256_cvttps_epi32(_mm256_mul_ps(value, rcp));
+    r = _mm256_sub_epi32(x, _mm256_mullo_epi32(q, freq));  // in [-freq, 2 freq)
+    const __m256i below = _mm256_cmpgt_epi32(_mm256_setzero_si256(), r);
+    q = _mm256_add_epi32(q, below);  // -1 where below
+    r = _mm256_add_epi32(r, _mm256_and_si256(below, freq));
+    const __m256i above = _mm256_xor_si256(_mm256_cmpgt_epi32(freq, r), _mm256_set1_epi32(-1));
+    r = _mm256_sub_epi32(r, _mm256_and_si256(above, freq));
+    return _mm256_sub_epi32(q, above);
 }
 
 // One encoding step of eight lanes (their symbols' table entries given), their emitted words
@@ -150,15 +168,8 @@ inline void encode_step(__m256i& x, __m256i entry, std::uint8_t*& out) noexcept 
     _mm_storeu_si128(reinterpret_cast<__m128i*>(out - 16), kept);
     out -= 2 * static_cast<unsigned>(_mm_popcnt_u32(mask));
     x = _mm256_blendv_epi8(x, _mm256_srli_epi32(x, 16), emit);
-    // x / freq in double precision is exact after truncation: x < 2^32 and freq < 2^12, so a
-    // quotient that is not an integer lies at least 2^-12 below the next one, far more than the
-    // division's rounding (at most 2^-21). Quotients stay below 2^20.
-    const __m128i q_low = _mm256_cvttpd_epi32(_mm256_div_pd(unsigned_pd(_mm256_castsi256_si128(x)),
-                                                            _mm256_cvtepi32_pd(_mm256_castsi256_si128(freq))));
-    const __m128i q_high = _mm256_cvttpd_epi32(_mm256_div_pd(unsigned_pd(_mm256_extracti128_si256(x, 1)),
-                                                             _mm256_cvtepi32_pd(_mm256_extracti128_si256(freq, 1))));
-    const __m256i q = _mm256_inserti128_si256(_mm256_castsi128_si256(q_low), q_high, 1);
-    const __m256i r = _mm256_sub_epi32(x, _mm256_mullo_epi32(q, freq));
+    __m256i r;
+    const __m256i q = quotient(x, freq, r);
     x = _mm256_add_epi32(_mm256_add_epi32(_mm256_slli_epi32(q, kScaleBits), r), start);
 }
 
@@ -205,6 +216,17 @@ void encode_group_pairs_avx2(const std::uint8_t* symbols_a, const std::uint8_t* 
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(x_a + 8), hi_a);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(x_b), lo_b);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(x_b + 8), hi_b);
+}
+
+void quotients_avx2(const std::uint32_t* x, const std::uint32_t* freq, std::size_t n, std::uint32_t* q) noexcept {
+    std::size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256i r;
+        const __m256i quotients = quotient(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i)),
+                                           _mm256_loadu_si256(reinterpret_cast<const __m256i*>(freq + i)), r);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + i), quotients);
+    }
+    for (; i < n; ++i) q[i] = x[i] / freq[i];
 }
 
 std::size_t decode_groups_avx2(Decoder& d, const DecodeTable& table, std::size_t groups, std::uint8_t* out) noexcept {

@@ -99,6 +99,8 @@ void encode_group_pairs_avx512(const std::uint8_t* symbols_a, const std::uint8_t
                                std::uint8_t*& p_b) noexcept;
 // encoder_quotients with the AVX-512 encoder's division.
 void quotients_avx512(const std::uint32_t* x, const std::uint32_t* freq, std::size_t n, std::uint32_t* q) noexcept;
+// The same with the AVX2 encoder's division.
+void quotients_avx2(const std::uint32_t* x, const std::uint32_t* freq, std::size_t n, std::uint32_t* q) noexcept;
 std::size_t decode_groups_avx512(Decoder& d, const DecodeTable& table, std::size_t groups, std::uint8_t* out) noexcept;
 // A stream stepped beside others (step_streams_avx2, _avx512): up to `groups` whole groups of
 // its symbols go to out + 16 * done.

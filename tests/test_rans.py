@@ -524,9 +524,9 @@ def test_head_symbols_of_many_split_exponents_match_the_portable_loop(dtype, exp
 
 
 def test_every_encoding_loop_divides_every_state_exactly():
-    # The AVX-512 encoder estimates x / freq in single precision (vrcp14ps and a Newton step)
-    # and corrects the estimate by one either way; its quotients must be exact, or the words
-    # would differ from the scalar loop's.
+    # The vector encoders estimate x / freq in single precision (vrcp14ps or vrcpps and a
+    # Newton step) and correct the estimate by one either way; their quotients must be exact,
+    # or the words would differ from the scalar loop's.
     x, freq = _encoder_states()
     for path in SIMD_PATHS:
         with simd_path(path):

@@ -58,8 +58,9 @@ struct EncodeTable {
 void build_encode_table(const std::uint16_t* freqs, unsigned n, EncodeTable& table) noexcept;
 
 // x[i] / freq[i] for the states the encoder divides (1 <= freq[i] < kScale, x[i] < freq[i] <<
-// 20), as the AVX-512 encoding loop computes it when simd() is Simd::avx512 (it starts from a
-// single-precision estimate, and tests check it against exact division); else exactly.
+// 20), as the vector encoding loops compute it when simd() is Simd::avx512 or Simd::avx2 (they
+// start from a single-precision estimate, and tests check it against exact division); else
+// exactly.
 void encoder_quotients(const std::uint32_t* x, const std::uint32_t* freq, std::size_t n, std::uint32_t* q) noexcept;
 
 // Appends the stream coding symbols[0..count) (indices into the table's
