@@ -74,6 +74,14 @@ inline __m256i step(__m256i& x, const DecodeTable& table, const std::uint8_t*& n
 
 inline __m256i symbols_of(__m256i entry) noexcept { return _mm256_srli_epi32(entry, 24); }
 
+// The sixteen symbols of a group (lanes 0-7 in `low`, 8-15 in `high`, one a 32-bit lane) as
+// bytes in lane order.
+inline __m128i symbol_bytes(__m256i low, __m256i high) noexcept {
+    const __m256i words = _mm256_packus_epi32(low, high);
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    return _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(_mm256_packus_epi16(words, words), order));
+}
+
 // Head values of eight elements from their symbols (one per 32-bit lane), shifted into place:
 // computed for the symbols of the head's run (most of them), looked up for the others, with the
 // raw low bits of those that have them put in, in element order. Built in registers (a vector
@@ -232,63 +240,24 @@ void quotients_avx2(const std::uint32_t* x, const std::uint32_t* freq, std::size
 std::size_t decode_groups_avx2(Decoder& d, const DecodeTable& table, std::size_t groups, std::uint8_t* out) noexcept {
     Lanes x = load_states(d);
     const std::uint8_t* next = d.next;
-    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     std::size_t g = 0;
     for (; g < groups && d.end - next >= kGroupBytes; ++g) {
-        const __m256i s0 = symbols_of(step(x.lo, table, next));
-        const __m256i s1 = symbols_of(step(x.hi, table, next));
-        const __m256i words = _mm256_packus_epi32(s0, s1);
-        const __m256i bytes = _mm256_permutevar8x32_epi32(_mm256_packus_epi16(words, words), order);
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + g * kLanes), _mm256_castsi256_si128(bytes));
+        const __m256i low = symbols_of(step(x.lo, table, next));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + g * kLanes), symbol_bytes(low, symbols_of(step(x.hi, table, next))));
     }
     store_states(d, x);
     d.next = next;
     return g;
 }
 
-namespace {
-
-// `groups` whole groups of kCount streams side by side (step_streams_avx2), fewer when one's
-// words run short.
-template <unsigned kCount>
-std::size_t step_side_by_side(StreamSteps* const* streams, std::size_t groups) noexcept {
-    Lanes x[kCount];
-    const std::uint8_t* next[kCount];
-    const std::uint8_t* ends[kCount];
-    // Locals, not reloaded through `streams` after every store of symbols (a byte store may
-    // alias them).
-    const DecodeTable* tables[kCount];
-    std::uint8_t* out[kCount];
-    for (unsigned k = 0; k < kCount; ++k) {
-        x[k] = load_states(*streams[k]->decoder);
-        next[k] = streams[k]->decoder->next;
-        ends[k] = streams[k]->decoder->end;
-        tables[k] = streams[k]->table;
-        out[k] = streams[k]->out + kLanes * streams[k]->done;
-    }
-    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-    const std::size_t g = step_groups<kCount, kGroupBytes>(
-        x, next, ends, groups, [&](unsigned k, Lanes& state, const std::uint8_t*& at, std::size_t i) {
-            const __m256i s0 = symbols_of(step(state.lo, *tables[k], at));
-            const __m256i s1 = symbols_of(step(state.hi, *tables[k], at));
-            const __m256i words = _mm256_packus_epi32(s0, s1);
-            const __m256i bytes = _mm256_permutevar8x32_epi32(_mm256_packus_epi16(words, words), order);
-            _mm_storeu_si128(reinterpret_cast<__m128i*>(out[k] + i * kLanes), _mm256_castsi256_si128(bytes));
-        });
-    for (unsigned k = 0; k < kCount; ++k) {
-        store_states(*streams[k]->decoder, x[k]);
-        streams[k]->decoder->next = next[k];
-        streams[k]->done += g;
-    }
-    return g;
-}
-
-}  // namespace
-
 void step_streams_avx2(StreamSteps* streams, std::size_t count) noexcept {
-    step_streams<kGroupBytes>(streams, count, [](auto c, StreamSteps* const* active, std::size_t groups) {
-        return step_side_by_side<decltype(c)::value>(active, groups);
-    });
+    step_streams<kGroupBytes, Lanes>(
+        streams, count, [](const Decoder& d) { return load_states(d); },
+        [](Decoder& d, const Lanes& x) { store_states(d, x); },
+        [](Lanes& x, const DecodeTable& table, const std::uint8_t*& next, std::uint8_t* out) {
+            const __m256i low = symbols_of(step(x.lo, table, next));
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(out), symbol_bytes(low, symbols_of(step(x.hi, table, next))));
+        });
 }
 
 namespace {

@@ -304,45 +304,13 @@ void encode_group_pairs_avx512(const std::uint8_t* symbols_a, const std::uint8_t
     p_b = p[1];
 }
 
-namespace {
-
-// `groups` whole groups of kCount streams side by side, fewer when one's words run short.
-template <unsigned kCount>
-std::size_t step_side_by_side(StreamSteps* const* streams, std::size_t groups) noexcept {
-    __m512i x[kCount];
-    const std::uint8_t* at[kCount];
-    const std::uint8_t* ends[kCount];
-    std::uint8_t* out[kCount];
-    for (unsigned k = 0; k < kCount; ++k) {
-        x[k] = _mm512_loadu_si512(streams[k]->decoder->x);
-        at[k] = streams[k]->decoder->next;
-        ends[k] = streams[k]->decoder->end;
-        out[k] = streams[k]->out + kLanes * streams[k]->done;
-    }
-    std::size_t g = 0;
-    for (; g < groups; ++g) {
-        bool room = true;
-        for (unsigned k = 0; k < kCount; ++k) room = room && ends[k] - at[k] >= kGroupBytes;
-        if (!room) break;
-        for (unsigned k = 0; k < kCount; ++k) {
-            const __m512i symbols = symbols_of(step(x[k], *streams[k]->table, at[k]));
-            _mm_storeu_si128(reinterpret_cast<__m128i*>(out[k] + g * kLanes), _mm512_cvtepi32_epi8(symbols));
-        }
-    }
-    for (unsigned k = 0; k < kCount; ++k) {
-        _mm512_storeu_si512(streams[k]->decoder->x, x[k]);
-        streams[k]->decoder->next = at[k];
-        streams[k]->done += g;
-    }
-    return g;
-}
-
-}  // namespace
-
 void step_streams_avx512(StreamSteps* streams, std::size_t count) noexcept {
-    step_streams<kGroupBytes>(streams, count, [](auto c, StreamSteps* const* active, std::size_t groups) {
-        return step_side_by_side<decltype(c)::value>(active, groups);
-    });
+    step_streams<kGroupBytes, __m512i>(
+        streams, count, [](const Decoder& d) { return _mm512_loadu_si512(d.x); },
+        [](Decoder& d, __m512i x) { _mm512_storeu_si512(d.x, x); },
+        [](__m512i& x, const DecodeTable& table, const std::uint8_t*& next, std::uint8_t* out) {
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm512_cvtepi32_epi8(symbols_of(step(x, table, next))));
+        });
 }
 
 void build_decode_table_avx512(const std::uint16_t* freqs, unsigned n, DecodeTable& table) noexcept {

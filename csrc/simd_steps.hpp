@@ -47,12 +47,43 @@ template <unsigned kCount, std::ptrdiff_t kRoom, typename State, typename Step>
     return g;
 }
 
-// The streams of step_streams_avx2 and _avx512 (rans_internal.hpp), four at a time in order:
-// when one is done (or short of words) the next waiting joins. Together(n, active, groups) steps
-// the n active streams (n as a std::integral_constant) up to `groups` groups each and returns
-// the groups stepped; kRoom is its words' margin, as in step_groups.
-template <std::ptrdiff_t kRoom, typename Together>
-[[gnu::always_inline]] inline void step_streams(StreamSteps* streams, std::size_t count, Together together) noexcept {
+// `groups` whole groups of kCount of step_streams' streams side by side, fewer when one's words
+// run short; see step_streams for Load, Store and Step.
+template <unsigned kCount, std::ptrdiff_t kRoom, typename State, typename Load, typename Store, typename Step>
+inline std::size_t step_together(StreamSteps* const* streams, std::size_t groups, Load load, Store store,
+                                 Step step) noexcept {
+    State x[kCount];
+    const std::uint8_t* next[kCount];
+    const std::uint8_t* ends[kCount];
+    // Locals, not reloaded through `streams` after every store of symbols (a byte store may
+    // alias them).
+    const DecodeTable* tables[kCount];
+    std::uint8_t* out[kCount];
+    for (unsigned k = 0; k < kCount; ++k) {
+        x[k] = load(*streams[k]->decoder);
+        next[k] = streams[k]->decoder->next;
+        ends[k] = streams[k]->decoder->end;
+        tables[k] = streams[k]->table;
+        out[k] = streams[k]->out + kLanes * streams[k]->done;
+    }
+    const std::size_t g = step_groups<kCount, kRoom>(
+        x, next, ends, groups,
+        [&](unsigned k, State& state, const std::uint8_t*& at, std::size_t i) { step(state, *tables[k], at, out[k] + i * kLanes); });
+    for (unsigned k = 0; k < kCount; ++k) {
+        store(*streams[k]->decoder, x[k]);
+        streams[k]->decoder->next = next[k];
+        streams[k]->done += g;
+    }
+    return g;
+}
+
+// step_streams_avx2 and _avx512 (rans_internal.hpp): the streams four at a time, in order; when
+// one is done (or short of words) the next waiting joins. Load(decoder) returns a decoder's
+// states as a State, Store(decoder, state) puts them back, and Step(state, table, next, out)
+// steps one group of sixteen lanes, reading words at next, its symbols (bytes) to out. kRoom is
+// the words a step may load, as in step_groups.
+template <std::ptrdiff_t kRoom, typename State, typename Load, typename Store, typename Step>
+inline void step_streams(StreamSteps* streams, std::size_t count, Load load, Store store, Step step) noexcept {
     for (;;) {
         StreamSteps* active[kMaxTogether];
         unsigned n = 0;
@@ -64,7 +95,9 @@ template <std::ptrdiff_t kRoom, typename Together>
             groups = std::min(groups, s.groups - s.done);
         }
         if (n == 0) return;
-        const std::size_t g = with_chunk_count(n, [&](auto c) { return together(c, active, groups); });
+        const std::size_t g = with_chunk_count(n, [&](auto c) {
+            return step_together<decltype(c)::value, kRoom, State>(active, groups, load, store, step);
+        });
         if (g < groups) {
             for (unsigned k = 0; k < n; ++k) {
                 const Decoder& d = *active[k]->decoder;
